@@ -1,0 +1,429 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Per-pattern Gaussian FIML kernel (DESIGN.md section 5).
+
+Two paths over the same CSR layout (rows grouped by missing pattern):
+
+* ``factor_loglik``: Theta diagonal; Sigma_o = Lambda_o F F' Lambda_o' + Theta_o (F any factor of Phi whose
+  nonzeros stay inside the latent blocks [blk_start, blk_end))
+  handled through the Woodbury identity with a (c x c) matrix
+  K = I + F_o' A F_o, A = Lambda_o' Theta_o^-1 Lambda_o.
+* ``dense_loglik``: any Sigma_o = Lambda_o Phi Lambda_o' + Theta_oo, one
+  Cholesky factorisation per pattern (LAPACK dpotrf) and two triangular solves
+  per row.
+
+Both return, per thread, the log-likelihood, dl/dPhi (M x M, every entry treated
+as a separate argument, so the matrix is symmetric), dl/dTheta and, per
+observation, the weighted w = wrow * Sigma_o^-1 (y_o - mu_o) = dl/dmu.  The chain
+rule to parameters is the caller's (mlsem.model).  The NumPy oracle in
+``mlsem._oracle`` computes the same quantities and is what the tests compare
+against.
+
+Conventions: caller-allocated outputs, no Python objects in the loops, the
+pattern loop in ``nogil`` with ``prange`` (OpenMP when the build has it).  A
+non-positive residual variance or a failed factorisation sets ``status`` != 0 so
+that the optimiser backs off; no NaN is produced.
+"""
+from cython.parallel cimport prange, parallel, threadid
+from libc.math cimport log, sqrt
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from scipy.linalg.cython_lapack cimport dpotrf, dpotri
+from scipy.linalg.cython_blas cimport dtrsv
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #define MLSEM_HAVE_OPENMP 1
+    #else
+    #define MLSEM_HAVE_OPENMP 0
+    #endif
+    """
+    int MLSEM_HAVE_OPENMP
+
+HAVE_OPENMP = bool(MLSEM_HAVE_OPENMP)
+
+cdef double LOG2PI = 1.8378770664093453
+
+
+cdef inline int chol_lower(double* K, int c) noexcept nogil:
+    """In-place Cholesky of the row-major c x c matrix K (lower triangle used).
+    Returns 0 on success, 1 if not positive definite."""
+    cdef int i, j, k
+    cdef double s
+    for j in range(c):
+        s = K[j * c + j]
+        for k in range(j):
+            s -= K[j * c + k] * K[j * c + k]
+        if not (s > 0.0):
+            return 1
+        s = sqrt(s)
+        K[j * c + j] = s
+        for i in range(j + 1, c):
+            K[i * c + j] = K[i * c + j]
+            for k in range(j):
+                K[i * c + j] -= K[i * c + k] * K[j * c + k]
+            K[i * c + j] /= s
+    return 0
+
+
+cdef int factor_pattern(
+        Py_ssize_t p,
+        const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid,
+        const double[:, ::1] load, const int[:, ::1] slot_lat,
+        const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+        const double[::1] theta, const double[::1] wrow,
+        double[::1] w_out, double* ll, double* gphi, double* gth,
+        int M, int need_grad,
+        int* loc, int* colloc, int* glob, int* colglob, int* latloc,
+        double* Dv, double* sinv, double* W2, double* dvec,
+        double* Lp, double* A, double* AL, double* K, double* Z, double* T,
+        double* ASA, double* U, double* b, double* h, double* u) noexcept nogil:
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int n = <int>(row_ptr[r0 + 1] - o0)
+    cdef int nl = load.shape[1]
+    cdef int m = 0, c = 0, t, k, k2, a, a2, g, g2, j, j2, s, status = 0
+    cdef double th, logth = 0.0, logdet, la, quad0, quad, wr, wsum = 0.0, acc, e, d, wt
+    # slots, inverse residual variances, local latents
+    for t in range(n):
+        s = slot[o0 + t]
+        th = theta[s]
+        if not (th > 0.0):
+            status = 1
+            break
+        Dv[t] = 1.0 / th
+        logth += log(th)
+        for k in range(nl):
+            g = slot_lat[s, k]
+            if g < 0:
+                latloc[t * nl + k] = -1
+                continue
+            if loc[g] < 0:
+                loc[g] = m
+                glob[m] = g
+                m += 1
+            latloc[t * nl + k] = loc[g]
+    if status == 0:
+        # columns of F that the touched latents use
+        for a in range(m):
+            g = glob[a]
+            for g2 in range(blk_start[g], blk_end[g]):
+                if F[g, g2] != 0.0 and colloc[g2] < 0:
+                    colloc[g2] = c
+                    colglob[c] = g2
+                    c += 1
+        for a in range(m):
+            for j in range(c):
+                Lp[a * c + j] = F[glob[a], colglob[j]]
+        # A = Lambda_o' D Lambda_o
+        memset(A, 0, m * m * sizeof(double))
+        for t in range(n):
+            for k in range(nl):
+                a = latloc[t * nl + k]
+                if a < 0:
+                    continue
+                la = load[o0 + t, k] * Dv[t]
+                for k2 in range(nl):
+                    a2 = latloc[t * nl + k2]
+                    if a2 >= 0:
+                        A[a * m + a2] += la * load[o0 + t, k2]
+        # AL = A Lp (m x c); K = I + Lp' AL (c x c)
+        for a in range(m):
+            for j in range(c):
+                acc = 0.0
+                for a2 in range(m):
+                    acc += A[a * m + a2] * Lp[a2 * c + j]
+                AL[a * c + j] = acc
+        for j in range(c):
+            for j2 in range(j + 1):
+                acc = 0.0
+                for a in range(m):
+                    acc += Lp[a * c + j] * AL[a * c + j2]
+                K[j * c + j2] = acc
+                K[j2 * c + j] = acc
+            K[j * c + j] += 1.0
+        if chol_lower(K, c) != 0:
+            status = 2
+    if status == 0:
+        logdet = logth
+        for j in range(c):
+            logdet += 2.0 * log(K[j * c + j])
+        # Z = C^-1 Lp' (c x m), forward substitution column by column
+        for a in range(m):
+            for j in range(c):
+                acc = Lp[a * c + j]
+                for j2 in range(j):
+                    acc -= K[j * c + j2] * Z[j2 * m + a]
+                Z[j * m + a] = acc / K[j * c + j]
+        # T = Z' Z = Lp K^-1 Lp' (m x m)
+        for a in range(m):
+            for a2 in range(a + 1):
+                acc = 0.0
+                for j in range(c):
+                    acc += Z[j * m + a] * Z[j * m + a2]
+                T[a * m + a2] = acc
+                T[a2 * m + a] = acc
+        if need_grad:
+            # ASA = A - A T A = Lambda' Sigma^-1 Lambda ; reuse AL as AT (m x m)
+            for a in range(m):
+                for a2 in range(m):
+                    acc = 0.0
+                    for j in range(m):
+                        acc += A[a * m + j] * T[j * m + a2]
+                    AL[a * m + a2] = acc
+            for a in range(m):
+                for a2 in range(m):
+                    acc = 0.0
+                    for j in range(m):
+                        acc += AL[a * m + j] * A[j * m + a2]
+                    ASA[a * m + a2] = A[a * m + a2] - acc
+                    U[a * m + a2] = 0.0
+            # diag of Sigma^-1: D_t - D_t^2 lambda_t' T lambda_t
+            for t in range(n):
+                acc = 0.0
+                for k in range(nl):
+                    a = latloc[t * nl + k]
+                    if a < 0:
+                        continue
+                    for k2 in range(nl):
+                        a2 = latloc[t * nl + k2]
+                        if a2 >= 0:
+                            acc += load[o0 + t, k] * load[o0 + t, k2] * T[a * m + a2]
+                sinv[t] = Dv[t] - Dv[t] * Dv[t] * acc
+                W2[t] = 0.0
+        # rows of the pattern
+        for r in range(r0, r1):
+            o = row_ptr[r]
+            wr = wrow[r]
+            quad0 = 0.0
+            for a in range(m):
+                b[a] = 0.0
+            for t in range(n):
+                e = resid[o + t]
+                d = Dv[t] * e
+                dvec[t] = d
+                quad0 += e * d
+                for k in range(nl):
+                    a = latloc[t * nl + k]
+                    if a >= 0:
+                        b[a] += load[o + t, k] * d
+            quad = quad0
+            for a in range(m):
+                acc = 0.0
+                for a2 in range(m):
+                    acc += T[a * m + a2] * b[a2]
+                h[a] = acc
+                quad -= b[a] * acc
+            ll[0] += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+            wsum += wr
+            if need_grad:
+                for a in range(m):
+                    u[a] = 0.0
+                for t in range(n):
+                    acc = 0.0
+                    for k in range(nl):
+                        a = latloc[t * nl + k]
+                        if a >= 0:
+                            acc += load[o + t, k] * h[a]
+                    wt = dvec[t] - Dv[t] * acc
+                    w_out[o + t] = wr * wt
+                    W2[t] += wr * wt * wt
+                    for k in range(nl):
+                        a = latloc[t * nl + k]
+                        if a >= 0:
+                            u[a] += load[o + t, k] * wt
+                for a in range(m):
+                    for a2 in range(m):
+                        U[a * m + a2] += wr * u[a] * u[a2]
+        if need_grad:
+            for a in range(m):
+                for a2 in range(m):
+                    gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * ASA[a * m + a2]
+            for t in range(n):
+                gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
+    # reset the markers
+    for a in range(m):
+        loc[glob[a]] = -1
+    for j in range(c):
+        colloc[colglob[j]] = -1
+    return status
+
+
+def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
+                  const int[::1] slot, const double[::1] resid,
+                  const double[:, ::1] load, const int[:, ::1] slot_lat,
+                  const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+                  const double[::1] theta, const double[::1] wrow,
+                  double[::1] w_out, double[::1] ll_t, double[:, ::1] gphi_t,
+                  double[:, ::1] gth_t, int[::1] status_t,
+                  int maxn, int maxm, int maxc, int nthreads, int need_grad):
+    """Factor (Woodbury) path. Per-thread outputs: ll_t[nt], gphi_t[nt, M*M],
+    gth_t[nt, P] (dl/dtheta per slot), status_t[nt]; w_out[nobs] (weighted w)."""
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
+    cdef int M = F.shape[0], tid, nl = load.shape[1], i, st
+    cdef int* loc
+    cdef int* colloc
+    cdef int* ibuf
+    cdef double* dbuf
+    cdef int mm = maxm if maxm > 0 else 1
+    cdef int cc = maxc if maxc > 0 else 1
+    cdef int nn = maxn if maxn > 0 else 1
+    cdef int big = mm if mm > cc else cc
+    cdef Py_ssize_t nd = 4 * nn + mm * cc * 2 + cc * cc + cc * mm + 4 * mm * mm + big * big + 3 * mm
+    if nthreads < 1:
+        nthreads = 1
+    if not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    with nogil, parallel(num_threads=nthreads):
+        tid = threadid()
+        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 4) * sizeof(int))
+        dbuf = <double*>malloc((nd + 16) * sizeof(double))
+        if loc != NULL and dbuf != NULL:
+            colloc = loc + M
+            ibuf = colloc + M
+            for i in range(2 * M):
+                loc[i] = -1
+            for p in prange(npat, schedule='dynamic', chunksize=16):
+                if status_t[tid] == 0:
+                    st = factor_pattern(
+                        p, pat_ptr, row_ptr, slot, resid, load, slot_lat, F, blk_start, blk_end,
+                        theta, wrow, w_out, &ll_t[tid], &gphi_t[tid, 0], &gth_t[tid, 0],
+                        M, need_grad, loc, colloc, ibuf, ibuf + mm, ibuf + mm + cc,
+                        dbuf, dbuf + nn, dbuf + 2 * nn, dbuf + 3 * nn,
+                        dbuf + 4 * nn,                                   # Lp  m*c
+                        dbuf + 4 * nn + mm * cc,                         # A   m*m
+                        dbuf + 4 * nn + mm * cc + mm * mm,               # AL  max(m*c, m*m)
+                        dbuf + 4 * nn + mm * cc + mm * mm + big * big,   # K   c*c
+                        dbuf + 4 * nn + mm * cc + mm * mm + big * big + cc * cc,            # Z c*m
+                        dbuf + 4 * nn + 2 * mm * cc + mm * mm + big * big + cc * cc,        # T m*m
+                        dbuf + 4 * nn + 2 * mm * cc + 2 * mm * mm + big * big + cc * cc,    # ASA
+                        dbuf + 4 * nn + 2 * mm * cc + 3 * mm * mm + big * big + cc * cc,    # U
+                        dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc,    # b
+                        dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
+                        dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm)
+                    if st != 0:
+                        status_t[tid] = st
+        else:
+            status_t[tid] = 9
+        free(loc)
+        free(dbuf)
+    return 0
+
+
+cdef int dense_pattern(
+        Py_ssize_t p,
+        const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid,
+        const double[:, ::1] load, const int[:, ::1] slot_lat,
+        const double[:, ::1] Phi, const double[:, ::1] Theta,
+        const double[::1] wrow, double[::1] w_out,
+        double* ll, double* gphi, double* gth, int M, int P, int need_grad,
+        double* S, double* Si, double* WW, double* v) noexcept nogil:
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int n = <int>(row_ptr[r0 + 1] - o0)
+    cdef int nl = load.shape[1]
+    cdef int t, t2, k, k2, g, g2, info = 0, one = 1
+    cdef double acc, logdet = 0.0, quad, wr, wsum = 0.0, gv
+    cdef char lo = b'L'
+    cdef char nt = b'N'
+    cdef char tt = b'T'
+    # S (column-major, lower used) = Theta_oo + Lambda_o Phi Lambda_o'
+    for t in range(n):
+        for t2 in range(t, n):
+            acc = Theta[slot[o0 + t], slot[o0 + t2]]
+            for k in range(nl):
+                g = slot_lat[slot[o0 + t], k]
+                if g < 0:
+                    continue
+                for k2 in range(nl):
+                    g2 = slot_lat[slot[o0 + t2], k2]
+                    if g2 >= 0:
+                        acc += load[o0 + t, k] * load[o0 + t2, k2] * Phi[g, g2]
+            S[t * n + t2] = acc      # column t, row t2 (lower)
+            S[t2 * n + t] = acc
+    dpotrf(&lo, &n, S, &n, &info)
+    if info != 0:
+        return 2
+    for t in range(n):
+        logdet += 2.0 * log(S[t * n + t])
+    if need_grad:
+        for t in range(n * n):
+            Si[t] = S[t]
+            WW[t] = 0.0
+        dpotri(&lo, &n, Si, &n, &info)
+        if info != 0:
+            return 2
+    for r in range(r0, r1):
+        o = row_ptr[r]
+        wr = wrow[r]
+        for t in range(n):
+            v[t] = resid[o + t]
+        # v <- L^-1 e ; quad = |v|^2 ; v <- L^-T v = Sigma^-1 e
+        dtrsv(&lo, &nt, &nt, &n, S, &n, v, &one)
+        quad = 0.0
+        for t in range(n):
+            quad += v[t] * v[t]
+        ll[0] += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+        wsum += wr
+        if need_grad:
+            dtrsv(&lo, &tt, &nt, &n, S, &n, v, &one)
+            for t in range(n):
+                w_out[o + t] = wr * v[t]
+                for t2 in range(t, n):
+                    WW[t * n + t2] += wr * v[t] * v[t2]
+    if need_grad:
+        for t in range(n):
+            for t2 in range(t, n):
+                gv = 0.5 * (WW[t * n + t2] - wsum * Si[t * n + t2])
+                gth[slot[o0 + t] * P + slot[o0 + t2]] += gv
+                if t2 != t:
+                    gth[slot[o0 + t2] * P + slot[o0 + t]] += gv
+                for k in range(nl):
+                    g = slot_lat[slot[o0 + t], k]
+                    if g < 0:
+                        continue
+                    for k2 in range(nl):
+                        g2 = slot_lat[slot[o0 + t2], k2]
+                        if g2 < 0:
+                            continue
+                        acc = gv * load[o0 + t, k] * load[o0 + t2, k2]
+                        gphi[g * M + g2] += acc
+                        if t2 != t:
+                            gphi[g2 * M + g] += acc
+    return 0
+
+
+def dense_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
+                 const int[::1] slot, const double[::1] resid,
+                 const double[:, ::1] load, const int[:, ::1] slot_lat,
+                 const double[:, ::1] Phi, const double[:, ::1] Theta,
+                 const double[::1] wrow,
+                 double[::1] w_out, double[::1] ll_t, double[:, ::1] gphi_t,
+                 double[:, ::1] gth_t, int[::1] status_t,
+                 int maxn, int nthreads, int need_grad):
+    """Dense path. Per-thread outputs: ll_t[nt], gphi_t[nt, M*M],
+    gth_t[nt, P*P] (dl/dTheta), status_t[nt]; w_out[nobs] (weighted w)."""
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
+    cdef int M = Phi.shape[0], P = Theta.shape[0], tid, st
+    cdef int nn = maxn if maxn > 0 else 1
+    cdef double* buf
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    with nogil, parallel(num_threads=nthreads):
+        tid = threadid()
+        buf = <double*>malloc((3 * nn * nn + nn + 8) * sizeof(double))
+        if buf != NULL:
+            for p in prange(npat, schedule='dynamic', chunksize=4):
+                if status_t[tid] == 0:
+                    st = dense_pattern(p, pat_ptr, row_ptr, slot, resid, load, slot_lat,
+                                       Phi, Theta, wrow, w_out, &ll_t[tid], &gphi_t[tid, 0],
+                                       &gth_t[tid, 0], M, P, need_grad,
+                                       buf, buf + nn * nn, buf + 2 * nn * nn, buf + 3 * nn * nn)
+                    if st != 0:
+                        status_t[tid] = st
+        else:
+            status_t[tid] = 9
+        free(buf)
+    return 0

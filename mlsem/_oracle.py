@@ -1,0 +1,51 @@
+"""Readable NumPy implementation of the FIML log-likelihood and its gradient.
+
+The test oracle for the Cython kernel (and the fallback when the extension is
+not built).  One top-level unit at a time, dense algebra, no tricks:
+
+    Sigma_o = Lambda_o Phi Lambda_o' + Theta_oo
+    l_r     = -1/2 [ n_o log 2pi + log|Sigma_o| + e' Sigma_o^-1 e ]
+    dl/dSigma_o = 1/2 (w w' - Sigma_o^-1),  w = Sigma_o^-1 e
+    dl/dPhi  = Lambda_o' (dl/dSigma_o) Lambda_o,  dl/dTheta_oo = dl/dSigma_o
+
+Returns the same quantities as the kernel: log-likelihood, dl/dPhi (M x M),
+dl/dTheta (P x P), and per observation the weighted w.  ``None`` for the
+log-likelihood when a Sigma_o is not positive definite.
+"""
+import numpy as np
+
+LOG2PI = np.log(2.0 * np.pi)
+
+
+def loglik(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow, need_grad=True):
+    M = Phi.shape[0]
+    P = Theta.shape[0]
+    ll = 0.0
+    gphi = np.zeros((M, M))
+    gth = np.zeros((P, P))
+    w = np.zeros(len(resid))
+    for r in range(len(row_ptr) - 1):
+        o0, o1 = row_ptr[r], row_ptr[r + 1]
+        s = slot[o0:o1]
+        n = o1 - o0
+        lam = np.zeros((n, M))
+        for k in range(slot_lat.shape[1]):
+            g = slot_lat[s, k]
+            ok = g >= 0
+            lam[np.flatnonzero(ok), g[ok]] += load[o0:o1, k][ok]
+        S = lam @ Phi @ lam.T + Theta[np.ix_(s, s)]
+        try:
+            C = np.linalg.cholesky(S)
+        except np.linalg.LinAlgError:
+            return None, gphi, gth, w
+        e = resid[o0:o1]
+        logdet = 2.0 * np.log(np.diag(C)).sum()
+        v = np.linalg.solve(S, e)
+        wr = wrow[r]
+        ll += wr * -0.5 * (n * LOG2PI + logdet + e @ v)
+        if need_grad:
+            G = 0.5 * wr * (np.outer(v, v) - np.linalg.inv(S))
+            gth[np.ix_(s, s)] += G
+            gphi += lam.T @ G @ lam
+            w[o0:o1] = wr * v
+    return ll, gphi, gth, w

@@ -1,0 +1,324 @@
+"""Data layer: read, validate, nested -> slots, missing-pattern grouping.
+
+Everything here is Polars: a lazy scan projected on the model's columns, one
+collect, then in-memory expressions.  The output is the compact CSR layout of
+DESIGN.md section 3 (never a dense wide matrix):
+
+    rows (top-level units) sorted by missing pattern,
+    row_ptr (rows + 1), pat_ptr (patterns + 1),
+    per observation: slot, y, X (obs x q) and the random-effect loadings.
+
+Slots are labelled by the id values within their parent; an id that is
+globally unique (each value has one parent, e.g. a child id) is labelled by its
+rank within the parent instead.  The observation index within the innermost
+group is the ``index`` column's value when given, else the row order.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from .errors import MlsemError
+
+_ROW = "__mlsem_row"
+
+
+def _rows_text(rows: list, limit: int = 5) -> str:
+    rows = [int(r) + 1 for r in rows]
+    s = ", ".join(str(r) for r in rows[:limit])
+    if len(rows) > limit:
+        s += f", ... ({len(rows)} rows)"
+    return s
+
+
+def scan(data) -> pl.LazyFrame:
+    """Anything mlsem accepts as data, as a Polars LazyFrame."""
+    if isinstance(data, pl.LazyFrame):
+        return data
+    if isinstance(data, pl.DataFrame):
+        return data.lazy()
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        if os.path.isdir(path):
+            files = sorted(_glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+            if not files:
+                raise MlsemError(f"data: directory {path!r} holds no .parquet files")
+            return pl.scan_parquet(files)
+        if any(ch in path for ch in "*?["):
+            files = sorted(_glob.glob(path, recursive=True))
+            if not files:
+                raise MlsemError(f"data: no file matches {path!r}")
+            return pl.scan_parquet(files)
+        if not os.path.exists(path):
+            raise MlsemError(f"data: file {path!r} does not exist")
+        low = path.lower()
+        if low.endswith(".csv") or low.endswith(".csv.gz") or low.endswith(".tsv"):
+            return pl.scan_csv(path, separator="\t" if low.endswith(".tsv") else ",")
+        if low.endswith(".parquet") or low.endswith(".pq"):
+            return pl.scan_parquet(path)
+        raise MlsemError(f"data: cannot tell the format of {path!r} (expected .parquet or .csv)")
+    mod = type(data).__module__
+    if mod.startswith("pandas"):
+        return pl.from_pandas(data).lazy()
+    if mod.startswith("pyarrow"):
+        return pl.from_arrow(data).lazy()
+    raise MlsemError(
+        f"data: unsupported type {type(data).__name__}; give a Parquet/CSV path, a Polars "
+        "DataFrame or LazyFrame, a pandas DataFrame or a pyarrow Table")
+
+
+def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFrame:
+    """Project ``data`` on ``columns`` and collect once, checking names and types."""
+    lf = scan(data)
+    try:
+        schema = lf.collect_schema()
+    except Exception as exc:  # unreadable file
+        raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        have = ", ".join(list(schema.names())[:20])
+        raise MlsemError(
+            f"data: column {missing[0]!r} is not in the data (columns: {have})")
+    for c in numeric:
+        dt = schema[c]
+        if not (dt.is_numeric() or dt == pl.Boolean):
+            raise MlsemError(f"data: column {c!r} must be numeric, but it is {dt}")
+    try:
+        df = lf.select(columns).collect()
+    except Exception as exc:
+        raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
+    if df.height == 0:
+        raise MlsemError("data: the data set is empty (0 rows)")
+    for c in ids:
+        nnull = df[c].null_count()
+        if nnull:
+            rows = df.with_row_index(_ROW).filter(pl.col(c).is_null())[_ROW].to_list()
+            raise MlsemError(f"data: id column {c!r} has {nnull} null value(s), rows {_rows_text(rows)}")
+        if df.schema[c].is_float():
+            bad = df.with_row_index(_ROW).filter(~pl.col(c).is_finite())[_ROW].to_list()
+            if bad:
+                raise MlsemError(f"data: id column {c!r} has non-finite values, rows {_rows_text(bad)}")
+    for c in numeric:
+        if df.schema[c].is_float():
+            bad = df.with_row_index(_ROW).filter(pl.col(c).is_infinite() | pl.col(c).is_nan())[_ROW].to_list()
+            if bad:
+                raise MlsemError(
+                    f"data: column {c!r} has infinite or NaN values, rows {_rows_text(bad)}")
+    return df
+
+
+@dataclass
+class LevelInfo:
+    name: str                # the id column naming the level
+    columns: tuple           # id columns identifying a group of this level
+    ngroups: int
+    min_obs: int
+    mean_obs: float
+    max_obs: int
+
+
+@dataclass
+class Prepared:
+    """The compact arrays the kernel reads, plus what results need to say."""
+    y: np.ndarray            # (nobs,)
+    X: np.ndarray            # (nobs, q) C-contiguous
+    slot: np.ndarray         # (nobs,) int32
+    load: np.ndarray         # (nobs, nl) loadings on the slot's latents
+    row_ptr: np.ndarray      # (nrows + 1,) int64
+    pat_ptr: np.ndarray      # (npatterns + 1,) int64
+    slot_lat: np.ndarray     # (P, nl) int32 global latent index, -1 none
+    nlatent: int
+    latent_names: list       # M names, e.g. "k", "j[1]"
+    latent_node: np.ndarray  # (M,) node id per latent (latents of one node form a block)
+    latent_term: list        # (level index, effect name) per latent
+    slot_labels: pl.DataFrame  # P rows: slot, and the label of each level below the top + obs
+    level_labels: list       # per level below the top: sorted label values
+    top_ids: pl.Series       # id of each row of the CSR layout, in order
+    obs_row: np.ndarray      # original row number of each observation (0-based)
+    wrow: np.ndarray         # (nrows,) row weights
+    levels: list             # LevelInfo, outermost first
+    xnames: list
+    nobs: int
+    dropped_covariate: int   # observations dropped for a null covariate
+    missing_outcome: int     # observations whose outcome is null (missing cells)
+    max_row_obs: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nrows(self) -> int:
+        return len(self.row_ptr) - 1
+
+    @property
+    def npatterns(self) -> int:
+        return len(self.pat_ptr) - 1
+
+    @property
+    def nslots(self) -> int:
+        return self.slot_lat.shape[0]
+
+
+def _label_expr(df: pl.DataFrame, col: str, parent: list) -> pl.Expr:
+    """Nested ids keep their value; a globally unique id becomes its rank in the parent."""
+    n_id = df[col].n_unique()
+    n_pair = df.select(parent + [col]).n_unique()
+    if n_id == n_pair and n_pair > df.select(parent).n_unique():
+        # every id value has one parent: a global id -> rank within the parent
+        return pl.col(col).rank("dense").over(parent).cast(pl.Int64)
+    if n_id == n_pair:
+        # one group per parent: label 1 whatever the id
+        return pl.lit(1, dtype=pl.Int64)
+    return pl.col(col)
+
+
+def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
+            levels: list, effects: dict, index: str | None = None,
+            weights: str | None = None, design=None) -> Prepared:
+    """Build the CSR layout.
+
+    levels:  list of id-column tuples, outermost first, e.g. [("k",), ("k","j")]
+    effects: {level position: [effect names]} ("Intercept" or a covariate)
+    design:  optional callable(df) -> (list of expressions, names) that replaces
+             the plain fixed-effects design (used by group-specific coefficients).
+    """
+    level_cols = [lv[-1] for lv in levels]
+    top = level_cols[0]
+    df = df.with_row_index(_ROW)
+    # labels of the levels below the top, and the observation index
+    lab_cols = []
+    for d in range(1, len(levels)):
+        parent = level_cols[:d]
+        name = f"__lab{d}"
+        df = df.with_columns(_label_expr(df, level_cols[d], parent).alias(name))
+        lab_cols.append(name)
+    if index is not None:
+        dup = df.filter(pl.struct(level_cols + [index]).is_duplicated())
+        if dup.height:
+            first = dup.row(0, named=True)
+            key = ", ".join(f"{c}={first[c]!r}" for c in level_cols + [index])
+            raise MlsemError(
+                f"data: duplicate observations for ({key}) at rows "
+                f"{_rows_text(dup[_ROW].to_list())}: each ({', '.join(level_cols + [index])}) must be unique")
+        df = df.with_columns(pl.col(index).alias("__obs"))
+    else:
+        df = df.with_columns(pl.int_range(pl.len()).over(level_cols).add(1).alias("__obs"))
+    # drop what cannot be used: null covariates (counted), null outcomes (missing cells)
+    used_x = [c for c in covariates]
+    for eff in effects.values():
+        used_x += [e for e in eff if e != "Intercept" and e not in used_x]
+    dropped = 0
+    if used_x:
+        keep = pl.all_horizontal([pl.col(c).is_not_null() for c in used_x])
+        before = df.height
+        df = df.filter(keep)
+        dropped = before - df.height
+    n_missing_y = int(df[outcome].null_count())
+    df = df.filter(pl.col(outcome).is_not_null())
+    if df.height == 0:
+        raise MlsemError(f"data: no observation has both {outcome!r} and the covariates observed")
+    # slots: distinct label tuples below the top, sorted
+    slot_keys = lab_cols + ["__obs"]
+    slots = df.select(slot_keys).unique().sort(slot_keys).with_row_index("__slot")
+    df = df.join(slots, on=slot_keys, how="left")
+    P = slots.height
+    # latents: per level with effects, one block of len(effects) latents per node
+    nl = sum(len(effects.get(d, [])) for d in range(len(levels)))
+    slot_lat = np.full((P, max(nl, 1)), -1, dtype=np.int32)
+    latent_names, latent_node, latent_term = [], [], []
+    level_labels = []
+    k = 0
+    M = 0
+    node_base = 0
+    for d in range(len(levels)):
+        if d >= 1:
+            level_labels.append(slots[lab_cols[d - 1]].unique().sort().to_list())
+        eff = effects.get(d, [])
+        if not eff:
+            continue
+        node_cols = lab_cols[:d]
+        if d == 0:
+            node_of_slot = np.zeros(P, dtype=np.int64)
+            node_labels = [()]
+        else:
+            nodes = slots.select(node_cols).unique().sort(node_cols).with_row_index("__node")
+            node_of_slot = slots.join(nodes, on=node_cols, how="left").sort("__slot")["__node"].to_numpy()
+            node_labels = [tuple(r) for r in nodes.select(node_cols).iter_rows()]
+        nn = len(node_labels)
+        for ni, lab in enumerate(node_labels):
+            for ei, e in enumerate(eff):
+                base = level_cols[d]
+                suffix = "" if d == 0 else "[" + ",".join(str(v) for v in lab) + "]"
+                latent_names.append(f"{base}{suffix}" if e == "Intercept" else f"{base}{suffix}:{e}")
+                latent_node.append(node_base + ni)
+                latent_term.append((d, e))
+        for ei in range(len(eff)):
+            slot_lat[:, k + ei] = M + node_of_slot * len(eff) + ei
+        k += len(eff)
+        M += nn * len(eff)
+        node_base += nn
+    # rows and patterns
+    per_row = df.group_by(top).agg(pl.col("__slot").sort().alias("__pat_slots"))
+    has_slopes = any(e != "Intercept" for eff in effects.values() for e in eff)
+    if has_slopes:
+        # loadings depend on the row's covariates: each row is its own pattern
+        per_row = per_row.sort(top).with_row_index("__pat")
+    else:
+        pats = per_row.select("__pat_slots").unique().with_row_index("__pat")
+        per_row = per_row.join(pats, on="__pat_slots", how="left")
+    per_row = per_row.select(top, "__pat").sort("__pat", top).with_row_index("__rowid")
+    df = df.join(per_row, on=top, how="left").sort("__rowid", "__slot")
+    nrows = per_row.height
+    counts = df.group_by("__rowid").len().sort("__rowid")["len"].to_numpy()
+    row_ptr = np.zeros(nrows + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    pat_of_row = per_row["__pat"].to_numpy()
+    change = np.flatnonzero(np.diff(pat_of_row)) + 1
+    pat_ptr = np.concatenate([[0], change, [nrows]]).astype(np.int64)
+    # arrays
+    y = df[outcome].cast(pl.Float64).to_numpy().copy()
+    if design is not None:
+        exprs, xnames = design(df)
+    else:
+        exprs, xnames = [], []
+        if intercept:
+            exprs.append(pl.lit(1.0).alias("Intercept"))
+            xnames.append("Intercept")
+        for c in covariates:
+            exprs.append(pl.col(c).cast(pl.Float64).alias(c))
+            xnames.append(c)
+    X = np.empty((df.height, len(exprs)), dtype=np.float64)
+    for c, ex in enumerate(exprs):
+        X[:, c] = df.select(ex.cast(pl.Float64)).to_series().to_numpy() if not (
+            xnames[c] == "Intercept" and design is None) else 1.0
+    load = np.ones((df.height, max(nl, 1)), dtype=np.float64)
+    k = 0
+    for d in range(len(levels)):
+        for e in effects.get(d, []):
+            if e != "Intercept":
+                load[:, k] = df[e].cast(pl.Float64).to_numpy()
+            k += 1
+    if weights is not None:
+        wdf = df.group_by("__rowid").agg(pl.col(weights).first(), pl.col(weights).n_unique().alias("__nw")).sort("__rowid")
+        wrow = wdf[weights].cast(pl.Float64).to_numpy().copy()
+    else:
+        wrow = np.ones(nrows)
+    # group counts per level, for the summary
+    infos = []
+    for d, lv in enumerate(levels):
+        cnt = df.group_by(level_cols[: d + 1]).len()["len"]
+        infos.append(LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), cnt.len(),
+                               int(cnt.min()), float(cnt.mean()), int(cnt.max())))
+    slot_labels = slots.rename({c: level_cols[i + 1] for i, c in enumerate(lab_cols)}).rename({"__obs": "obs", "__slot": "slot"})
+    top_ids = per_row[top]
+    return Prepared(
+        y=y, X=X, slot=df["__slot"].cast(pl.Int32).to_numpy().copy(), load=load,
+        row_ptr=row_ptr, pat_ptr=pat_ptr, slot_lat=slot_lat, nlatent=M,
+        latent_names=latent_names, latent_node=np.asarray(latent_node, dtype=np.int64),
+        latent_term=latent_term, slot_labels=slot_labels, level_labels=level_labels,
+        top_ids=top_ids, obs_row=df[_ROW].to_numpy().copy(), wrow=wrow, levels=infos,
+        xnames=xnames, nobs=df.height, dropped_covariate=dropped,
+        missing_outcome=n_missing_y, max_row_obs=int(counts.max()),
+        meta={"frame": df.select(level_cols + [_ROW, "__slot", "__rowid"] + lab_cols)})

@@ -1,0 +1,10 @@
+"""Exceptions.  Every error a user can cause is an MlsemError naming the
+column, value, option or token at fault."""
+
+
+class MlsemError(ValueError):
+    """Bad input or an unsupported request."""
+
+
+class ConvergenceWarning(UserWarning):
+    """The optimiser stopped without meeting its convergence criteria."""

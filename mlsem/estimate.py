@@ -1,0 +1,206 @@
+"""Estimation: starting values, the L-BFGS-B driver, a Newton polish, and the
+observed information from central differences of the analytic gradient.
+
+The optimiser record (:class:`OptSummary`) is kept apart from the model and
+the results, as MixedModels.jl does.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from .errors import ConvergenceWarning
+
+
+@dataclass
+class OptSummary:
+    start: np.ndarray
+    final: np.ndarray
+    loglik: float
+    iterations: int
+    evaluations: int
+    gradient_norm: float        # max |dl/dpsi| over interior parameters, at the end
+    converged: bool
+    message: str
+    newton_steps: int = 0
+    seconds: float = 0.0
+    log: list = field(default_factory=list)
+
+
+def start_values(model) -> np.ndarray:
+    """OLS for the mean; the OLS residual variance split over the components."""
+    t = model.table
+    prep = model.prep
+    psi = np.zeros(t.nparams)
+    if model.q:
+        beta, *_ = np.linalg.lstsq(prep.X, prep.y, rcond=None)
+        resid = prep.y - prep.X @ beta
+        np.add.at(psi, t.beta_param, 0.0)
+        psi[t.beta_param] = beta
+    else:
+        resid = prep.y - prep.y.mean()
+    s2 = float(np.mean(resid ** 2)) or 1.0
+    kinds = [p.kind for p in t.params]
+    nvar = len({p.level for p in t.params if p.kind == "var"}) + 1
+    for i, p in enumerate(t.params):
+        if p.kind == "var":
+            share = s2 / nvar
+            if ":" in p.name and not p.name.endswith(":Intercept)"):
+                # slope variance: scale by the covariate's variance
+                cov = p.name.split(":")[-1].rstrip(")").split("[")[0]
+                try:
+                    col = prep.xnames.index(cov)
+                    vx = float(np.var(prep.X[:, col])) or 1.0
+                except ValueError:
+                    vx = 1.0
+                share = 0.1 * share / vx
+            psi[i] = share
+        elif p.kind == "resid":
+            psi[i] = s2 / nvar
+        elif kinds[i] in ("cov", "rcov"):
+            psi[i] = 0.0
+        elif p.kind == "corr":
+            psi[i] = 0.0
+    return psi
+
+
+def _at_bound(model, psi, rel=1e-7):
+    lo = np.array([p.lower for p in model.table.params])
+    scale = np.maximum(np.abs(psi), 1.0)
+    return np.isfinite(lo) & (psi - lo <= rel * scale)
+
+
+def hessian(model, psi, step=1e-4):
+    """Hessian of the log-likelihood in psi by central differences of the
+    analytic gradient (forward differences at a bound).  Symmetrised."""
+    n = len(psi)
+    H = np.zeros((n, n))
+    lo = np.array([p.lower for p in model.table.params])
+    for i in range(n):
+        h = step * max(abs(psi[i]), 0.1)
+        up = psi.copy()
+        up[i] += h
+        dn = psi.copy()
+        dn[i] -= h
+        if np.isfinite(lo[i]) and dn[i] < lo[i]:
+            _, g0 = model.evaluate(psi)
+            _, g1 = model.evaluate(up)
+            if g1 is None or g0 is None:
+                return None
+            H[:, i] = (g1 - g0) / h
+        else:
+            _, g1 = model.evaluate(up)
+            _, g2 = model.evaluate(dn)
+            if g1 is None or g2 is None:
+                return None
+            H[:, i] = (g1 - g2) / (2 * h)
+    return 0.5 * (H + H.T)
+
+
+def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
+    t0 = time.perf_counter()
+    psi0 = start_values(model) if start is None else np.asarray(start, dtype=float)
+    tau0 = model.psi_to_tau(psi0)
+    N = max(model.prep.nobs, 1)
+    state = {"best": -np.inf, "it": 0}
+    log = []
+
+    def f(tau):
+        psi = model.tau_to_psi(tau)
+        ll, g = model.evaluate(psi)
+        if ll is None or not np.isfinite(ll):
+            return 1e300, np.zeros_like(tau)
+        state["best"] = max(state["best"], ll)
+        return -ll / N, -model.grad_tau(tau, g) / N
+
+    def cb(tau):
+        state["it"] += 1
+        if progress is not None:
+            progress(state["it"], state["best"])
+
+    res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(),
+                   callback=cb, options={"maxiter": maxiter, "maxfun": 4 * maxiter,
+                                         "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
+    psi = model.tau_to_psi(res.x)
+    ll, g = model.evaluate(psi)
+    log.append(("lbfgsb", res.nit, ll))
+    # Newton polish on psi, interior parameters only: the L-BFGS-B stopping
+    # rule is on the scaled objective; a few Newton steps make the estimates
+    # exact to the precision the references carry.
+    steps = 0
+    for _ in range(8):
+        if ll is None:
+            break
+        free = ~_at_bound(model, psi)
+        gf = g[free]
+        if np.max(np.abs(gf), initial=0.0) < 1e-9 * N ** 0.5:
+            break
+        H = hessian(model, psi)
+        if H is None:
+            break
+        Hf = H[np.ix_(free, free)]
+        try:
+            step = np.linalg.solve(Hf, -gf)
+        except np.linalg.LinAlgError:
+            break
+        if not np.all(np.isfinite(step)):
+            break
+        accepted = False
+        for shrink in (1.0, 0.5, 0.25, 0.1):
+            cand = psi.copy()
+            cand[free] += shrink * step
+            lo = np.array([p.lower for p in model.table.params])
+            if np.any(cand < lo):
+                continue
+            ll2, g2 = model.evaluate(cand)
+            if ll2 is not None and ll2 >= ll - 1e-12 * abs(ll):
+                psi, ll, g = cand, ll2, g2
+                accepted = True
+                break
+        steps += 1
+        if not accepted:
+            break
+    free = ~_at_bound(model, psi)
+    # a parameter at its bound with a gradient pushing inward is not at the optimum
+    lo_side = _at_bound(model, psi) & (g > 1e-6 * max(1.0, N ** 0.5))
+    gnorm = float(np.max(np.abs(g[free]), initial=0.0)) if g is not None else np.inf
+    tol = 1e-3 * max(1.0, N ** 0.5)
+    converged = bool(ll is not None and gnorm < tol and not lo_side.any()
+                     and (res.success or gnorm < 1e-6 * max(1.0, N ** 0.5)))
+    msg = res.message if isinstance(res.message, str) else str(res.message)
+    if not converged:
+        warnings.warn(f"the optimiser did not converge ({msg}; max |gradient| {gnorm:.3g})",
+                      ConvergenceWarning, stacklevel=3)
+    return OptSummary(start=psi0, final=psi, loglik=ll if ll is not None else np.nan,
+                      iterations=int(res.nit), evaluations=model.nevals, gradient_norm=gnorm,
+                      converged=converged, message=msg, newton_steps=steps,
+                      seconds=time.perf_counter() - t0, log=log)
+
+
+def information(model, psi) -> np.ndarray | None:
+    """Observed information -d2l/dpsi2 at psi."""
+    H = hessian(model, psi)
+    return None if H is None else -H
+
+
+def vcov_from_information(info, groups=None):
+    """Inverse of the information; with ``groups`` (a list of index arrays) the
+    inverse of each diagonal block alone (the mixed-model convention: cross
+    terms dropped).  Returns (vcov, rank)."""
+    n = info.shape[0]
+    V = np.full((n, n), np.nan)
+    blocks = groups if groups is not None else [np.arange(n)]
+    for idx in blocks:
+        if len(idx) == 0:
+            continue
+        B = info[np.ix_(idx, idx)]
+        try:
+            Vi = np.linalg.inv(B)
+        except np.linalg.LinAlgError:
+            Vi = np.linalg.pinv(B)
+        V[np.ix_(idx, idx)] = Vi
+    return V

@@ -1,0 +1,168 @@
+"""lme4-style formula parsing (spec layer, first half).
+
+``y ~ x + z + (1 | k/j)`` becomes a :class:`Formula`: the outcome, the fixed
+terms, and the random terms with their grouping factors.  Grouping factors are
+tuples of id columns, outermost first: ``k/j`` is ``(k,)`` and ``(k, j)``;
+``k:j`` is ``(k, j)``.  The parser only reads the text; whether the columns
+exist is checked against the data later (mlsem.data).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import MlsemError
+
+_NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """One ``(effects | group)`` term after expanding ``/``."""
+    effects: tuple          # "Intercept" and/or covariate names
+    group: tuple            # id columns, outermost first
+    correlated: bool        # False for ``||``
+    text: str               # the term as written, for messages
+
+
+@dataclass(frozen=True)
+class Formula:
+    outcome: str
+    intercept: bool
+    fixed: tuple            # covariate names, in order
+    random: tuple           # RandomTerm, in order
+    text: str = field(default="", compare=False)
+
+    @property
+    def columns(self) -> list:
+        cols = [self.outcome, *self.fixed]
+        for rt in self.random:
+            cols += [e for e in rt.effects if e != "Intercept"] + list(rt.group)
+        out = []
+        for c in cols:
+            if c not in out:
+                out.append(c)
+        return out
+
+
+def _split_top(s: str, sep: str = "+") -> list:
+    """Split on ``sep`` outside parentheses, keeping a leading '-' with its term."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise MlsemError(f"formula: unbalanced ')' in {s!r}")
+        if depth == 0 and ch in "+-" and sep == "+":
+            if cur.strip():
+                parts.append(cur.strip())
+            cur = "-" if ch == "-" else ""
+            continue
+        cur += ch
+    if depth != 0:
+        raise MlsemError(f"formula: unbalanced '(' in {s!r}")
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def _check_name(name: str, where: str) -> str:
+    name = name.strip()
+    if not _NAME.match(name):
+        raise MlsemError(f"formula: {name!r} in {where!r} is not a column name")
+    return name
+
+
+def _expand_group(g: str, term: str) -> list:
+    """``k/j`` -> [(k,), (k, j)];  ``k:j`` -> [(k, j)];  ``k`` -> [(k,)]."""
+    g = g.strip()
+    if "/" in g:
+        parts = [p.strip() for p in g.split("/")]
+        out = []
+        prefix = ()
+        for p in parts:
+            prefix = prefix + tuple(_check_name(x, term) for x in p.split(":"))
+            out.append(prefix)
+        return out
+    return [tuple(_check_name(x, term) for x in g.split(":"))]
+
+
+def parse_formula(text: str) -> Formula:
+    if not isinstance(text, str) or "~" not in text:
+        raise MlsemError(f"formula: expected 'outcome ~ terms', got {text!r}")
+    lhs, _, rhs = text.partition("~")
+    if "~" in rhs:
+        raise MlsemError(f"formula: more than one '~' in {text!r}")
+    outcome = _check_name(lhs, text)
+    intercept = True
+    fixed, random = [], []
+    for term in _split_top(rhs):
+        neg = term.startswith("-")
+        body = term[1:].strip() if neg else term
+        if body.startswith("("):
+            if neg or not body.endswith(")"):
+                raise MlsemError(f"formula: cannot read the term {term!r}")
+            inner = body[1:-1]
+            if "||" in inner:
+                eff, _, grp = inner.partition("||")
+                correlated = False
+            elif "|" in inner:
+                eff, _, grp = inner.partition("|")
+                correlated = True
+            else:
+                raise MlsemError(f"formula: parenthesised term {term!r} has no '|'")
+            effects, eff_int = [], True
+            for e in _split_top(eff):
+                if e in ("1", "+1"):
+                    eff_int = True
+                elif e in ("0", "-1"):
+                    eff_int = False
+                else:
+                    effects.append(_check_name(e, term))
+            if eff_int:
+                effects.insert(0, "Intercept")
+            if not effects:
+                raise MlsemError(f"formula: random term {term!r} has no effects")
+            for grp_cols in _expand_group(grp, term):
+                random.append(RandomTerm(tuple(effects), grp_cols, correlated, term))
+            continue
+        if body in ("1",):
+            intercept = not neg
+            continue
+        if body == "0":
+            intercept = False
+            continue
+        if neg:
+            raise MlsemError(f"formula: cannot remove the term {term!r}")
+        if any(op in body for op in ("*", ":", "^", "(", ")", "|", "/")):
+            raise MlsemError(
+                f"formula: the fixed term {body!r} is not supported: use a column name "
+                "(make interactions and transformations as columns first)")
+        name = _check_name(body, text)
+        if name not in fixed:
+            fixed.append(name)
+    if not random:
+        raise MlsemError(f"formula: {text!r} has no random term such as (1 | k/j)")
+    return Formula(outcome, intercept, tuple(fixed), tuple(random), text)
+
+
+def nest_levels(formula: Formula) -> list:
+    """The chain of nested grouping factors, outermost first.
+
+    Every grouping factor must extend the previous one by one column (k, k:j,
+    k:j:i ...); crossed factors are refused, naming the term."""
+    groups = sorted({rt.group for rt in formula.random}, key=len)
+    chain = []
+    # every prefix of the longest group is a level, whether it has effects or not
+    longest = groups[-1]
+    for g in groups:
+        if g != longest[:len(g)]:
+            term = next(rt.text for rt in formula.random if rt.group == g)
+            raise MlsemError(
+                f"formula: the random term {term!r} is crossed with "
+                f"{':'.join(longest)}: only nested grouping factors are supported")
+    for i in range(1, len(longest) + 1):
+        chain.append(longest[:i])
+    return chain

@@ -1,0 +1,253 @@
+"""Model layer: parameter table -> matrices, the kernel call, the chain rule.
+
+``Model.evaluate(psi)`` is the whole objective: it fills beta, Phi (and its
+factor F), Theta from the natural parameter vector psi (the reported
+parameters: coefficients, variances, covariances), calls the kernel once and
+maps dl/dPhi, dl/dTheta and dl/dmu back to psi through the index arrays of the
+parameter table (built once).  The optimiser works on tau, where the
+unstructured covariance blocks are replaced by their Cholesky factors;
+``tau_to_psi`` and ``grad_tau`` are that change of variables.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _oracle
+from .errors import MlsemError
+
+try:
+    from . import _core
+except ImportError:  # the extension is not built: the NumPy oracle is the fallback
+    _core = None
+
+
+def default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    env = os.environ.get("MLSEM_NUM_THREADS")
+    if env:
+        n = int(env)
+    return max(1, n)
+
+
+class Model:
+    def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
+        self.prep = prep
+        self.table = table
+        if backend == "auto":
+            backend = "cython" if _core is not None else "numpy"
+        if backend == "cython" and _core is None:
+            raise MlsemError("backend='cython' but the compiled kernel mlsem._core is not built")
+        self.backend = backend
+        self.nthreads = nthreads or default_threads()
+        self.M = max(table.nlatent, 1)
+        self.P = table.nslots
+        self.q = prep.X.shape[1]
+        self.dense = not table.theta_diagonal
+        # block structure of F: latents of one Cholesky group form a block
+        self.blk_start = np.arange(self.M, dtype=np.int32)
+        self.blk_end = np.arange(1, self.M + 1, dtype=np.int32)
+        in_block = np.zeros(self.M, dtype=bool)
+        for blk in table.chol_blocks:
+            for grp in blk.groups:
+                lo, hi = min(grp), max(grp) + 1
+                if hi - lo != len(grp):
+                    raise MlsemError("internal: a covariance block's latents are not contiguous")
+                self.blk_start[lo:hi] = lo
+                self.blk_end[lo:hi] = hi
+                in_block[grp] = True
+        diag_ent = (table.phi_row == table.phi_col) & ~in_block[table.phi_row]
+        self._diag_lat = table.phi_row[diag_ent]
+        self._offdiag_outside = np.any((table.phi_row != table.phi_col)
+                                       & ~(in_block[table.phi_row] & in_block[table.phi_col]))
+        if self._offdiag_outside:
+            raise MlsemError("internal: covariances outside a declared block")
+        # tau layout
+        npar = table.nparams
+        blocked = np.zeros(npar, dtype=bool)
+        for blk in table.chol_blocks:
+            blocked[np.unique(blk.pidx)] = True
+        self.free_plain = np.flatnonzero(~blocked)
+        self.ntau = len(self.free_plain) + sum(
+            blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in table.chol_blocks)
+        # scratch, caller-allocated kernel outputs (reused every evaluation)
+        nt = self.nthreads if (_core is not None and _core.HAVE_OPENMP) else 1
+        self._nt = nt
+        self._w = np.zeros(prep.nobs)
+        self._ll = np.zeros(nt)
+        self._gphi = np.zeros((nt, self.M * self.M))
+        self._gth = np.zeros((nt, self.P * self.P if self.dense else self.P))
+        self._status = np.zeros(nt, dtype=np.int32)
+        self._slot = np.ascontiguousarray(prep.slot, dtype=np.int32)
+        self._slot_lat = np.ascontiguousarray(prep.slot_lat, dtype=np.int32)
+        self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
+        nl = prep.slot_lat.shape[1]
+        self._maxn = int(prep.max_row_obs)
+        self._maxm = int(min(self.M, self._maxn * nl))
+        self._maxc = int(self.M)
+        self.nevals = 0
+
+    # ---- parameter maps ---------------------------------------------------
+    def matrices(self, psi):
+        t = self.table
+        beta = psi[t.beta_param] if self.q else np.zeros(0)
+        Phi = np.zeros((self.M, self.M))
+        if len(t.phi_param):
+            Phi[t.phi_row, t.phi_col] = psi[t.phi_param]
+        if self.dense:
+            Theta = np.zeros((self.P, self.P))
+            Theta[t.theta_row, t.theta_col] = psi[t.theta_param]
+            if t.theta_func is not None:
+                Theta = t.theta_func.theta(psi, Theta)
+        else:
+            Theta = np.zeros(self.P)
+            Theta[t.theta_row] = psi[t.theta_param]
+        return beta, Phi, Theta
+
+    def factor(self, Phi):
+        """Any F with F F' = Phi, nonzero only inside the blocks; None if Phi is
+        not positive semi-definite."""
+        F = np.zeros_like(Phi)
+        d = Phi[self._diag_lat, self._diag_lat]
+        if np.any(d < 0):
+            return None
+        F[self._diag_lat, self._diag_lat] = np.sqrt(d)
+        for blk in self.table.chol_blocks:
+            g0 = np.asarray(blk.groups[0])
+            S = Phi[np.ix_(g0, g0)]
+            lam, Q = np.linalg.eigh(S)
+            if lam.min() < -1e-10 * max(1.0, abs(lam).max()):
+                return None
+            Fb = Q * np.sqrt(np.clip(lam, 0.0, None))
+            G = np.asarray(blk.groups)
+            F[G[:, :, None], G[:, None, :]] = Fb[None, :, :]
+        return F
+
+    def tau_to_psi(self, tau):
+        psi = np.zeros(self.table.nparams)
+        n0 = len(self.free_plain)
+        psi[self.free_plain] = tau[:n0]
+        pos = n0
+        for blk in self.table.chol_blocks:
+            b = blk.pidx.shape[0]
+            L = np.zeros((b, b))
+            L[np.tril_indices(b)] = tau[pos: pos + b * (b + 1) // 2]
+            pos += b * (b + 1) // 2
+            S = L @ L.T
+            psi[blk.pidx] = S
+        return psi
+
+    def psi_to_tau(self, psi):
+        tau = np.zeros(self.ntau)
+        n0 = len(self.free_plain)
+        tau[:n0] = psi[self.free_plain]
+        pos = n0
+        for blk in self.table.chol_blocks:
+            b = blk.pidx.shape[0]
+            S = psi[blk.pidx]
+            try:
+                L = np.linalg.cholesky(S)
+            except np.linalg.LinAlgError:
+                L = np.linalg.cholesky(S + 1e-8 * np.eye(b) * max(1.0, np.trace(S)))
+            tau[pos: pos + b * (b + 1) // 2] = L[np.tril_indices(b)]
+            pos += b * (b + 1) // 2
+        return tau
+
+    def grad_tau(self, tau, gpsi):
+        g = np.zeros(self.ntau)
+        n0 = len(self.free_plain)
+        g[:n0] = gpsi[self.free_plain]
+        pos = n0
+        for blk in self.table.chol_blocks:
+            b = blk.pidx.shape[0]
+            L = np.zeros((b, b))
+            idx = np.tril_indices(b)
+            L[idx] = tau[pos: pos + b * (b + 1) // 2]
+            G = gpsi[blk.pidx] / 2.0
+            G[np.diag_indices(b)] *= 2.0
+            dL = 2.0 * G @ L
+            g[pos: pos + b * (b + 1) // 2] = dL[idx]
+            pos += b * (b + 1) // 2
+        return g
+
+    def tau_bounds(self):
+        params = self.table.params
+        bounds = [(p.lower if np.isfinite(p.lower) else None, None)
+                  for p in (params[i] for i in self.free_plain)]
+        for blk in self.table.chol_blocks:
+            b = blk.pidx.shape[0]
+            for i, j in zip(*np.tril_indices(b)):
+                bounds.append((0.0, None) if i == j else (None, None))
+        return bounds
+
+    # ---- the objective ----------------------------------------------------
+    def evaluate(self, psi, need_grad: bool = True):
+        """(log-likelihood, dl/dpsi); (None, None) where Sigma is not positive definite."""
+        self.nevals += 1
+        t = self.table
+        prep = self.prep
+        beta, Phi, Theta = self.matrices(psi)
+        resid = prep.y - prep.X @ beta if self.q else prep.y.copy()
+        if self.backend == "numpy":
+            Th = Theta if self.dense else np.diag(Theta)
+            ll, gphi, gth, w = _oracle.loglik(prep.row_ptr, prep.slot, resid, prep.load,
+                                              prep.slot_lat, Phi, Th, prep.wrow, need_grad)
+            if ll is None:
+                return None, None
+            gphi = gphi.ravel()
+            gth = gth.ravel() if self.dense else np.diag(gth).copy()
+        else:
+            self._ll[:] = 0.0
+            self._status[:] = 0
+            if need_grad:
+                self._gphi[:] = 0.0
+                self._gth[:] = 0.0
+            if self.dense:
+                _core.dense_loglik(prep.pat_ptr, prep.row_ptr, self._slot, resid, self._load,
+                                   self._slot_lat, Phi, Theta, prep.wrow, self._w, self._ll,
+                                   self._gphi, self._gth, self._status, self._maxn, self._nt,
+                                   int(need_grad))
+            else:
+                if np.any(Theta <= 0):
+                    return None, None
+                F = self.factor(Phi)
+                if F is None:
+                    return None, None
+                _core.factor_loglik(prep.pat_ptr, prep.row_ptr, self._slot, resid, self._load,
+                                    self._slot_lat, F, self.blk_start, self.blk_end, Theta,
+                                    prep.wrow, self._w, self._ll, self._gphi, self._gth,
+                                    self._status, self._maxn, self._maxm, self._maxc, self._nt,
+                                    int(need_grad))
+            if self._status.any():
+                return None, None
+            ll = float(self._ll.sum())
+            if not need_grad:
+                return ll, None
+            gphi = self._gphi.sum(axis=0)
+            gth = self._gth.sum(axis=0)
+            w = self._w
+        if not need_grad:
+            return ll, None
+        npar = t.nparams
+        g = np.zeros(npar)
+        if self.q:
+            np.add.at(g, t.beta_param, prep.X.T @ w)
+        if len(t.phi_param):
+            g += np.bincount(t.phi_param, weights=gphi[t.phi_row * self.M + t.phi_col], minlength=npar)
+        if self.dense:
+            gT = gth.reshape(self.P, self.P)
+            if t.theta_func is not None:
+                g += t.theta_func.grad(psi, gT)
+            else:
+                g += np.bincount(t.theta_param, weights=gT[t.theta_row, t.theta_col], minlength=npar)
+        else:
+            g += np.bincount(t.theta_param, weights=gth[t.theta_row], minlength=npar)
+        return ll, g
+
+    def residuals(self, psi):
+        beta = psi[self.table.beta_param] if self.q else np.zeros(0)
+        return self.prep.y - self.prep.X @ beta if self.q else self.prep.y.copy()

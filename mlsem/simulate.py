@@ -1,0 +1,77 @@
+"""Deterministic simulation of the seed's design: pupils i in schools j in
+counties k, y = b0 + b x + U_k + V_jk + E_ijk."""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from .errors import MlsemError
+
+
+def _range(v, name):
+    if isinstance(v, (int, np.integer)):
+        lo = hi = int(v)
+    else:
+        try:
+            lo, hi = (int(a) for a in v)
+        except (TypeError, ValueError):
+            raise MlsemError(f"simulate: {name}={v!r} must be an integer or a (min, max) pair") from None
+    if lo < 1 or hi < lo:
+        raise MlsemError(f"simulate: {name}={v!r} must satisfy 1 <= min <= max")
+    return lo, hi
+
+
+def simulate(counties: int = 100, schools=2, pupils=2, *, intercept: float = 0.0,
+             slope: float = 2.0, sd_county: float = 1.0, sd_school: float = 1.0,
+             sd_resid: float = 1.0, school_cov=None, x: str = "uniform",
+             seed: int = 1) -> pl.DataFrame:
+    """Long data with columns k, j, i, x, y.
+
+    ``schools`` and ``pupils`` are a count or a (min, max) range drawn
+    uniformly per county / per school.  ``school_cov`` (a J x J matrix) gives
+    the school effects of slots 1..J a joint covariance instead of
+    ``sd_school``; then ``schools`` may not exceed J.  ``x`` is "uniform"
+    (0, 1) or "normal".  The same seed gives the same data."""
+    if counties < 1:
+        raise MlsemError(f"simulate: counties={counties!r} must be at least 1")
+    s_lo, s_hi = _range(schools, "schools")
+    p_lo, p_hi = _range(pupils, "pupils")
+    rng = np.random.default_rng(seed)
+    nsch = rng.integers(s_lo, s_hi + 1, size=counties)
+    k_of_school = np.repeat(np.arange(1, counties + 1), nsch)
+    j_of_school = np.concatenate([np.arange(1, n + 1) for n in nsch])
+    U = rng.normal(0.0, sd_county, size=counties)
+    if school_cov is not None:
+        C = np.asarray(school_cov, dtype=float)
+        if C.ndim != 2 or C.shape[0] != C.shape[1]:
+            raise MlsemError("simulate: school_cov must be a square matrix")
+        if s_hi > C.shape[0]:
+            raise MlsemError(f"simulate: school_cov is {C.shape[0]}x{C.shape[0]} but counties have up to {s_hi} schools")
+        try:
+            L = np.linalg.cholesky(C)
+        except np.linalg.LinAlgError:
+            raise MlsemError("simulate: school_cov is not positive definite") from None
+        Vfull = rng.standard_normal((counties, C.shape[0])) @ L.T
+        V = Vfull[k_of_school - 1, j_of_school - 1]
+    else:
+        V = rng.normal(0.0, sd_school, size=len(k_of_school))
+    npup = rng.integers(p_lo, p_hi + 1, size=len(k_of_school))
+    school = np.repeat(np.arange(len(k_of_school)), npup)
+    i = np.concatenate([np.arange(1, n + 1) for n in npup])
+    n = len(school)
+    if x == "uniform":
+        xv = rng.uniform(0.0, 1.0, size=n)
+    elif x == "normal":
+        xv = rng.normal(0.0, 1.0, size=n)
+    else:
+        raise MlsemError(f"simulate: x={x!r} must be 'uniform' or 'normal'")
+    e = rng.normal(0.0, sd_resid, size=n)
+    y = intercept + slope * xv + U[k_of_school[school] - 1] + V[school] + e
+    return pl.DataFrame({"k": k_of_school[school].astype(np.int64), "j": j_of_school[school].astype(np.int64),
+                         "i": i.astype(np.int64), "x": xv, "y": y})
+
+
+def example_data() -> pl.DataFrame:
+    """The embedded example: the seed's design, 100 counties x 2 schools x 2
+    pupils, y = 2x + U + V + E (all sd 1)."""
+    return simulate(100, 2, 2, intercept=0.0, slope=2.0, seed=20240101)
