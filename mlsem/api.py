@@ -14,8 +14,9 @@ from .formula import nest_levels, parse_formula
 from .model import Model
 from .results import FitResult, identification
 from .spec import multilevel_table
+from .inference import apply_vce, check_inference_options, fit_reml, unit_columns
 
-VCE = ("mixed", "oim")
+VCE = ("mixed", "oim", "robust", "('cluster', column)")
 
 
 @dataclass(frozen=True)
@@ -25,18 +26,20 @@ class FitOptions:
     vce: str
     backend: str
     nthreads: int | None
+    cluster: str | None = None
+    weights: str | None = None
+    method: str = "ml"
 
 
-def _check_options(formula, index, vce, backend, nthreads) -> FitOptions:
-    if vce not in VCE:
-        raise MlsemError(f"vce={vce!r} is not one of {', '.join(map(repr, VCE))}")
+def _check_options(formula, index, vce, backend, nthreads, weights=None, method="ml") -> FitOptions:
+    vce, cluster, weights, method = check_inference_options(vce, weights, method)
     if backend not in ("auto", "cython", "numpy"):
         raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
     if nthreads is not None and (not isinstance(nthreads, int) or nthreads < 1):
         raise MlsemError(f"nthreads={nthreads!r} must be a positive integer")
     if index is not None and not isinstance(index, str):
         raise MlsemError(f"index={index!r} must be a column name")
-    return FitOptions(formula, index, vce, backend, nthreads)
+    return FitOptions(formula, index, vce, backend, nthreads, cluster, weights, method)
 
 
 def _ols_loglik(y, X):
@@ -50,7 +53,8 @@ def _ols_loglik(y, X):
     return -0.5 * n * (math.log(2 * math.pi) + math.log(s2) + 1.0)
 
 
-def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
+def fit(data, formula: str, *, index: str | None = None, vce="mixed",
+        weights: str | None = None, method: str = "ml",
         backend: str = "auto", nthreads: int | None = None, progress=None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
 
@@ -58,10 +62,15 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
     ``data``: a Parquet file, directory or glob, a CSV file, a Polars
     DataFrame/LazyFrame, a pandas DataFrame or a pyarrow Table.
     ``index``: column ordering observations within the innermost group.
-    ``vce``: "mixed" (lme4/xtmixed standard errors) or "oim" (full observed
-    information, as Stata's sem and lavaan report).
+    ``vce``: "mixed" (lme4/xtmixed standard errors), "oim" (full observed
+    information, as Stata's sem and lavaan report), "robust" (Huber-White
+    sandwich, scores per top-level unit) or ("cluster", column) (clusters of
+    top-level units).  ``weights``: a column of sampling weights of the
+    top-level units (pseudo-ML, rescaled to sum to the number of units;
+    sandwich standard errors).  ``method``: "ml" or "reml" (lme4's default).
+    See mlsem.inference.
     """
-    opts = _check_options(formula, index, vce, backend, nthreads)
+    opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
     t0 = time.perf_counter()
     F = parse_formula(formula)
     levels = nest_levels(F)
@@ -72,16 +81,21 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
         if d in effects:
             raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
         effects[d] = list(rt.effects)
-    cols = F.columns + ([index] if index else [])
+    cols = F.columns + ([index] if index else []) + [c for c in (opts.weights, opts.cluster)
+                                                      if c and c not in F.columns]
     numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
     df = collect_columns(data, cols, numeric, level_cols)
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index)
+    unit = unit_columns(df, level_cols[0], prep, opts)
     t1 = time.perf_counter()
     table = multilevel_table(prep, F, levels)
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
+    if opts.method == "reml":
+        return fit_reml(model, opts, F, prep, t0, t1)
     opt = optimize(model, progress=progress)
     t2 = time.perf_counter()
-    return _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+    res = _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+    return apply_vce(res, opts, unit)
 
 
 def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
@@ -104,7 +118,7 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         cov = vcov_from_information(info, groups)
     lr = {}
     nvc = sum(1 for k in kinds if k in ("var", "cov"))
-    if nvc:
+    if nvc and opts.weights is None:
         ll0 = _ols_loglik(prep.y, prep.X)
         chi2 = max(0.0, 2.0 * (opt.loglik - ll0))
         from scipy import stats

@@ -129,6 +129,24 @@ class FitResult:
             chi2 = float("nan")
         return {"chi2": chi2, "df": len(idx), "p_value": _chi2_sf(chi2, len(idx))}
 
+    # ---- tests (mlsem.inference) ---------------------------------------------
+    def wald(self, restrictions) -> dict:
+        """Wald test of linear restrictions by parameter name: ``"x = 0"``,
+        ``["var(k) = var(j)", "x - 2*Intercept = 1"]``."""
+        from .inference import wald
+        return wald(self, restrictions)
+
+    def score_tests(self, **kw) -> pl.DataFrame:
+        """Score tests of every equality constraint and fixed parameter
+        (lavaan's lavTestScore / modindices, Stata's estat scoretests)."""
+        from .inference import score_tests
+        return score_tests(self, **kw)
+
+    def fit_test(self) -> dict:
+        """LR test of the model against the saturated model of the wide form."""
+        from .inference import fit_test
+        return fit_test(self)
+
     # ---- printing ----------------------------------------------------------
     def summary(self) -> str:
         out = []

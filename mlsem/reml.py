@@ -1,0 +1,204 @@
+"""REML: the restricted likelihood of the variance parameters, as lme4's
+``lmer(REML = TRUE)`` and Stata's ``mixed, reml``.
+
+With the fixed effects profiled out by GLS, beta(theta) = (X'V^-1X)^-1 X'V^-1y,
+
+    l_R(theta) = l(beta(theta), theta) - 1/2 log|X'V^-1X| + p/2 log(2 pi)
+
+(so -2 l_R is lme4's REML criterion: n - p in the 2 pi term).  X'V^-1X is a
+sum over top units of X_r' Sigma_r^-1 X_r: the kernel's w for the residual
+"design column a" is Sigma^-1 x_a, so q kernel calls give it.  The gradient:
+dl/dtheta at beta(theta) (the beta part vanishes there) plus the derivative of
+-1/2 log|C|, C = X'V^-1X, which is 1/2 V^-1 X C^-1 X' V^-1 per unit; with
+C^-1 = R R' that is sum_k 1/2 v_k v_k', v_k = V^-1 X R_k, i.e. the kernel's
+gradient at the residual X R_k minus its gradient at a zero residual (the
+-1/2 Sigma^-1 part).  Everything is analytic; the information of the variance
+parameters is the central difference of that gradient.  Standard errors of
+the fixed effects are C^-1 at the REML estimates, as lme4's.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+from scipy.optimize import minimize
+
+from .errors import ConvergenceWarning, MlsemError
+from .estimate import OptSummary, start_values
+from .scores import chain, kernel_eval
+
+LOG2PI = math.log(2.0 * math.pi)
+
+
+class RemlObjective:
+    def __init__(self, model):
+        self.model = model
+        t = model.table
+        if model.q == 0:
+            raise MlsemError("method='reml' needs at least one fixed effect")
+        if len(np.unique(t.beta_param)) != model.q:
+            raise MlsemError("method='reml' needs one coefficient per design column")
+        if np.any(model.prep.wrow != 1.0):
+            raise MlsemError("method='reml' cannot be combined with sampling weights")
+        self.fixed = np.zeros(t.nparams, dtype=bool)
+        self.fixed[t.beta_param] = True
+        self.nevals = 0
+
+    def gls(self, psi):
+        """(C = X'V^-1X, beta_hat, logdet C) at the variance parameters in psi."""
+        m = self.model
+        prep = m.prep
+        _, Phi, Theta = m.matrices(psi)
+        q = m.q
+        WX = np.empty((prep.nobs, q))
+        for a in range(q):
+            out = kernel_eval(m, prep.X[:, a], Phi, Theta)
+            if out is None:
+                return None
+            WX[:, a] = out[3]
+        C = prep.X.T @ WX
+        C = 0.5 * (C + C.T)
+        try:
+            L = np.linalg.cholesky(C)
+        except np.linalg.LinAlgError:
+            return None
+        beta = np.linalg.solve(C, WX.T @ prep.y)
+        return C, L, beta, 2.0 * np.log(np.diag(L)).sum()
+
+    def value(self, psi, need_grad=True):
+        """(l_R, dl_R/dpsi with zeros for the fixed effects, psi with beta_hat)."""
+        self.nevals += 1
+        m = self.model
+        g = self.gls(psi)
+        if g is None:
+            return None, None, psi
+        C, L, beta, logdet = g
+        psi = psi.copy()
+        psi[m.table.beta_param] = beta
+        ll, grad = m.evaluate(psi, need_grad=need_grad)
+        if ll is None:
+            return None, None, psi
+        lr = ll - 0.5 * logdet + 0.5 * m.q * LOG2PI
+        if not need_grad:
+            return lr, None, psi
+        _, Phi, Theta = m.matrices(psi)
+        Rm = np.linalg.inv(L).T          # C^-1 = Rm Rm'
+        zero = kernel_eval(m, np.zeros(m.prep.nobs), Phi, Theta)
+        g0 = chain(m, psi, zero[1], zero[2], None)
+        for k in range(m.q):
+            out = kernel_eval(m, m.prep.X @ Rm[:, k], Phi, Theta)
+            grad = grad + chain(m, psi, out[1], out[2], None) - g0
+        grad[self.fixed] = 0.0
+        return lr, grad, psi
+
+    def hessian(self, psi, step=1e-4):
+        """d2 l_R / dpsi2 over the variance parameters (central differences)."""
+        idx = np.flatnonzero(~self.fixed)
+        lo = np.array([p.lower for p in self.model.table.params])
+        H = np.zeros((len(idx), len(idx)))
+        for c, i in enumerate(idx):
+            h = step * max(abs(psi[i]), 0.1)
+            up, dn = psi.copy(), psi.copy()
+            up[i] += h
+            dn[i] -= h
+            if np.isfinite(lo[i]) and dn[i] < lo[i]:
+                _, g0, _ = self.value(psi)
+                _, g1, _ = self.value(up)
+                H[:, c] = (g1[idx] - g0[idx]) / h
+            else:
+                _, g1, _ = self.value(up)
+                _, g2, _ = self.value(dn)
+                if g1 is None or g2 is None:
+                    return None
+                H[:, c] = (g1[idx] - g2[idx]) / (2 * h)
+        return 0.5 * (H + H.T)
+
+
+def optimize_reml(model, maxiter=5000):
+    """Maximise l_R over the variance parameters.  Returns (OptSummary, obj)."""
+    t0 = time.perf_counter()
+    obj = RemlObjective(model)
+    psi0 = start_values(model)
+    tau0 = model.psi_to_tau(psi0)
+    N = max(model.prep.nobs, 1)
+    lo = np.array([p.lower for p in model.table.params])
+
+    def f(tau):
+        psi = model.tau_to_psi(tau)
+        lr, g, _ = obj.value(psi)
+        if lr is None or not np.isfinite(lr):
+            return 1e300, np.zeros_like(tau)
+        return -lr / N, -model.grad_tau(tau, g) / N
+
+    res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(),
+                   options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-15,
+                            "gtol": 1e-10, "maxcor": 20})
+    psi = model.tau_to_psi(res.x)
+    lr, g, psi = obj.value(psi)
+    # Newton polish on the interior variance parameters
+    steps = 0
+    idx = np.flatnonzero(~obj.fixed)
+    for _ in range(8):
+        if lr is None:
+            break
+        free = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), 1.0)]
+        if len(free) == 0 or np.max(np.abs(g[free])) < 1e-9 * N ** 0.5:
+            break
+        H = obj.hessian(psi)
+        if H is None:
+            break
+        sel = np.searchsorted(idx, free)
+        try:
+            step = np.linalg.solve(H[np.ix_(sel, sel)], -g[free])
+        except np.linalg.LinAlgError:
+            break
+        accepted = False
+        for shrink in (1.0, 0.5, 0.25, 0.1):
+            cand = psi.copy()
+            cand[free] += shrink * step
+            if np.any(cand < lo):
+                continue
+            lr2, g2, cand = obj.value(cand)
+            if lr2 is not None and lr2 >= lr - 1e-12 * abs(lr):
+                psi, lr, g = cand, lr2, g2
+                accepted = True
+                break
+        steps += 1
+        if not accepted:
+            break
+    interior = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), 1.0)]
+    gnorm = float(np.max(np.abs(g[interior]), initial=0.0)) if g is not None else np.inf
+    converged = bool(lr is not None and gnorm < 1e-3 * max(1.0, N ** 0.5))
+    msg = res.message if isinstance(res.message, str) else str(res.message)
+    if not converged:
+        warnings.warn(f"the REML optimiser did not converge ({msg}; max |gradient| {gnorm:.3g})",
+                      ConvergenceWarning, stacklevel=3)
+    opt = OptSummary(start=psi0, final=psi, loglik=lr if lr is not None else np.nan,
+                     iterations=int(res.nit), evaluations=obj.nevals, gradient_norm=gnorm,
+                     converged=converged, message=msg, newton_steps=steps,
+                     seconds=time.perf_counter() - t0, log=[("lbfgsb-reml", res.nit, lr)])
+    return opt, obj
+
+
+def reml_vcov(obj, psi):
+    """Fixed effects: (X'V^-1X)^-1 (lme4); variance parameters: the inverse of
+    the observed information of l_R in them; cross terms 0 (the REML
+    information is block diagonal in that sense: beta is not a parameter of l_R)."""
+    m = obj.model
+    n = m.table.nparams
+    V = np.full((n, n), np.nan)
+    C, L, beta, _ = obj.gls(psi)
+    fb = m.table.beta_param
+    V[np.ix_(fb, fb)] = np.linalg.inv(C)
+    idx = np.flatnonzero(~obj.fixed)
+    H = obj.hessian(psi)
+    info = None
+    if H is not None:
+        info = -H
+        try:
+            V[np.ix_(idx, idx)] = np.linalg.inv(info)
+        except np.linalg.LinAlgError:
+            V[np.ix_(idx, idx)] = np.linalg.pinv(info)
+    return V, info
