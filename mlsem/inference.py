@@ -270,3 +270,511 @@ def wald(res, restrictions):
     df = R.shape[0]
     return {"restrictions": list(restrictions), "chi2": chi2, "df": df,
             "p_value": float(stats.chi2.sf(chi2, df)), "vce": res.vce}
+
+
+# ---- score tests -----------------------------------------------------------------
+class _Entry:
+    """One coordinate of the extended parameter space of the wide form."""
+    __slots__ = ("kind", "key", "lhs", "op", "rhs", "group", "value", "D")
+
+    def __init__(self, kind, key, lhs, op, rhs, group, value, D=None):
+        self.kind, self.key, self.lhs, self.op, self.rhs = kind, key, lhs, op, rhs
+        self.group, self.value, self.D = group, value, D
+
+    @property
+    def text(self):
+        return f"{self.lhs} {self.op} {self.rhs}".strip()
+
+
+class ScoreSpace:
+    """The wide SEM around a fitted multilevel model, one coordinate per matrix
+    entry (as lavaan's parameter table of the wide form):
+
+    * relaxed entries: every entry the parameter table ties to a shared
+      parameter gets its own coordinate: the coefficient of design column c in
+      slot s (``y_s ~ x_s``, ``y_s ~1``), each latent (co)variance, each
+      residual variance.  Entries sharing a parameter are the equality
+      constraints (lavaan's ``.p1. == .p4.``);
+    * fixed entries (modification indices): covariances of latents and of
+      residuals fixed at 0, loadings of the slots on their own random
+      intercepts (fixed at 1), and regressions of one slot's outcome on
+      another slot's covariates (fixed at 0).
+
+    Gradient and information at the restricted estimates are computed per
+    missing pattern in dense NumPy (a one-time pass; sizes are checked)."""
+
+    MAX_SLOTS = 60
+    MAX_CROSS = 2000
+
+    def __init__(self, res, extras=True):
+        m = res.model
+        if m.table.theta_func is not None:
+            raise MlsemError("score_tests: not available for a structured residual covariance")
+        prep = m.prep
+        P, M = m.P, m.M
+        if P > self.MAX_SLOTS:
+            raise MlsemError(f"score_tests: the wide form has {P} slots (more than "
+                             f"{self.MAX_SLOTS}): the dense per-pattern information is too large")
+        self.res, self.model, self.prep = res, m, prep
+        t = m.table
+        psi = res.estimate
+        self.psi = psi
+        lab = prep.slot_labels
+        labcols = [c for c in lab.columns if c != "slot"]
+        def sname(base, s):
+            # lavaan's wide names: y1_2 = y of (j = 1, i = 2); x1 -> x1_1_2
+            vals = [str(v) for v in lab.row(int(s), named=True).values()][1:]
+            sep = "_" if base[-1:].isdigit() else ""
+            return base + sep + "_".join(vals) if vals else base
+        self.ysl = [sname(res.outcome, s) for s in range(P)]
+        lat = list(prep.latent_names) or ["(none)"]
+        self.lat = lat
+        slopes = bool(np.any(prep.load != 1.0))
+        beta, Phi, Theta = m.matrices(psi)
+        Th = Theta if Theta.ndim == 2 else np.diag(Theta)
+        ents = []
+        # relaxed mean entries: design column c in slot s
+        xcols = prep.xnames
+        for c, xn in enumerate(xcols):
+            for s in range(P):
+                D = np.where(prep.slot == s, prep.X[:, c], 0.0)
+                if not np.any(D):
+                    continue
+                if xn == "Intercept":
+                    e = _Entry("mean", (c, s), self.ysl[s], "~1", "", int(t.beta_param[c]), beta[c], D)
+                else:
+                    e = _Entry("mean", (c, s), self.ysl[s], "~", sname(xn, s), int(t.beta_param[c]), beta[c], D)
+                ents.append(e)
+        seen = set()
+        for a, b, p in zip(t.phi_row, t.phi_col, t.phi_param):
+            k = (min(a, b), max(a, b))
+            if k in seen:
+                continue
+            seen.add(k)
+            ents.append(_Entry("phi", k, lat[k[0]], "~~", lat[k[1]], int(p), Phi[k]))
+        seen = set()
+        for a, b, p in zip(t.theta_row, t.theta_col, t.theta_param):
+            k = (min(a, b), max(a, b))
+            if k in seen:
+                continue
+            seen.add(k)
+            ents.append(_Entry("theta", k, self.ysl[k[0]], "~~", self.ysl[k[1]], int(p), Th[k]))
+        self.notes = []
+        if extras:
+            have_phi = {(e.key) for e in ents if e.kind == "phi"}
+            for a in range(M):
+                for b in range(a + 1, M):
+                    if (a, b) not in have_phi:
+                        ents.append(_Entry("phi", (a, b), lat[a], "~~", lat[b], -1, 0.0))
+            have_th = {(e.key) for e in ents if e.kind == "theta"}
+            for s in range(P):
+                for u in range(s + 1, P):
+                    if (s, u) not in have_th:
+                        ents.append(_Entry("theta", (s, u), self.ysl[s], "~~", self.ysl[u], -1, 0.0))
+            if not slopes:
+                for s in range(P):
+                    for k in range(prep.slot_lat.shape[1]):
+                        g = prep.slot_lat[s, k]
+                        if g >= 0:
+                            ents.append(_Entry("load", (s, k, g), lat[g], "=~", self.ysl[s], -1, 1.0))
+            else:
+                self.notes.append("loadings not tested (random slopes: loadings are covariate values)")
+            # regressions of slot s on another slot's covariates
+            rowid = np.repeat(np.arange(prep.nrows), np.diff(prep.row_ptr))
+            ncross = P * (P - 1) * sum(1 for xn in xcols if xn != "Intercept")
+            if ncross > self.MAX_CROSS:
+                self.notes.append(f"regressions on other slots' covariates not tested ({ncross} > "
+                                  f"{self.MAX_CROSS})")
+                xcols_cross = []
+            else:
+                xcols_cross = xcols
+            for c, xn in enumerate(xcols_cross):
+                if xn == "Intercept":
+                    continue
+                xw = np.zeros((prep.nrows, P))   # zero where the slot is missing (lavaan's zero fill)
+                xw[rowid, prep.slot] = prep.X[:, c]
+                for s in range(P):
+                    for u in range(P):
+                        if u == s:
+                            continue
+                        D = np.where(prep.slot == s, xw[rowid, u], 0.0)
+                        if np.any(D):
+                            ents.append(_Entry("mean", (c, s, u), self.ysl[s], "~", sname(xn, u), -1, 0.0, D))
+        self.ents = ents
+        self.nmean = sum(e.kind == "mean" for e in ents)
+        self.rho0 = np.array([e.value for e in ents])
+        self.K = np.zeros((len(ents), t.nparams))
+        for i, e in enumerate(ents):
+            if e.group >= 0:
+                self.K[i, e.group] = 1.0
+        self.Dm = np.column_stack([e.D for e in ents if e.kind == "mean"]) if self.nmean else np.zeros((prep.nobs, 0))
+        self._mean_idx = np.array([i for i, e in enumerate(ents) if e.kind == "mean"], dtype=int)
+        self._cov_idx = np.array([i for i, e in enumerate(ents) if e.kind != "mean"], dtype=int)
+        # expected information of the mean coordinates, lavaan's convention
+        # (fixed.x, missing = "ml"): the expectation over the covariates uses
+        # their moments over all top-level units (zero where a cell is
+        # missing), M2 = sum_r w_r z_r z_r' / sum_r w_r, z_r = (1, x wide).
+        rowid = np.repeat(np.arange(prep.nrows), np.diff(prep.row_ptr))
+        zcols = [np.ones(prep.nrows)]
+        zpos = {}
+        for c, xn in enumerate(xcols):
+            if xn == "Intercept":
+                continue
+            xw = np.zeros((prep.nrows, P))
+            xw[rowid, prep.slot] = prep.X[:, c]
+            for u in range(P):
+                zpos[(c, u)] = len(zcols)
+                zcols.append(xw[:, u])
+        Zw = np.column_stack(zcols)
+        wr = prep.wrow
+        self.M2 = (Zw * wr[:, None]).T @ Zw / wr.sum()
+        mslot, mz = [], []
+        for i in self._mean_idx:
+            e = ents[i]
+            c, s = e.key[0], e.key[1]
+            u = e.key[2] if len(e.key) == 3 else s
+            mslot.append(s)
+            mz.append(0 if xcols[c] == "Intercept" else zpos[(c, u)])
+        self._mslot = np.array(mslot, dtype=int)
+        self._mz = np.array(mz, dtype=int)
+
+    # matrices at a point of the extended space
+    def _mats(self, rho):
+        m, prep = self.model, self.prep
+        Phi = np.zeros((m.M, m.M))
+        Th = np.zeros((m.P, m.P))
+        lam = {}
+        for i in self._cov_idx:
+            e = self.ents[i]
+            if e.kind == "phi":
+                Phi[e.key] = Phi[e.key[::-1]] = rho[i]
+            elif e.kind == "theta":
+                Th[e.key] = Th[e.key[::-1]] = rho[i]
+            else:
+                lam[e.key] = (i, rho[i])
+        resid = prep.y - self.Dm @ rho[self._mean_idx]
+        return Phi, Th, lam, resid
+
+    def _pattern_lambda(self, p, lam):
+        prep = self.prep
+        r0 = int(prep.pat_ptr[p])
+        o0, o1 = prep.row_ptr[r0], prep.row_ptr[r0 + 1]
+        s = prep.slot[o0:o1]
+        n = len(s)
+        L = np.zeros((n, self.model.M))
+        for k in range(prep.slot_lat.shape[1]):
+            g = prep.slot_lat[s, k]
+            ok = g >= 0
+            L[np.flatnonzero(ok), g[ok]] += prep.load[o0:o1, k][ok]
+        for (sl, k, g), (_, v) in lam.items():
+            pos = np.flatnonzero(s == sl)
+            if len(pos):
+                L[pos[0], g] += v - 1.0
+        return s, L
+
+    def _dsigma(self, s, L, Phi, lam):
+        """dSigma_o / d(each covariance coordinate), (ncov, n, n)."""
+        n = len(s)
+        out = np.zeros((len(self._cov_idx), n, n))
+        pos = {int(v): i for i, v in enumerate(s)}
+        LP = L @ Phi
+        for j, i in enumerate(self._cov_idx):
+            e = self.ents[i]
+            if e.kind == "phi":
+                a, b = e.key
+                d = np.outer(L[:, a], L[:, b])
+                out[j] = d + d.T if a != b else d
+            elif e.kind == "theta":
+                a, b = e.key
+                if a in pos and b in pos:
+                    out[j, pos[a], pos[b]] = 1.0
+                    out[j, pos[b], pos[a]] = 1.0
+            else:
+                sl, k, g = e.key
+                if sl in pos:
+                    t = pos[sl]
+                    out[j, t, :] += LP[:, g]
+                    out[j, :, t] += LP[:, g]
+        return out
+
+    def gradient_information(self, rho, information="expected"):
+        """(gradient, information) in the extended space at rho."""
+        prep = self.prep
+        Phi, Th, lam, resid = self._mats(rho)
+        wrow = prep.wrow
+        n_e = len(self.ents)
+        g = np.zeros(n_e)
+        I = np.zeros((n_e, n_e))
+        Icc = np.zeros((len(self._cov_idx), len(self._cov_idx)))
+        Imm = np.zeros((len(self._mean_idx), len(self._mean_idx)))
+        wobs = np.zeros(prep.nobs)
+        mi, ci = self._mean_idx, self._cov_idx
+        for p in range(prep.npatterns):
+            r0, r1 = int(prep.pat_ptr[p]), int(prep.pat_ptr[p + 1])
+            s, L = self._pattern_lambda(p, lam)
+            n = len(s)
+            S = L @ Phi @ L.T + Th[np.ix_(s, s)]
+            try:
+                Si = np.linalg.inv(S)
+            except np.linalg.LinAlgError:
+                raise MlsemError("score_tests: Sigma is singular at the estimates") from None
+            o0, o1 = prep.row_ptr[r0], prep.row_ptr[r1]
+            E = resid[o0:o1].reshape(r1 - r0, n)
+            wr = wrow[r0:r1]
+            Wm = E @ Si                                        # rows: Sigma^-1 e_r
+            wobs[o0:o1] = (Wm * wr[:, None]).ravel()
+            nw = wr.sum()
+            W = (Wm * wr[:, None]).T @ Wm
+            dS = self._dsigma(s, L, Phi, lam)
+            G = 0.5 * (W - nw * Si)
+            g[ci] += np.einsum("ij,aij->a", G, dS)
+            if information == "expected":
+                # 1/2 tr(Si dS_a Si dS_b) = 1/2 vec(Ma) . vec(Mb'), Ma = Si dS_a
+                act = np.flatnonzero(np.abs(dS).reshape(len(ci), -1).max(axis=1) > 0)
+                Ma = np.matmul(Si[None, :, :], dS[act])
+                Icc[np.ix_(act, act)] += 0.5 * nw * (Ma.reshape(len(act), -1)
+                                                     @ Ma.transpose(0, 2, 1).reshape(len(act), -1).T)
+                if len(mi):
+                    # nw E_x[D' Si D]: Si[s_a, s_b] M2[z_a, z_b] over the pattern's slots
+                    loc = np.full(self.model.P, -1)
+                    loc[s] = np.arange(n)
+                    act = np.flatnonzero(loc[self._mslot] >= 0)
+                    la = loc[self._mslot[act]]
+                    za = self._mz[act]
+                    Imm[np.ix_(act, act)] += nw * Si[np.ix_(la, la)] * self.M2[np.ix_(za, za)]
+        if len(mi):
+            g[mi] = self.Dm.T @ wobs
+        if information == "expected":
+            I[np.ix_(ci, ci)] = Icc
+            I[np.ix_(mi, mi)] = Imm
+        return g, I
+
+    def information_observed(self, rho, step=1e-5):
+        n = len(rho)
+        H = np.zeros((n, n))
+        for i in range(n):
+            h = step * max(abs(rho[i]), 0.1)
+            up, dn = rho.copy(), rho.copy()
+            up[i] += h
+            dn[i] -= h
+            g1, _ = self.gradient_information(up, "none")
+            g2, _ = self.gradient_information(dn, "none")
+            H[:, i] = (g1 - g2) / (2 * h)
+        return -0.5 * (H + H.T)
+
+
+def _score_stat(g, I, K):
+    """Score statistic and one-step change for the directions K (columns)."""
+    gk = K.T @ g
+    A = K.T @ I @ K
+    try:
+        d = np.linalg.solve(A, gk)
+    except np.linalg.LinAlgError:
+        d = np.linalg.pinv(A) @ gk
+    return float(gk @ d), d
+
+
+def score_tests(res, information="expected", fixed=True):
+    """Score (Lagrange multiplier) tests at the fitted estimates.
+
+    One row per equality constraint (the entries of the wide form that the
+    parameter table ties, first entry against each other, as lavaan's
+    ``lavTestScore``), the joint test of all equality constraints, and (with
+    ``fixed=True``) one row per fixed entry (lavaan's ``modindices``: the
+    modification index and expected parameter change).  ``information``:
+    "expected" (lavaan's default for both) or "observed"."""
+    if information not in ("expected", "observed"):
+        raise MlsemError(f"score_tests: information={information!r} is not 'expected' or 'observed'")
+    if res.method != "ML":
+        raise MlsemError("score_tests: available for ML fits (method='ml')")
+    sp = ScoreSpace(res, extras=fixed)
+    rho = sp.rho0
+    g, I = sp.gradient_information(rho, information)
+    if information == "observed":
+        I = sp.information_observed(rho)
+    K = sp.K
+    # parameters at a bound (variance 0) are held fixed
+    at_bound = np.array([np.isfinite(p.lower) and v - p.lower <= 1e-7 * max(1.0, abs(v))
+                         for p, v in zip(res.model.table.params, res.estimate)])
+    Kf = K[:, ~at_bound]
+    free = np.flatnonzero(~at_bound)
+    IK = I @ Kf
+    A0 = Kf.T @ IK
+    g0 = Kf.T @ g
+
+    def release(i):
+        """Score statistic and one-step change when coordinate i gets its own
+        parameter: directions [Kf - e_i k', e_i], k = Kf[i] (0 for a fixed entry)."""
+        k = Kf[i]
+        a, c = IK[i], I[i, i]
+        A = np.empty((len(free) + 1, len(free) + 1))
+        A[:-1, :-1] = A0 - np.outer(a, k) - np.outer(k, a) + c * np.outer(k, k)
+        A[:-1, -1] = A[-1, :-1] = a - c * k
+        A[-1, -1] = c
+        gk = np.append(g0 - k * g[i], g[i])
+        try:
+            d = np.linalg.solve(A, gk)
+        except np.linalg.LinAlgError:
+            d = np.linalg.pinv(A) @ gk
+        return float(gk @ d), d
+
+    rows = []
+    cons = []
+    groups = {}
+    for i, e in enumerate(sp.ents):
+        if e.group >= 0:
+            groups.setdefault(e.group, []).append(i)
+    for p, members in groups.items():
+        for i in members[1:]:
+            cons.append((p, members[0], i))
+    for p, i0, i in cons:
+        stat, d = release(i)
+        # epc: the released entry's change relative to the entries it was tied to
+        epc = d[-1] - (d[int(np.searchsorted(free, p))] if not at_bound[p] else 0.0)
+        rows.append(("equality", sp.ents[i0].text, "==", sp.ents[i].text, res.names[p], stat, 1,
+                     float(stats.chi2.sf(stat, 1)), float(epc)))
+    if cons:
+        E = np.zeros((len(rho), len(cons)))
+        E[[i for _, _, i in cons], np.arange(len(cons))] = 1.0
+        Kall = np.column_stack([Kf, E])
+        stat, _ = _score_stat(g, I, Kall)
+        df = len(cons)
+        rows.append(("joint", "all equality constraints", "", "", "", stat, df,
+                     float(stats.chi2.sf(stat, df)), float("nan")))
+    if fixed:
+        for i, e in enumerate(sp.ents):
+            if e.group >= 0:
+                continue
+            stat, d = release(i)
+            rows.append(("fixed", e.lhs, e.op, e.rhs, "", stat, 1,
+                         float(stats.chi2.sf(stat, 1)), float(d[-1])))
+    out = pl.DataFrame(rows, schema={"type": pl.String, "lhs": pl.String, "op": pl.String,
+                                     "rhs": pl.String, "param": pl.String, "chi2": pl.Float64,
+                                     "df": pl.Int64, "p_value": pl.Float64, "epc": pl.Float64},
+                       orient="row")
+    return out
+
+
+# ---- test against the saturated model -------------------------------------------
+def _wide(prep):
+    """Wide outcome (NaN = missing cell) and covariates (0 where the cell is
+    missing, lavaan's fill) of the top-level units."""
+    n, P = prep.nrows, prep.nslots
+    rowid = np.repeat(np.arange(n), np.diff(prep.row_ptr))
+    Y = np.full((n, P), np.nan)
+    Y[rowid, prep.slot] = prep.y
+    cols = []
+    for c, xn in enumerate(prep.xnames):
+        if xn == "Intercept" or np.all(prep.X[:, c] == prep.X[0, c]):
+            continue
+        Xc = np.zeros((n, P))
+        Xc[rowid, prep.slot] = prep.X[:, c]
+        cols.append(Xc)
+    Z = np.hstack([np.ones((n, 1))] + cols)
+    # drop covariate columns that are linear combinations of others (a
+    # top-level covariate repeated in every slot)
+    if Z.shape[1] > 1:
+        Q, R, piv = _qr_pivot(Z)
+        d = np.abs(np.diag(R))
+        keep = np.sort(piv[d > 1e-10 * d.max()])
+        if 0 not in keep:
+            keep = np.concatenate([[0], keep])
+        Z = Z[:, keep]
+    return Y, Z
+
+
+def _qr_pivot(A):
+    from scipy.linalg import qr
+    return qr(A, mode="economic", pivoting=True)
+
+
+def saturated_em(Y, Z, tol=1e-10, maxiter=20000):
+    """ML of the multivariate regression Y = Z B + E, E ~ N(0, Sigma)
+    unrestricted, with missing outcomes (EM).  Returns (loglik, B, Sigma, iterations)."""
+    n, P = Y.shape
+    obs = ~np.isnan(Y)
+    keys, inv = np.unique(obs, axis=0, return_inverse=True)
+    inv = np.asarray(inv).ravel()
+    groups = [(keys[g], np.flatnonzero(inv == g)) for g in range(len(keys))]
+    ZtZ = Z.T @ Z
+    Yf = np.where(obs, Y, np.nanmean(Y, axis=0))
+    B = np.linalg.solve(ZtZ, Z.T @ Yf)
+    E = Yf - Z @ B
+    Sigma = E.T @ E / n
+    ll_old = -np.inf
+    it = 0
+    for it in range(1, maxiter + 1):
+        Yh = Yf.copy()
+        Csum = np.zeros((P, P))
+        ll = 0.0
+        mu = Z @ B
+        for o, rows in groups:
+            m = ~o
+            So = Sigma[np.ix_(o, o)]
+            C = np.linalg.cholesky(So)
+            Ro = Y[np.ix_(rows, np.flatnonzero(o))] - mu[np.ix_(rows, np.flatnonzero(o))]
+            V = np.linalg.solve(C, Ro.T)
+            no = int(o.sum())
+            ll += -0.5 * (len(rows) * (no * math.log(2 * math.pi) + 2 * np.log(np.diag(C)).sum())
+                          + float((V * V).sum()))
+            if m.any():
+                A = np.linalg.solve(So, Sigma[np.ix_(o, m)]).T       # Sigma_mo Sigma_oo^-1
+                Yh[np.ix_(rows, np.flatnonzero(m))] = mu[np.ix_(rows, np.flatnonzero(m))] + Ro @ A.T
+                Csum[np.ix_(m, m)] += len(rows) * (Sigma[np.ix_(m, m)] - A @ Sigma[np.ix_(o, m)])
+        B = np.linalg.solve(ZtZ, Z.T @ Yh)
+        E = Yh - Z @ B
+        Sigma = (E.T @ E + Csum) / n
+        Yf = Yh
+        if abs(ll - ll_old) < tol * max(1.0, abs(ll)):
+            break
+        ll_old = ll
+    else:
+        raise MlsemError(f"fit_test: the EM for the saturated model did not converge in {maxiter} iterations")
+    return ll, B, Sigma, it
+
+
+def fit_test(res, max_slots=200):
+    """LR test of the model against the saturated model of its wide form: every
+    slot's mean an unrestricted regression on all slots' covariates (the
+    exogenous x of lavaan/Stata's sem with fixed.x) and an unrestricted
+    residual covariance; fitted by EM where cells are missing.  As lavaan's
+    ``chisq`` and Stata's ``LR test of model vs. saturated``."""
+    m = res.model
+    prep = m.prep
+    if res.method != "ML":
+        raise MlsemError("fit_test: the saturated-model test needs an ML fit (method='ml')")
+    if np.any(prep.wrow != 1.0):
+        raise MlsemError("fit_test: not available with sampling weights (the pseudo-likelihood "
+                         "ratio is not chi-squared)")
+    if np.any(prep.load != 1.0):
+        raise MlsemError("fit_test: the model has random slopes, so its covariance depends on "
+                         "the covariates: no saturated model of the wide form nests it")
+    P = prep.nslots
+    if P > max_slots:
+        raise MlsemError(f"fit_test: the wide form has {P} slots: the saturated model "
+                         f"(P(P+1)/2 = {P * (P + 1) // 2} covariances) is too large to fit "
+                         f"(limit {max_slots} slots)")
+    Y, Z = _wide(prep)
+    obs = ~np.isnan(Y)
+    kz = Z.shape[1]
+    nsat = P * kz + P * (P + 1) // 2
+    if nsat >= obs.sum():
+        raise MlsemError(f"fit_test: the saturated model has {nsat} parameters for {int(obs.sum())} "
+                         "observed outcomes: too large to fit")
+    per_slot = obs.sum(axis=0)
+    if per_slot.min() <= kz:
+        s = int(np.argmin(per_slot))
+        raise MlsemError(f"fit_test: slot {s} is observed in {int(per_slot[s])} top-level units, "
+                         f"not more than its {kz} regression coefficients: the saturated model "
+                         "is not identified")
+    together = obs.T.astype(float) @ obs.astype(float)
+    if together.min() < 1:
+        s, u = np.unravel_index(int(np.argmin(together)), together.shape)
+        raise MlsemError(f"fit_test: slots {s} and {u} are never observed in the same top-level "
+                         "unit: their covariance in the saturated model is not identified")
+    ll_sat, _, _, iters = saturated_em(Y, Z)
+    df = nsat - res.nparams
+    chi2 = max(0.0, 2.0 * (ll_sat - res.loglik))
+    return {"chi2": chi2, "df": df, "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
+            "loglik": res.loglik, "loglik_saturated": ll_sat, "npar": res.nparams,
+            "npar_saturated": nsat, "em_iterations": iters}
