@@ -75,7 +75,7 @@ def _per_unit(df, top, col, prep, what):
                                pl.col(col).n_unique().alias("__n"))
     bad = agg.filter(pl.col("__n") > 1)
     if bad.height:
-        ids = bad[top].head(5).to_list()
+        ids = bad[top].sort().head(5).to_list()
         raise MlsemError(f"{what} column {col!r} varies within top-level unit(s) {top} = "
                          f"{', '.join(map(str, ids))}: it must be constant within each {top}")
     order = pl.DataFrame({top: prep.top_ids}).join(agg, on=top, how="left")
@@ -775,6 +775,7 @@ def fit_test(res, max_slots=200):
     ll_sat, _, _, iters = saturated_em(Y, Z)
     df = nsat - res.nparams
     chi2 = max(0.0, 2.0 * (ll_sat - res.loglik))
-    return {"chi2": chi2, "df": df, "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
-            "loglik": res.loglik, "loglik_saturated": ll_sat, "npar": res.nparams,
+    return {"test": "LR test of model vs. saturated", "chi2": float(chi2), "df": int(df),
+            "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
+            "loglik": float(res.loglik), "loglik_saturated": float(ll_sat), "npar": res.nparams,
             "npar_saturated": nsat, "em_iterations": iters}
