@@ -275,11 +275,11 @@ def wald(res, restrictions):
 # ---- score tests -----------------------------------------------------------------
 class _Entry:
     """One coordinate of the extended parameter space of the wide form."""
-    __slots__ = ("kind", "key", "lhs", "op", "rhs", "group", "value", "D")
+    __slots__ = ("kind", "key", "lhs", "op", "rhs", "group", "value", "D", "v")
 
-    def __init__(self, kind, key, lhs, op, rhs, group, value, D=None):
+    def __init__(self, kind, key, lhs, op, rhs, group, value, D=None, v=None):
         self.kind, self.key, self.lhs, self.op, self.rhs = kind, key, lhs, op, rhs
-        self.group, self.value, self.D = group, value, D
+        self.group, self.value, self.D, self.v = group, value, D, v
 
     @property
     def text(self):
@@ -296,17 +296,22 @@ class ScoreSpace:
       residual variance.  Entries sharing a parameter are the equality
       constraints (lavaan's ``.p1. == .p4.``);
     * fixed entries (modification indices): covariances of latents and of
-      residuals fixed at 0, loadings of the slots on their own random
-      intercepts (fixed at 1), and regressions of one slot's outcome on
-      another slot's covariates (fixed at 0).
+      residuals fixed at 0, loadings of the slots on the random intercepts
+      (their own, fixed at 1; the others, fixed at 0), regressions of one
+      slot's outcome on another slot's covariates and on another slot's
+      outcome (fixed at 0).
 
-    Gradient and information at the restricted estimates are computed per
-    missing pattern in dense NumPy (a one-time pass; sizes are checked)."""
+    The expected information needs only the first derivatives of the
+    model-implied mean and covariance at the estimates (dmu/drho, dSigma/drho),
+    which is what makes the outcome-on-outcome regressions cheap here: at 0,
+    y_s ~ y_t moves mu_s by mu_t and Sigma by E_st Sigma + Sigma E_ts.
+    Gradient and information are computed per missing pattern in dense
+    NumPy (a one-time pass; sizes are checked)."""
 
     MAX_SLOTS = 60
     MAX_CROSS = 2000
 
-    def __init__(self, res, extras=True):
+    def __init__(self, res, extras=True, yy=True):
         m = res.model
         if m.table.theta_func is not None:
             raise MlsemError("score_tests: not available for a structured residual covariance")
@@ -360,6 +365,29 @@ class ScoreSpace:
             seen.add(k)
             ents.append(_Entry("theta", k, self.ysl[k[0]], "~~", self.ysl[k[1]], int(p), Th[k]))
         self.notes = []
+        # the covariates of the wide form, z_r = (1, x of every slot), zero
+        # where a cell is missing (lavaan's fill)
+        rowid = np.repeat(np.arange(prep.nrows), np.diff(prep.row_ptr))
+        zcols = [np.ones(prep.nrows)]
+        zpos = {}
+        for c, xn in enumerate(xcols):
+            if xn == "Intercept":
+                continue
+            xw = np.zeros((prep.nrows, P))
+            xw[rowid, prep.slot] = prep.X[:, c]
+            for u in range(P):
+                zpos[(c, u)] = len(zcols)
+                zcols.append(xw[:, u])
+        Zw = np.column_stack(zcols)
+        nz = Zw.shape[1]
+
+        def zvec(c, u):
+            v = np.zeros(nz)
+            v[0 if xcols[c] == "Intercept" else zpos[(c, u)]] = 1.0
+            return v
+        for e in ents:
+            if e.kind == "mean":
+                e.v = zvec(*e.key)
         if extras:
             have_phi = {(e.key) for e in ents if e.kind == "phi"}
             for a in range(M):
@@ -377,10 +405,12 @@ class ScoreSpace:
                         g = prep.slot_lat[s, k]
                         if g >= 0:
                             ents.append(_Entry("load", (s, k, g), lat[g], "=~", self.ysl[s], -1, 1.0))
+                    for g in range(M):
+                        if g not in prep.slot_lat[s]:
+                            ents.append(_Entry("load", (s, -1, g), lat[g], "=~", self.ysl[s], -1, 0.0))
             else:
                 self.notes.append("loadings not tested (random slopes: loadings are covariate values)")
             # regressions of slot s on another slot's covariates
-            rowid = np.repeat(np.arange(prep.nrows), np.diff(prep.row_ptr))
             ncross = P * (P - 1) * sum(1 for xn in xcols if xn != "Intercept")
             if ncross > self.MAX_CROSS:
                 self.notes.append(f"regressions on other slots' covariates not tested ({ncross} > "
@@ -399,44 +429,44 @@ class ScoreSpace:
                             continue
                         D = np.where(prep.slot == s, xw[rowid, u], 0.0)
                         if np.any(D):
-                            ents.append(_Entry("mean", (c, s, u), self.ysl[s], "~", sname(xn, u), -1, 0.0, D))
+                            ents.append(_Entry("mean", (c, s, u), self.ysl[s], "~", sname(xn, u), -1, 0.0,
+                                               D, zvec(c, u)))
+            # regressions of slot s's outcome on slot t's outcome (no random slopes)
+            if yy and not slopes and P * (P - 1) <= self.MAX_CROSS:
+                for t_ in range(P):
+                    v = np.zeros(nz)          # mu_t(row) = z_row' v
+                    for c, xn in enumerate(xcols):
+                        v[0 if xn == "Intercept" else zpos[(c, t_)]] += beta[c]
+                    mu_t = Zw @ v
+                    for s in range(P):
+                        if s == t_:
+                            continue
+                        D = np.where(prep.slot == s, mu_t[rowid], 0.0)
+                        ents.append(_Entry("yy", (s, t_), self.ysl[s], "~", self.ysl[t_], -1, 0.0, D, v))
+            elif yy:
+                self.notes.append("regressions of an outcome slot on another not tested")
         self.ents = ents
-        self.nmean = sum(e.kind == "mean" for e in ents)
+        self.nmean = sum(e.D is not None for e in ents)
         self.rho0 = np.array([e.value for e in ents])
         self.K = np.zeros((len(ents), t.nparams))
         for i, e in enumerate(ents):
             if e.group >= 0:
                 self.K[i, e.group] = 1.0
-        self.Dm = np.column_stack([e.D for e in ents if e.kind == "mean"]) if self.nmean else np.zeros((prep.nobs, 0))
-        self._mean_idx = np.array([i for i, e in enumerate(ents) if e.kind == "mean"], dtype=int)
+        self.Dm = np.column_stack([e.D for e in ents if e.D is not None]) if self.nmean else np.zeros((prep.nobs, 0))
+        self._mean_idx = np.array([i for i, e in enumerate(ents) if e.D is not None], dtype=int)
         self._cov_idx = np.array([i for i, e in enumerate(ents) if e.kind != "mean"], dtype=int)
         # expected information of the mean coordinates, lavaan's convention
         # (fixed.x, missing = "ml"): the expectation over the covariates uses
-        # their moments over all top-level units (zero where a cell is
-        # missing), M2 = sum_r w_r z_r z_r' / sum_r w_r, z_r = (1, x wide).
-        rowid = np.repeat(np.arange(prep.nrows), np.diff(prep.row_ptr))
-        zcols = [np.ones(prep.nrows)]
-        zpos = {}
-        for c, xn in enumerate(xcols):
-            if xn == "Intercept":
-                continue
-            xw = np.zeros((prep.nrows, P))
-            xw[rowid, prep.slot] = prep.X[:, c]
-            for u in range(P):
-                zpos[(c, u)] = len(zcols)
-                zcols.append(xw[:, u])
-        Zw = np.column_stack(zcols)
+        # their moments over all top-level units, M2 = sum_r w_r z_r z_r' /
+        # sum_r w_r; a mean coordinate moves slot s_a's mean by z' v_a, so
+        # E[D_a' Si D_b] = Si[s_a, s_b] v_a' M2 v_b.
         wr = prep.wrow
-        self.M2 = (Zw * wr[:, None]).T @ Zw / wr.sum()
-        mslot, mz = [], []
-        for i in self._mean_idx:
-            e = ents[i]
-            c, s = e.key[0], e.key[1]
-            u = e.key[2] if len(e.key) == 3 else s
-            mslot.append(s)
-            mz.append(0 if xcols[c] == "Intercept" else zpos[(c, u)])
-        self._mslot = np.array(mslot, dtype=int)
-        self._mz = np.array(mz, dtype=int)
+        M2 = (Zw * wr[:, None]).T @ Zw / wr.sum()
+        V = np.column_stack([ents[i].v for i in self._mean_idx]) if self.nmean else np.zeros((nz, 0))
+        self.MM = V.T @ M2 @ V
+        self._mslot = np.array([ents[i].key[0] if ents[i].kind == "yy" else ents[i].key[1]
+                                for i in self._mean_idx], dtype=int)
+        self._slopes = slopes
 
     # matrices at a point of the extended space
     def _mats(self, rho):
@@ -450,8 +480,8 @@ class ScoreSpace:
                 Phi[e.key] = Phi[e.key[::-1]] = rho[i]
             elif e.kind == "theta":
                 Th[e.key] = Th[e.key[::-1]] = rho[i]
-            else:
-                lam[e.key] = (i, rho[i])
+            elif e.kind == "load":
+                lam[e.key] = (i, rho[i] - e.value)
         resid = prep.y - self.Dm @ rho[self._mean_idx]
         return Phi, Th, lam, resid
 
@@ -466,13 +496,13 @@ class ScoreSpace:
             g = prep.slot_lat[s, k]
             ok = g >= 0
             L[np.flatnonzero(ok), g[ok]] += prep.load[o0:o1, k][ok]
-        for (sl, k, g), (_, v) in lam.items():
+        for (sl, k, g), (_, dv) in lam.items():
             pos = np.flatnonzero(s == sl)
-            if len(pos):
-                L[pos[0], g] += v - 1.0
+            if len(pos) and dv != 0.0:
+                L[pos[0], g] += dv
         return s, L
 
-    def _dsigma(self, s, L, Phi, lam):
+    def _dsigma(self, s, L, Phi, lam, Sfull):
         """dSigma_o / d(each covariance coordinate), (ncov, n, n)."""
         n = len(s)
         out = np.zeros((len(self._cov_idx), n, n))
@@ -489,12 +519,18 @@ class ScoreSpace:
                 if a in pos and b in pos:
                     out[j, pos[a], pos[b]] = 1.0
                     out[j, pos[b], pos[a]] = 1.0
-            else:
+            elif e.kind == "load":
                 sl, k, g = e.key
                 if sl in pos:
                     t = pos[sl]
                     out[j, t, :] += LP[:, g]
                     out[j, :, t] += LP[:, g]
+            else:                                  # yy: E_st Sigma + Sigma E_ts
+                sl, tl = e.key
+                if sl in pos:
+                    t = pos[sl]
+                    out[j, t, :] += Sfull[tl, s]
+                    out[j, :, t] += Sfull[tl, s]
         return out
 
     def gradient_information(self, rho, information="expected"):
@@ -509,6 +545,14 @@ class ScoreSpace:
         Imm = np.zeros((len(self._mean_idx), len(self._mean_idx)))
         wobs = np.zeros(prep.nobs)
         mi, ci = self._mean_idx, self._cov_idx
+        Sfull = None
+        if not self._slopes:
+            Lf = np.zeros((self.model.P, self.model.M))
+            for k in range(prep.slot_lat.shape[1]):
+                gk = prep.slot_lat[:, k]
+                ok = gk >= 0
+                Lf[np.flatnonzero(ok), gk[ok]] = 1.0
+            Sfull = Lf @ Phi @ Lf.T + Th
         for p in range(prep.npatterns):
             r0, r1 = int(prep.pat_ptr[p]), int(prep.pat_ptr[p + 1])
             s, L = self._pattern_lambda(p, lam)
@@ -525,7 +569,7 @@ class ScoreSpace:
             wobs[o0:o1] = (Wm * wr[:, None]).ravel()
             nw = wr.sum()
             W = (Wm * wr[:, None]).T @ Wm
-            dS = self._dsigma(s, L, Phi, lam)
+            dS = self._dsigma(s, L, Phi, lam, Sfull)
             G = 0.5 * (W - nw * Si)
             g[ci] += np.einsum("ij,aij->a", G, dS)
             if information == "expected":
@@ -540,13 +584,12 @@ class ScoreSpace:
                     loc[s] = np.arange(n)
                     act = np.flatnonzero(loc[self._mslot] >= 0)
                     la = loc[self._mslot[act]]
-                    za = self._mz[act]
-                    Imm[np.ix_(act, act)] += nw * Si[np.ix_(la, la)] * self.M2[np.ix_(za, za)]
+                    Imm[np.ix_(act, act)] += nw * Si[np.ix_(la, la)] * self.MM[np.ix_(act, act)]
         if len(mi):
-            g[mi] = self.Dm.T @ wobs
+            g[mi] += self.Dm.T @ wobs
         if information == "expected":
-            I[np.ix_(ci, ci)] = Icc
-            I[np.ix_(mi, mi)] = Imm
+            I[np.ix_(ci, ci)] += Icc
+            I[np.ix_(mi, mi)] += Imm
         return g, I
 
     def information_observed(self, rho, step=1e-5):
@@ -587,7 +630,10 @@ def score_tests(res, information="expected", fixed=True):
         raise MlsemError(f"score_tests: information={information!r} is not 'expected' or 'observed'")
     if res.method != "ML":
         raise MlsemError("score_tests: available for ML fits (method='ml')")
-    sp = ScoreSpace(res, extras=fixed)
+    # the observed information is a finite difference of the gradient, which
+    # the linear parametrisation of the space supports for every coordinate
+    # except the outcome-on-outcome regressions
+    sp = ScoreSpace(res, extras=fixed, yy=(information == "expected"))
     rho = sp.rho0
     g, I = sp.gradient_information(rho, information)
     if information == "observed":
