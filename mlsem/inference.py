@@ -297,9 +297,10 @@ class ScoreSpace:
       constraints (lavaan's ``.p1. == .p4.``);
     * fixed entries (modification indices): covariances of latents and of
       residuals fixed at 0, loadings of the slots on the random intercepts
-      (their own, fixed at 1; the others, fixed at 0), regressions of one
-      slot's outcome on another slot's covariates and on another slot's
-      outcome (fixed at 0).
+      (their own, fixed at 1; the others, fixed at 0 -- lavaan's modindices
+      leaves these cross loadings out), regressions of one slot's outcome on
+      another slot's covariates and on another slot's outcome, and of a
+      covariate on an outcome (fixed at 0; :meth:`_joint_xy`).
 
     The expected information needs only the first derivatives of the
     model-implied mean and covariance at the estimates (dmu/drho, dSigma/drho),
@@ -310,6 +311,7 @@ class ScoreSpace:
 
     MAX_SLOTS = 60
     MAX_CROSS = 2000
+    MAX_JOINT = 40
 
     def __init__(self, res, extras=True, yy=True):
         m = res.model
@@ -370,6 +372,7 @@ class ScoreSpace:
         rowid = np.repeat(np.arange(prep.nrows), np.diff(prep.row_ptr))
         zcols = [np.ones(prep.nrows)]
         zpos = {}
+        znames = ["1"]
         for c, xn in enumerate(xcols):
             if xn == "Intercept":
                 continue
@@ -378,7 +381,9 @@ class ScoreSpace:
             for u in range(P):
                 zpos[(c, u)] = len(zcols)
                 zcols.append(xw[:, u])
+                znames.append(sname(xn, u))
         Zw = np.column_stack(zcols)
+        self.Zw, self.zpos, self.xcols = Zw, zpos, xcols
         nz = Zw.shape[1]
 
         def zvec(c, u):
@@ -445,6 +450,14 @@ class ScoreSpace:
                         ents.append(_Entry("yy", (s, t_), self.ysl[s], "~", self.ysl[t_], -1, 0.0, D, v))
             elif yy:
                 self.notes.append("regressions of an outcome slot on another not tested")
+            # regressions of a covariate on an outcome (lavaan's joint model of y and x)
+            if yy and not slopes and P + nz - 1 <= self.MAX_JOINT:
+                for j in range(1, nz):
+                    for t_ in range(P):
+                        ents.append(_Entry("xy", (j, t_), znames[j], "~", self.ysl[t_], -1, 0.0))
+            elif yy:
+                self.notes.append("regressions of a covariate on an outcome not tested "
+                                  f"(joint model of {P + nz - 1} variables > {self.MAX_JOINT})")
         self.ents = ents
         self.nmean = sum(e.D is not None for e in ents)
         self.rho0 = np.array([e.value for e in ents])
@@ -454,7 +467,8 @@ class ScoreSpace:
                 self.K[i, e.group] = 1.0
         self.Dm = np.column_stack([e.D for e in ents if e.D is not None]) if self.nmean else np.zeros((prep.nobs, 0))
         self._mean_idx = np.array([i for i, e in enumerate(ents) if e.D is not None], dtype=int)
-        self._cov_idx = np.array([i for i, e in enumerate(ents) if e.kind != "mean"], dtype=int)
+        self._cov_idx = np.array([i for i, e in enumerate(ents) if e.kind in ("phi", "theta", "load", "yy")],
+                                 dtype=int)
         # expected information of the mean coordinates, lavaan's convention
         # (fixed.x, missing = "ml"): the expectation over the covariates uses
         # their moments over all top-level units, M2 = sum_r w_r z_r z_r' /
@@ -467,6 +481,7 @@ class ScoreSpace:
         self._mslot = np.array([ents[i].key[0] if ents[i].kind == "yy" else ents[i].key[1]
                                 for i in self._mean_idx], dtype=int)
         self._slopes = slopes
+        self.psi = psi
 
     # matrices at a point of the extended space
     def _mats(self, rho):
@@ -590,7 +605,120 @@ class ScoreSpace:
         if information == "expected":
             I[np.ix_(ci, ci)] += Icc
             I[np.ix_(mi, mi)] += Imm
+            self._joint_xy(g, I)
         return g, I
+
+    def _joint_xy(self, g, I):
+        """Gradient and information rows of the covariate-on-outcome
+        coordinates, in lavaan's joint model of v = (y wide, x wide) with the
+        covariates' moments fixed at their sample values (fixed.x):
+        v = alpha + B v + zeta, Cov(zeta) = Psi = diag(Sigma_y, S_xx),
+        mu_v = A alpha, Sigma_v = A Psi A', A = (I - B)^-1 = I + B at the
+        estimates.  A coordinate moving (alpha, B, Psi) by (da, dB, dPsi) moves
+        mu_v by A (dB mu_v + da) and Sigma_v by A dB Sigma_v + (.)' + A dPsi A'.
+        For the other coordinates this joint information equals the
+        conditional one used above (the covariates' marginal does not involve
+        them); only the rows of the new coordinates are computed here."""
+        ents = self.ents
+        xy = [i for i, e in enumerate(ents) if e.kind == "xy"]
+        if not xy:
+            return
+        m, prep = self.model, self.prep
+        P = m.P
+        C = [i for i, e in enumerate(ents) if e.group >= 0] + xy
+        Zw, wr = self.Zw, prep.wrow
+        nx = Zw.shape[1] - 1
+        Jn = P + nx
+        beta, Phi, Theta = m.matrices(self.psi)
+        Th = Theta if Theta.ndim == 2 else np.diag(Theta)
+        Lf = np.zeros((P, m.M))
+        for k in range(prep.slot_lat.shape[1]):
+            gk = prep.slot_lat[:, k]
+            ok = gk >= 0
+            Lf[np.flatnonzero(ok), gk[ok]] = 1.0
+        Sy = Lf @ Phi @ Lf.T + Th
+        X = Zw[:, 1:]
+        mx = wr @ X / wr.sum()
+        Sxx = ((X - mx) * wr[:, None]).T @ (X - mx) / wr.sum()
+        B = np.zeros((Jn, Jn))
+        alpha = np.zeros(Jn)
+        for c, xn in enumerate(self.xcols):
+            for s_ in range(P):
+                if xn == "Intercept":
+                    alpha[s_] += beta[c]
+                else:
+                    B[s_, P + self.zpos[(c, s_)] - 1] = beta[c]
+        alpha[P:] = mx
+        Psi = np.zeros((Jn, Jn))
+        Psi[:P, :P] = Sy
+        Psi[P:, P:] = Sxx
+        A = np.eye(Jn) + B
+        Sv = A @ Psi @ A.T
+        mu = A @ alpha
+        covpos = {int(i): j for j, i in enumerate(self._cov_idx)}
+        dSy_all = self._dsigma(np.arange(P), Lf, Phi, {}, Sy)
+        nC = len(C)
+        dmu = np.zeros((nC, Jn))
+        dS = np.zeros((nC, Jn, Jn))
+        for a, i in enumerate(C):
+            e = ents[i]
+            dB = np.zeros((Jn, Jn))
+            da = np.zeros(Jn)
+            dPsi = None
+            if e.kind == "mean":
+                jz = int(np.flatnonzero(e.v)[0])
+                if jz == 0:
+                    da[e.key[1]] = 1.0
+                else:
+                    dB[e.key[1], P + jz - 1] = 1.0
+            elif e.kind in ("phi", "theta"):
+                dPsi = np.zeros((Jn, Jn))
+                dPsi[:P, :P] = dSy_all[covpos[i]]
+            elif e.kind == "xy":
+                jz, t_ = e.key
+                dB[P + jz - 1, t_] = 1.0
+            else:
+                raise MlsemError(f"internal: joint derivative of a {e.kind} coordinate")
+            dmu[a] = A @ (dB @ mu + da)
+            T = A @ dB @ Sv
+            dS[a] = T + T.T
+            if dPsi is not None:
+                dS[a] += A @ dPsi @ A.T
+        rowid = np.repeat(np.arange(prep.nrows), np.diff(prep.row_ptr))
+        Y = np.zeros((prep.nrows, P))
+        Y[rowid, prep.slot] = prep.y
+        Vd = np.hstack([Y, X]) - mu
+        Ij = np.zeros((nC, nC))
+        gj = np.zeros(nC)
+        for p in range(prep.npatterns):
+            r0, r1 = int(prep.pat_ptr[p]), int(prep.pat_ptr[p + 1])
+            o0 = prep.row_ptr[r0]
+            so = prep.slot[o0:prep.row_ptr[r0 + 1]]
+            Jo = np.concatenate([so, np.arange(P, Jn)])
+            Si = np.linalg.inv(Sv[np.ix_(Jo, Jo)])
+            w = wr[r0:r1]
+            nw = w.sum()
+            R = Vd[r0:r1][:, Jo]
+            Wr = R @ Si
+            Wd = (Wr * w[:, None]).T @ Wr
+            dSo = dS[:, Jo][:, :, Jo]
+            dmo = dmu[:, Jo]
+            gj += dmo @ (Si @ (R * w[:, None]).sum(axis=0)) + 0.5 * np.einsum(
+                "ij,aij->a", Wd - nw * Si, dSo)
+            # lavaan (fixed.x) drops the covariates' own moments from the
+            # information: zero the x-only parts of the derivatives
+            no = len(so)
+            dmo = dmo.copy()
+            dmo[:, no:] = 0.0
+            dSo = dSo.copy()
+            dSo[:, no:, no:] = 0.0
+            Ma = np.matmul(Si[None, :, :], dSo)
+            Ij += nw * (dmo @ Si @ dmo.T + 0.5 * (Ma.reshape(nC, -1)
+                                                  @ Ma.transpose(0, 2, 1).reshape(nC, -1).T))
+        nr = len(C) - len(xy)
+        g[xy] = gj[nr:]
+        I[np.ix_(xy, C)] = Ij[nr:, :]
+        I[np.ix_(C, xy)] = Ij[:, nr:]
 
     def information_observed(self, rho, step=1e-5):
         n = len(rho)
