@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import polars as pl
@@ -762,6 +763,8 @@ def score_tests(res, information="expected", fixed=True):
     # the linear parametrisation of the space supports for every coordinate
     # except the outcome-on-outcome regressions
     sp = ScoreSpace(res, extras=fixed, yy=(information == "expected"))
+    for note in sp.notes:
+        warnings.warn(f"score_tests: {note}", stacklevel=3)
     rho = sp.rho0
     g, I = sp.gradient_information(rho, information)
     if information == "observed":

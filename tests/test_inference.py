@@ -348,12 +348,29 @@ def test_score_tests_unbalanced_runs():
     case = load_case("unbalanced")
     res = mlsem.fit(REF / case["data"], case["formula"])
     t = res.score_tests(fixed=False)
+    # the equality constraints are the relaxed entries that share a parameter
+    ntied = {"Intercept": 24, "x1": 24, "z": 24, "var(j)": 4, "var(Residual)": 24}
+    counts = dict(t.filter(pl.col("type") == "equality").group_by("param").len().iter_rows())
+    assert counts == {k: v - 1 for k, v in ntied.items()}
     joint = t.filter(pl.col("type") == "joint").row(0, named=True)
     assert joint["df"] == t.filter(pl.col("type") == "equality").height
     assert np.isfinite(joint["chi2"]) and joint["chi2"] > 0
 
 
 # ---- fit against the saturated model ------------------------------------------------------
+def test_weights_on_unbalanced_data():
+    case = load_case("unbalanced")
+    d = pl.read_parquet(REF / case["data"]).with_columns((1.0 + (pl.col("k") % 3)).alias("w"))
+    res = mlsem.fit(d, case["formula"], weights="w")
+    assert res.converged and np.all(np.isfinite(res.std_err))
+    # duplicating every county with weight 2 = weight 2 (pseudo-ML estimates)
+    w2 = mlsem.fit(d.with_columns(pl.when(pl.col("k") % 2 == 0).then(2.0).otherwise(1.0).alias("w")),
+                   case["formula"], weights="w")
+    dup = pl.concat([d, d.filter(pl.col("k") % 2 == 0).with_columns(pl.col("k") + 100000)])
+    ref = mlsem.fit(dup, case["formula"])
+    assert np.allclose(w2.estimate, ref.estimate, rtol=1e-5)
+
+
 def test_fit_test_seed(seed):
     ref = FIT_TEST["seed_balanced"]
     ft = mlsem.fit(seed, FORMULA).fit_test()
