@@ -139,7 +139,7 @@ class FitResult:
     def score_tests(self, **kw) -> pl.DataFrame:
         """Score tests of every equality constraint and fixed parameter
         (lavaan's lavTestScore / modindices, Stata's estat scoretests)."""
-        from .inference import score_tests
+        from .scoretests import score_tests
         return score_tests(self, **kw)
 
     def fit_test(self) -> dict:
