@@ -81,11 +81,19 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
         raise MlsemError("data: no row has an observed value of the model's variables")
     m = SemModel(table, wd, backend=backend, nthreads=nthreads, Y=Y)
     t1 = time.perf_counter()
+    psi0 = m.start_values() if start is None else np.asarray(start, dtype=float)
+    if len(psi0) != table.nparams:
+        raise MlsemError(f"start: {len(psi0)} values for {table.nparams} free parameters ({', '.join(table.names)})")
+    if m.evaluate(psi0, need_grad=False)[0] is None:
+        raise MlsemError("the model-implied covariance matrix at the starting values is not positive "
+                         "definite (check fixed values, e.g. negative or zero variances); "
+                         "give start values with start(...)* or start=")
+    start = psi0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = optimize(m, start=start, progress=progress)
     lo = np.array([p.lower for p in table.params])
-    at = np.isfinite(lo) & (opt.final - lo <= 1e-7 * np.maximum(1.0, np.abs(opt.final)))
+    at = np.isfinite(lo) & (opt.final - lo <= 1e-7 * np.maximum(1.0, np.abs(opt.final)) + 1e-12)
     if at.any():
         # lavaan does not bound variances: continue from here without the bound
         for p in table.params:

@@ -199,6 +199,8 @@ def _parse_terms(source, toks, end_tok, op_tok) -> list:
         t = peek()
         if t.kind == "end" or i >= n:
             break
+        if t.text in _REFUSED:
+            _error(source, t, _REFUSED[t.text])
         if t.text != "+":
             _error(source, t, "expected '+' or the end of the statement")
         i += 1

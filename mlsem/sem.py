@@ -653,6 +653,18 @@ class SemModel:
             self._gth = np.zeros((nt, P))
             self._maxm = int(min(Mt, max(d.max_row_obs, 1) * nl))
         self.kernel_calls = {"factor": 0, "dense": 0}
+        # a residual variance on its bound 0 makes Sigma singular (no finite
+        # objective for the line search): bound those at a tiny positive value
+        sv = np.array([d.y[d.slot == s_].var() if np.sum(d.slot == s_) > 1 else 1.0 for s_ in range(P)])
+        sv[~(sv > 0)] = 1.0
+        col_of_full = {int(f): c for c, f in enumerate(table.free_full)}
+        for c, prm in enumerate(table.params):
+            if prm.lower != 0.0:
+                continue
+            ents = [e for e in table.entries if e.full >= 0 and table.T[e.full, c] != 0]
+            if ents and all(e.matrix == "theta" and e.i == e.j for e in ents):
+                prm.lower = 1e-6 * float(min(sv[e.i] for e in ents))
+        del col_of_full
 
     # ---- tau = psi (no reparameterisation) --------------------------------------
     def tau_to_psi(self, tau):
