@@ -10,6 +10,7 @@ reshape wide" and the constraints "a little loop" writes).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -28,6 +29,42 @@ from .lavaan import parse
 from .spec import multilevel_table
 
 LOG2PI = math.log(2.0 * math.pi)
+
+
+def _one_blas_thread():
+    """The optimiser's and the model's matrices are tiny: a multithreaded BLAS on
+    them is many times slower than one thread (DESIGN.md section 5)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _wide_arrays(lf, observed, covariates, data):
+    """The model's columns as float arrays (null -> NaN), one collect; errors name
+    the column and the rows."""
+    cols = observed + covariates
+    schema = lf.collect_schema()
+    for c in cols:
+        dt = schema[c]
+        if not (dt.is_numeric() or dt == pl.Boolean):
+            raise MlsemError(f"data: column {c!r} must be numeric, but it is {dt}")
+    try:
+        df = lf.select([pl.col(c).cast(pl.Float64) for c in cols]).collect()
+    except Exception as exc:
+        raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
+    if df.height == 0:
+        raise MlsemError("data: the data set is empty (0 rows)")
+    A = df.to_numpy().astype(np.float64, copy=False)
+    bad = ~np.isfinite(A) & ~np.isnan(A)
+    if bad.any():
+        r, c = np.nonzero(bad)
+        rows = ", ".join(str(int(i) + 1) for i in r[c == c[0]][:5])
+        raise MlsemError(f"data: column {cols[c[0]]!r} has infinite values, rows {rows}")
+    # NaN stored as a value (not null) is a missing cell too, as in lavaan
+    P = len(observed)
+    return np.ascontiguousarray(A[:, :P]), np.ascontiguousarray(A[:, P:])
 
 
 def _fixed_x_loglik(X: np.ndarray) -> float:
@@ -67,11 +104,7 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
     except Exception as exc:
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     table = build_table(stmts, columns)
-    cols = table.observed + table.covariates
-    df = collect_columns(lf, cols, cols, [])
-    Y = np.column_stack([df[c].cast(pl.Float64).fill_null(np.nan).to_numpy() for c in table.observed])
-    X = (np.column_stack([df[c].cast(pl.Float64).fill_null(np.nan).to_numpy() for c in table.covariates])
-         if table.q else np.zeros((df.height, 0)))
+    Y, X = _wide_arrays(lf, table.observed, table.covariates, data)
     nmom = count_moments(table)
     if table.nparams > nmom:
         raise MlsemError(f"the model has {table.nparams} free parameters but the data have only "
@@ -89,7 +122,8 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
                          "definite (check fixed values, e.g. negative or zero variances); "
                          "give start values with start(...)* or start=")
     start = psi0
-    with warnings.catch_warnings(record=True) as caught:
+    blas = _one_blas_thread()
+    with blas, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = optimize(m, start=start, progress=progress)
     lo = np.array([p.lower for p in table.params])
@@ -98,7 +132,7 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
         # lavaan does not bound variances: continue from here without the bound
         for p in table.params:
             p.lower = -np.inf
-        with warnings.catch_warnings(record=True) as caught:
+        with _one_blas_thread(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             opt2 = optimize(m, start=opt.final, progress=progress)
         if opt2.loglik >= opt.loglik - 1e-9 or not opt.converged:
@@ -114,7 +148,8 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
         warnings.warn(w.message, w.category, stacklevel=2)
     t2 = time.perf_counter()
     psi = opt.final
-    info = information(m, psi)
+    with _one_blas_thread():
+        info = information(m, psi)
     names = table.names
     n = len(names)
     notes = list(notes_pre)
