@@ -34,11 +34,19 @@ LOG2PI = math.log(2.0 * math.pi)
 def _one_blas_thread():
     """The optimiser's and the model's matrices are tiny: a multithreaded BLAS on
     them is many times slower than one thread (DESIGN.md section 5)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _CONTROLLER = ThreadpoolController()      # scans the loaded libraries once
+        except ImportError:  # pragma: no cover
+            _CONTROLLER = False
+    if _CONTROLLER is False:  # pragma: no cover
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_CONTROLLER = None
 
 
 def _wide_arrays(lf, observed, covariates, data):
@@ -220,11 +228,17 @@ def _fixed_x_rows(names, X):
     q = len(names)
     if q == 0:
         return rows
-    mean = np.nanmean(X, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # an all-empty covariate column
+        mean = np.nanmean(X, axis=0)
+        var = np.nanvar(X, axis=0)
     for a in range(q):
         for b in range(a, q if q <= 10 else a + 1):
-            ok = ~np.isnan(X[:, a]) & ~np.isnan(X[:, b])
-            c = float(np.mean((X[ok, a] - X[ok, a].mean()) * (X[ok, b] - X[ok, b].mean()))) if ok.any() else float("nan")
+            if a == b:
+                c = float(var[a])
+            else:
+                ok = ~np.isnan(X[:, a]) & ~np.isnan(X[:, b])
+                c = float(np.mean((X[ok, a] - X[ok, a].mean()) * (X[ok, b] - X[ok, b].mean()))) if ok.any() else float("nan")
             rows.append({"lhs": names[a], "op": "~~", "rhs": names[b], "label": "", "est": c,
                          "se": float("nan"), "free": False, "matrix": "x"})
     for a in range(q):

@@ -754,7 +754,71 @@ class SemModel:
         full[given] = t.full_start[given]
         # free parameters: least squares through the (possibly constrained) map
         psi, *_ = np.linalg.lstsq(t.T, full - t.t0, rcond=None)
+        # observed intercepts and slopes on the covariates: OLS of the observed
+        # cells on their mean design (labels and constraints respected)
+        self._ols_mean_start(psi, given)
         return psi
+
+    def _ols_mean_start(self, psi, given):
+        t, d = self.table, self.prep
+        r_nu, _, f_nu = self.idx["nu"]
+        if self._Xobs is None and not len(f_nu):
+            return
+        from scipy import sparse
+        nfull = len(t.full_names)
+        parts = []
+        if len(f_nu):
+            col = np.full(self.P, -1)
+            col[r_nu] = f_nu
+            ok = col[d.slot] >= 0
+            parts.append(sparse.csr_matrix((np.ones(ok.sum()), (np.flatnonzero(ok), col[d.slot][ok])),
+                                           shape=(d.nobs, nfull)))
+        off = np.zeros(d.nobs)
+        base_nu = self.base["nu"][d.slot]
+        off += base_nu
+        if self._Xobs is not None:
+            fe = self._gy_f
+            S = sparse.csr_matrix((np.ones(len(fe)), (np.arange(len(fe)), np.where(fe >= 0, fe, 0))),
+                                  shape=(len(fe), nfull))
+            S = sparse.diags(self._gy_free.astype(float)) @ S
+            parts.append(self._Xobs @ S)
+            off += self._Xobs @ np.where(self._gy_free, 0.0, self._gy_v)
+        D = sum(parts[1:], parts[0]).tocsc()
+        mean_full = np.zeros(nfull, dtype=bool)
+        mean_full[np.unique(np.concatenate([f_nu, self._gy_f[self._gy_free]]))] = True
+        if given[mean_full].any() or self._mean_lat:
+            return
+        # free parameters that only move mean entries
+        cols = np.flatnonzero(np.any(t.T[mean_full] != 0, axis=0) & ~np.any(t.T[~mean_full] != 0, axis=0))
+        if not len(cols):
+            return
+        Dc = np.asarray((D @ t.T[:, cols]))
+        rhs = d.y - off - D @ t.t0
+        sol, *_ = np.linalg.lstsq(Dc, rhs, rcond=None)
+        if not np.all(np.isfinite(sol)):
+            return
+        psi[cols] = sol
+        if self._lam_free or given.any() or np.any(self.base["lambda"][self.base["lambda"] != 0] != 1.0):
+            return
+        # unit loadings (a multilevel model): split each slot's OLS residual
+        # variance equally over its residual and the latents it loads on, as
+        # mlsem.fit's start does
+        res = rhs - Dc @ sol
+        r2 = np.bincount(d.slot, weights=res ** 2, minlength=self.P) / np.maximum(
+            np.bincount(d.slot, minlength=self.P), 1)
+        lam = self.base["lambda"] != 0
+        share = r2 / (1.0 + lam.sum(axis=1))
+        full = t.full_values(psi)
+        for e in t.entries:
+            if e.full < 0 or e.i != e.j:
+                continue
+            if e.matrix == "theta":
+                full[e.full] = share[e.i]
+            elif e.matrix == "psi" and lam[:, e.i].any():
+                full[e.full] = float(np.mean(share[lam[:, e.i]]))
+        new, *_ = np.linalg.lstsq(t.T, full - t.t0, rcond=None)
+        if np.all(np.isfinite(new)) and self.evaluate(new, need_grad=False)[0] is not None:
+            psi[:] = new
 
     def _psi_factor(self, Psi):
         """F with F F' = Psi, computed per connected block of Psi (exact zeros
