@@ -64,6 +64,7 @@ class Entry:
     full: int = -1            # full parameter index, -1 fixed
     label: str = ""
     user: bool = True
+    start_given: bool = False  # start(...)* on a free entry
 
 
 @dataclass
@@ -220,21 +221,19 @@ def build_table(statements, columns) -> SemTable:
             where.update({((e.matrix, min(e.i, e.j), max(e.i, e.j)) if e.matrix in ("psi", "theta")
                            else (e.matrix, e.i, e.j)): n for n, e in enumerate(entries)})
         e = Entry(lhs, op, rhs, matrix, i, j, user=user)
-        free = default_free
-        value = default_value
+        free, value = default_free, default_value
         if term is not None:
             if term.fixed is not None:
                 free, value = False, term.fixed
             elif term.free or term.label is not None:
-                free = True if (term.free or term.label is not None) and term.fixed is None else free
+                free = True
             if term.label is not None:
                 e.label = term.label
-            if term.start is not None:
+            if term.start is not None and free:
                 value = term.start
-                e.value = term.start
+                e.start_given = True
         e.value = value
         e.full = 0 if free else -1
-        e._start_given = term is not None and term.start is not None  # type: ignore[attr-defined]
         where[key] = len(entries)
         entries.append(e)
 
@@ -285,6 +284,9 @@ def build_table(statements, columns) -> SemTable:
                     add(a, "~~", b, "theta", slot[a], slot[b], t, line=t.line)
                 else:  # pragma: no cover - closure above makes both nodes
                     raise MlsemError(f"internal: cannot place {a} ~~ {b}")
+    for f in user_lat:
+        if not any(e.op == "=~" and e.lhs == f and (e.full >= 0 or e.value != 0.0) for e in entries):
+            raise MlsemError(f"latent variable {f!r} has no indicators: every loading is fixed at 0")
     # defaults: variances, intercepts, covariances of exogenous latents and of pure dependents
     for v in observed:
         if v in phantom:
@@ -317,7 +319,7 @@ def build_table(statements, columns) -> SemTable:
         name = e.label or (f"{e.lhs}~1" if e.op == "~1" else f"{e.lhs}{e.op}{e.rhs}")
         if e.label and e.label in labels:
             e.full = labels[e.label]
-            if e._start_given and not start_given[e.full]:
+            if e.start_given and not start_given[e.full]:
                 full_start[e.full] = e.value
                 start_given[e.full] = True
             continue
@@ -326,20 +328,16 @@ def build_table(statements, columns) -> SemTable:
             labels[e.label] = e.full
         full_names.append(name)
         full_kinds.append(_kind(e))
-        full_start.append(e.value if e._start_given else np.nan)
-        start_given.append(e._start_given)
-    for e in entries:
-        del e._start_given
+        full_start.append(e.value if e.start_given else np.nan)
+        start_given.append(e.start_given)
     nfull = len(full_names)
-    for s in statements:  # a label used on a fixed entry is a fixed value, not a parameter
-        pass
     T = np.eye(nfull)
     t0 = np.zeros(nfull)
     defined = []
     lab_all = dict(labels)
     for s in statements:
         if s.op == "==":
-            T, t0 = _impose(s, T, t0, lab_all, {d.name for d in defined})
+            T, t0 = _impose(s, T, t0, lab_all)
         elif s.op == ":=":
             if s.lhs in lab_all or any(d.name == s.lhs for d in defined):
                 raise MlsemError(f"model syntax line {s.line}: {s.lhs!r} is already a parameter label")
@@ -377,7 +375,7 @@ def _kind(e: Entry) -> str:
     return "variance" if e.lhs == e.rhs else "covariance"
 
 
-def _impose(s, T, t0, labels, defined_names):
+def _impose(s, T, t0, labels):
     """Eliminate one free parameter with the linear constraint lhs == rhs."""
     used = expression_names(s.lhs_expr) + expression_names(s.expr)
     for nm in used:
@@ -862,14 +860,11 @@ class SemModel:
             Meta = np.broadcast_to(Meta, (d.nrows, M))
             mu = mu + np.einsum("ij,ij->i", Meta[d.obs_row], Lt[d.slot])
         resid = d.y - mu
-        use_factor = False
-        if self.backend == "numpy" or not self.factor_path:
-            pass
-        elif np.all(np.diag(m["theta"]) > 0):
-            # the factor path needs Psi positive semi-definite and Theta positive;
-            # elsewhere (a Heywood case) Sigma may still be positive definite:
-            # the dense path decides
-            use_factor = self._psi_factor(m["psi"]) is not None
+        # the factor path needs Psi positive semi-definite and Theta positive;
+        # elsewhere (a Heywood case) Sigma may still be positive definite: the
+        # dense path decides
+        use_factor = (self.backend != "numpy" and self.factor_path and bool(np.all(np.diag(m["theta"]) > 0))
+                      and self._psi_factor(m["psi"]) is not None)
         if self.backend == "numpy":
             Sigma = Lt @ m["psi"] @ Lt.T + m["theta"]
             ll, _gphi, G, w = _oracle.loglik(d.row_ptr, d.slot, resid, np.zeros((d.nobs, 1)),

@@ -53,6 +53,11 @@ def test_unknown_variable_names_line_and_column():
         mlsem.sem("f =~ x1 + x2 + x3\ng =~ x4 + x5 + x99", HS)
 
 
+def test_latent_without_indicators():
+    with pytest.raises(mlsem.MlsemError, match="latent variable 'g' has no indicators"):
+        mlsem.sem("f =~ x1 + x2 + x3\ng =~ 0*x4", HS)
+
+
 def test_too_many_parameters():
     with pytest.raises(mlsem.MlsemError, match="10 free parameters but the data have only 9 moments"):
         mlsem.sem("f =~ NA*x1 + x2 + x3", HS)
