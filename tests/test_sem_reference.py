@@ -107,3 +107,22 @@ def test_more_model_shapes_against_lavaan(name):
             assert abs(r["se"] - p["se"]) <= 1e-3 * p["se"], p
         checked += 1
     assert checked == len(rows) + len(defined)
+
+
+def test_heywood_case_gets_the_negative_variance():
+    """lavaan does not bound variances: a just-identified one-factor model whose
+    sample covariance needs a negative residual variance (loading^2 = .8*.8/.5)
+    is fitted exactly, with a note."""
+    rng = np.random.default_rng(1)
+    S = np.array([[1, .8, .8], [.8, 1, .5], [.8, .5, 1]])
+    Z = rng.standard_normal((500, 3))
+    Z -= Z.mean(0)
+    Z = Z @ np.linalg.inv(np.linalg.cholesky(np.cov(Z.T, bias=True))).T @ np.linalg.cholesky(S).T
+    res = mlsem.sem("f =~ a + b + c", pl.DataFrame({"a": Z[:, 0], "b": Z[:, 1], "c": Z[:, 2]}))
+    assert res.converged
+    assert res.coef["a~~a"] == pytest.approx(-0.28, abs=1e-7)
+    assert res.coef["f~~f"] == pytest.approx(1.28, abs=1e-7)
+    n = 500
+    saturated = -n / 2 * (3 * np.log(2 * np.pi) + np.linalg.slogdet(S)[1] + 3)
+    assert res.loglik == pytest.approx(saturated, abs=1e-8)
+    assert any("Heywood" in x for x in res.notes)

@@ -160,3 +160,13 @@ def test_defined_parameter_delta_method():
 def test_vce_other_than_oim_refused():
     with pytest.raises(mlsem.MlsemError, match="vce"):
         mlsem.sem(CFA, HS, vce="mixed")
+
+
+def test_data_as_path_pandas_and_nan_cells():
+    path = os.path.join(REF, "hs_cfa_missing.parquet")
+    a = mlsem.sem(CFA, path)
+    b = mlsem.sem(CFA, pl.read_parquet(path).to_pandas())    # nulls become NaN: missing cells
+    assert a.loglik == pytest.approx(b.loglik, abs=1e-9)
+    with pytest.raises(mlsem.MlsemError, match="column 'x2' has infinite values, rows 3"):
+        mlsem.sem(CFA, HS.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(float("inf"))
+                                       .otherwise(pl.col("x2")).alias("x2")))
