@@ -33,6 +33,8 @@ class OptSummary:
 
 def start_values(model) -> np.ndarray:
     """OLS for the mean; the OLS residual variance split over the components."""
+    if hasattr(model, "start_values"):  # models with their own rule (general SEMs)
+        return model.start_values()
     t = model.table
     prep = model.prep
     psi = np.zeros(t.nparams)
@@ -113,7 +115,9 @@ def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
         psi = model.tau_to_psi(tau)
         ll, g = model.evaluate(psi)
         if ll is None or not np.isfinite(ll):
-            return 1e300, np.zeros_like(tau)
+            # a finite penalty above the best value so far: 1e300 overflows the
+            # line search's interpolation and ends the run ("relative reduction")
+            return (-state["best"] / N if np.isfinite(state["best"]) else 0.0) + 1e4, np.zeros_like(tau)
         state["best"] = max(state["best"], ll)
         return -ll / N, -model.grad_tau(tau, g) / N
 

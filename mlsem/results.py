@@ -66,6 +66,12 @@ class FitResult:
     model: object = field(default=None, repr=False)
     info: np.ndarray = field(default=None, repr=False)
     notes: list = field(default_factory=list)
+    # general SEM fits (mlsem.sem): lavaan's view of the parameters
+    sem_rows: list = None          # every row of the parameter table (fixed ones too)
+    sem_labels: list = None        # (lhs, op, rhs, label) per free parameter
+    defined: list = field(default_factory=list)   # := parameters with delta-method SEs
+    loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
+    kernel: str = ""
 
     # ---- standard verbs ----------------------------------------------------
     @property
@@ -89,10 +95,17 @@ class FitResult:
                 p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
                 lo, hi = b - Z975 * s, b + Z975 * s
             rows.append((n, float(b), float(s), float(z), float(p), float(lo), float(hi)))
-        return pl.DataFrame(rows, schema={"name": pl.String, "estimate": pl.Float64,
-                                          "std_err": pl.Float64, "z": pl.Float64,
-                                          "p_value": pl.Float64, "ci_low": pl.Float64,
-                                          "ci_high": pl.Float64}, orient="row")
+        schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
+                  "p_value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64}
+        if self.sem_labels is not None:
+            rows = [r + tuple(lab) for r, lab in zip(rows, self.sem_labels)]
+            for d in self.defined:
+                z = d["est"] / d["se"] if d["se"] > 0 else float("nan")
+                p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
+                rows.append((d["lhs"], d["est"], d["se"], z, p, d["est"] - Z975 * d["se"],
+                             d["est"] + Z975 * d["se"], d["lhs"], ":=", d["rhs"], d["label"]))
+            schema.update({"lhs": pl.String, "op": pl.String, "rhs": pl.String, "label": pl.String})
+        return pl.DataFrame(rows, schema=schema, orient="row")
 
     @property
     def coef(self) -> dict:
@@ -149,6 +162,8 @@ class FitResult:
 
     # ---- printing ----------------------------------------------------------
     def summary(self) -> str:
+        if self.sem_rows is not None:
+            return _sem_summary(self)
         out = []
         title = "Mixed-effects ML regression" if self.method == "ML" else "Mixed-effects REML regression"
         out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
@@ -257,6 +272,68 @@ class FitResult:
     def to_parquet(self, path) -> None:
         tab = self.params
         atomic_write(path, lambda tmp: tab.write_parquet(tmp))
+
+
+_SECTIONS = (("=~", "Latent Variables"), ("~", "Regressions"), ("cov", "Covariances"),
+             ("~1", "Intercepts"), ("var", "Variances"))
+
+
+def _sem_summary(res) -> str:
+    """lavaan's summary layout: header, then the parameter table by section."""
+    out = [f"mlsem {__version__}: structural equation model, ML (FIML over missing patterns)",
+           "",
+           f"  {'Number of observations':<40}{res.nobs:>12,}",
+           f"  {'Number of missing patterns':<40}{res.npatterns:>12,}",
+           f"  {'Number of free parameters':<40}{res.nparams:>12,}",
+           f"  {'Log-likelihood':<40}{res.loglik:>12.3f}",
+           f"  {'Akaike (AIC)':<40}{res.aic:>12.3f}",
+           f"  {'Bayesian (BIC)':<40}{res.bic:>12.3f}",
+           f"  {'Kernel':<40}{res.kernel:>12}",
+           "",
+           "Standard errors: observed information matrix (OIM)" if res.vce == "oim" else f"Standard errors: {res.vce}"]
+    head = f"{'':<22}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
+
+    def fmt(r, name):
+        est = f"{r['est']:>10.3f}"
+        if r.get("free", True) and np.isfinite(r["se"]):
+            z = r["est"] / r["se"] if r["se"] > 0 else float("nan")
+            p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
+            return f"    {name:<18}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
+        return f"    {name:<18}{est}"
+    rows = [r for r in res.sem_rows if r.get("matrix") != "x"]
+    for key, title in _SECTIONS:
+        if key == "cov":
+            sel = [r for r in rows if r["op"] == "~~" and r["lhs"] != r["rhs"]]
+        elif key == "var":
+            sel = [r for r in rows if r["op"] == "~~" and r["lhs"] == r["rhs"]]
+        else:
+            sel = [r for r in rows if r["op"] == key]
+        if not sel:
+            continue
+        out += ["", f"{title}:", head]
+        last = None
+        for r in sel:
+            lab = f"{r['rhs']} ({r['label']})" if r["label"] else r["rhs"]
+            if key in ("~1", "var"):
+                lab = f"{'.' if r.get('dot') else ''}{r['lhs']}"
+                if r["label"]:
+                    lab += f" ({r['label']})"
+            elif r["lhs"] != last:
+                out.append(f"  {r['lhs']} {r['op']}")
+                last = r["lhs"]
+            out.append(fmt(r, lab[:18]))
+    if res.defined:
+        out += ["", "Defined Parameters:", head]
+        for d in res.defined:
+            out.append(fmt(dict(d, free=True), f"{d['lhs']}"[:18]))
+    if not res.converged:
+        out.append(f"WARNING: the fit did NOT converge ({res.opt.message}); the estimates are not reliable.")
+    if not res.identified:
+        out.append("WARNING: the model is NOT identified: the information matrix is singular; "
+                   f"confounded parameters: {', '.join(res.confounded)}.")
+    for n in res.notes:
+        out.append(f"Note: {n}")
+    return "\n".join(out)
 
 
 def _json_default(o):
