@@ -77,6 +77,8 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
     df = collect_columns(data, cols, numeric, level_cols)
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index)
     t1 = time.perf_counter()
+    if progress is not None and hasattr(progress, "prepared"):
+        progress.prepared(prep)  # the command line reports the reshaped data
     table = multilevel_table(prep, F, levels)
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     opt = optimize(model, progress=progress)

@@ -191,6 +191,12 @@ class FitResult:
             out.append(f"Note: {n}")
         return "\n".join(out)
 
+    def predict(self) -> pl.DataFrame:
+        """Empirical Bayes predictions (posterior mean, sd) of every random
+        effect per unit; see :func:`mlsem.predict.predict`."""
+        from .predict import predict
+        return predict(self)
+
     def __repr__(self) -> str:
         return f"<mlsem FitResult {self.formula!r}: loglik {self.loglik:.6f}, {self.nobs} obs, converged={self.converged}>"
 
