@@ -114,7 +114,12 @@ def from_formula(formula: str, design=(2, 2)) -> DiagramModel:
 
 # ---- layout -------------------------------------------------------------------------
 def _q(s: str) -> str:
-    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _chain(nodes) -> list:
+    """Invisible edges that keep the nodes of one rank in slot order."""
+    return [f"    {a} -> {b} [style=invis];" for a, b in zip(nodes, nodes[1:])]
 
 
 def _html(s: str) -> str:
@@ -123,7 +128,8 @@ def _html(s: str) -> str:
 
 
 def _kind(name: str) -> str:
-    return name.split("[")[0]
+    """The level of a latent from its name: "j[1]" -> "j", "k:x" -> "k"."""
+    return name.split("[")[0].split(":")[0]
 
 
 class _Layout:
@@ -237,6 +243,7 @@ def to_dot(dm: DiagramModel, max_slots: int = 8, digits: int = 3) -> str:
             label = f"{y}[{dm.slot_names[sl[0]]}] ... {y}[{dm.slot_names[sl[-1]]}]\n({len(sl)}{more} slots){icpt}"
         style = "" if len(sl) == 1 else ", peripheries=2"
         lines.append(f"    Y{b} [shape=box, label={_q(label)}{style}];")
+    lines += _chain([f"Y{b}" for b in range(len(lay.boxes))])
     lines.append("  }")
     # covariates: one box per design column per outcome box
     xcols = [c for c, n in enumerate(dm.xnames) if n != "Intercept"]
@@ -251,6 +258,7 @@ def to_dot(dm: DiagramModel, max_slots: int = 8, digits: int = 3) -> str:
                     label = f"{xn}[{dm.slot_names[sl[0]]}] ... {xn}[{dm.slot_names[sl[-1]]}]\n({len(sl)} slots)"
                 style = "" if len(sl) == 1 else ", peripheries=2"
                 lines.append(f"    X{b}_{c} [shape=box, label={_q(label)}{style}];")
+        lines += _chain([f"X{b}_{c}" for b in range(len(lay.boxes)) for c in xcols])
         lines.append("  }")
     # loadings (latent -> outcome)
     seen = set()
@@ -291,14 +299,18 @@ def to_dot(dm: DiagramModel, max_slots: int = 8, digits: int = 3) -> str:
     for (a, b), labs in arcs.items():
         label = "\n".join(labs)
         if a == b:
-            port = "n" if a.startswith(("L", "R_")) else "e"
-            lines.append(f"  {a}:{port} -> {a}:{port} [dir=both, arrowsize=0.6, color=gray30, "
+            # distinct ports so that both arrowheads of the loop are visible
+            p0, p1 = ("nw", "ne") if a.startswith(("L", "R_")) else ("ne", "se")
+            lines.append(f"  {a}:{p0} -> {a}:{p1} [dir=both, arrowsize=0.6, color=gray30, "
                          f"fontcolor=gray20, label={_q(label)}];")
         else:
             # an HTML label on a white cell, so paths crossing the arc do not hide it
             cells = "".join(f"<tr><td>{_html(x)}</td></tr>" for x in labs)
             html = f'<<table border="0" cellborder="0" cellspacing="0" bgcolor="white">{cells}</table>>'
-            lines.append(f"  {a} -> {b} [dir=both, constraint=false, style=dashed, arrowsize=0.6, "
+            # residual covariances leave the boxes from below, clear of the variance loops
+            ports = ":sw" if a.startswith("Y") else ""
+            portb = ":se" if a.startswith("Y") else ""
+            lines.append(f"  {a}{ports} -> {b}{portb} [dir=both, constraint=false, style=dashed, arrowsize=0.6, "
                          f"color=gray30, fontcolor=gray20, label={html}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
