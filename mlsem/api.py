@@ -80,6 +80,10 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
     if progress is not None and hasattr(progress, "prepared"):
         progress.prepared(prep)  # the command line reports the reshaped data
     table = multilevel_table(prep, F, levels)
+    if prep.nobs <= table.nparams:
+        raise MlsemError(
+            f"data: {prep.nobs} observation(s) for {table.nparams} parameters "
+            f"({', '.join(table.names)}): too few to estimate the model")
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     opt = optimize(model, progress=progress)
     t2 = time.perf_counter()

@@ -29,6 +29,10 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; give it the permissions a plain open() would
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -80,7 +84,8 @@ class FitResult:
             if k in ("var", "resid"):
                 z = p = float("nan")
                 if b > 0 and np.isfinite(s) and s > 0:
-                    f = math.exp(Z975 * s / b)
+                    r = Z975 * s / b            # huge for a non-identified variance
+                    f = math.exp(r) if r < 700.0 else math.inf
                     lo, hi = b / f, b * f
                 else:
                     lo = hi = float("nan")

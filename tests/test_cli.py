@@ -172,10 +172,11 @@ def test_by_group_with_one_observation(pipeline, tmp_path):
     rc, out, err = run("fit", "bad.parquet", "-f", FORMULA, "--by", "region", "-q",
                        "--out", "r.parquet", "--json", "r.json", cwd=tmp_path)
     assert rc == 1
-    assert "region=4" in err and "not identified" in err
+    assert "region=4: error: data: 1 observation(s) for 5 parameters" in err
     res = pl.read_parquet(tmp_path / "r.parquet")
     bad = res.filter(pl.col("region") == 4)
-    assert bad.height >= 1 and bad["status"].str.starts_with("not identified").all()
+    assert bad.height == 1 and bad["name"][0] is None and bad["estimate"][0] is None
+    assert bad["status"][0].startswith("error: data: 1 observation(s) for 5 parameters")
     good = res.filter(pl.col("region") != 4)
     assert good.height == 15 and (good["status"] == "ok").all()
     rec = json.loads((tmp_path / "r.json").read_text())
@@ -304,3 +305,28 @@ def test_predict_and_wide_commands(tmp_path):
 def test_example_command(tmp_path):
     rc, out, err = run("example", cwd=tmp_path)
     assert rc == 0 and "Log likelihood" in out and "var(Residual)" in out
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    rc, _, err = run_here("simulate", "--counties", 5, "--out", "p.parquet", "-q", cwd=tmp_path)
+    assert rc == 0, err
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "p.parquet").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_not_identified_exit_1_results_flagged(tmp_path):
+    """One school of one pupil per county: only var(k) + var(j) + var(Residual)
+    is identified.  The fit runs, the results are written and flagged, exit 1."""
+    rc, _, err = run_here("simulate", "--counties", 60, "--schools", 1, "--pupils", 1, "--seed", 3,
+                          "--out", "flat.parquet", "-q", cwd=tmp_path)
+    assert rc == 0, err
+    rc, out, err = run_here("fit", "flat.parquet", "-f", FORMULA, "--out", "r.parquet",
+                            "--json", "r.json", "-q", cwd=tmp_path)
+    assert rc == 1
+    assert "not identified: confounded var(k), var(j), var(Residual)" in err
+    res = pl.read_parquet(tmp_path / "r.parquet")
+    assert res.height == 5 and res["status"].str.starts_with("not identified").all()
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert rec["exit_code"] == 1 and rec["identified"] is False
+    assert rec["confounded"] == ["var(k)", "var(j)", "var(Residual)"]
