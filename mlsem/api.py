@@ -86,6 +86,8 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
             f"({', '.join(table.names)}): too few to estimate the model")
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     opt = optimize(model, progress=progress)
+    if progress is not None and hasattr(progress, "stage"):
+        progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
     return _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
 

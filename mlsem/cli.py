@@ -53,6 +53,9 @@ class Progress:
                  f"{prep.npatterns:,} missing patterns")
         self._last = time.perf_counter()
 
+    def stage(self, what: str) -> None:
+        self.say(what)
+
     def __call__(self, it: int, loglik: float) -> None:
         now = time.perf_counter()
         if now - self._last >= 1.0:
