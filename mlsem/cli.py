@@ -205,7 +205,7 @@ def _cmd_fit(args, argv) -> int:
     prog.prefix = ""
     out = pl.concat(tables, how="vertical")
     if args.by:
-        byvals = [k[0] for k in keys for _ in range(1)]
+        byvals = [k[0] for k in keys]
         lens = [t.height for t in tables]
         bycol = pl.Series(args.by, [v for v, n in zip(byvals, lens) for _ in range(n)],
                           dtype=df.schema[args.by])

@@ -220,7 +220,7 @@ def to_dot(dm: DiagramModel, max_slots: int = 8, digits: int = 3) -> str:
     for kind, items in by_kind.items():
         lines.append("  { rank=same;")
         for d, members in items:
-            if len(members) == 1 and d.startswith("L"):
+            if len(members) == 1:
                 label = dm.latent_names[members[0]]
             else:
                 first, last = dm.latent_names[members[0]], dm.latent_names[members[-1]]
@@ -312,6 +312,14 @@ def to_dot(dm: DiagramModel, max_slots: int = 8, digits: int = 3) -> str:
             portb = ":se" if a.startswith("Y") else ""
             lines.append(f"  {a}{ports} -> {b}{portb} [dir=both, constraint=false, style=dashed, arrowsize=0.6, "
                          f"color=gray30, fontcolor=gray20, label={html}];")
+    # parameters that no entry of the table draws (e.g. a structured residual
+    # correlation computed by a function of the table): listed, not lost
+    used = set(int(p) for p in t.beta_param) | set(int(p) for p in t.phi_param) | set(
+        int(p) for p in t.theta_param)
+    rest = [plabel(p).replace("\n", " ") for p in range(len(names)) if p not in used]
+    if rest:
+        lines.append(f"  NOTE [shape=note, fontsize=10, label={_q('not drawn as paths: ' + ', '.join(rest))}];")
+        lines.append(f"  Y{len(lay.boxes) - 1} -> NOTE [style=invis];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -128,7 +128,9 @@ def test_pipeline_results_cover_truth(pipeline):
     api = mlsem.fit(sim.filter(pl.col("region") == 2).drop("region"), FORMULA).params
     got = res.filter(pl.col("region") == 2).drop("region", "status")
     assert got.select("name").equals(api.select("name"))
-    assert max(abs(a - b) for a, b in zip(got["estimate"], api["estimate"])) < 1e-10
+    # not bit-identical: the kernel sums patterns over threads in a varying
+    # order, so two runs agree to the optimizer's precision, not to the last bit
+    assert max(abs(a - b) for a, b in zip(got["estimate"], api["estimate"])) < 1e-7
     # stdout carries the summary tables, stderr the progress
     assert "Random-effects Parameters" in out and "== region = 3 ==" in out
     assert "reshaped:" in err and "missing patterns" in err and "wrote res.parquet" in err
@@ -330,3 +332,18 @@ def test_not_identified_exit_1_results_flagged(tmp_path):
     rec = json.loads((tmp_path / "r.json").read_text())
     assert rec["exit_code"] == 1 and rec["identified"] is False
     assert rec["confounded"] == ["var(k)", "var(j)", "var(Residual)"]
+
+
+def test_directory_of_parquet_files(pipeline, tmp_path):
+    """A directory of Parquet parts is one data set: the same fit as the single file."""
+    d = pipeline[0]
+    sim = pl.read_parquet(d / "sim.parquet").filter(pl.col("region") == 1).drop("region")
+    (tmp_path / "parts").mkdir()
+    sim.filter(pl.col("k") <= 60).write_parquet(tmp_path / "parts" / "a.parquet")
+    sim.filter(pl.col("k") > 60).write_parquet(tmp_path / "parts" / "b.parquet")
+    sim.write_parquet(tmp_path / "one.parquet")
+    assert run_here("fit", "parts", "-f", FORMULA, "--out", "a.parquet", "-q", cwd=tmp_path)[0] == 0
+    assert run_here("fit", "one.parquet", "-f", FORMULA, "--out", "b.parquet", "-q", cwd=tmp_path)[0] == 0
+    a, b = pl.read_parquet(tmp_path / "a.parquet"), pl.read_parquet(tmp_path / "b.parquet")
+    assert a["name"].equals(b["name"])
+    assert max(abs(x - y) for x, y in zip(a["estimate"], b["estimate"])) < 1e-7  # see above

@@ -105,3 +105,13 @@ def test_bad_design_and_format():
         from_formula("y ~ x + (1 | k/j)", (2, 2, 2))
     with pytest.raises(MlsemError, match="format"):
         write("digraph {}", "m.jpg")
+
+
+def test_parameters_without_entries_are_listed():
+    """A parameter that no phi/theta/beta entry carries (a structured residual
+    correlation computed by a function) is listed in a note, not lost."""
+    dm = from_formula("y ~ x + (1 | k/j)", (2, 2))
+    dm.table.params.append(Param("corr(Residual)", "rcov"))
+    dm.estimates = {"corr(Residual)": 0.0604}
+    dot = to_dot(dm)
+    assert "shape=note" in dot and "not drawn as paths: corr(Residual) = 0.0604" in dot

@@ -59,15 +59,11 @@ def test_shape_and_method(predicted):
     assert mlsem.predict(res).equals(pred)
 
 
-def test_against_brute_force_on_one_county():
-    """The per-pattern algebra against the plain formula on one county's
-    dense covariance, with random slopes (each row its own pattern)."""
-    res = mlsem.fit(REF / "unbalanced.parquet", "y ~ x1 + z + (1 + x1 || k) + (1 | k:j)")
-    pred = predict(res)
+def brute_force(res, pred, r):
+    """The plain formula on top unit ``r``'s dense covariance, against ``pred``."""
     m = res.model
     prep = m.prep
     beta, Phi, Theta = m.matrices(res.estimate)
-    r = 5
     a, b = prep.row_ptr[r], prep.row_ptr[r + 1]
     L = np.zeros((b - a, prep.nlatent))
     for i in range(b - a):
@@ -80,10 +76,45 @@ def test_against_brute_force_on_one_county():
     K = Phi @ L.T @ np.linalg.inv(S)
     mean = K @ resid
     cov = Phi - K @ L @ Phi
-    kid = prep.top_ids[r]
-    got = pred.filter(pl.col("k") == kid)
+    top = prep.levels[0].name
+    got = pred.filter(pl.col(top) == prep.top_ids[r])
+    touched = np.flatnonzero(np.abs(L).sum(axis=0) > 0)
+    assert sorted(prep.latent_names.index(n) for n in got["latent"]) == sorted(touched)
     for row in got.iter_rows(named=True):
         g = prep.latent_names.index(row["latent"])
         assert abs(row["mean"] - mean[g]) < 1e-10
         assert abs(row["sd"] - np.sqrt(cov[g, g])) < 1e-10
-    assert set(got["effect"]) == {"Intercept", "x1"}
+    return got
+
+
+def test_against_brute_force_random_slopes():
+    """Random slopes: each row its own pattern."""
+    res = mlsem.fit(REF / "unbalanced.parquet", "y ~ x1 + z + (1 + x1 || k) + (1 | k:j)")
+    pred = predict(res)
+    for r in (0, 5, 77):
+        got = brute_force(res, pred, r)
+        assert set(got["effect"]) == {"Intercept", "x1"}
+
+
+def test_three_levels_and_global_ids():
+    """k/j/h with j a global id (unique in the whole data): the rows carry the
+    real ids, one row per unit of every level."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in range(40):
+        for j in range(rng.integers(1, 4)):
+            for h in range(rng.integers(1, 3)):
+                for i in range(rng.integers(1, 4)):
+                    rows.append((k, 100 + 10 * k + j, h + 1, rng.normal()))
+    d = pl.DataFrame(rows, schema=["k", "j", "h", "x"], orient="row")
+    u = rng.normal(size=40)
+    d = d.with_columns((pl.col("x") + pl.Series(u[d["k"].to_numpy()]) + pl.Series(rng.normal(size=d.height))).alias("y"))
+    res = mlsem.fit(d, "y ~ x + (1 | k/j/h)")
+    pred = predict(res)
+    counts = dict(pred.group_by("level").len().iter_rows())
+    assert counts == {"k": 40, "j": d.select("k", "j").n_unique(), "h": d.select("k", "j", "h").n_unique()}
+    units = pred.filter(pl.col("level") == "h").select("k", "j", "h").sort("k", "j", "h")
+    assert units.equals(d.select("k", "j", "h").unique().sort("k", "j", "h"))
+    assert pred.filter(pl.col("level") == "j")["j"].min() >= 100
+    for r in (0, 13, 39):
+        brute_force(res, pred, r)
