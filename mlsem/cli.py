@@ -135,8 +135,11 @@ def _read(args, extra_cols, prog):
     for c in extra_cols:
         if c and c not in cols:
             cols.append(c)
+    numeric = [F.outcome, *F.fixed] + [e for rt in F.random for e in rt.effects if e != "Intercept"]
+    ids = list(dict.fromkeys(c for rt in F.random for c in rt.group))
     prog.say(f"reading {args.data}")
-    df = collect_columns(args.data, cols, [], [])
+    # types, null ids and infinite values are checked once on the whole data
+    df = collect_columns(args.data, cols, numeric, ids)
     prog.say(f"read {df.height:,} rows, columns {', '.join(cols)}")
     return F, df
 
@@ -156,6 +159,8 @@ def _cmd_fit(args, argv) -> int:
     t_read = time.perf_counter() - t0
     if args.by and args.by in F.columns:
         raise MlsemError(f"--by {args.by!r} is a column of the formula; give another column")
+    if args.by and args.by == args.index:
+        raise MlsemError(f"--by {args.by!r} is also the --index column; give another column")
     schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
               "p_value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64}
     if args.by:
@@ -164,7 +169,7 @@ def _cmd_fit(args, argv) -> int:
     else:
         groups = {(None,): df}
         keys = [(None,)]
-    tables, fits, any_bad = [], [], False
+    tables, fits, any_bad, errors = [], [], False, []
     for gi, key in enumerate(keys):
         gdf = groups[key].drop(args.by) if args.by else groups[key]
         val = key[0]
@@ -179,6 +184,8 @@ def _cmd_fit(args, argv) -> int:
             if not args.by:
                 raise
             any_bad = True
+            if isinstance(exc, MlsemError):
+                errors.append(exc)
             msg = f"error: {exc}" if isinstance(exc, MlsemError) else f"error: internal: {type(exc).__name__}: {exc}"
             prog.say(msg)
             tables.append(pl.DataFrame({"name": [None], "estimate": [None]}, schema={
@@ -203,6 +210,9 @@ def _cmd_fit(args, argv) -> int:
             print(f"\n== {args.by} = {val} ==")
             print(res.summary())
     prog.prefix = ""
+    if args.by and errors and len(errors) == len(keys):
+        # every group refused the same way: bad input, not a partial result
+        raise errors[0]
     out = pl.concat(tables, how="vertical")
     if args.by:
         byvals = [k[0] for k in keys]

@@ -212,6 +212,10 @@ def good_output(pipeline, tmp_path):
     (tmp_path / "res.parquet").write_bytes((d / "res.parquet").read_bytes())
     (tmp_path / "fit.json").write_bytes((d / "fit.json").read_bytes())
     (tmp_path / "garbage.parquet").write_text("this is not a parquet file")
+    pl.read_parquet(d / "sim.parquet").with_columns(pl.lit("a").alias("name")).write_parquet(
+        tmp_path / "strings.parquet")
+    pl.read_parquet(d / "sim.parquet").with_columns(pl.lit(None, dtype=pl.Float64).alias("x")).write_parquet(
+        tmp_path / "nullx.parquet")
     return tmp_path
 
 
@@ -224,6 +228,12 @@ FAILURES = [
     (["sim.parquet", "-f", FORMULA, "--by", "county"], "column 'county' is not in the data"),
     (["sim.parquet", "-f", FORMULA, "--vce", "bogus"], "--vce 'bogus'"),
     (["sim.parquet", "-f", FORMULA, "--index", "nope"], "column 'nope'"),
+    (["strings.parquet", "-f", "y ~ name + (1 | k/j)", "--by", "region"],
+     "column 'name' must be numeric, but it is String"),
+    (["sim.parquet", "-f", "y ~ x + (1 | k/j)", "--by", "region", "--index", "region"],
+     "--by 'region' is also the --index column"),
+    # every --by group refused the same way: bad input (exit 2), not a partial result
+    (["nullx.parquet", "-f", FORMULA, "--by", "region"], "no observation has both 'y' and the covariates"),
 ]
 
 
