@@ -147,11 +147,13 @@ def _read(args, extra_cols, prog):
 def _cmd_fit(args, argv) -> int:
     import polars as pl
     from .api import fit
+    from .api import VCE
     prog = Progress(args.quiet)
     _check_out(args.out, "--out", (".parquet", ".pq"))
     if args.json:
         _check_out(args.json, "--json", (".json",))
-    from .api import VCE
+    if args.by in STATUS_COLUMNS + ("status",):
+        raise MlsemError(f"--by {args.by!r} clashes with a column of the results table; rename it")
     if args.vce not in VCE:
         raise MlsemError(f"--vce {args.vce!r} is not one of {', '.join(VCE)}")
     t0 = time.perf_counter()
@@ -188,10 +190,9 @@ def _cmd_fit(args, argv) -> int:
                 errors.append(exc)
             msg = f"error: {exc}" if isinstance(exc, MlsemError) else f"error: internal: {type(exc).__name__}: {exc}"
             prog.say(msg)
-            tables.append(pl.DataFrame({"name": [None], "estimate": [None]}, schema={
-                "name": pl.String, "estimate": pl.Float64}).with_columns(
-                    [pl.lit(None, dtype=t).alias(c) for c, t in schema.items() if c not in ("name", "estimate")]
-                ).select(list(schema)).with_columns(pl.lit(msg).alias("status")))
+            # one row saying why, in the columns of a parameter table
+            tables.append(pl.DataFrame({**{c: [None] for c in schema}, "status": [msg]},
+                                       schema={**schema, "status": pl.String}))
             fits.append({args.by: val, "status": msg})
             continue
         st = _status(res)
