@@ -88,11 +88,19 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index)
     unit = unit_columns(df, level_cols[0], prep, opts)
     t1 = time.perf_counter()
+    if progress is not None and hasattr(progress, "prepared"):
+        progress.prepared(prep)  # the command line reports the reshaped data
     table = multilevel_table(prep, F, levels)
+    if prep.nobs <= table.nparams:
+        raise MlsemError(
+            f"data: {prep.nobs} observation(s) for {table.nparams} parameters "
+            f"({', '.join(table.names)}): too few to estimate the model")
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     if opts.method == "reml":
         return fit_reml(model, opts, F, prep, t0, t1)
     opt = optimize(model, progress=progress)
+    if progress is not None and hasattr(progress, "stage"):
+        progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
     res = _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
     return apply_vce(res, opts, unit)

@@ -29,6 +29,10 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; give it the permissions a plain open() would
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -86,7 +90,8 @@ class FitResult:
             if k in ("var", "resid"):
                 z = p = float("nan")
                 if b > 0 and np.isfinite(s) and s > 0:
-                    f = math.exp(Z975 * s / b)
+                    r = Z975 * s / b            # huge for a non-identified variance
+                    f = math.exp(r) if r < 700.0 else math.inf
                     lo, hi = b / f, b * f
                 else:
                     lo = hi = float("nan")
@@ -223,6 +228,12 @@ class FitResult:
         for n in self.notes:
             out.append(f"Note: {n}")
         return "\n".join(out)
+
+    def predict(self) -> pl.DataFrame:
+        """Empirical Bayes predictions (posterior mean, sd) of every random
+        effect per unit; see :func:`mlsem.predict.predict`."""
+        from .predict import predict
+        return predict(self)
 
     def __repr__(self) -> str:
         return f"<mlsem FitResult {self.formula!r}: loglik {self.loglik:.6f}, {self.nobs} obs, converged={self.converged}>"

@@ -24,22 +24,28 @@ def _range(v, name):
 def simulate(counties: int = 100, schools=2, pupils=2, *, intercept: float = 0.0,
              slope: float = 2.0, sd_county: float = 1.0, sd_school: float = 1.0,
              sd_resid: float = 1.0, school_cov=None, x: str = "uniform",
-             seed: int = 1) -> pl.DataFrame:
-    """Long data with columns k, j, i, x, y.
+             seed: int = 1, regions: int | None = None) -> pl.DataFrame:
+    """Long data with columns k, j, i, x, y (and ``region`` when ``regions``
+    is given: counties split into that many contiguous blocks, for ``--by``).
 
     ``schools`` and ``pupils`` are a count or a (min, max) range drawn
     uniformly per county / per school.  ``school_cov`` (a J x J matrix) gives
     the school effects of slots 1..J a joint covariance instead of
     ``sd_school``; then ``schools`` may not exceed J.  ``x`` is "uniform"
     (0, 1) or "normal".  The same seed gives the same data."""
-    if counties < 1:
-        raise MlsemError(f"simulate: counties={counties!r} must be at least 1")
+    if not isinstance(counties, (int, np.integer)) or counties < 1:
+        raise MlsemError(f"simulate: counties={counties!r} must be an integer of at least 1")
+    for nm, v in (("sd_county", sd_county), ("sd_school", sd_school), ("sd_resid", sd_resid)):
+        if not (np.isfinite(v) and v >= 0):
+            raise MlsemError(f"simulate: {nm}={v!r} must be a finite number >= 0")
+    if regions is not None and (not isinstance(regions, (int, np.integer)) or not 1 <= regions <= counties):
+        raise MlsemError(f"simulate: regions={regions!r} must be an integer between 1 and counties={counties}")
     s_lo, s_hi = _range(schools, "schools")
     p_lo, p_hi = _range(pupils, "pupils")
     rng = np.random.default_rng(seed)
     nsch = rng.integers(s_lo, s_hi + 1, size=counties)
     k_of_school = np.repeat(np.arange(1, counties + 1), nsch)
-    j_of_school = np.concatenate([np.arange(1, n + 1) for n in nsch])
+    j_of_school = _within(nsch)
     U = rng.normal(0.0, sd_county, size=counties)
     if school_cov is not None:
         C = np.asarray(school_cov, dtype=float)
@@ -57,7 +63,7 @@ def simulate(counties: int = 100, schools=2, pupils=2, *, intercept: float = 0.0
         V = rng.normal(0.0, sd_school, size=len(k_of_school))
     npup = rng.integers(p_lo, p_hi + 1, size=len(k_of_school))
     school = np.repeat(np.arange(len(k_of_school)), npup)
-    i = np.concatenate([np.arange(1, n + 1) for n in npup])
+    i = _within(npup)
     n = len(school)
     if x == "uniform":
         xv = rng.uniform(0.0, 1.0, size=n)
@@ -67,8 +73,21 @@ def simulate(counties: int = 100, schools=2, pupils=2, *, intercept: float = 0.0
         raise MlsemError(f"simulate: x={x!r} must be 'uniform' or 'normal'")
     e = rng.normal(0.0, sd_resid, size=n)
     y = intercept + slope * xv + U[k_of_school[school] - 1] + V[school] + e
-    return pl.DataFrame({"k": k_of_school[school].astype(np.int64), "j": j_of_school[school].astype(np.int64),
-                         "i": i.astype(np.int64), "x": xv, "y": y})
+    out = pl.DataFrame({"k": k_of_school[school].astype(np.int64), "j": j_of_school[school].astype(np.int64),
+                        "i": i.astype(np.int64), "x": xv, "y": y})
+    if regions is not None:
+        # contiguous blocks of counties, as even as possible
+        region = (np.arange(counties) * regions) // counties + 1
+        out = out.with_columns(pl.Series("region", region[out["k"].to_numpy() - 1].astype(np.int64)))
+    return out
+
+
+def _within(sizes) -> np.ndarray:
+    """1..n for each n in ``sizes``, concatenated (vectorised)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.arange(total, dtype=np.int64) - starts + 1
 
 
 def example_data() -> pl.DataFrame:

@@ -37,7 +37,13 @@ def build(df, formula):
 def random_psi(model, rng):
     psi = np.zeros(model.table.nparams)
     for i, p in enumerate(model.table.params):
-        psi[i] = rng.uniform(0.2, 2.0) if p.kind in ("var", "resid") else rng.normal(0, 0.3)
+        if p.kind in ("var", "resid"):
+            psi[i] = rng.uniform(0.2, 2.0)
+        elif p.kind == "cov":
+            # |cov| < 0.2 <= sqrt(var_a var_b): the 2 x 2 slope blocks stay positive definite
+            psi[i] = rng.uniform(-0.19, 0.19)
+        else:
+            psi[i] = rng.normal(0, 0.3)
     return psi
 
 
