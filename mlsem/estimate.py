@@ -33,6 +33,8 @@ class OptSummary:
 
 def start_values(model) -> np.ndarray:
     """OLS for the mean; the OLS residual variance split over the components."""
+    if hasattr(model, "start_values"):  # data held elsewhere (mlsem.distributed)
+        return model.start_values()
     t = model.table
     prep = model.prep
     psi = np.zeros(t.nparams)

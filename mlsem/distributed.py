@@ -1,0 +1,496 @@
+"""Distributed backend: the same fit with the data spread over Dask workers.
+
+The log-likelihood is a sum over top-level units, so the data are split by
+the top-level id into partitions, each held by one worker:
+
+    files --(one task per file: read with Polars, bucket rows by a hash of the
+             top-level id)--> partition p = bucket p of every file, in file
+             order (a shuffle by the top id; row order within a group kept)
+          --> global tables: label modes and slot keys (a cheap pass over the
+              ids), unioned on the driver, sent back to every partition
+          --> data.prepare(share, slots=global) -> model.Model, kept in worker
+              memory
+
+Per evaluation the driver sends psi to every partition (one small task each)
+and adds up (loglik, dl/dpsi); the optimiser (mlsem.estimate) stays on the
+driver and sees a :class:`DaskModel`, which has the interface of
+``model.Model``.
+
+Every partition is a Dask task whose inputs (file list, number of partitions,
+global tables, parameter table) are in its recipe: when a worker is lost, Dask
+recomputes the lost partitions on the workers that remain and the evaluation
+is repeated.  Each evaluation also returns the partition's number of
+observations and a checksum of its data, compared with those of the first
+build: a rebuilt partition that differs stops the fit with an error, never a
+silently different likelihood.  A recomputation that fails (files gone, all
+workers lost, the same task killing workers again and again) stops the fit
+with an :class:`MlsemError` that says so.
+
+This module is imported only for ``backend="dask"``; Dask is an optional
+dependency (``pip install mlsem[dask]``).
+"""
+from __future__ import annotations
+
+import glob as _glob
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from .data import collect_columns, label_mode, prepare, scan, LevelInfo
+from .errors import MlsemError
+from .model import Model
+from .spec import multilevel_table
+
+try:
+    import distributed as _dd
+except ImportError:  # pragma: no cover - exercised only without dask
+    _dd = None
+
+_NO_DATA = "data: no observation has both"
+
+
+def _require_dask(client):
+    if _dd is None:
+        raise MlsemError("backend='dask' needs dask.distributed: pip install 'mlsem[dask]' "
+                         "(or pip install 'dask[distributed]')")
+    if client is None:
+        raise MlsemError("backend='dask' needs client=: a dask.distributed.Client "
+                         "(e.g. Client('tcp://scheduler:8786') or Client(LocalCluster()))")
+    if not isinstance(client, _dd.Client):
+        raise MlsemError(f"client={client!r} is not a dask.distributed.Client")
+
+
+# ---- sources ---------------------------------------------------------------
+
+def sources(data) -> list:
+    """The pieces the workers read: Parquet/CSV file paths (absolute, sorted as
+    data.scan sorts them, so that "row order" means the same thing), a URL
+    given as is, or one in-memory Polars DataFrame."""
+    if isinstance(data, (list, tuple)):
+        out = []
+        for f in data:
+            out += sources(f)
+        return out
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        if "://" in path:
+            return [path]
+        if os.path.isdir(path):
+            files = sorted(_glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+            if not files:
+                raise MlsemError(f"data: directory {path!r} holds no .parquet files")
+        elif any(ch in path for ch in "*?["):
+            files = sorted(_glob.glob(path, recursive=True))
+            if not files:
+                raise MlsemError(f"data: no file matches {path!r}")
+        else:
+            if not os.path.exists(path):
+                raise MlsemError(f"data: file {path!r} does not exist")
+            files = [path]
+        return [os.path.abspath(f) for f in files]
+    # in-memory data: collected once on the driver and shipped in the task
+    # graph (so that a lost partition can still be rebuilt)
+    return [scan(data).collect()]
+
+
+def _source_name(src) -> str:
+    return src if isinstance(src, str) else "the in-memory data"
+
+
+# ---- tasks (run on the workers) ---------------------------------------------
+
+def _read_split(src, cols, numeric, ids, top, nparts):
+    """Read one source projected on the model's columns; split its rows into
+    ``nparts`` buckets by a hash of the top-level id (order kept)."""
+    try:
+        df = collect_columns(src, cols, numeric, ids)
+    except MlsemError as exc:
+        raise MlsemError(f"{exc} (in {_source_name(src)})") from None
+    b = df.select(pl.col(top).hash(seed=20240101) % nparts)
+    b = b.to_series().to_numpy()
+    return tuple(df.filter(pl.Series(b == p)) for p in range(nparts))
+
+
+def _pick(parts, p):
+    return parts[p]
+
+
+def _concat(*buckets):
+    return pl.concat(buckets, how="vertical") if len(buckets) > 1 else buckets[0]
+
+
+def _id_stats(raw, level_cols):
+    """Per level below the top: distinct ids, (parent, id) pairs and parents."""
+    out = []
+    for d in range(1, len(level_cols)):
+        parent, col = level_cols[:d], level_cols[d]
+        out.append((raw[col].unique(), raw.select(parent + [col]).n_unique(),
+                    raw.select(parent).n_unique()))
+    return raw.height, out
+
+
+def _slot_keys(raw, args, modes):
+    if raw.height == 0:
+        return None
+    try:
+        return prepare(raw, *args["prepare"], index=args["index"], label_modes=modes, keys_only=True)
+    except MlsemError as exc:
+        if str(exc).startswith(_NO_DATA):
+            return None
+        raise
+
+
+def _checksum(prep) -> tuple:
+    return (int(prep.nobs), int(prep.nrows), float(np.sum(prep.y)), float(np.sum(prep.X)),
+            int(np.sum(prep.slot, dtype=np.int64)))
+
+
+class _Part:
+    """One partition's prepared data and model, held in a worker's memory."""
+
+    def __init__(self, prep, table, backend, nthreads):
+        if nthreads is None:
+            try:
+                nthreads = _dd.get_worker().state.nthreads
+            except Exception:
+                nthreads = 1
+        self.model = Model(prep, table, backend=backend, nthreads=nthreads)
+        self.checksum = _checksum(prep)
+        self.build = uuid.uuid4().hex
+        self.lock = threading.Lock()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("lock")
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.lock = threading.Lock()
+
+    def __sizeof__(self):  # so that Dask's scheduler knows it is big and leaves it where it is
+        p = self.model.prep
+        return int(sum(a.nbytes for a in (p.y, p.X, p.slot, p.load, p.row_ptr, p.obs_row)) * 2 + 1000)
+
+
+def _pattern_keys(prep) -> set:
+    """The observed-slot set of each pattern (to count distinct patterns globally)."""
+    first = prep.row_ptr[prep.pat_ptr[:-1]]
+    last = prep.row_ptr[prep.pat_ptr[:-1] + 1]
+    return {prep.slot[a:b].tobytes() for a, b in zip(first, last)}
+
+
+def _summary(prep, slopes) -> dict:
+    return {
+        "patterns": None if slopes else _pattern_keys(prep),
+        "xnames": list(prep.xnames), "latent_names": list(prep.latent_names),
+        "latent_term": list(prep.latent_term), "latent_node": prep.latent_node,
+        "nlatent": prep.nlatent, "nslots": prep.nslots, "slot_labels": prep.slot_labels,
+        "level_labels": prep.level_labels, "levels": prep.levels, "nobs": prep.nobs,
+        "nrows": prep.nrows, "npatterns": prep.npatterns,
+        "dropped_covariate": prep.dropped_covariate, "missing_outcome": prep.missing_outcome,
+    }
+
+
+def _build(raw, args, modes, slots):
+    """Prepare one partition against the global slot table."""
+    if raw.height == 0:
+        return None
+    try:
+        prep = prepare(raw, *args["prepare"], index=args["index"], label_modes=modes, slots=slots)
+    except MlsemError as exc:
+        if str(exc).startswith(_NO_DATA):
+            return None
+        raise
+    prep.meta = {}
+    return prep
+
+
+def _part_summary(prep, slopes):
+    return None if prep is None else _summary(prep, slopes)
+
+
+def _make_part(prep, table, backend, nthreads):
+    return None if prep is None else _Part(prep, table, backend, nthreads)
+
+
+def _part_id(part):
+    return part.checksum, part.build
+
+
+def _part_eval(part, psi, need_grad):
+    with part.lock:
+        ll, g = part.model.evaluate(psi, need_grad)
+    return ll, g, part.checksum, part.build
+
+
+def _part_moments(part):
+    p = part.model.prep
+    return p.X.T @ p.X, p.X.T @ p.y, float(p.y @ p.y), float(p.y.sum()), p.X.sum(axis=0), p.nobs
+
+
+def _part_rss(part, beta, center):
+    p = part.model.prep
+    r = (p.y - p.X @ beta) if len(beta) else p.y
+    r = r - center
+    return float(r @ r)
+
+
+# ---- the driver side ---------------------------------------------------------
+
+@dataclass
+class DistributedData:
+    """What the driver knows of the distributed data: the global metadata the
+    parameter table and the results need (the Prepared-like attributes of
+    spec.multilevel_table and api._finish), no arrays."""
+    xnames: list
+    latent_names: list
+    latent_term: list
+    latent_node: np.ndarray
+    nlatent: int
+    nslots: int
+    slot_labels: pl.DataFrame
+    level_labels: list
+    levels: list
+    nobs: int
+    nrows: int
+    npatterns: int
+    dropped_covariate: int
+    missing_outcome: int
+    npartitions: int
+    nsources: int
+    meta: dict = field(default_factory=dict)
+
+
+def _global_levels(summaries) -> list:
+    out = []
+    for d, lv in enumerate(summaries[0]["levels"]):
+        per = [s["levels"][d] for s in summaries]
+        ng = sum(x.ngroups for x in per)
+        nobs = sum(x.mean_obs * x.ngroups for x in per)
+        out.append(LevelInfo(lv.name, lv.columns, ng, min(x.min_obs for x in per),
+                             float(nobs / ng), max(x.max_obs for x in per)))
+    return out
+
+
+class DaskModel(Model):
+    """``model.Model``'s interface over partitions held by Dask workers."""
+
+    def __init__(self, client, parts, data: DistributedData, table, checksums, builds,
+                 timeout: float = 30.0):
+        self.client = client
+        self.parts = parts
+        self.prep = data
+        self.table = table
+        self.backend = "dask"
+        self.q = len(data.xnames)
+        self.M = max(table.nlatent, 1)
+        self.P = table.nslots
+        blocked = np.zeros(table.nparams, dtype=bool)
+        for blk in table.chol_blocks:
+            blocked[np.unique(blk.pidx)] = True
+        self.free_plain = np.flatnonzero(~blocked)
+        self.ntau = len(self.free_plain) + sum(
+            blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in table.chol_blocks)
+        self.nevals = 0
+        self.checksums = checksums
+        self.builds = builds
+        self.recoveries = 0
+        self.eval_seconds = 0.0
+        self.timeout = timeout
+
+    # ---- one round trip ------------------------------------------------------
+    def _run(self, func, *args):
+        if self.parts is None:
+            raise MlsemError("this distributed model was closed: its partitions were released")
+        futs = [self.client.submit(func, part, *args, pure=False) for part in self.parts]
+        try:
+            while True:
+                try:
+                    _dd.wait(futs, timeout=self.timeout)
+                    break
+                except _dd.TimeoutError:
+                    if not self.client.scheduler_info().get("workers"):
+                        raise MlsemError(
+                            "backend='dask': no worker is left in the cluster; the fit was "
+                            "stopped (no result)") from None
+            return self.client.gather(futs)
+        except MlsemError:
+            raise
+        except Exception as exc:
+            raise MlsemError(
+                f"backend='dask': a partition could not be evaluated or rebuilt after a worker "
+                f"was lost ({type(exc).__name__}: {exc}); the fit was stopped (no result)") from None
+
+    def evaluate(self, psi, need_grad: bool = True):
+        self.nevals += 1
+        t0 = time.perf_counter()
+        out = self._run(_part_eval, np.asarray(psi, dtype=float), need_grad)
+        ll, g, bad = 0.0, np.zeros(self.table.nparams), False
+        for p, (llp, gp, chk, build) in enumerate(out):
+            if chk != self.checksums[p]:
+                raise MlsemError(
+                    f"backend='dask': partition {p} was rebuilt after a worker was lost but its "
+                    f"data differ from the first read ({chk} != {self.checksums[p]}; did the "
+                    "files change during the fit?); the fit was stopped (no result)")
+            if build != self.builds[p]:
+                self.builds[p] = build
+                self.recoveries += 1
+            if llp is None:
+                bad = True
+                continue
+            ll += llp
+            if need_grad:
+                g += gp
+        self.eval_seconds += time.perf_counter() - t0
+        if bad:
+            return None, None
+        return ll, (g if need_grad else None)
+
+    # ---- starting values and the null model, from reduced moments --------------
+    def _ols(self):
+        mom = self._run(_part_moments)
+        XtX = sum(m[0] for m in mom)
+        Xty = sum(m[1] for m in mom)
+        n = sum(m[5] for m in mom)
+        xsum = sum(m[4] for m in mom)
+        if self.q:
+            beta = np.linalg.lstsq(XtX, Xty, rcond=None)[0]
+        else:
+            beta = np.zeros(0)
+        return beta, XtX, xsum, n, sum(m[3] for m in mom)
+
+    def start_values(self) -> np.ndarray:
+        """As estimate.start_values: OLS for the mean, the OLS residual
+        variance split over the components (moments reduced over partitions)."""
+        t = self.table
+        beta, XtX, xsum, n, ysum = self._ols()
+        psi = np.zeros(t.nparams)
+        if self.q:
+            psi[t.beta_param] = beta
+            rss = sum(self._run(_part_rss, beta, 0.0))
+        else:
+            rss = sum(self._run(_part_rss, beta, ysum / n))
+        s2 = rss / n or 1.0
+        nvar = len({p.level for p in t.params if p.kind == "var"}) + 1
+        for i, p in enumerate(t.params):
+            if p.kind == "var":
+                share = s2 / nvar
+                if ":" in p.name and not p.name.endswith(":Intercept)"):
+                    cov = p.name.split(":")[-1].rstrip(")").split("[")[0]
+                    try:
+                        col = self.prep.xnames.index(cov)
+                        vx = float(XtX[col, col] / n - (xsum[col] / n) ** 2) or 1.0
+                    except ValueError:
+                        vx = 1.0
+                    share = 0.1 * share / vx
+                psi[i] = share
+            elif p.kind == "resid":
+                psi[i] = s2 / nvar
+        return psi
+
+    def ols_loglik(self) -> float:
+        """Log-likelihood of the linear regression (api._ols_loglik's value)."""
+        beta, *_, n, _ = self._ols()
+        rss = sum(self._run(_part_rss, beta, 0.0))
+        import math
+        return -0.5 * n * (math.log(2 * math.pi) + math.log(rss / n) + 1.0)
+
+    def notes(self) -> list:
+        out = [f"dask: {self.prep.npartitions} partitions of {self.prep.nsources} source(s); "
+               f"{self.nevals} evaluations, {self.eval_seconds:.2f} s in round trips"]
+        if self.recoveries:
+            out.append(f"dask: {self.recoveries} partition(s) rebuilt on another worker after a "
+                       "worker was lost; every evaluation used all the data")
+        return out
+
+    def close(self):
+        """Release the partitions (worker memory)."""
+        if self.parts is not None:
+            self.client.cancel(self.parts)
+            self.parts = None
+
+
+def build(data, client, F, levels, effects, index, *, npartitions=None, backend="auto",
+          nthreads=None) -> DaskModel:
+    """Read, shuffle and prepare ``data`` on the workers of ``client``; build the
+    parameter table on the driver; return the distributed model."""
+    _require_dask(client)
+    if npartitions is None:
+        npartitions = max(1, len(client.scheduler_info().get("workers", {})))
+    if not isinstance(npartitions, int) or npartitions < 1:
+        raise MlsemError(f"npartitions={npartitions!r} must be a positive integer")
+    level_cols = [lv[-1] for lv in levels]
+    top = level_cols[0]
+    cols = F.columns + ([index] if index else [])
+    numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
+    srcs = sources(data)
+    tag = uuid.uuid4().hex[:8]
+    sub = client.submit
+    try:
+        splits = [sub(_read_split, s, cols, numeric, level_cols, top, npartitions,
+                      key=f"mlsem-read-{tag}-{i}") for i, s in enumerate(srcs)]
+        raws = []
+        for p in range(npartitions):
+            buckets = [sub(_pick, s, p, key=f"mlsem-bucket-{tag}-{i}-{p}") for i, s in enumerate(splits)]
+            raws.append(sub(_concat, *buckets, key=f"mlsem-share-{tag}-{p}"))
+        # global label modes (a pass over the id columns)
+        stats = client.gather([sub(_id_stats, r, level_cols, key=f"mlsem-ids-{tag}-{p}")
+                               for p, r in enumerate(raws)])
+        if sum(s[0] for s in stats) == 0:
+            raise MlsemError("data: the data set is empty (0 rows)")
+        modes = []
+        for d in range(1, len(level_cols)):
+            n_id = pl.concat([s[1][d - 1][0] for s in stats]).n_unique()
+            modes.append(label_mode(n_id, sum(s[1][d - 1][1] for s in stats),
+                                    sum(s[1][d - 1][2] for s in stats)))
+        args = {"prepare": (F.outcome, list(F.fixed), F.intercept, levels, effects), "index": index}
+        # the global slot table: the union of every share's slot keys
+        keys = client.gather([sub(_slot_keys, r, args, modes, key=f"mlsem-keys-{tag}-{p}")
+                              for p, r in enumerate(raws)])
+        keys = [k for k in keys if k is not None]
+        if not keys:
+            raise MlsemError(f"data: no observation has both {F.outcome!r} and the covariates observed")
+        slots = pl.concat(keys).unique()
+        slots = slots.sort(slots.columns)
+        preps = [sub(_build, r, args, modes, slots, key=f"mlsem-prepare-{tag}-{p}")
+                 for p, r in enumerate(raws)]
+        slopes = any(e != "Intercept" for v in effects.values() for e in v)
+        summ = client.gather([sub(_part_summary, pr, slopes, key=f"mlsem-summary-{tag}-{p}")
+                              for p, pr in enumerate(preps)])
+    except MlsemError:
+        raise
+    except Exception as exc:
+        raise MlsemError(f"backend='dask': reading or preparing the data failed "
+                         f"({type(exc).__name__}: {exc})") from None
+    keep = [p for p, s in enumerate(summ) if s is not None]
+    summ = [summ[p] for p in keep]
+    preps = [preps[p] for p in keep]
+    s0 = summ[0]
+    for s in summ[1:]:
+        if (s["nslots"], s["nlatent"], s["xnames"], s["latent_names"]) != (
+                s0["nslots"], s0["nlatent"], s0["xnames"], s0["latent_names"]):
+            raise MlsemError("internal: partitions numbered their slots or latents differently")
+    dd = DistributedData(
+        xnames=s0["xnames"], latent_names=s0["latent_names"], latent_term=s0["latent_term"],
+        latent_node=s0["latent_node"], nlatent=s0["nlatent"], nslots=s0["nslots"],
+        slot_labels=s0["slot_labels"], level_labels=s0["level_labels"],
+        levels=_global_levels(summ), nobs=sum(s["nobs"] for s in summ),
+        nrows=sum(s["nrows"] for s in summ), npatterns=(sum(s["npatterns"] for s in summ) if slopes
+                   else len(set().union(*(s["patterns"] for s in summ)))),
+        dropped_covariate=sum(s["dropped_covariate"] for s in summ),
+        missing_outcome=sum(s["missing_outcome"] for s in summ),
+        npartitions=len(keep), nsources=len(srcs))
+    table = multilevel_table(dd, F, levels)
+    parts = [sub(_make_part, pr, table, backend, nthreads, key=f"mlsem-model-{tag}-{keep[i]}")
+             for i, pr in enumerate(preps)]
+    first = client.gather([sub(_part_id, pt, pure=False) for pt in parts])
+    # the shares and prepared frames stay in the graph (lineage for recovery)
+    # but need not stay in memory: drop our references
+    del raws, preps, splits
+    return DaskModel(client, parts, dd, table, [f[0] for f in first], [f[1] for f in first])
