@@ -32,6 +32,7 @@ dependency (``pip install mlsem[dask]``).
 from __future__ import annotations
 
 import glob as _glob
+import hashlib
 import os
 import threading
 import time
@@ -145,9 +146,32 @@ def _slot_keys(raw, args, modes):
         raise
 
 
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(v):
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    v = v ^ (v >> np.uint64(30))
+    v = v * _M1
+    v = v ^ (v >> np.uint64(27))
+    v = v * _M2
+    return v ^ (v >> np.uint64(31))
+
+
 def _checksum(prep) -> tuple:
-    return (int(prep.nobs), int(prep.nrows), float(np.sum(prep.y)), float(np.sum(prep.X)),
-            int(np.sum(prep.slot, dtype=np.int64)))
+    """The partition's size and a bit-exact digest of its observations that
+    does not depend on their order (Polars may order patterns differently when
+    a partition is rebuilt): the wrapping sum of a hash of each observation's
+    (slot, y, X row, loadings)."""
+    with np.errstate(over="ignore"):
+        h = _mix(prep.slot.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        cols = [prep.y[:, None], prep.X, prep.load]
+        for a in cols:
+            a = np.ascontiguousarray(a, dtype=np.float64)
+            for c in range(a.shape[1]):
+                h = _mix(h ^ a[:, c].view(np.uint64))
+        digest = int(np.sum(h, dtype=np.uint64))
+    return int(prep.nobs), int(prep.nrows), digest
 
 
 class _Part:
@@ -282,7 +306,7 @@ class DaskModel(Model):
     """``model.Model``'s interface over partitions held by Dask workers."""
 
     def __init__(self, client, parts, data: DistributedData, table, checksums, builds,
-                 timeout: float = 30.0):
+                 timeout: float = 120.0, poll: float = 1.0):
         self.client = client
         self.parts = parts
         self.prep = data
@@ -303,25 +327,56 @@ class DaskModel(Model):
         self.recoveries = 0
         self.eval_seconds = 0.0
         self.timeout = timeout
+        self.poll = poll
+        self._where = None      # partition key -> worker address (refreshed when a worker is lost)
 
     # ---- one round trip ------------------------------------------------------
+    def _submit(self, func, args):
+        """One task per partition, pinned to the worker that holds it (so that
+        Dask's work stealing never copies a partition to another worker);
+        where a partition is being rebuilt, wherever Dask puts it."""
+        if self._where is None:
+            self._where = {k: v[0] for k, v in self.client.who_has(self.parts).items() if v}
+        futs, pins = [], []
+        for part in self.parts:
+            w = self._where.get(part.key)
+            kw = {"workers": [w], "allow_other_workers": False} if w else {}
+            futs.append(self.client.submit(func, part, *args, pure=False, **kw))
+            pins.append(w)
+        return futs, pins
+
     def _run(self, func, *args):
         if self.parts is None:
             raise MlsemError("this distributed model was closed: its partitions were released")
-        futs = [self.client.submit(func, part, *args, pure=False) for part in self.parts]
         try:
+            futs, pins = self._submit(func, args)
+            empty_since = None
             while True:
                 try:
-                    _dd.wait(futs, timeout=self.timeout)
+                    _dd.wait(futs, timeout=self.poll)
                     break
                 except _dd.TimeoutError:
-                    if not self.client.scheduler_info().get("workers"):
-                        raise MlsemError(
-                            "backend='dask': no worker is left in the cluster; the fit was "
-                            "stopped (no result)") from None
+                    alive = self.client.ncores()
+                    if not alive:
+                        empty_since = empty_since or time.monotonic()
+                        if time.monotonic() - empty_since > self.timeout:
+                            raise MlsemError(
+                                f"backend='dask': no worker has been left in the cluster for "
+                                f"{self.timeout:.0f} s; the fit was stopped (no result)") from None
+                        continue
+                    empty_since = None
+                    if any(w is not None and w not in alive for w in pins):
+                        # a worker was lost: its partitions are rebuilt elsewhere; ask again
+                        self.client.cancel(futs)
+                        self._where = None
+                        futs, pins = self._submit(func, args)
             return self.client.gather(futs)
-        except MlsemError:
-            raise
+        except MlsemError as exc:
+            if str(exc).startswith("backend='dask'"):
+                raise
+            raise MlsemError(
+                f"backend='dask': a partition could not be evaluated or rebuilt after a worker "
+                f"was lost ({exc}); the fit was stopped (no result)") from None
         except Exception as exc:
             raise MlsemError(
                 f"backend='dask': a partition could not be evaluated or rebuilt after a worker "
@@ -422,7 +477,7 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
     parameter table on the driver; return the distributed model."""
     _require_dask(client)
     if npartitions is None:
-        npartitions = max(1, len(client.scheduler_info().get("workers", {})))
+        npartitions = max(1, len(client.ncores()))
     if not isinstance(npartitions, int) or npartitions < 1:
         raise MlsemError(f"npartitions={npartitions!r} must be a positive integer")
     level_cols = [lv[-1] for lv in levels]
@@ -431,16 +486,25 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
     numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
     srcs = sources(data)
     tag = uuid.uuid4().hex[:8]
-    sub = client.submit
+    workers = sorted(client.ncores()) or [None]
+
+    def sub(func, *args, key, at=0, **kw):
+        # partition p prefers worker p (round robin) so that the shares are spread;
+        # any worker may take it over when that one is lost
+        w = workers[at % len(workers)]
+        where = {} if w is None else {"workers": [w], "allow_other_workers": True}
+        return client.submit(func, *args, key=key, **where, **kw)
+
     try:
         splits = [sub(_read_split, s, cols, numeric, level_cols, top, npartitions,
-                      key=f"mlsem-read-{tag}-{i}") for i, s in enumerate(srcs)]
+                      key=f"mlsem-read-{tag}-{i}", at=i) for i, s in enumerate(srcs)]
         raws = []
         for p in range(npartitions):
-            buckets = [sub(_pick, s, p, key=f"mlsem-bucket-{tag}-{i}-{p}") for i, s in enumerate(splits)]
-            raws.append(sub(_concat, *buckets, key=f"mlsem-share-{tag}-{p}"))
+            buckets = [sub(_pick, s, p, key=f"mlsem-bucket-{tag}-{i}-{p}", at=i)
+                       for i, s in enumerate(splits)]
+            raws.append(sub(_concat, *buckets, key=f"mlsem-share-{tag}-{p}", at=p))
         # global label modes (a pass over the id columns)
-        stats = client.gather([sub(_id_stats, r, level_cols, key=f"mlsem-ids-{tag}-{p}")
+        stats = client.gather([sub(_id_stats, r, level_cols, key=f"mlsem-ids-{tag}-{p}", at=p)
                                for p, r in enumerate(raws)])
         if sum(s[0] for s in stats) == 0:
             raise MlsemError("data: the data set is empty (0 rows)")
@@ -451,17 +515,17 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
                                     sum(s[1][d - 1][2] for s in stats)))
         args = {"prepare": (F.outcome, list(F.fixed), F.intercept, levels, effects), "index": index}
         # the global slot table: the union of every share's slot keys
-        keys = client.gather([sub(_slot_keys, r, args, modes, key=f"mlsem-keys-{tag}-{p}")
+        keys = client.gather([sub(_slot_keys, r, args, modes, key=f"mlsem-keys-{tag}-{p}", at=p)
                               for p, r in enumerate(raws)])
         keys = [k for k in keys if k is not None]
         if not keys:
             raise MlsemError(f"data: no observation has both {F.outcome!r} and the covariates observed")
         slots = pl.concat(keys).unique()
         slots = slots.sort(slots.columns)
-        preps = [sub(_build, r, args, modes, slots, key=f"mlsem-prepare-{tag}-{p}")
+        preps = [sub(_build, r, args, modes, slots, key=f"mlsem-prepare-{tag}-{p}", at=p)
                  for p, r in enumerate(raws)]
         slopes = any(e != "Intercept" for v in effects.values() for e in v)
-        summ = client.gather([sub(_part_summary, pr, slopes, key=f"mlsem-summary-{tag}-{p}")
+        summ = client.gather([sub(_part_summary, pr, slopes, key=f"mlsem-summary-{tag}-{p}", at=p)
                               for p, pr in enumerate(preps)])
     except MlsemError:
         raise
@@ -487,9 +551,9 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
         missing_outcome=sum(s["missing_outcome"] for s in summ),
         npartitions=len(keep), nsources=len(srcs))
     table = multilevel_table(dd, F, levels)
-    parts = [sub(_make_part, pr, table, backend, nthreads, key=f"mlsem-model-{tag}-{keep[i]}")
+    parts = [sub(_make_part, pr, table, backend, nthreads, key=f"mlsem-model-{tag}-{keep[i]}", at=keep[i])
              for i, pr in enumerate(preps)]
-    first = client.gather([sub(_part_id, pt, pure=False) for pt in parts])
+    first = client.gather([client.submit(_part_id, pt, pure=False) for pt in parts])
     # the shares and prepared frames stay in the graph (lineage for recovery)
     # but need not stay in memory: drop our references
     del raws, preps, splits
