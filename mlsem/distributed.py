@@ -486,6 +486,12 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
     numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
     srcs = sources(data)
     tag = uuid.uuid4().hex[:8]
+    clock = [time.perf_counter()]
+    stages = {}
+
+    def lap(name):
+        clock.append(time.perf_counter())
+        stages[name] = clock[-1] - clock[-2]
     workers = sorted(client.ncores()) or [None]
 
     def sub(func, *args, key, at=0, **kw):
@@ -506,6 +512,7 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
         # global label modes (a pass over the id columns)
         stats = client.gather([sub(_id_stats, r, level_cols, key=f"mlsem-ids-{tag}-{p}", at=p)
                                for p, r in enumerate(raws)])
+        lap("read, shuffle, id pass")
         if sum(s[0] for s in stats) == 0:
             raise MlsemError("data: the data set is empty (0 rows)")
         modes = []
@@ -517,6 +524,7 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
         # the global slot table: the union of every share's slot keys
         keys = client.gather([sub(_slot_keys, r, args, modes, key=f"mlsem-keys-{tag}-{p}", at=p)
                               for p, r in enumerate(raws)])
+        lap("slot keys")
         keys = [k for k in keys if k is not None]
         if not keys:
             raise MlsemError(f"data: no observation has both {F.outcome!r} and the covariates observed")
@@ -532,6 +540,7 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
     except Exception as exc:
         raise MlsemError(f"backend='dask': reading or preparing the data failed "
                          f"({type(exc).__name__}: {exc})") from None
+    lap("prepare")
     keep = [p for p, s in enumerate(summ) if s is not None]
     summ = [summ[p] for p in keep]
     preps = [preps[p] for p in keep]
@@ -554,6 +563,8 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
     parts = [sub(_make_part, pr, table, backend, nthreads, key=f"mlsem-model-{tag}-{keep[i]}", at=keep[i])
              for i, pr in enumerate(preps)]
     first = client.gather([client.submit(_part_id, pt, pure=False) for pt in parts])
+    lap("model")
+    dd.meta["build_seconds"] = stages
     # the shares and prepared frames stay in the graph (lineage for recovery)
     # but need not stay in memory: drop our references
     del raws, preps, splits
