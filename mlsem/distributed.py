@@ -55,15 +55,32 @@ except ImportError:  # pragma: no cover - exercised only without dask
 _NO_DATA = "data: no observation has both"
 
 
+def connect(address: str, timeout: float = 10.0):
+    """A dask.distributed.Client for a scheduler address (``tcp://host:8786``)."""
+    if _dd is None:
+        raise MlsemError("backend='dask' needs dask.distributed: pip install 'mlsem[dask]' "
+                         "(or pip install 'dask[distributed]')")
+    try:
+        return _dd.Client(address, timeout=timeout)
+    except Exception as exc:
+        raise MlsemError(f"cannot connect to the Dask scheduler at {address!r} "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
 def _require_dask(client):
+    """The client to use, and whether this call opened it (a scheduler address)."""
     if _dd is None:
         raise MlsemError("backend='dask' needs dask.distributed: pip install 'mlsem[dask]' "
                          "(or pip install 'dask[distributed]')")
     if client is None:
-        raise MlsemError("backend='dask' needs client=: a dask.distributed.Client "
-                         "(e.g. Client('tcp://scheduler:8786') or Client(LocalCluster()))")
+        raise MlsemError("backend='dask' needs client=: a dask.distributed.Client or a scheduler "
+                         "address (e.g. 'tcp://scheduler:8786')")
+    if isinstance(client, str):
+        return connect(client), True
     if not isinstance(client, _dd.Client):
-        raise MlsemError(f"client={client!r} is not a dask.distributed.Client")
+        raise MlsemError(f"client={client!r} is neither a dask.distributed.Client nor a "
+                         "scheduler address")
+    return client, False
 
 
 # ---- sources ---------------------------------------------------------------
@@ -221,7 +238,7 @@ def _summary(prep, slopes) -> dict:
     }
 
 
-def _build(raw, args, modes, slots):
+def _prepare_share(raw, args, modes, slots):
     """Prepare one partition against the global slot table."""
     if raw.height == 0:
         return None
@@ -328,6 +345,7 @@ class DaskModel(Model):
         self.eval_seconds = 0.0
         self.timeout = timeout
         self.poll = poll
+        self.owned = False      # the client was opened by build() from an address
         self._where = None      # partition key -> worker address (refreshed when a worker is lost)
 
     # ---- one round trip ------------------------------------------------------
@@ -469,13 +487,27 @@ class DaskModel(Model):
         if self.parts is not None:
             self.client.cancel(self.parts)
             self.parts = None
+        if self.owned:
+            self.client.close()
+            self.owned = False
 
 
 def build(data, client, F, levels, effects, index, *, npartitions=None, backend="auto",
           nthreads=None) -> DaskModel:
     """Read, shuffle and prepare ``data`` on the workers of ``client``; build the
     parameter table on the driver; return the distributed model."""
-    _require_dask(client)
+    client, owned = _require_dask(client)
+    try:
+        model = _build(data, client, F, levels, effects, index, npartitions, backend, nthreads)
+    except BaseException:
+        if owned:
+            client.close()
+        raise
+    model.owned = owned
+    return model
+
+
+def _build(data, client, F, levels, effects, index, npartitions, backend, nthreads):
     if npartitions is None:
         npartitions = max(1, len(client.ncores()))
     if not isinstance(npartitions, int) or npartitions < 1:
@@ -530,7 +562,7 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
             raise MlsemError(f"data: no observation has both {F.outcome!r} and the covariates observed")
         slots = pl.concat(keys).unique()
         slots = slots.sort(slots.columns)
-        preps = [sub(_build, r, args, modes, slots, key=f"mlsem-prepare-{tag}-{p}", at=p)
+        preps = [sub(_prepare_share, r, args, modes, slots, key=f"mlsem-prepare-{tag}-{p}", at=p)
                  for p, r in enumerate(raws)]
         slopes = any(e != "Intercept" for v in effects.values() for e in v)
         summ = client.gather([sub(_part_summary, pr, slopes, key=f"mlsem-summary-{tag}-{p}", at=p)

@@ -85,7 +85,7 @@ def _write_unpartitioned(tmp_path, df, nfiles=8, seed=7):
 
 def test_eight_files_not_partitioned_by_top_id(client, tmp_path):
     _two_workers(client)
-    df = mlsem.simulate(600, (1, 10), (1, 20), seed=11)       # ~35k rows
+    df = mlsem.simulate(300, (1, 10), (1, 20), seed=11)       # ~17k rows
     d, shuffled = _write_unpartitioned(tmp_path, df)
     per_file = [pl.read_parquet(f)["k"].unique() for f in sorted(d.glob("*.parquet"))]
     files_per_k = pl.concat(per_file).value_counts()["count"]
@@ -107,6 +107,15 @@ def _kill_one_worker(client):
     addr = sorted(client.ncores())[0]
     pid = client.run(os.getpid, workers=[addr])[addr]
     os.kill(pid, signal.SIGKILL)
+
+
+def test_scheduler_address_instead_of_client(client):
+    _two_workers(client)
+    df = mlsem.simulate(40, 2, (1, 3), seed=4)
+    r0 = mlsem.fit(df, "y ~ x + (1 | k/j)")
+    r1 = mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask", client=client.scheduler.address)
+    assert_same_fit(r0, r1)
+    assert client.status == "running"          # the caller's client is left alone
 
 
 def test_worker_killed_mid_fit_is_recovered(client):
@@ -160,8 +169,11 @@ def test_options_refused():
     df = mlsem.simulate(20, 2, 2, seed=1)
     with pytest.raises(mlsem.MlsemError, match="needs client="):
         mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask")
-    with pytest.raises(mlsem.MlsemError, match="not a dask.distributed.Client"):
-        mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask", client="tcp://nowhere:8786")
+    with pytest.raises(mlsem.MlsemError, match="neither a dask.distributed.Client"):
+        mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask", client=42)
+    from mlsem.distributed import connect
+    with pytest.raises(mlsem.MlsemError, match="cannot connect to the Dask scheduler at 'tcp://127.0.0.1:9'"):
+        connect("tcp://127.0.0.1:9", timeout=1)   # what fit(client="tcp://...") calls
     with pytest.raises(mlsem.MlsemError, match="need backend='dask'"):
         mlsem.fit(df, "y ~ x + (1 | k/j)", client=object())
 
