@@ -9,8 +9,9 @@ partitioned by the county id; then
                LocalCluster of N worker processes, 1 thread each
 
 and, at the estimates, the time of one evaluation (loglik + gradient) in
-process and on the cluster: the difference is the per-evaluation
-communication cost (broadcast of psi, one task per partition, reduction).
+process and on the cluster (medians), and the round trip alone (psi sent to
+every partition, a gradient-sized answer back, no likelihood work): the
+per-evaluation communication cost.
 
     python benchmarks/dask_overhead.py                     # 100k and 1M rows
     python benchmarks/dask_overhead.py --counties 20000    # the 1.15M-row design
@@ -44,11 +45,14 @@ def write_files(df, d, nfiles=8, seed=1):
 
 
 def per_eval(model, psi, reps):
+    """Median seconds of one evaluation (loglik + gradient)."""
     model.evaluate(psi)
-    t = time.perf_counter()
+    ts = []
     for _ in range(reps):
+        t = time.perf_counter()
         model.evaluate(psi)
-    return (time.perf_counter() - t) / reps
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
 
 
 def run(counties, client, reps, nworkers):
@@ -67,12 +71,13 @@ def run(counties, client, reps, nworkers):
         t_build = time.perf_counter() - t
         e_in = per_eval(r0.model, r0.estimate, reps)
         e_dk = per_eval(dm, r0.estimate, reps)
+        rt = float(np.median([dm.round_trip(r0.estimate) for _ in range(reps)]))
         dm.close()
     return {
         "rows": df.height, "counties": counties, "in_fit": t_in, "dask_fit": t_dk,
         "in_prepare": r0.timings["prepare"], "dask_prepare": r1.timings["prepare"],
         "dask_build": t_build, "evals_in": r0.opt.evaluations, "evals_dask": r1.opt.evaluations,
-        "eval_in": e_in, "eval_dask": e_dk,
+        "eval_in": e_in, "eval_dask": e_dk, "round_trip": rt,
         "dll": abs(r0.loglik - r1.loglik),
         "dest": float(np.max(np.abs(r0.estimate / r1.estimate - 1))),
     }
@@ -93,7 +98,7 @@ def main():
           f"{os.getloadavg()[0]:.1f}; LocalCluster: {a.workers} worker processes x 1 thread; "
           f"formula {FORMULA}; 8 Parquet files not partitioned by k")
     hdr = ("rows", "fit in-proc s", "fit dask s", "prepare in/dask s", "evals in/dask",
-           "eval in-proc ms", "eval dask ms", "comm/eval ms", "|dloglik|", "max rel dest")
+           "eval in-proc ms", "eval dask ms", "dask - in-proc ms", "round trip ms", "|dloglik|", "max rel dest")
     print(" | ".join(hdr))
     try:
         for c in a.counties:
@@ -102,6 +107,7 @@ def main():
                   f"{r['in_prepare']:.2f}/{r['dask_prepare']:.2f} | "
                   f"{r['evals_in']}/{r['evals_dask']} | {1e3 * r['eval_in']:.2f} | "
                   f"{1e3 * r['eval_dask']:.2f} | {1e3 * (r['eval_dask'] - r['eval_in']):.2f} | "
+                  f"{1e3 * r['round_trip']:.2f} | "
                   f"{r['dll']:.1e} | {r['dest']:.1e}", flush=True)
     finally:
         client.close()

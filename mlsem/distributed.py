@@ -270,6 +270,11 @@ def _part_eval(part, psi, need_grad):
     return ll, g, part.checksum, part.build
 
 
+def _part_echo(part, psi, need_grad):
+    """What an evaluation sends back, without the work (to time the round trip)."""
+    return 0.0, np.zeros_like(psi), part.checksum, part.build
+
+
 def _part_moments(part):
     p = part.model.prep
     return p.X.T @ p.X, p.X.T @ p.y, float(p.y @ p.y), float(p.y.sum()), p.X.sum(axis=0), p.nobs
@@ -399,6 +404,13 @@ class DaskModel(Model):
             raise MlsemError(
                 f"backend='dask': a partition could not be evaluated or rebuilt after a worker "
                 f"was lost ({type(exc).__name__}: {exc}); the fit was stopped (no result)") from None
+
+    def round_trip(self, psi) -> float:
+        """Seconds for one evaluation's communication alone: psi to every
+        partition and a gradient-sized answer back, no likelihood work."""
+        t0 = time.perf_counter()
+        self._run(_part_echo, np.asarray(psi, dtype=float), True)
+        return time.perf_counter() - t0
 
     def evaluate(self, psi, need_grad: bool = True):
         self.nevals += 1
