@@ -202,3 +202,21 @@ def test_rebuilt_partition_with_other_data_stops_the_fit(client, tmp_path):
     with pytest.raises(mlsem.MlsemError, match="data differ from the first read.*no result"):
         mlsem.fit(str(d), "y ~ x + (1 | k/j)", backend="dask", client=client, progress=progress)
     assert killed
+
+
+def test_worker_retired_mid_fit(client):
+    """A graceful retirement moves the partition (no rebuild); the pinned
+    evaluations follow it.  Last in the file: the cluster keeps 1 worker."""
+    _two_workers(client)
+    df = mlsem.simulate(200, (1, 6), (1, 10), seed=9)
+    r0 = mlsem.fit(df, "y ~ x + (1 | k/j)")
+    done = []
+
+    def progress(it, ll):
+        if it == 3 and not done:
+            client.retire_workers([sorted(client.ncores())[0]], close_workers=True)
+            done.append(it)
+
+    r1 = mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask", client=client, progress=progress)
+    assert done and len(client.ncores()) == 1
+    assert_same_fit(r0, r1)
