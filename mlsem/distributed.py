@@ -488,7 +488,7 @@ class DaskModel(Model):
 
     def notes(self) -> list:
         out = [f"dask: {self.prep.npartitions} partitions of {self.prep.nsources} source(s); "
-               f"{self.nevals} evaluations, {self.eval_seconds:.2f} s in round trips"]
+               f"{self.nevals} evaluations, {self.eval_seconds:.2f} s in distributed evaluations"]
         if self.recoveries:
             out.append(f"dask: {self.recoveries} partition(s) rebuilt on another worker after a "
                        "worker was lost; every evaluation used all the data")
