@@ -26,13 +26,14 @@ silently different likelihood.  A recomputation that fails (files gone, all
 workers lost, the same task killing workers again and again) stops the fit
 with an :class:`MlsemError` that says so.
 
-This module is imported only for ``backend="dask"``; Dask is an optional
-dependency (``pip install mlsem[dask]``).
+Layer: just below api (it imports spec, data and model; only api imports it,
+and only for ``backend="dask"``).  Dask is an optional dependency
+(``pip install mlsem[dask]``); the rest of the package never imports it.
 """
 from __future__ import annotations
 
 import glob as _glob
-import hashlib
+import math
 import os
 import threading
 import time
@@ -179,9 +180,11 @@ def _checksum(prep) -> tuple:
     """The partition's size and a bit-exact digest of its observations that
     does not depend on their order (Polars may order patterns differently when
     a partition is rebuilt): the wrapping sum of a hash of each observation's
-    (slot, y, X row, loadings)."""
+    (top-level id, slot, y, X row, loadings)."""
+    top = prep.top_ids.hash(seed=7).to_numpy()
     with np.errstate(over="ignore"):
-        h = _mix(prep.slot.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        h = _mix(np.repeat(top, np.diff(prep.row_ptr)) ^ _mix(
+            prep.slot.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
         cols = [prep.y[:, None], prep.X, prep.load]
         for a in cols:
             a = np.ascontiguousarray(a, dtype=np.float64)
@@ -214,9 +217,9 @@ class _Part:
         self.__dict__.update(d)
         self.lock = threading.Lock()
 
-    def __sizeof__(self):  # so that Dask's scheduler knows it is big and leaves it where it is
-        p = self.model.prep
-        return int(sum(a.nbytes for a in (p.y, p.X, p.slot, p.load, p.row_ptr, p.obs_row)) * 2 + 1000)
+    def __sizeof__(self):  # what Dask reports as this partition's memory
+        arrays = list(vars(self.model.prep).values()) + list(vars(self.model).values())
+        return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)) + 1000)
 
 
 def _pattern_keys(prep) -> set:
@@ -318,9 +321,9 @@ def _global_levels(summaries) -> list:
     for d, lv in enumerate(summaries[0]["levels"]):
         per = [s["levels"][d] for s in summaries]
         ng = sum(x.ngroups for x in per)
-        nobs = sum(x.mean_obs * x.ngroups for x in per)
+        nobs = sum(s["nobs"] for s in summaries)     # every level's groups hold every observation
         out.append(LevelInfo(lv.name, lv.columns, ng, min(x.min_obs for x in per),
-                             float(nobs / ng), max(x.max_obs for x in per)))
+                             nobs / ng, max(x.max_obs for x in per)))
     return out
 
 
@@ -483,8 +486,10 @@ class DaskModel(Model):
         """Log-likelihood of the linear regression (api._ols_loglik's value)."""
         beta, *_, n, _ = self._ols()
         rss = sum(self._run(_part_rss, beta, 0.0))
-        import math
         return -0.5 * n * (math.log(2 * math.pi) + math.log(rss / n) + 1.0)
+
+    def residuals(self, psi):
+        raise MlsemError("backend='dask': the residuals stay on the workers")
 
     def notes(self) -> list:
         out = [f"dask: {self.prep.npartitions} partitions of {self.prep.nsources} source(s); "
