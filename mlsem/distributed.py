@@ -98,7 +98,7 @@ def sources(data) -> list:
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
         if "://" in path:
-            return [path]
+            return _url_sources(path)
         if os.path.isdir(path):
             files = sorted(_glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
             if not files:
@@ -117,6 +117,31 @@ def sources(data) -> list:
     return [scan(data).collect()]
 
 
+def _url_sources(url: str) -> list:
+    """A URL (s3://, gs://, file://, ...): a file, a directory or a glob,
+    expanded with fsspec (a Dask dependency; s3fs/gcsfs for the clouds)."""
+    try:
+        import fsspec
+        fs, _, paths = fsspec.core.get_fs_token_paths(url)
+        if len(paths) == 1 and fs.isdir(paths[0]):
+            paths = sorted(fs.glob(paths[0].rstrip("/") + "/**/*.parquet"))
+    except Exception as exc:
+        raise MlsemError(f"data: cannot list {url!r} ({type(exc).__name__}: {exc})") from None
+    if not paths:
+        raise MlsemError(f"data: no file matches {url!r}")
+    return [fs.unstrip_protocol(p) for p in sorted(paths)]
+
+
+def _lazy(src):
+    """What collect_columns reads: a URL as a Polars scan, anything else as is."""
+    if isinstance(src, str) and "://" in src:
+        low = src.lower()
+        if low.endswith(".csv") or low.endswith(".csv.gz"):
+            return pl.scan_csv(src)
+        return pl.scan_parquet(src)
+    return src
+
+
 def _source_name(src) -> str:
     return src if isinstance(src, str) else "the in-memory data"
 
@@ -127,7 +152,7 @@ def _read_split(src, cols, numeric, ids, top, nparts):
     """Read one source projected on the model's columns; split its rows into
     ``nparts`` buckets by a hash of the top-level id (order kept)."""
     try:
-        df = collect_columns(src, cols, numeric, ids)
+        df = collect_columns(_lazy(src), cols, numeric, ids)
     except MlsemError as exc:
         raise MlsemError(f"{exc} (in {_source_name(src)})") from None
     b = df.select(pl.col(top).hash(seed=20240101) % nparts)

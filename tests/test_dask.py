@@ -97,6 +97,10 @@ def test_eight_files_not_partitioned_by_top_id(client, tmp_path):
                    npartitions=4)
     assert_same_fit(r0, r1)
     assert any("4 partitions of 8 source(s)" in n for n in r1.notes)
+    # a URL (here file://; s3:// and gs:// go through the same fsspec listing)
+    r4 = mlsem.fit(f"file://{d}/*.parquet", formula, index="i", backend="dask", client=client)
+    assert_same_fit(r0, r4)
+    assert any("of 8 source(s)" in n for n in r4.notes)
     # without index=, row order within a school is the files' order, as in-process
     r2 = mlsem.fit(str(d), formula)
     r3 = mlsem.fit(str(d), formula, backend="dask", client=client)
