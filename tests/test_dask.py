@@ -107,6 +107,30 @@ def test_eight_files_not_partitioned_by_top_id(client, tmp_path):
     assert_same_fit(r2, r3)
 
 
+def _top_ids(part):
+    return part.model.prep.top_ids.to_list()
+
+
+def test_every_top_unit_on_exactly_one_partition(client, tmp_path):
+    _two_workers(client)
+    from mlsem import distributed
+    from mlsem.formula import nest_levels, parse_formula
+    df = mlsem.simulate(150, (1, 5), (1, 6), seed=12)
+    d, _ = _write_unpartitioned(tmp_path, df)
+    F = parse_formula("y ~ x + (1 | k/j)")
+    m = distributed.build(str(d), client, F, nest_levels(F), {0: ["Intercept"], 1: ["Intercept"]},
+                          None, npartitions=3)
+    try:
+        ids = client.gather([client.submit(_top_ids, p) for p in m.parts])
+        where = {pid: set(client.who_has([p])[p.key]) for pid, p in enumerate(m.parts)}
+    finally:
+        m.close()
+    allk = [k for part in ids for k in part]
+    assert len(ids) == 3 and all(ids)
+    assert len(allk) == len(set(allk)) == df["k"].n_unique()
+    assert set().union(*where.values()) == set(client.ncores())   # spread over both workers
+
+
 def _kill_one_worker(client):
     addr = sorted(client.ncores())[0]
     pid = client.run(os.getpid, workers=[addr])[addr]
