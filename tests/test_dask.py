@@ -206,6 +206,13 @@ def test_options_refused():
         mlsem.fit(df, "y ~ x + (1 | k/j)", client=object())
 
 
+def test_without_dask_the_backend_says_how_to_install_it(monkeypatch):
+    from mlsem import distributed
+    monkeypatch.setattr(distributed, "_dd", None)
+    with pytest.raises(mlsem.MlsemError, match=r"pip install 'mlsem\[dask\]'"):
+        mlsem.fit(mlsem.simulate(20, 2, 2), "y ~ x + (1 | k/j)", backend="dask", client="tcp://x:1")
+
+
 def test_core_package_does_not_import_dask():
     code = ("import sys, mlsem; mlsem.fit(mlsem.example_data(), 'y ~ x + (1 | k/j)'); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]; "
