@@ -33,8 +33,8 @@ class FitOptions:
 
 def _check_options(formula, index, vce, backend, nthreads, weights=None, method="ml") -> FitOptions:
     vce, cluster, weights, method = check_inference_options(vce, weights, method)
-    if backend not in ("auto", "cython", "numpy"):
-        raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
+    if backend not in ("auto", "cython", "numpy", "dask"):
+        raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy', 'dask'")
     if nthreads is not None and (not isinstance(nthreads, int) or nthreads < 1):
         raise MlsemError(f"nthreads={nthreads!r} must be a positive integer")
     if index is not None and not isinstance(index, str):
@@ -55,7 +55,8 @@ def _ols_loglik(y, X):
 
 def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         weights: str | None = None, method: str = "ml",
-        backend: str = "auto", nthreads: int | None = None, progress=None) -> FitResult:
+        backend: str = "auto", nthreads: int | None = None, progress=None,
+        client=None, npartitions: int | None = None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
 
     ``formula`` is lme4's: ``"y ~ x + (1 | k/j)"`` (= xtmixed y x || k: || j:, mle).
@@ -69,6 +70,10 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     top-level units (pseudo-ML, rescaled to sum to the number of units;
     sandwich standard errors).  ``method``: "ml" or "reml" (lme4's default).
     See mlsem.inference.
+    ``backend="dask"`` with ``client=`` (a dask.distributed.Client or a
+    scheduler address): the data are read, split by the top-level id into
+    ``npartitions`` (default: one per worker) and held by the workers; see
+    mlsem.distributed.
     """
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
     t0 = time.perf_counter()
@@ -81,6 +86,24 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         if d in effects:
             raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
         effects[d] = list(rt.effects)
+    if backend == "dask":
+        if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml":
+            raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML, and no weights")
+        from .distributed import build
+        model = build(data, client, F, levels, effects, index, npartitions=npartitions,
+                      nthreads=nthreads)
+        try:
+            t1 = time.perf_counter()
+            opt = optimize(model, progress=progress)
+            t2 = time.perf_counter()
+            res = _finish(model, opt, opts, F, model.prep,
+                          {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+            res.notes += model.notes()
+            return res
+        finally:
+            model.close()
+    if client is not None or npartitions is not None:
+        raise MlsemError("client= and npartitions= need backend='dask'")
     cols = F.columns + ([index] if index else []) + [c for c in (opts.weights, opts.cluster)
                                                       if c and c not in F.columns]
     numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
@@ -127,7 +150,7 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
     lr = {}
     nvc = sum(1 for k in kinds if k in ("var", "cov"))
     if nvc and opts.weights is None:
-        ll0 = _ols_loglik(prep.y, prep.X)
+        ll0 = model.ols_loglik() if hasattr(model, "ols_loglik") else _ols_loglik(prep.y, prep.X)
         chi2 = max(0.0, 2.0 * (opt.loglik - ll0))
         from scipy import stats
         p = float(stats.chi2.sf(chi2, nvc))

@@ -161,28 +161,43 @@ class Prepared:
         return self.slot_lat.shape[0]
 
 
-def _label_expr(df: pl.DataFrame, col: str, parent: list) -> pl.Expr:
-    """Nested ids keep their value; a globally unique id becomes its rank in the parent."""
-    n_id = df[col].n_unique()
-    n_pair = df.select(parent + [col]).n_unique()
-    if n_id == n_pair and n_pair > df.select(parent).n_unique():
-        # every id value has one parent: a global id -> rank within the parent
-        return pl.col(col).rank("dense").over(parent).cast(pl.Int64)
+def label_mode(n_id: int, n_pair: int, n_parent: int) -> str:
+    """How a level's ids become slot labels, from the number of distinct ids,
+    (parent, id) pairs and parents: "rank", "one" or "value"."""
+    if n_id == n_pair and n_pair > n_parent:
+        return "rank"     # every id value has one parent: a global id -> rank within the parent
     if n_id == n_pair:
-        # one group per parent: label 1 whatever the id
+        return "one"      # one group per parent: label 1 whatever the id
+    return "value"
+
+
+def _label_expr(df: pl.DataFrame, col: str, parent: list, mode: str | None = None) -> pl.Expr:
+    """Nested ids keep their value; a globally unique id becomes its rank in the parent."""
+    if mode is None:
+        mode = label_mode(df[col].n_unique(), df.select(parent + [col]).n_unique(),
+                          df.select(parent).n_unique())
+    if mode == "rank":
+        return pl.col(col).rank("dense").over(parent).cast(pl.Int64)
+    if mode == "one":
         return pl.lit(1, dtype=pl.Int64)
     return pl.col(col)
 
 
 def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
             levels: list, effects: dict, index: str | None = None,
-            weights: str | None = None, design=None) -> Prepared:
+            weights: str | None = None, design=None, label_modes: list | None = None,
+            slots: pl.DataFrame | None = None, keys_only: bool = False) -> Prepared:
     """Build the CSR layout.
 
     levels:  list of id-column tuples, outermost first, e.g. [("k",), ("k","j")]
     effects: {level position: [effect names]} ("Intercept" or a covariate)
     design:  optional callable(df) -> (list of expressions, names) that replaces
              the plain fixed-effects design (used by group-specific coefficients).
+    label_modes, slots, keys_only: for data split over several workers
+             (mlsem.distributed), which must number slots and latents alike:
+             the label mode per level below the top (see label_mode), the
+             global slot table (the distinct slot keys, sorted), or return
+             only this share's distinct slot keys.
     """
     level_cols = [lv[-1] for lv in levels]
     top = level_cols[0]
@@ -192,7 +207,8 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     for d in range(1, len(levels)):
         parent = level_cols[:d]
         name = f"__lab{d}"
-        df = df.with_columns(_label_expr(df, level_cols[d], parent).alias(name))
+        mode = label_modes[d - 1] if label_modes is not None else None
+        df = df.with_columns(_label_expr(df, level_cols[d], parent, mode).alias(name))
         lab_cols.append(name)
     if index is not None:
         dup = df.filter(pl.struct(level_cols + [index]).is_duplicated())
@@ -221,7 +237,11 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
         raise MlsemError(f"data: no observation has both {outcome!r} and the covariates observed")
     # slots: distinct label tuples below the top, sorted
     slot_keys = lab_cols + ["__obs"]
-    slots = df.select(slot_keys).unique().sort(slot_keys).with_row_index("__slot")
+    if keys_only:
+        return df.select(slot_keys).unique()
+    if slots is None:
+        slots = df.select(slot_keys).unique().sort(slot_keys)
+    slots = slots.with_row_index("__slot")
     df = df.join(slots, on=slot_keys, how="left")
     P = slots.height
     # latents: per level with effects, one block of len(effects) latents per node

@@ -33,7 +33,7 @@ class OptSummary:
 
 def start_values(model) -> np.ndarray:
     """OLS for the mean; the OLS residual variance split over the components."""
-    if hasattr(model, "start_values"):  # models with their own rule (general SEMs)
+    if hasattr(model, "start_values"):  # models with their own rule (general SEMs, mlsem.distributed)
         return model.start_values()
     t = model.table
     prep = model.prep
