@@ -9,18 +9,20 @@ Layers (data flows top to bottom; no layer imports one above it):
 
     cli        mlsem.cli        argument parsing, progress, file outputs
     api        mlsem.api        fit(), validation of user arguments, frozen options
-    spec       mlsem.formula, mlsem.spec
-                                formula -> parameter table (single source of truth)
+    spec       mlsem.formula, mlsem.spec, mlsem.relax
+                                formula + relaxations -> parameter table (single source of truth)
     data       mlsem.data       Polars: read, validate, nested -> slots, patterns
     model      mlsem.model      parameter table -> matrices, chain rule
     kernel     mlsem._core      Cython per-pattern FIML (oracle: mlsem._oracle)
     estimate   mlsem.estimate   start values, L-BFGS-B, Newton polish, information
-    results    mlsem.results    tables, tests, export; reads fitted state only
+    results    mlsem.results, mlsem.lrtest
+                                tables, tests, export; reads fitted state only
 """
 __version__ = "0.1.0"
 
 from .errors import ConvergenceWarning, MlsemError  # noqa: E402
 from .api import fit  # noqa: E402
+from .lrtest import lrtest  # noqa: E402
 from .simulate import simulate, example_data  # noqa: E402
 
-__all__ = ["fit", "simulate", "example_data", "MlsemError", "ConvergenceWarning", "__version__"]
+__all__ = ["fit", "lrtest", "simulate", "example_data", "MlsemError", "ConvergenceWarning", "__version__"]

@@ -12,6 +12,7 @@ from .errors import MlsemError
 from .estimate import information, optimize, vcov_from_information
 from .formula import nest_levels, parse_formula
 from .model import Model
+from .relax import coefficient_design, relax_table
 from .results import FitResult, identification
 from .spec import multilevel_table
 
@@ -51,7 +52,9 @@ def _ols_loglik(y, X):
 
 
 def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
-        backend: str = "auto", nthreads: int | None = None, progress=None) -> FitResult:
+        backend: str = "auto", nthreads: int | None = None, progress=None,
+        effects: dict | None = None, residuals: dict | None = None,
+        coefficients: dict | None = None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
 
     ``formula`` is lme4's: ``"y ~ x + (1 | k/j)"`` (= xtmixed y x || k: || j:, mle).
@@ -60,8 +63,12 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
     ``index``: column ordering observations within the innermost group.
     ``vce``: "mixed" (lme4/xtmixed standard errors) or "oim" (full observed
     information, as Stata's sem and lavaan report).
+    ``effects``, ``residuals``, ``coefficients``: relaxations of the mixed
+    model's constraints (mlsem.relax), e.g. ``effects={"j": {"variance": "slot"}}``,
+    ``residuals={"correlation": "ar1"}``, ``coefficients={"x": "j"}``.
     """
     opts = _check_options(formula, index, vce, backend, nthreads)
+    relax_effects = effects
     t0 = time.perf_counter()
     F = parse_formula(formula)
     levels = nest_levels(F)
@@ -75,9 +82,11 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
     cols = F.columns + ([index] if index else [])
     numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
     df = collect_columns(data, cols, numeric, level_cols)
-    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index)
+    design = coefficient_design(coefficients, F, levels)
+    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
+                   design=design)
     t1 = time.perf_counter()
-    table = multilevel_table(prep, F, levels)
+    table = relax_table(multilevel_table(prep, F, levels), prep, relax_effects, residuals, index)
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     opt = optimize(model, progress=progress)
     t2 = time.perf_counter()
@@ -102,6 +111,10 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         else:
             groups = None
         cov = vcov_from_information(info, groups)
+        if not identified:  # no standard error for what the data cannot tell apart
+            bad = [names.index(c) for c in confounded]
+            cov[bad, :] = np.nan
+            cov[:, bad] = np.nan
     lr = {}
     nvc = sum(1 for k in kinds if k in ("var", "cov"))
     if nvc:

@@ -113,7 +113,10 @@ def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
         psi = model.tau_to_psi(tau)
         ll, g = model.evaluate(psi)
         if ll is None or not np.isfinite(ll):
-            return 1e300, np.zeros_like(tau)
+            # a finite bad value: L-BFGS-B's line search backs off from it (an
+            # astronomically large one, or inf, makes it stop at once)
+            scale = abs(state["best"]) / N if np.isfinite(state["best"]) else 0.0
+            return 1e6 * (1.0 + scale), np.zeros_like(tau)
         state["best"] = max(state["best"], ll)
         return -ll / N, -model.grad_tau(tau, g) / N
 
@@ -164,10 +167,17 @@ def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
         steps += 1
         if not accepted:
             break
-    free = ~_at_bound(model, psi)
-    # a parameter at its bound with a gradient pushing inward is not at the optimum
-    lo_side = _at_bound(model, psi) & (g > 1e-6 * max(1.0, N ** 0.5))
-    gnorm = float(np.max(np.abs(g[free]), initial=0.0)) if g is not None else np.inf
+    # judged in tau, where the bounds live: a covariance block at its boundary
+    # (a Cholesky diagonal at 0, e.g. a singular random-slope block) has a
+    # nonzero psi gradient at the optimum but a zero projected tau gradient
+    gnorm, lo_side = np.inf, np.array([False])
+    if g is not None:
+        tau = model.psi_to_tau(psi)
+        gt = model.grad_tau(tau, g)
+        lo_t = np.array([-np.inf if b[0] is None else b[0] for b in model.tau_bounds()])
+        at_t = np.isfinite(lo_t) & (tau - lo_t <= 1e-7 * np.maximum(np.abs(tau), 1.0))
+        lo_side = at_t & (gt > 1e-6 * max(1.0, N ** 0.5))
+        gnorm = float(np.max(np.abs(gt[~at_t]), initial=0.0))
     tol = 1e-3 * max(1.0, N ** 0.5)
     converged = bool(ll is not None and gnorm < tol and not lo_side.any()
                      and (res.success or gnorm < 1e-6 * max(1.0, N ** 0.5)))
