@@ -97,9 +97,17 @@ def hessian(model, psi, step=1e-4):
         else:
             _, g1 = model.evaluate(up)
             _, g2 = model.evaluate(dn)
-            if g1 is None or g2 is None:
+            if g1 is None and g2 is None:
                 return None
-            H[:, i] = (g1 - g2) / (2 * h)
+            if g1 is None or g2 is None:
+                # one side leaves the admissible set (a singular covariance
+                # block at the optimum): a one-sided difference on the other
+                _, g0 = model.evaluate(psi)
+                if g0 is None:
+                    return None
+                H[:, i] = (g2 - g0) / -h if g1 is None else (g1 - g0) / h
+            else:
+                H[:, i] = (g1 - g2) / (2 * h)
     return 0.5 * (H + H.T)
 
 
