@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .data import collect_columns, prepare
-from .errors import MlsemError
+from .errors import ConvergenceWarning, MlsemError
 from .estimate import information, optimize, vcov_from_information
 from .formula import nest_levels, parse_formula
 from .model import Model
-from .relax import coefficient_design, relax_table
+from .relax import coefficient_design, needs_warm_start, relax_table, warm_start
 from .results import FitResult, identification
 from .spec import multilevel_table
 
@@ -86,9 +87,16 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
                    design=design)
     t1 = time.perf_counter()
-    table = relax_table(multilevel_table(prep, F, levels), prep, relax_effects, residuals, index)
+    base_table = multilevel_table(prep, F, levels)
+    table = relax_table(base_table, prep, relax_effects, residuals, index)
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
-    opt = optimize(model, progress=progress)
+    start = None
+    if table is not base_table and needs_warm_start(table):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            base = optimize(Model(prep, base_table, backend=opts.backend, nthreads=opts.nthreads))
+        start = warm_start(table, base_table, base.final)
+    opt = optimize(model, start=start, progress=progress)
     t2 = time.perf_counter()
     return _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
 
@@ -116,13 +124,15 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
             cov[bad, :] = np.nan
             cov[:, bad] = np.nan
     lr = {}
-    nvc = sum(1 for k in kinds if k in ("var", "cov"))
+    # parameters beyond linear regression's: variance components, residual
+    # correlations, and residual variances beyond the first (relaxations)
+    nvc = sum(1 for k in kinds if k in ("var", "cov", "corr")) + max(kinds.count("resid") - 1, 0)
     if nvc:
         ll0 = _ols_loglik(prep.y, prep.X)
         chi2 = max(0.0, 2.0 * (opt.loglik - ll0))
         from scipy import stats
         p = float(stats.chi2.sf(chi2, nvc))
-        if nvc == 1:
+        if nvc == 1 and kinds.count("var") == 1:
             p *= 0.5
         lr = {"chi2": chi2, "df": nvc, "p_value": p, "loglik_linear_regression": ll0}
     timings = dict(timings, inference=time.perf_counter() - t2)

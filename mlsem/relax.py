@@ -31,6 +31,7 @@ semi-definite makes the optimiser back off.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -427,3 +428,31 @@ def _residual_correlation(W, prep, kind, index, theta_param):
             if p not in corr_params:
                 corr_params.append(p)
     return ResidualCorrelation(kind, theta_param, pi, pj, lag, cparam, corr_params)
+
+
+# ---- starting values ------------------------------------------------------------------
+def needs_warm_start(table) -> bool:
+    """Structures whose parameters are not PSD by construction (natural covariance
+    blocks, residual correlations): the optimiser can meet a non-PD wall from the
+    generic start values, so it starts from the mixed model's optimum instead
+    (every relaxation contains the mixed model: the relaxed fit then can only
+    improve on it)."""
+    return table.theta_func is not None or any(getattr(b, "natural", False) for b in table.chol_blocks)
+
+
+def warm_start(table, base_table, base_psi) -> np.ndarray:
+    """Start values for ``table`` from a fit of ``base_table``, by name: a split
+    parameter (``var(j[2])``, ``x[2]``, ``var(Residual[2])``) starts at the value of
+    the one it splits (``var(j)``, ``x``, ``var(Residual)``); new covariances and
+    correlations at 0."""
+    base = dict(zip(base_table.names, base_psi))
+    psi = np.zeros(table.nparams)
+    for i, p in enumerate(table.params):
+        if p.name in base:
+            psi[i] = base[p.name]
+        elif p.kind in ("cov", "corr", "rcov"):
+            psi[i] = 0.0
+        else:
+            stripped = re.sub(r"\[[^\]]*\]", "", p.name)
+            psi[i] = base.get(stripped, 0.0)
+    return psi

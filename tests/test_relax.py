@@ -335,3 +335,20 @@ def test_relaxing_a_level_without_or_with_slope_effects_is_refused():
     d = pl.read_parquet(UB).with_columns(s=pl.col("k") % 3)
     with pytest.raises(mlsem.MlsemError, match="random slopes"):
         mlsem.fit(d, "y ~ x1 + z + (1 | k) + (1 + x1 | k:j)", effects={"j": {"variance": "slot"}})
+
+
+def test_three_levels_and_the_warm_start():
+    # classes c of two pupils within a school: slots of c are labelled within their school
+    d = pl.read_parquet(UB).with_columns(c=((pl.col("i") - 1) // 2 + 1))
+    f = "y ~ x1 + z + (1 | k/j/c)"
+    std = mlsem.fit(d, f)
+    het = mlsem.fit(d, f, effects={"c": {"variance": "slot"}})
+    assert het.converged and het.identified
+    assert [n for n in het.names if n not in std.names] == ["var(c[1])", "var(c[2])", "var(c[3])"]
+    assert het.loglik >= std.loglik - 1e-6
+    # a natural (non-Cholesky) block whose optimum is on the PSD boundary (correlation
+    # ~1): from the mixed model's optimum the fit can only improve on it
+    with pytest.warns(mlsem.ConvergenceWarning):
+        pair = mlsem.fit(d, f, effects={"c": {"covariance": [(1, 2)]}})
+    assert pair.loglik > std.loglik
+    assert not pair.converged and "did NOT converge" in pair.summary()
