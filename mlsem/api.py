@@ -108,9 +108,14 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
     names = table.names
     kinds = [p.kind for p in table.params]
     n = len(names)
+    notes = []
     if info is None or not np.all(np.isfinite(info)):
         cov = np.full((n, n), np.nan)
         identified, confounded = False, list(names)
+        notes.append("the observed information could not be computed at the estimate (a "
+                     "difference step left the admissible set on both sides, e.g. a singular "
+                     "covariance block): identification is unchecked, every parameter is "
+                     "listed as possibly confounded, and there are no standard errors")
     else:
         identified, confounded = identification(info, names)
         if opts.vce == "mixed":
@@ -142,4 +147,4 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         levels=prep.levels, opt=opt, outcome=F.outcome, identified=identified,
         confounded=confounded, lr_ols=lr, dropped_covariate=prep.dropped_covariate,
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
-        timings=timings, model=model, info=info)
+        timings=timings, model=model, info=info, notes=notes)
