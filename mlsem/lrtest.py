@@ -90,7 +90,8 @@ def lrtest(restricted, relaxed, tol: float = 1e-6) -> LRTest:
             f"{restricted.loglik:.6f}): the fits are not nested")
     chi2 = max(0.0, 2.0 * d)
     p = float(stats.chi2.sf(chi2, df))
-    new = tuple(n for n in relaxed.names if n not in restricted.names)
+    renamed = {f"var({n[4:-1]}:Intercept)" for n in restricted.names if n.startswith("var(") and ":" not in n}
+    new = tuple(n for n in relaxed.names if n not in restricted.names and n not in renamed)
     # boundary: the relaxed fit has a variance for an effect the restricted fit has no variance for
     have = {_variance_key(n) for n, k in zip(restricted.names, restricted.kinds) if k == "var"}
     have |= {(lv, "Intercept") for lv, e in have if e == "Intercept"}
