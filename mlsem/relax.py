@@ -169,10 +169,8 @@ def relax_table(table, prep, effects=None, residuals=None, index=None):
             else:
                 d = _level_position(level_names, var, "residuals: variance")
                 labs = sl[level_names[d]].to_list()
-            base = W.by_name["var(Residual)"]
             for s, g in enumerate(labs):
                 theta_param[s] = W.param(f"var(Residual[{_lab(g)}])", "resid", 0.0, "Residual")
-            _drop_param(W, base, theta_param=theta_param, phi_p=phi_p, blocks=blocks)
         corr = residuals.get("correlation", "independent")
         if corr not in CORRELATIONS:
             raise MlsemError(f"residuals: correlation={corr!r} is not one of {', '.join(map(repr, CORRELATIONS))}")
@@ -209,11 +207,6 @@ def relax_table(table, prep, effects=None, residuals=None, index=None):
                   phi_param=rn(phi_p), theta_param=rn(theta_param), chol_blocks=blocks,
                   theta_func=theta_func)
     return out
-
-
-def _drop_param(W, idx, **_):
-    """Mark a parameter as replaced (renumbering removes it when unused)."""
-    return None
 
 
 def _relax_effects(W, prep, level, spec, phi_r, phi_c, phi_p, blocks):

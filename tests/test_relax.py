@@ -352,3 +352,11 @@ def test_three_levels_and_the_warm_start():
         pair = mlsem.fit(d, f, effects={"c": {"covariance": [(1, 2)]}})
     assert pair.loglik > std.loglik
     assert not pair.converged and "did NOT converge" in pair.summary()
+
+
+def test_ar1_needs_integer_index_values_and_index_names_residual_slots():
+    d = pl.read_parquet(UB).with_columns(t=pl.col("i") * 0.5)
+    with pytest.raises(mlsem.MlsemError, match="integer values in the index column 't'"):
+        mlsem.fit(d, "y ~ x1 + z + (1 | k/j)", index="t", residuals={"correlation": "ar1"})
+    with pytest.raises(mlsem.MlsemError, match="unknown level 'i'"):
+        mlsem.fit(d, "y ~ x1 + z + (1 | k/j)", residuals={"variance": "i"})   # no index= given
