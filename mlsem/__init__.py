@@ -11,24 +11,27 @@ Layers (data flows top to bottom; no layer imports one above it):
     api        mlsem.api        fit(), validation of user arguments, frozen options
                mlsem.bridge     sem() (general SEMs in lavaan syntax) and multilevel()
                                 (a nested model as wide data + lavaan syntax)
-    spec       mlsem.formula, mlsem.spec, mlsem.lavaan
-                                formula / lavaan syntax -> parameter table (single source of truth)
+    spec       mlsem.formula, mlsem.spec, mlsem.relax, mlsem.lavaan
+                                formula + relaxations / lavaan syntax -> parameter table
+                                (single source of truth)
     data       mlsem.data       Polars: read, validate, nested -> slots, patterns
     model      mlsem.model      parameter table -> matrices, chain rule
                mlsem.sem        the same for general SEMs (LISREL matrices, lavaan defaults)
     kernel     mlsem._core      Cython per-pattern FIML (oracle: mlsem._oracle)
     estimate   mlsem.estimate   start values, L-BFGS-B, Newton polish, information
-    results    mlsem.results    tables, tests, export; reads fitted state only
+    results    mlsem.results, mlsem.lrtest
+                                tables, tests, export; reads fitted state only
 """
 __version__ = "0.1.0"
 
 from .errors import ConvergenceWarning, MlsemError  # noqa: E402
 from .api import fit  # noqa: E402
+from .lrtest import lrtest  # noqa: E402
 from .simulate import simulate, example_data  # noqa: E402
 from .bridge import sem, multilevel  # noqa: E402
 from .predict import predict  # noqa: E402
 from .wide import to_wide  # noqa: E402
 from .diagram import diagram  # noqa: E402
 
-__all__ = ["fit", "sem", "multilevel", "simulate", "example_data", "predict", "to_wide", "diagram",
-           "MlsemError", "ConvergenceWarning", "__version__"]
+__all__ = ["fit", "sem", "multilevel", "lrtest", "simulate", "example_data", "predict", "to_wide",
+           "diagram", "MlsemError", "ConvergenceWarning", "__version__"]

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .data import collect_columns, prepare
-from .errors import MlsemError
+from .errors import ConvergenceWarning, MlsemError
 from .estimate import information, optimize, vcov_from_information
 from .formula import nest_levels, parse_formula
 from .model import Model
+from .relax import coefficient_design, needs_warm_start, relax_table, warm_start
 from .results import FitResult, identification
 from .spec import multilevel_table
 from .inference import apply_vce, check_inference_options, fit_reml, unit_columns
@@ -55,6 +57,8 @@ def _ols_loglik(y, X):
 
 def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         weights: str | None = None, method: str = "ml",
+        effects: dict | None = None, residuals: dict | None = None,
+        coefficients: dict | None = None,
         backend: str = "auto", nthreads: int | None = None, progress=None,
         client=None, npartitions: int | None = None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
@@ -74,8 +78,13 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     scheduler address): the data are read, split by the top-level id into
     ``npartitions`` (default: one per worker) and held by the workers; see
     mlsem.distributed.
+    ``effects``, ``residuals``, ``coefficients``: relaxations of the mixed
+    model's constraints (mlsem.relax), e.g. ``effects={"j": {"variance": "slot"}}``,
+    ``residuals={"correlation": "ar1"}``, ``coefficients={"x": "j"}``.
     """
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
+    relax_effects = effects
+    relaxed = bool(effects or residuals or coefficients)
     t0 = time.perf_counter()
     F = parse_formula(formula)
     levels = nest_levels(F)
@@ -87,8 +96,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
             raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
         effects[d] = list(rt.effects)
     if backend == "dask":
-        if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml":
-            raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML, and no weights")
+        if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml" or relaxed:
+            raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML, no weights and "
+                             "no relaxations (effects=, residuals=, coefficients=) yet")
         from .distributed import build
         model = build(data, client, F, levels, effects, index, npartitions=npartitions,
                       nthreads=nthreads)
@@ -108,20 +118,32 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
                                                       if c and c not in F.columns]
     numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
     df = collect_columns(data, cols, numeric, level_cols)
-    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index)
+    design = coefficient_design(coefficients, F, levels)
+    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
+                   design=design)
     unit = unit_columns(df, level_cols[0], prep, opts)
     t1 = time.perf_counter()
     if progress is not None and hasattr(progress, "prepared"):
         progress.prepared(prep)  # the command line reports the reshaped data
-    table = multilevel_table(prep, F, levels)
+    base_table = multilevel_table(prep, F, levels)
+    table = relax_table(base_table, prep, relax_effects, residuals, index)
     if prep.nobs <= table.nparams:
         raise MlsemError(
             f"data: {prep.nobs} observation(s) for {table.nparams} parameters "
             f"({', '.join(table.names)}): too few to estimate the model")
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     if opts.method == "reml":
+        if relaxed:
+            raise MlsemError("method='reml' is not supported with effects=, residuals= or "
+                             "coefficients= yet: fit the relaxed model by ML")
         return fit_reml(model, opts, F, prep, t0, t1)
-    opt = optimize(model, progress=progress)
+    start = None
+    if table is not base_table and needs_warm_start(table):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            base = optimize(Model(prep, base_table, backend=opts.backend, nthreads=opts.nthreads))
+        start = warm_start(table, base_table, base.final)
+    opt = optimize(model, start=start, progress=progress)
     if progress is not None and hasattr(progress, "stage"):
         progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
@@ -132,13 +154,18 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
 def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
     table = model.table
     psi = opt.final
-    info = information(model, psi)
+    info = information(model, psi, opt)
     names = table.names
     kinds = [p.kind for p in table.params]
     n = len(names)
+    notes = []
     if info is None or not np.all(np.isfinite(info)):
         cov = np.full((n, n), np.nan)
         identified, confounded = False, list(names)
+        notes.append("the observed information could not be computed at the estimate (a "
+                     "difference step left the admissible set on both sides, e.g. a singular "
+                     "covariance block): identification is unchecked, every parameter is "
+                     "listed as possibly confounded, and there are no standard errors")
     else:
         identified, confounded = identification(info, names)
         if opts.vce == "mixed":
@@ -147,14 +174,20 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         else:
             groups = None
         cov = vcov_from_information(info, groups)
+        if not identified:  # no standard error for what the data cannot tell apart
+            bad = [names.index(c) for c in confounded]
+            cov[bad, :] = np.nan
+            cov[:, bad] = np.nan
     lr = {}
-    nvc = sum(1 for k in kinds if k in ("var", "cov"))
+    # parameters beyond linear regression's: variance components, residual
+    # correlations, and residual variances beyond the first (relaxations)
+    nvc = sum(1 for k in kinds if k in ("var", "cov", "corr")) + max(kinds.count("resid") - 1, 0)
     if nvc and opts.weights is None:
         ll0 = model.ols_loglik() if hasattr(model, "ols_loglik") else _ols_loglik(prep.y, prep.X)
         chi2 = max(0.0, 2.0 * (opt.loglik - ll0))
         from scipy import stats
         p = float(stats.chi2.sf(chi2, nvc))
-        if nvc == 1:
+        if nvc == 1 and kinds.count("var") == 1:
             p *= 0.5
         lr = {"chi2": chi2, "df": nvc, "p_value": p, "loglik_linear_regression": ll0}
     timings = dict(timings, inference=time.perf_counter() - t2)
@@ -164,4 +197,4 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         levels=prep.levels, opt=opt, outcome=F.outcome, identified=identified,
         confounded=confounded, lr_ols=lr, dropped_covariate=prep.dropped_covariate,
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
-        timings=timings, model=model, info=info)
+        timings=timings, model=model, info=info, notes=notes)

@@ -225,6 +225,8 @@ class FitResult:
         if not self.identified:
             out.append("WARNING: the model is NOT identified: the information matrix is singular; "
                        f"confounded parameters: {', '.join(self.confounded)}.")
+            out.append("         The data cannot tell these parameters apart: their estimates are one "
+                       "of many equally good solutions and have no standard errors.")
         for n in self.notes:
             out.append(f"Note: {n}")
         return "\n".join(out)

@@ -37,9 +37,14 @@ class CholBlock:
     """Latent groups sharing one unstructured covariance matrix.
 
     ``groups``: list of latent-index lists (each of length b, same order);
-    ``pidx``: b x b matrix of parameter indices of the covariance entries."""
+    ``pidx``: b x b matrix of parameter indices of the covariance entries
+    (-1: fixed at 0).  ``natural``: the block's parameters are optimised as they
+    are (not through a Cholesky factor), for structured blocks such as equal or
+    listed covariances; a block that is not positive semi-definite then makes
+    the optimiser back off."""
     groups: list
     pidx: np.ndarray
+    natural: bool = False
 
 
 @dataclass
