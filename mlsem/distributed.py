@@ -365,12 +365,7 @@ class DaskModel(Model):
         self.q = len(data.xnames)
         self.M = max(table.nlatent, 1)
         self.P = table.nslots
-        blocked = np.zeros(table.nparams, dtype=bool)
-        for blk in table.chol_blocks:
-            blocked[np.unique(blk.pidx)] = True
-        self.free_plain = np.flatnonzero(~blocked)
-        self.ntau = len(self.free_plain) + sum(
-            blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in table.chol_blocks)
+        self._tau_layout(table)
         self.nevals = 0
         self.checksums = checksums
         self.builds = builds

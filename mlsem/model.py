@@ -67,16 +67,7 @@ class Model:
                                        & ~(in_block[table.phi_row] & in_block[table.phi_col]))
         if self._offdiag_outside:
             raise MlsemError("internal: covariances outside a declared block")
-        # tau layout
-        npar = table.nparams
-        blocked = np.zeros(npar, dtype=bool)
-        # Cholesky-parameterised blocks (natural blocks keep their own parameters)
-        self._chol = [blk for blk in table.chol_blocks if not getattr(blk, "natural", False)]
-        for blk in self._chol:
-            blocked[np.unique(blk.pidx)] = True
-        self.free_plain = np.flatnonzero(~blocked)
-        self.ntau = len(self.free_plain) + sum(
-            blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in self._chol)
+        self._tau_layout(table)
         # scratch, caller-allocated kernel outputs (reused every evaluation)
         nt = self.nthreads if (_core is not None and _core.HAVE_OPENMP) else 1
         self._nt = nt
@@ -110,6 +101,17 @@ class Model:
         if self._blas_ctl is None:
             return contextlib.nullcontext()
         return self._blas_ctl.limit(limits=1, user_api="blas")
+
+    def _tau_layout(self, table):
+        """tau: the plain parameters, then the Cholesky factor of each
+        unstructured block (natural blocks keep their own parameters)."""
+        blocked = np.zeros(table.nparams, dtype=bool)
+        self._chol = [blk for blk in table.chol_blocks if not getattr(blk, "natural", False)]
+        for blk in self._chol:
+            blocked[np.unique(blk.pidx)] = True
+        self.free_plain = np.flatnonzero(~blocked)
+        self.ntau = len(self.free_plain) + sum(
+            blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in self._chol)
 
     # ---- parameter maps ---------------------------------------------------
     def matrices(self, psi):
