@@ -365,12 +365,14 @@ class DaskModel(Model):
         self.q = len(data.xnames)
         self.M = max(table.nlatent, 1)
         self.P = table.nslots
+        # the tau layout of model.Model (Cholesky blocks; natural blocks keep their parameters)
+        self._chol = [blk for blk in table.chol_blocks if not getattr(blk, "natural", False)]
         blocked = np.zeros(table.nparams, dtype=bool)
-        for blk in table.chol_blocks:
+        for blk in self._chol:
             blocked[np.unique(blk.pidx)] = True
         self.free_plain = np.flatnonzero(~blocked)
         self.ntau = len(self.free_plain) + sum(
-            blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in table.chol_blocks)
+            blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in self._chol)
         self.nevals = 0
         self.checksums = checksums
         self.builds = builds
