@@ -28,9 +28,8 @@ from .errors import ConvergenceWarning, MlsemError  # noqa: E402
 from .api import fit  # noqa: E402
 from .lrtest import lrtest  # noqa: E402
 from .simulate import simulate, example_data  # noqa: E402
-from .bridge import sem, multilevel  # noqa: E402
+from .bridge import sem, multilevel, to_wide  # noqa: E402
 from .predict import predict  # noqa: E402
-from .wide import to_wide  # noqa: E402
 from .diagram import diagram  # noqa: E402
 
 __all__ = ["fit", "sem", "multilevel", "lrtest", "simulate", "example_data", "predict", "to_wide",

@@ -289,15 +289,13 @@ class MultilevelSpec:
     """A nested model in its wide SEM form: ``to_wide(d)`` the data, ``to_syntax()``
     the constrained SEM in lavaan syntax."""
 
-    def __init__(self, formula: str, prep, table, levels, F):
+    def __init__(self, formula: str, prep, table, levels, F, index=None):
         self.formula = formula
+        self.index = index
         self.prep = prep
         self.multilevel_table = table
         self.levels = levels
         self.F = F
-        if any(e != "Intercept" for _, e in prep.latent_term):
-            raise MlsemError("the wide SEM form of a random-slope model needs loadings equal to each row's "
-                             "covariate values (definition variables), which lavaan syntax cannot write")
         if table.theta_func is not None:
             raise MlsemError("a structured residual covariance has no plain lavaan-syntax form")
         lab = prep.slot_labels
@@ -340,7 +338,7 @@ class MultilevelSpec:
         (``y{j}_{i}``), then each covariate per slot (``x{j}_{i}``); null where the
         slot is empty.  ``data`` defaults to the data the spec was built from;
         another data set is laid out on this spec's slots."""
-        prep = self.prep if data is None else _prep_for(self.formula, data)[0]
+        prep = self.prep if data is None else _prep_for(self.formula, data, self.index)[0]
         if data is not None and prep.nslots != self.prep.nslots:
             raise MlsemError("data: its slots differ from the spec's; build the spec from this data")
         nr, P = prep.nrows, prep.nslots
@@ -363,6 +361,9 @@ class MultilevelSpec:
         """The constrained SEM in lavaan syntax: latents with unit loadings, shared
         coefficients, variances and residual variances as labels."""
         prep, t = self.prep, self.multilevel_table
+        if any(e != "Intercept" for _, e in prep.latent_term):
+            raise MlsemError("the wide SEM form of a random-slope model needs loadings equal to each row's "
+                             "covariate values (definition variables), which lavaan syntax cannot write")
         P, M = prep.nslots, prep.nlatent
         lines = [f"# {self.formula} as a wide SEM: {P} slots, {M} latent variables"]
         for g in range(M):
@@ -403,7 +404,7 @@ class MultilevelSpec:
         return self.labels[name]
 
 
-def _prep_for(formula, data):
+def _prep_for(formula, data, index=None):
     F = parse_formula(formula)
     levels = nest_levels(F)
     level_cols = [lv[-1] for lv in levels]
@@ -411,13 +412,29 @@ def _prep_for(formula, data):
     for rt in F.random:
         effects[len(rt.group) - 1] = list(rt.effects)
     numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
-    df = collect_columns(data, F.columns, numeric, level_cols)
-    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects)
+    cols = F.columns + ([index] if index and index not in F.columns else [])
+    df = collect_columns(data, cols, numeric, level_cols)
+    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index)
     return prep, F, levels
 
 
-def multilevel(formula: str, data) -> MultilevelSpec:
-    """The wide SEM form of a nested model ``formula`` (lme4 syntax) on ``data``."""
-    prep, F, levels = _prep_for(formula, data)
+def multilevel(formula: str, data, *, index: str | None = None) -> MultilevelSpec:
+    """The wide SEM form of a nested model ``formula`` (lme4 syntax) on ``data``;
+    ``index``: the column ordering observations within the innermost group (the
+    ``{obs}`` part of the wide column names)."""
+    prep, F, levels = _prep_for(formula, data, index)
     table = multilevel_table(prep, F, levels)
-    return MultilevelSpec(formula, prep, table, levels, F)
+    return MultilevelSpec(formula, prep, table, levels, F, index=index)
+
+
+def to_wide(data, formula: str, *, index: str | None = None) -> pl.DataFrame:
+    """The wide form a user sees: one row per top-level unit, one column per slot.
+
+    ``to_wide(data, "y ~ x + (1 | k/j)")`` gives columns ``k, y1_1, y1_2, y2_1,
+    ..., x1_1, ...``: ``y{label}_{obs}`` is the outcome of observation ``obs`` in
+    the group labelled ``label`` below the top (labels of several levels are
+    joined by ``_``: ``y{j}_{h}_{obs}``).  Slots are the data layer's slots, so
+    this is exactly the layout the model is fitted on, and the data that
+    ``multilevel(formula, data).to_syntax()`` is written for; an absent cell is
+    null."""
+    return multilevel(formula, data, index=index).to_wide()

@@ -1,10 +1,15 @@
 """Command line (``mlsem`` and ``python -m mlsem``).
 
-    mlsem fit DATA --formula F [--vce V] [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
+    mlsem fit DATA (--formula F [RELAX] | --syntax MODEL.lav) [--vce mixed|oim|robust|cluster:COL]
+              [--weights COL] [--method ml|reml] [--dask ADDRESS [--partitions N]]
+              [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
-    mlsem predict DATA --formula F --out EFFECTS.parquet
-    mlsem diagram [DATA] --formula F --out MODEL.dot|.svg|.png
-    mlsem wide DATA --formula F --out WIDE.parquet
+    mlsem predict DATA --formula F [RELAX] --out EFFECTS.parquet
+    mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png
+    mlsem wide DATA --formula F --out WIDE.parquet [--syntax-out MODEL.lav]
+
+RELAX = [--effects LEVEL:KEY=VALUE[,...]]... [--residuals KEY=VALUE[,...]]
+        [--coefficients COVARIATE=LEVEL]... (grammar: RELAX_HELP below)
     mlsem example
 
 Exit codes: 0 success; 1 the fit ran but did not converge or is not
@@ -17,6 +22,7 @@ to stderr (``--quiet`` silences it); tables for humans go to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -125,12 +131,174 @@ def _fit_record(res) -> dict:
     return d
 
 
+
+# ---- relaxation and inference options -------------------------------------------
+# Grammar (labels are the id values of a level's slots, as relax names them):
+#   --effects LEVEL:KEY=VALUE[,KEY=VALUE]         (repeatable; one LEVEL per use or merged)
+#       variance=slot | common | GROUPS
+#       covariance=none | unstructured | equal | PAIRS | GROUPS
+#       PAIRS  = a-b[;c-d...]              e.g. 1-2;1-3
+#       GROUPS = name=a+b[+c...][;name=...]  e.g. north=1+2+3;south=4+5
+#   --residuals KEY=VALUE[,KEY=VALUE]    variance=LEVEL (or the --index column),
+#                                        correlation=independent|ar1|exchangeable|unstructured
+#   --coefficients COVARIATE=LEVEL       (repeatable)
+# Labels may not contain , ; = + or - (those are the grammar's separators).
+_EFFECT_WORDS = {"variance": ("slot", "common"), "covariance": ("none", "unstructured", "equal")}
+
+
+def _bad(option, piece, why):
+    return MlsemError(f"{option} {piece!r}: {why}")
+
+
+def _label_list(text, option, piece, sep):
+    labs = [v.strip() for v in text.split(sep)]
+    if any(not v for v in labs):
+        raise _bad(option, piece, f"empty slot label in {text!r}")
+    return labs
+
+
+def _groups_value(text, option, piece):
+    out = {}
+    for g in text.split(";"):
+        name, eq, members = g.partition("=")
+        name = name.strip()
+        if not eq or not name or not members.strip():
+            raise _bad(option, piece, f"group {g!r} is not NAME=LABEL+LABEL...")
+        if name in out:
+            raise _bad(option, piece, f"group {name!r} is given twice")
+        out[name] = _label_list(members, option, piece, "+")
+    return out
+
+
+def _pairs_value(text, option, piece):
+    pairs = []
+    for pr in text.split(";"):
+        ab = [v.strip() for v in pr.split("-")]
+        if len(ab) != 2 or not all(ab):
+            raise _bad(option, piece, f"pair {pr!r} is not LABEL-LABEL (e.g. 1-2)")
+        pairs.append(tuple(ab))
+    return pairs
+
+
+def _key_values(text, option):
+    """'a=1,b=2' -> [(a, '1'), (b, '2')], naming the bad piece."""
+    out = []
+    for piece in text.split(","):
+        key, eq, val = piece.partition("=")
+        key, val = key.strip(), val.strip()
+        if not eq or not key or not val:
+            raise _bad(option, text, f"{piece!r} is not KEY=VALUE")
+        if key in dict(out):
+            raise _bad(option, text, f"{key!r} is given twice")
+        out.append((key, val))
+    return out
+
+
+def parse_effects(items, levels=None):
+    """The ``effects=`` dict of :func:`mlsem.fit` from the --effects values."""
+    option = "--effects"
+    if not items:
+        return None
+    out = {}
+    for text in items:
+        level, colon, rest = text.partition(":")
+        level = level.strip()
+        if not colon or not level or not rest.strip():
+            raise _bad(option, text, "expected LEVEL:KEY=VALUE[,KEY=VALUE], e.g. j:variance=slot")
+        if levels is not None and level not in levels:
+            raise _bad(option, text, f"unknown level {level!r} (levels below the top: "
+                                     f"{', '.join(map(repr, levels)) or 'none'})")
+        spec = out.setdefault(level, {})
+        for piece in rest.split(","):
+            key, eq, val = piece.partition("=")
+            key, val = key.strip(), val.strip()
+            if not eq or not key or not val:
+                raise _bad(option, text, f"{piece!r} is not KEY=VALUE")
+            if key not in _EFFECT_WORDS:
+                raise _bad(option, text, f"unknown key {key!r} (keys: variance, covariance)")
+            if key in spec:
+                raise _bad(option, text, f"{key!r} is given twice for level {level!r}")
+            if val in _EFFECT_WORDS[key]:
+                spec[key] = val
+            elif "=" in val:
+                spec[key] = _groups_value(val, option, piece)
+            elif key == "covariance" and "-" in val:
+                spec[key] = _pairs_value(val, option, piece)
+            else:
+                words = " | ".join(_EFFECT_WORDS[key])
+                form = "LABEL-LABEL;... | " if key == "covariance" else ""
+                raise _bad(option, text, f"{key}={val!r} is not {words} | {form}NAME=LABEL+LABEL;...")
+    return out
+
+
+def parse_residuals(text, levels=None, index=None):
+    option = "--residuals"
+    if not text:
+        return None
+    from .relax import CORRELATIONS
+    out = {}
+    for key, val in _key_values(text, option):
+        if key == "variance":
+            if levels is not None and val not in levels and val != index:
+                raise _bad(option, text, f"variance={val!r}: not a level below the top "
+                                         f"({', '.join(map(repr, levels)) or 'none'})"
+                                         + (f" nor the --index column {index!r}" if index else ""))
+        elif key == "correlation":
+            if val not in CORRELATIONS:
+                raise _bad(option, text, f"correlation={val!r} is not one of {', '.join(CORRELATIONS)}")
+        else:
+            raise _bad(option, text, f"unknown key {key!r} (keys: variance, correlation)")
+        out[key] = val
+    return out
+
+
+def parse_coefficients(items, levels=None, terms=None):
+    option = "--coefficients"
+    if not items:
+        return None
+    out = {}
+    for text in items:
+        for cov, lev in _key_values(text, option):
+            if terms is not None and cov not in terms:
+                raise _bad(option, text, f"{cov!r} is not a fixed term of the formula "
+                                         f"({', '.join(map(repr, terms))})")
+            if levels is not None and lev not in levels:
+                raise _bad(option, text, f"unknown level {lev!r} (levels below the top: "
+                                         f"{', '.join(map(repr, levels)) or 'none'})")
+            if cov in out:
+                raise _bad(option, text, f"{cov!r} is given twice")
+            out[cov] = lev
+    return out
+
+
+def parse_vce(text):
+    """'mixed' | 'oim' | 'robust' | 'cluster:COL' -> what fit(vce=) takes."""
+    if text in ("mixed", "oim", "robust"):
+        return text
+    kind, colon, col = text.partition(":")
+    if kind == "cluster":
+        if not col.strip():
+            raise _bad("--vce", text, "name the cluster column: cluster:COLUMN")
+        return ("cluster", col.strip())
+    raise _bad("--vce", text, "expected mixed, oim, robust or cluster:COLUMN")
+
+
+def _relax_options(args, F):
+    """Parse --effects/--residuals/--coefficients against the formula's levels."""
+    from .formula import nest_levels
+    below = [lv[-1] for lv in nest_levels(F)][1:]
+    terms = (["Intercept"] if F.intercept else []) + list(F.fixed)
+    return (parse_effects(getattr(args, "effects", None), below),
+            parse_residuals(getattr(args, "residuals", None), below, getattr(args, "index", None)),
+            parse_coefficients(getattr(args, "coefficients", None), below, terms))
+
+
 # ---- fit --------------------------------------------------------------------------
-def _read(args, extra_cols, prog):
+def _read(args, extra_cols, prog, formula=None):
     """Read the formula's columns (and ``extra_cols``) once, checking names."""
     from .data import collect_columns
     from .formula import parse_formula
-    F = parse_formula(args.formula)
+    F = parse_formula(formula or args.formula)
     cols = list(F.columns)
     for c in extra_cols:
         if c and c not in cols:
@@ -144,32 +312,134 @@ def _read(args, extra_cols, prog):
     return F, df
 
 
+def _read_syntax(args, prog):
+    """The --syntax file's text and the data's columns it uses (plus --by)."""
+    from .data import collect_columns, scan
+    from .sem import sem_table
+    try:
+        with open(args.syntax) as f:
+            text = f.read()
+    except OSError as exc:
+        raise MlsemError(f"--syntax {args.syntax!r}: cannot read: {exc.strerror or exc}") from None
+    lf = scan(args.data)
+    try:
+        columns = list(lf.collect_schema().names())
+    except Exception as exc:  # noqa: BLE001 - unreadable file
+        raise MlsemError(f"data: cannot read {args.data!r}: {exc}") from None
+    table = sem_table(text, columns)       # syntax errors name the line and token
+    used = list(table.observed) + list(table.covariates)
+    if args.by and args.by in used:
+        raise MlsemError(f"--by {args.by!r} is a variable of the --syntax model; give another column")
+    prog.say(f"reading {args.data}")
+    df = collect_columns(args.data, used + ([args.by] if args.by else []), used, [])
+    prog.say(f"read {df.height:,} rows, {len(used)} columns of the model")
+    return text, df
+
+
+def _fit_options(args):
+    """Check the fit command's options before any work; return the parsed ones."""
+    if (args.formula is None) == (args.syntax is None):
+        raise MlsemError("give exactly one of --formula and --syntax")
+    if args.partitions is not None and not args.dask:
+        raise MlsemError(f"--partitions {args.partitions}: needs --dask ADDRESS")
+    if args.partitions is not None and args.partitions < 1:
+        raise MlsemError(f"--partitions {args.partitions}: must be a positive integer")
+    vce = parse_vce(args.vce) if args.vce is not None else None
+    if args.syntax:
+        given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
+                                ("--coefficients", args.coefficients), ("--weights", args.weights),
+                                ("--index", args.index), ("--dask", args.dask)) if v]
+        if args.method != "ml":
+            given.append(f"--method {args.method}")
+        if given:
+            raise MlsemError(f"--syntax: {given[0]} applies to --formula models only (write the "
+                             "structure into the syntax instead)")
+        if vce not in (None, "oim"):
+            raise MlsemError(f"--vce {args.vce}: --syntax models support --vce oim only")
+        return {"vce": "oim"}
+    from .formula import parse_formula
+    F = parse_formula(args.formula)
+    effects, residuals, coefficients = _relax_options(args, F)
+    vce = vce or "mixed"
+    cluster = vce[1] if isinstance(vce, tuple) else None
+    if args.by and args.by in F.columns:
+        raise MlsemError(f"--by {args.by!r} is a column of the formula; give another column")
+    for opt, col in (("--index", args.index), ("--weights", args.weights), ("--vce cluster:", cluster)):
+        if args.by and col == args.by:
+            raise MlsemError(f"--by {args.by!r} is also the {opt} column; give another column")
+    args.parsed = {"effects": effects, "residuals": residuals, "coefficients": coefficients}
+    return {"F": F, "vce": vce, "cluster": cluster, **args.parsed}
+
+
+def _parsed(args, name):
+    return getattr(args, "parsed", {}).get(name)
+
+
+@contextlib.contextmanager
+def _option_names():
+    """The relaxation layer names its arguments (``effects['j']: ...``); on the
+    command line they are options (``--effects['j']: ...``)."""
+    try:
+        yield
+    except MlsemError as exc:
+        msg = str(exc)
+        if msg.startswith(("effects", "residuals", "coefficients")):
+            raise MlsemError("--" + msg) from None
+        raise
+
+
 def _cmd_fit(args, argv) -> int:
-    import polars as pl
     from .api import fit
-    from .api import VCE
     prog = Progress(args.quiet)
     _check_out(args.out, "--out", (".parquet", ".pq"))
     if args.json:
         _check_out(args.json, "--json", (".json",))
     if args.by in STATUS_COLUMNS + ("status",):
         raise MlsemError(f"--by {args.by!r} clashes with a column of the results table; rename it")
-    if args.vce not in VCE:
-        raise MlsemError(f"--vce {args.vce!r} is not one of {', '.join(VCE)}")
+    o = _fit_options(args)
     t0 = time.perf_counter()
-    F, df = _read(args, [args.index, args.by], prog)
+    client = None
+    try:
+        if args.syntax:
+            from .bridge import sem
+            text, df = _read_syntax(args, prog)
+
+            def fitter(data):
+                return sem(text, data, vce="oim", progress=prog)
+        else:
+            if args.dask:
+                from .distributed import connect
+                prog.say(f"connecting to the Dask scheduler at {args.dask}")
+                client = connect(args.dask)
+            if args.dask and not args.by:
+                df = None       # the workers read the data themselves
+            else:
+                _, df = _read(args, [args.index, args.by, args.weights, o["cluster"]], prog)
+
+            def fitter(data):
+                with _option_names():
+                        return fit(data, args.formula, index=args.index, vce=o["vce"],
+                               weights=args.weights, method=args.method, effects=o["effects"],
+                               residuals=o["residuals"], coefficients=o["coefficients"],
+                               progress=prog,
+                               **({"backend": "dask", "client": client, "npartitions": args.partitions}
+                                  if client is not None else {}))
+        return _fit_groups(args, argv, fitter, df, t0, prog)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
+    import polars as pl
     t_read = time.perf_counter() - t0
-    if args.by and args.by in F.columns:
-        raise MlsemError(f"--by {args.by!r} is a column of the formula; give another column")
-    if args.by and args.by == args.index:
-        raise MlsemError(f"--by {args.by!r} is also the --index column; give another column")
     schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
               "p_value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64}
     if args.by:
         groups = df.partition_by(args.by, as_dict=True, maintain_order=True)
         keys = sorted(groups, key=lambda k: (k[0] is None, k[0]))
     else:
-        groups = {(None,): df}
+        groups = {(None,): df if df is not None else args.data}
         keys = [(None,)]
     tables, fits, any_bad, errors = [], [], False, []
     for gi, key in enumerate(keys):
@@ -181,7 +451,7 @@ def _cmd_fit(args, argv) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                res = fit(gdf, args.formula, index=args.index, vce=args.vce, progress=prog)
+                res = fitter(gdf)
         except Exception as exc:  # noqa: BLE001 - one failing group must not lose the others
             if not args.by:
                 raise
@@ -224,8 +494,12 @@ def _cmd_fit(args, argv) -> int:
     code = EXIT_FLAGGED if any_bad else EXIT_OK
     timings = {"read": t_read, "total": time.perf_counter() - t0}
     record = {"mlsem_version": __version__, "command": _command_line(argv),
-              "data": args.data, "formula": args.formula, "vce": args.vce, "index": args.index,
-              "exit_code": code}
+              "data": args.data, "formula": args.formula, "syntax": args.syntax,
+              "effects": _parsed(args, "effects"), "residuals": _parsed(args, "residuals"),
+              "coefficients": _parsed(args, "coefficients"),
+              "vce": args.vce or ("oim" if args.syntax else "mixed"), "weights": args.weights,
+              "method": args.method, "index": args.index, "dask": args.dask,
+              "partitions": args.partitions, "exit_code": code}
     if args.by:
         record.update({"by": args.by, "ngroups": len(keys),
                        "failed": [f[args.by] for f in fits if f["status"] != "ok"], "fits": fits})
@@ -295,10 +569,13 @@ def _cmd_predict(args, argv) -> int:
     from .predict import predict
     prog = Progress(args.quiet)
     _check_out(args.out, "--out", (".parquet", ".pq"))
+    from .formula import parse_formula
+    effects, residuals, coefficients = _relax_options(args, parse_formula(args.formula))
     F, df = _read(args, [args.index], prog)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _option_names():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        res = fit(df, args.formula, index=args.index, progress=prog)
+        res = fit(df, args.formula, index=args.index, effects=effects, residuals=residuals,
+                  coefficients=coefficients, progress=prog)
     st = _status(res)
     prog.say(f"loglik {res.loglik:.6f}, {st}; predicting the random effects")
     eff = predict(res)
@@ -321,19 +598,25 @@ def _cmd_diagram(args, argv) -> int:
     _check_out(args.out, "--out")
     if fmt != "dot" and not dg.have_graphviz():
         raise MlsemError(dg.NO_GRAPHVIZ.format(out=args.out))
+    from .formula import parse_formula
+    effects, residuals, coefficients = _relax_options(args, parse_formula(args.formula))
     code = EXIT_OK
     if args.data:
         from .api import fit
         F, df = _read(args, [args.index], prog)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _option_names():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            res = fit(df, args.formula, index=args.index, progress=prog)
+            res = fit(df, args.formula, index=args.index, effects=effects, residuals=residuals,
+                      coefficients=coefficients, progress=prog)
         if _status(res) != "ok":
             code = EXIT_FLAGGED
         src = dg.to_dot(dg.from_result(res), max_slots=args.max_slots)
     else:
         design = _design(args.design)
-        src = dg.to_dot(dg.from_formula(args.formula, design), max_slots=args.max_slots)
+        with _option_names():
+            dm = dg.from_formula(args.formula, design, effects=effects, residuals=residuals,
+                                 coefficients=coefficients, index=args.index)
+        src = dg.to_dot(dm, max_slots=args.max_slots)
     dg.write(src, args.out)
     prog.say(f"wrote {args.out}")
     return code
@@ -351,16 +634,25 @@ def _design(text: str):
 
 # ---- wide -----------------------------------------------------------------------------
 def _cmd_wide(args, argv) -> int:
-    from .wide import to_wide
+    from .bridge import multilevel
     prog = Progress(args.quiet)
     _check_out(args.out, "--out", (".parquet", ".pq", ".csv"))
+    if args.syntax_out:
+        _check_out(args.syntax_out, "--syntax-out")
     prog.say(f"reading {args.data}")
-    w = to_wide(args.data, args.formula, index=args.index, progress=prog)
+    spec = multilevel(args.formula, args.data, index=args.index)
+    prog.prepared(spec.prep)
+    text = spec.to_syntax() if args.syntax_out else None   # refuses before anything is written
+    w = spec.to_wide()
     if args.out.lower().endswith(".csv"):
         _write(args.out, "--out", lambda tmp: w.write_csv(tmp))
     else:
         _write_parquet(w, args.out, "--out")
     prog.say(f"wrote {args.out}: {w.height:,} rows x {w.width:,} columns")
+    if text is not None:
+        _write_text(text, args.syntax_out, "--syntax-out")
+        prog.say(f"wrote {args.syntax_out}: the model in lavaan syntax on these columns "
+                 f"(mlsem fit {args.out} --syntax {args.syntax_out})")
     return EXIT_OK
 
 
@@ -377,6 +669,27 @@ def _cmd_example(args, argv) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------
+RELAX_HELP = """relaxations (mlsem.relax; labels are the slot id values of a level):
+  --effects LEVEL:KEY=VALUE[,KEY=VALUE]   repeatable
+      variance=slot | common | NAME=LABEL+LABEL[;NAME=...]
+      covariance=none | unstructured | equal | LABEL-LABEL[;LABEL-LABEL] | NAME=LABEL+LABEL[;...]
+      e.g. --effects j:variance=slot,covariance=unstructured
+           --effects "j:covariance=1-2;1-3"   --effects "j:variance=north=1+2+3;south=4+5"
+  --residuals variance=LEVEL,correlation=independent|ar1|exchangeable|unstructured
+      (ar1 and unstructured need --index)
+  --coefficients COVARIATE=LEVEL          repeatable: one coefficient per slot label, e.g. x=j
+  Labels cannot contain , ; = + or -."""
+
+
+def relax_options(sp):
+    sp.add_argument("--effects", action="append", metavar="LEVEL:KEY=VALUE[,...]",
+                    help="free the random effects' equalities at LEVEL (see below; repeatable)")
+    sp.add_argument("--residuals", metavar="KEY=VALUE[,...]",
+                    help="residual variances by LEVEL and/or a residual correlation (see below)")
+    sp.add_argument("--coefficients", action="append", metavar="COVARIATE=LEVEL",
+                    help="one coefficient of COVARIATE per slot label of LEVEL (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlsem", description="Multilevel models as SEMs, fitted by FIML.",
                                 epilog="exit codes: 0 success; 1 fitted but not converged / not "
@@ -391,10 +704,21 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--formula", "-f", required=True, help='lme4 formula, e.g. "y ~ x + (1 | k/j)"')
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr, no tables on stdout")
 
-    f = sub.add_parser("fit", help="fit a model; write the parameter table (Parquet) and the fit record (JSON)")
-    common(f)
-    f.add_argument("--vce", default="mixed",
-                   help="standard errors: mixed (lme4/xtmixed convention, default) or oim")
+    f = sub.add_parser("fit", help="fit a model; write the parameter table (Parquet) and the fit record (JSON)",
+                       epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(f, formula=False)
+    f.add_argument("--formula", "-f", help='lme4 formula, e.g. "y ~ x + (1 | k/j)" (or --syntax)')
+    f.add_argument("--syntax", metavar="MODEL.lav",
+                   help="a model in lavaan syntax on wide data, instead of --formula (mlsem.sem)")
+    relax_options(f)
+    f.add_argument("--vce", default=None, metavar="mixed|oim|robust|cluster:COL",
+                   help="standard errors: mixed (lme4/xtmixed convention, default), oim (observed "
+                        "information), robust (sandwich), cluster:COL (clusters of top-level units)")
+    f.add_argument("--weights", metavar="COL", help="sampling weights of the top-level units (pseudo-ML)")
+    f.add_argument("--method", choices=("ml", "reml"), default="ml")
+    f.add_argument("--dask", metavar="ADDRESS", help="fit on a Dask cluster, e.g. tcp://host:8786")
+    f.add_argument("--partitions", type=int, metavar="N",
+                   help="with --dask: split the data into N partitions (default: one per worker)")
     f.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
     f.add_argument("--by", metavar="COL", help="fit one model per value of COL and stack the tables")
     f.add_argument("--out", "-o", required=True, metavar="RESULTS.parquet")
@@ -419,13 +743,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", "-q", action="store_true")
     s.set_defaults(func=_cmd_simulate)
 
-    pr = sub.add_parser("predict", help="empirical Bayes predictions (posterior mean, sd) of every random effect")
+    pr = sub.add_parser("predict", help="empirical Bayes predictions (posterior mean, sd) of every random effect",
+                        epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(pr)
+    relax_options(pr)
     pr.add_argument("--index", metavar="COL")
     pr.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet")
     pr.set_defaults(func=_cmd_predict)
 
-    d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG through Graphviz)")
+    d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG through Graphviz)",
+                       epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("data", metavar="DATA", nargs="?",
                    help="optional: fit the model on DATA and put the estimates on the paths")
     d.add_argument("--formula", "-f", required=True)
@@ -433,7 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without DATA: group sizes below the top level, e.g. 2x2 = 2 schools x 2 pupils")
     d.add_argument("--max-slots", type=int, default=8,
                    help="draw at most this many slots; more collapse into boxes with a count")
-    d.add_argument("--index", metavar="COL")
+    relax_options(d)
+    d.add_argument("--index", metavar="COL",
+                   help="the observation order (with DATA: a column; without: the name the template "
+                        "design gives its 1, 2, ... observation numbers, for --residuals correlation=ar1)")
     d.add_argument("--out", "-o", required=True, metavar="MODEL.dot|.svg|.png")
     d.add_argument("--quiet", "-q", action="store_true")
     d.set_defaults(func=_cmd_diagram)
@@ -442,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(w)
     w.add_argument("--index", metavar="COL")
     w.add_argument("--out", "-o", required=True, metavar="WIDE.parquet")
+    w.add_argument("--syntax-out", metavar="MODEL.lav",
+                   help="also write the model in lavaan syntax on the wide columns (for fit --syntax)")
     w.set_defaults(func=_cmd_wide)
 
     ex = sub.add_parser("example", help="fit the embedded example data and print the tables")

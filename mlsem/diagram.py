@@ -79,12 +79,18 @@ def from_result(res) -> DiagramModel:
                      title=f"{res.formula}   (loglik {res.loglik:.3f}, {res.nobs:,} obs)")
 
 
-def from_formula(formula: str, design=(2, 2)) -> DiagramModel:
+def from_formula(formula: str, design=(2, 2), *, effects=None, residuals=None,
+                 coefficients=None, index=None) -> DiagramModel:
     """The model of ``formula`` on a template design: one top-level unit with
-    ``design`` groups below it (e.g. (2, 2): 2 schools of 2 pupils)."""
+    ``design`` groups below it (e.g. (2, 2): 2 schools of 2 pupils), labelled
+    1, 2, ...; ``effects``, ``residuals``, ``coefficients`` relax it as
+    :func:`mlsem.fit` does (``index`` names the template's observation
+    numbers, for residual correlations that need an order)."""
     from .data import prepare
     from .formula import nest_levels, parse_formula
+    from .relax import coefficient_design, relax_table
     from .spec import multilevel_table
+    effects_relax = effects
     F = parse_formula(formula)
     levels = nest_levels(F)
     level_cols = [lv[-1] for lv in levels]
@@ -106,9 +112,12 @@ def from_formula(formula: str, design=(2, 2)) -> DiagramModel:
     for c in F.columns:
         if c not in data:
             data[c] = rng.standard_normal(n)
+    if index is not None:
+        data[index] = cells["__obs"].astype(np.int64)
     df = pl.DataFrame(data)
-    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects)
-    table = multilevel_table(prep, F, levels)
+    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
+                   design=coefficient_design(coefficients, F, levels))
+    table = relax_table(multilevel_table(prep, F, levels), prep, effects_relax, residuals, index)
     return from_prep(prep, table, F.outcome, title=formula)
 
 

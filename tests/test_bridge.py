@@ -133,7 +133,7 @@ def test_not_identified_relaxation_is_flagged():
 def test_random_slopes_have_no_plain_syntax():
     ref, d = _case("unbalanced")
     with pytest.raises(mlsem.MlsemError, match="definition variables"):
-        mlsem.multilevel("y ~ x1 + (1 + x1 | k) + (1 | k:j)", d)
+        mlsem.multilevel("y ~ x1 + (1 + x1 | k) + (1 | k:j)", d).to_syntax()
 
 
 def test_covariate_missing_where_outcome_observed_drops_the_cell():

@@ -357,3 +357,235 @@ def test_directory_of_parquet_files(pipeline, tmp_path):
     a, b = pl.read_parquet(tmp_path / "a.parquet"), pl.read_parquet(tmp_path / "b.parquet")
     assert a["name"].equals(b["name"])
     assert max(abs(x - y) for x, y in zip(a["estimate"], b["estimate"])) < 1e-7  # see above
+
+
+# ---- relaxation, inference, SEM-syntax and Dask options ---------------------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """150 counties x 2 schools x 3 pupils, school effects with unequal variances,
+    a region column (3 blocks of counties) and a sampling weight per county."""
+    import mlsem
+    d = tmp_path_factory.mktemp("small")
+    sim = mlsem.simulate(150, 2, 3, school_cov=[[1.5, 0.0], [0.0, 0.5]], seed=5, regions=3)
+    sim = sim.with_columns((1.0 + (pl.col("k") % 3)).alias("w"))
+    sim.write_parquet(d / "s.parquet")
+    return d, sim
+
+
+def _fit_json(d, *args):
+    rc, out, err = run_here("fit", "s.parquet", *args, "--out", "r.parquet", "--json", "r.json", "-q", cwd=d)
+    assert rc == 0, err
+    return pl.read_parquet(d / "r.parquet"), json.loads((d / "r.json").read_text())
+
+
+def _same_as_api(tab, res):
+    assert tab["name"].to_list() == res.names
+    for a, b in zip(tab["estimate"], res.estimate):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    for a, b in zip(tab["std_err"], res.std_err):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_fit_relaxations_end_to_end(small):
+    import mlsem
+    d, sim = small
+    tab, rec = _fit_json(d, "-f", FORMULA, "--effects", "j:variance=slot", "--coefficients", "x=j",
+                         "--residuals", "variance=j")
+    res = mlsem.fit(sim, FORMULA, effects={"j": {"variance": "slot"}}, coefficients={"x": "j"},
+                    residuals={"variance": "j"})
+    _same_as_api(tab, res)
+    assert "var(j[1])" in res.names and "x[2]" in res.names and "var(Residual[2])" in res.names
+    assert rec["loglik"] == pytest.approx(res.loglik, abs=1e-6)
+    assert rec["effects"] == {"j": {"variance": "slot"}}
+    assert rec["coefficients"] == {"x": "j"} and rec["residuals"] == {"variance": "j"}
+    # groups of slot labels and listed covariance pairs, with string labels on int ids
+    tab, rec = _fit_json(d, "-f", "y ~ x + (1 | k:j)", "--effects", "j:variance=a=1;b=2,covariance=1-2")
+    res = mlsem.fit(sim, "y ~ x + (1 | k:j)",
+                    effects={"j": {"variance": {"a": [1], "b": [2]}, "covariance": [(1, 2)]}})
+    assert tab["name"].to_list() == ["Intercept", "x", "var(j[a])", "var(j[b])", "cov(j[1],j[2])",
+                                     "var(Residual)"]
+    _same_as_api(tab, res)
+    assert rec["effects"] == {"j": {"variance": {"a": ["1"], "b": ["2"]}, "covariance": [["1", "2"]]}}
+
+
+def test_effects_grammar():
+    assert cli.parse_effects(["j:variance=slot,covariance=unstructured"]) == {
+        "j": {"variance": "slot", "covariance": "unstructured"}}
+    assert cli.parse_effects(["j:covariance=1-2;1-3", "h:variance=north=1+2+3;south=4+5"]) == {
+        "j": {"covariance": [("1", "2"), ("1", "3")]},
+        "h": {"variance": {"north": ["1", "2", "3"], "south": ["4", "5"]}}}
+    assert cli.parse_effects(["j:covariance=g=1+2;h=3+4"]) == {
+        "j": {"covariance": {"g": ["1", "2"], "h": ["3", "4"]}}}
+    assert cli.parse_residuals("variance=j,correlation=ar1", ["j"]) == {"variance": "j", "correlation": "ar1"}
+    assert cli.parse_coefficients(["x=j", "z=j"], ["j"], ["Intercept", "x", "z"]) == {"x": "j", "z": "j"}
+    assert cli.parse_vce("cluster:region") == ("cluster", "region")
+    assert cli.parse_vce("robust") == "robust"
+
+
+OPTION_ERRORS = [
+    (["--effects", "j"], "--effects 'j': expected LEVEL:KEY=VALUE"),
+    (["--effects", "q:variance=slot"], "--effects 'q:variance=slot': unknown level 'q'"),
+    (["--effects", "j:variance"], "--effects 'j:variance': 'variance' is not KEY=VALUE"),
+    (["--effects", "j:varianse=slot"], "unknown key 'varianse'"),
+    (["--effects", "j:variance=each"], "--effects 'j:variance=each': variance='each' is not"),
+    (["--effects", "j:covariance=1-2-3"], "pair '1-2-3' is not LABEL-LABEL"),
+    (["--effects", "j:variance=a=1+;b=2"], "empty slot label"),
+    (["--effects", "j:variance=slot", "--effects", "j:variance=slot"], "'variance' is given twice"),
+    (["--effects", "j:covariance=1-3"], "--effects['j']: covariance: level 'j' has no slot label '3'"),
+    (["--residuals", "correlation=ar2"], "--residuals 'correlation=ar2': correlation='ar2' is not one of"),
+    (["--residuals", "variance=k"], "--residuals 'variance=k': variance='k': not a level below the top"),
+    (["--residuals", "shape=round"], "unknown key 'shape'"),
+    (["--residuals", "correlation=ar1"], "--residuals: correlation='ar1' needs an observation order"),
+    (["--coefficients", "z=j"], "--coefficients 'z=j': 'z' is not a fixed term"),
+    (["--coefficients", "x"], "--coefficients 'x': 'x' is not KEY=VALUE"),
+    (["--coefficients", "x=q"], "--coefficients 'x=q': unknown level 'q'"),
+    (["--vce", "cluster:"], "--vce 'cluster:': name the cluster column"),
+    (["--vce", "sandwich"], "--vce 'sandwich': expected mixed, oim, robust or cluster:COLUMN"),
+    (["--vce", "cluster:nope"], "column 'nope' is not in the data"),
+    (["--weights", "nope"], "column 'nope' is not in the data"),
+    (["--weights", "x"], "varies within top-level unit"),
+    (["--method", "reml", "--vce", "robust"], "method='reml' gives lme4's standard errors only"),
+    (["--partitions", "2"], "--partitions 2: needs --dask ADDRESS"),
+    (["--by", "region", "--vce", "cluster:region"], "--by 'region' is also the --vce cluster: column"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(OPTION_ERRORS)))
+def test_bad_option_values_exit_2(small, i):
+    d = small[0]
+    args, message = OPTION_ERRORS[i]
+    rc, out, err = run_here("fit", "s.parquet", "-f", FORMULA, *args, "--out", "bad.parquet", "-q", cwd=d)
+    assert rc == 2, err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (d / "bad.parquet").exists() and leftovers(d) == []
+
+
+def test_fit_inference_options_end_to_end(small):
+    import mlsem
+    d, sim = small
+    for cli_args, kw in [(["--vce", "robust"], {"vce": "robust"}),
+                         (["--vce", "cluster:region"], {"vce": ("cluster", "region")}),
+                         (["--weights", "w"], {"weights": "w"}),
+                         (["--method", "reml"], {"method": "reml"})]:
+        tab, rec = _fit_json(d, "-f", FORMULA, *cli_args)
+        res = mlsem.fit(sim, FORMULA, **kw)
+        _same_as_api(tab, res)
+        assert rec["loglik"] == pytest.approx(res.loglik, abs=1e-6)
+    assert rec["method"] == "reml"
+    tab, rec = _fit_json(d, "-f", FORMULA, "--vce", "cluster:region", "--weights", "w")
+    assert rec["vce"] == "cluster:region" and rec["weights"] == "w"
+    _same_as_api(tab, mlsem.fit(sim, FORMULA, vce=("cluster", "region"), weights="w"))
+
+
+def test_wide_syntax_out_then_fit_syntax(small):
+    """wide --syntax-out writes the wide data and its lavaan syntax; fit --syntax on
+    them is the same model as fit --formula on the long data."""
+    d, sim = small
+    rc, _, err = run_here("wide", "s.parquet", "-f", FORMULA, "--out", "w.parquet",
+                          "--syntax-out", "m.lav", "-q", cwd=d)
+    assert rc == 0, err
+    assert "L_k =~ 1*y1_1" in (d / "m.lav").read_text()
+    rc, _, err = run_here("fit", "w.parquet", "--syntax", "m.lav", "--out", "rs.parquet",
+                          "--json", "rs.json", "-q", cwd=d)
+    assert rc == 0, err
+    _, rf = _fit_json(d, "-f", FORMULA)
+    rs = json.loads((d / "rs.json").read_text())
+    assert rs["loglik"] == pytest.approx(rf["loglik"], abs=1e-6)
+    assert rs["syntax"] == "m.lav" and rs["formula"] is None and rs["vce"] == "oim"
+    tab = pl.read_parquet(d / "rs.parquet")
+    est = dict(zip(tab["name"], tab["estimate"]))
+    assert est["var_k"] == pytest.approx(rf["params"][2]["estimate"], rel=1e-5)
+    # a model without a plain syntax refuses before writing anything
+    rc, _, err = run_here("wide", "s.parquet", "-f", "y ~ x + (1 + x | k)", "--out", "w2.parquet",
+                          "--syntax-out", "m2.lav", "-q", cwd=d)
+    assert rc == 2 and "definition variables" in err
+    assert not (d / "w2.parquet").exists() and not (d / "m2.lav").exists()
+
+
+def test_fit_syntax_with_by(small):
+    d, sim = small
+    rc, _, err = run_here("wide", "s.parquet", "-f", FORMULA, "--out", "w.parquet",
+                          "--syntax-out", "m.lav", "-q", cwd=d)
+    assert rc == 0, err
+    region = sim.group_by("k").agg(pl.col("region").first())
+    pl.read_parquet(d / "w.parquet").join(region, on="k").write_parquet(d / "wr.parquet")
+    rc, _, err = run_here("fit", "wr.parquet", "--syntax", "m.lav", "--by", "region",
+                          "--out", "rs.parquet", "--json", "rs.json", "-q", cwd=d)
+    assert rc == 0, err
+    _, rf = _fit_json(d, "-f", FORMULA, "--by", "region")
+    rs = json.loads((d / "rs.json").read_text())
+    assert [f["region"] for f in rs["fits"]] == [1, 2, 3]
+    for a, b in zip(rs["fits"], rf["fits"]):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-6)
+    tab = pl.read_parquet(d / "rs.parquet")
+    assert tab.columns[0] == "region" and (tab["status"] == "ok").all()
+    # usage errors
+    for args, message in [(["--syntax", "m.lav", "-f", FORMULA], "exactly one of --formula and --syntax"),
+                          ([], "exactly one of --formula and --syntax"),
+                          (["--syntax", "m.lav", "--effects", "j:variance=slot"],
+                           "--syntax: --effects applies to --formula models only"),
+                          (["--syntax", "m.lav", "--vce", "robust"], "--vce robust: --syntax models support --vce oim only"),
+                          (["--syntax", "nope.lav"], "--syntax 'nope.lav': cannot read"),
+                          (["--syntax", "m.lav", "--by", "y1_1"], "--by 'y1_1' is a variable of the --syntax model")]:
+        rc, _, err = run_here("fit", "wr.parquet", *args, "--out", "bad.parquet", "-q", cwd=d)
+        assert rc == 2 and message in err, (args, err)
+    (d / "broken.lav").write_text("L_k =~ 1*y1_1 +\n")
+    rc, _, err = run_here("fit", "wr.parquet", "--syntax", "broken.lav", "--out", "bad.parquet", "-q", cwd=d)
+    assert rc == 2 and "Traceback" not in err
+    assert not (d / "bad.parquet").exists()
+
+
+def test_predict_and_diagram_with_relaxations(small):
+    import importlib
+    import mlsem
+    d, sim = small
+    rc, _, err = run_here("predict", "s.parquet", "-f", FORMULA, "--effects", "j:variance=slot",
+                          "--out", "eff.parquet", "-q", cwd=d)
+    assert rc == 0, err
+    eff = pl.read_parquet(d / "eff.parquet")
+    want = mlsem.predict(mlsem.fit(sim, FORMULA, effects={"j": {"variance": "slot"}}))
+    assert eff["latent"].equals(want["latent"])
+    assert max(abs(a - b) for a, b in zip(eff["mean"], want["mean"])) < 1e-6
+    # posterior sds differ between the two school slots once their variances do
+    sd = eff.filter(pl.col("level") == "j").group_by("latent").agg(pl.col("sd").max()).sort("latent")
+    assert sd["sd"][0] != pytest.approx(sd["sd"][1], rel=1e-3)
+    rc, _, err = run_here("diagram", "-f", FORMULA, "--design", "3x2", "--effects", "j:covariance=1-2;2-3",
+                          "--residuals", "correlation=ar1", "--index", "i", "--out", "m.dot", "-q", cwd=d)
+    assert rc == 0, err
+    dot = (d / "m.dot").read_text()
+    assert "cov(j[1],j[2])" in dot and "cov(j[2],j[3])" in dot and "cov(j[1],j[3])" not in dot
+    assert "corr(Residual)" in dot
+    dg = importlib.import_module("mlsem.diagram")
+    assert dot == dg.to_dot(dg.from_formula(FORMULA, (3, 2), effects={"j": {"covariance": [(1, 2), (2, 3)]}},
+                                            residuals={"correlation": "ar1"}, index="i"))
+    rc, _, err = run_here("diagram", "s.parquet", "-f", FORMULA, "--effects", "j:variance=slot",
+                          "--out", "f.dot", "-q", cwd=d)
+    assert rc == 0, err
+    assert "var(j[1])" in (d / "f.dot").read_text()
+    rc, _, err = run_here("predict", "s.parquet", "-f", FORMULA, "--effects", "j:nope=1",
+                          "--out", "eff2.parquet", "-q", cwd=d)
+    assert rc == 2 and "--effects 'j:nope=1': unknown key 'nope'" in err
+
+
+def test_fit_on_dask_scheduler(small):
+    pytest.importorskip("dask.distributed")
+    from dask.distributed import LocalCluster
+    import mlsem
+    d, sim = small
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      dashboard_address=None) as cluster:
+        tab, rec = _fit_json(d, "-f", FORMULA, "--dask", cluster.scheduler_address, "--partitions", "2")
+    res = mlsem.fit(sim, FORMULA)
+    assert rec["loglik"] == pytest.approx(res.loglik, abs=1e-6)
+    assert rec["dask"].startswith("tcp://") and rec["partitions"] == 2
+    _same_as_api(tab, res)
+
+
+def test_unreachable_dask_scheduler_exit_2(small):
+    pytest.importorskip("dask.distributed")
+    d = small[0]
+    rc, _, err = run_here("fit", "s.parquet", "-f", FORMULA, "--dask", "tcp://127.0.0.1:1",
+                          "--out", "bad.parquet", "-q", cwd=d)
+    assert rc == 2 and "cannot connect to the Dask scheduler at 'tcp://127.0.0.1:1'" in err
+    assert not (d / "bad.parquet").exists()
