@@ -85,6 +85,9 @@ class Model:
         self._slot = np.ascontiguousarray(prep.slot, dtype=np.int32)
         self._slot_lat = np.ascontiguousarray(prep.slot_lat, dtype=np.int32)
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
+        self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
+        self._resid = np.empty(prep.nobs)
+        self._xtw = np.zeros((max(nt, 1) * 4, self.q))
         nl = prep.slot_lat.shape[1]
         self._maxn = int(prep.max_row_obs)
         self._maxm = int(min(self.M, self._maxn * nl))
@@ -191,7 +194,13 @@ class Model:
         t = self.table
         prep = self.prep
         beta, Phi, Theta = self.matrices(psi)
-        resid = prep.y - prep.X @ beta if self.q else prep.y.copy()
+        if self.backend == "numpy":
+            resid = prep.y - prep.X @ beta if self.q else prep.y.copy()
+        else:
+            # one parallel pass into a reused buffer (no temporaries per evaluation)
+            _core.residuals(prep.y, self._X, np.ascontiguousarray(beta, dtype=float),
+                            self._resid, self._nt)
+            resid = self._resid
         if self.backend == "numpy":
             Th = Theta if self.dense else np.diag(Theta)
             ll, gphi, gth, w = _oracle.loglik(prep.row_ptr, prep.slot, resid, prep.load,
@@ -230,12 +239,15 @@ class Model:
             gphi = self._gphi.sum(axis=0)
             gth = self._gth.sum(axis=0)
             w = self._w
+            if self.q:
+                _core.xt_w(self._X, w, self._xtw, self._nt)
+                xtw = self._xtw.sum(axis=0)
         if not need_grad:
             return ll, None
         npar = t.nparams
         g = np.zeros(npar)
         if self.q:
-            np.add.at(g, t.beta_param, prep.X.T @ w)
+            np.add.at(g, t.beta_param, prep.X.T @ w if self.backend == "numpy" else xtw)
         if len(t.phi_param):
             g += np.bincount(t.phi_param, weights=gphi[t.phi_row * self.M + t.phi_col], minlength=npar)
         if self.dense:
