@@ -87,7 +87,7 @@ def fit(data, formula: str, *, index: str | None = None, vce: str = "mixed",
 def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
     table = model.table
     psi = opt.final
-    info = information(model, psi)
+    info = information(model, psi, opt)
     names = table.names
     kinds = [p.kind for p in table.params]
     n = len(names)
