@@ -99,6 +99,8 @@ cdef int arrow_pattern(
     cdef long long o0 = row_ptr[r0], o
     cdef int t, a, a2
     cdef double sK, logdet, acc, e, d, wt, wr, wsum = 0.0, quad, gb, llp = 0.0, l0, l1, va, da
+    cdef double b0, bacc
+    cdef int cur
     # A (arrowhead): A0[0] = A00, A0[a] = A0a; Ad[a] = Aaa (a >= 1)
     for a in range(m):
         A0[a] = 0.0
@@ -146,13 +148,25 @@ cdef int arrow_pattern(
         quad = 0.0
         for a in range(m):
             b[a] = 0.0
+        # slots are sorted, so a lower latent's observations are consecutive:
+        # accumulate in registers (b0, bacc), not through memory
+        b0 = 0.0
+        bacc = 0.0
+        cur = latloc[1]
         for t in range(n):
             e = resid[o + t]
             d = Dv[t] * e
             dvec[t] = d
             quad += e * d
-            b[0] += load[o + t, 0] * d
-            b[latloc[2 * t + 1]] += load[o + t, 1] * d
+            b0 += load[o + t, 0] * d
+            a = latloc[2 * t + 1]
+            if a != cur:
+                b[cur] += bacc
+                bacc = 0.0
+                cur = a
+            bacc += load[o + t, 1] * d
+        b[cur] += bacc
+        b[0] = b0
         gb = 0.0
         for a in range(m):
             gb += gs[a] * b[a]
@@ -164,13 +178,22 @@ cdef int arrow_pattern(
         if need_grad:
             for a in range(m):
                 u[a] = 0.0
+            b0 = 0.0
+            bacc = 0.0
+            cur = latloc[1]
             for t in range(n):
                 a = latloc[2 * t + 1]
                 wt = dvec[t] - Dv[t] * (load[o + t, 0] * h[0] + load[o + t, 1] * h[a])
                 w_out[o + t] = wr * wt
                 W2[t] += wr * wt * wt
-                u[0] += load[o + t, 0] * wt
-                u[a] += load[o + t, 1] * wt
+                b0 += load[o + t, 0] * wt
+                if a != cur:
+                    u[cur] += bacc
+                    bacc = 0.0
+                    cur = a
+                bacc += load[o + t, 1] * wt
+            u[cur] += bacc
+            u[0] = b0
             for a in range(m):
                 acc = wr * u[a]
                 for a2 in range(m):
@@ -213,8 +236,11 @@ cdef int factor_pattern(
         int* loc, int* colloc, int* glob, int* colglob, int* latloc,
         double* Dv, double* sinv, double* W2, double* dvec,
         double* Lp, double* A, double* AL, double* K, double* Z, double* T,
-        double* ASA, double* U, double* b, double* h, double* u) noexcept nogil:
+        double* ASA, double* U, double* b, double* h, double* u,
+        const double* thinfo) noexcept nogil:
+    # thinfo: 1 / theta_s (P values), then log theta_s (P values), once per evaluation
     cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef int P = theta.shape[0]
     cdef long long o0 = row_ptr[r0], o
     cdef int n = <int>(row_ptr[r0 + 1] - o0)
     cdef int nl = load.shape[1]
@@ -228,8 +254,8 @@ cdef int factor_pattern(
         if not (th > 0.0):
             status = 1
             break
-        Dv[t] = 1.0 / th
-        logth += log(th)
+        Dv[t] = thinfo[s]
+        logth += thinfo[P + s]
         for k in range(nl):
             g = slot_lat[s, k]
             if g < 0:
@@ -407,17 +433,35 @@ cdef int factor_pattern(
 
 
 def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
-                  const int[::1] slot, const double[::1] resid,
+                  const int[::1] slot, double[::1] resid,
                   const double[:, ::1] load, const int[:, ::1] slot_lat,
                   const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
                   const double[::1] theta, const double[::1] wrow,
                   double[::1] w_out, double[::1] ll_t, double[:, ::1] gphi_t,
                   double[:, ::1] gth_t, int[::1] status_t,
-                  int maxn, int maxm, int maxc, int nthreads, int need_grad):
+                  int maxn, int maxm, int maxc, int nthreads, int need_grad,
+                  const double[::1] y=None, const double[:, ::1] X=None,
+                  const double[::1] beta=None, double[:, ::1] gbeta_t=None):
     """Factor (Woodbury) path. Per-thread outputs: ll_t[nt], gphi_t[nt, M*M],
-    gth_t[nt, P] (dl/dtheta per slot), status_t[nt]; w_out[nobs] (weighted w)."""
+    gth_t[nt, P] (dl/dtheta per slot), status_t[nt]; w_out[nobs] (weighted w).
+
+    Fused mode (y, X, beta and gbeta_t given): ``resid`` is an output buffer,
+    filled per pattern with y - X beta just before the pattern is evaluated, and
+    gbeta_t[tid, :q] receives the thread's share of X' w (= dl/dbeta) just after:
+    one pass over the observations per evaluation instead of three, with each
+    pattern's rows still in cache."""
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
-    cdef int M = F.shape[0], tid, nl = load.shape[1], i, st
+    cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
+    cdef int fused = y is not None, q = 0
+    cdef long long o, o_lo, o_hi
+    cdef double acc
+    cdef double* gb
+    if fused:
+        if X is None or beta is None or gbeta_t is None:
+            raise ValueError("fused mode needs y, X, beta and gbeta_t")
+        q = X.shape[1]
+        if beta.shape[0] != q or gbeta_t.shape[1] < q or X.shape[0] != resid.shape[0]:
+            raise ValueError("fused mode: shapes of X, beta, gbeta_t do not agree")
     cdef int* loc
     cdef int* colloc
     cdef int* ibuf
@@ -431,17 +475,39 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         nthreads = 1
     if not MLSEM_HAVE_OPENMP:
         nthreads = 1
+    cdef Py_ssize_t P = theta.shape[0], s
+    cdef double* thinfo = <double*>malloc((2 * P + 1) * sizeof(double))
+    if thinfo == NULL:
+        raise MemoryError()
+    for s in range(P):
+        if theta[s] > 0.0:
+            thinfo[s] = 1.0 / theta[s]
+            thinfo[P + s] = log(theta[s])
+        else:
+            thinfo[s] = 0.0
+            thinfo[P + s] = 0.0
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
         loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 4) * sizeof(int))
-        dbuf = <double*>malloc((nd + 16) * sizeof(double))
+        dbuf = <double*>malloc((nd + 16 + q) * sizeof(double))
         if loc != NULL and dbuf != NULL:
             colloc = loc + M
             ibuf = colloc + M
+            gb = dbuf + nd + 16
             for i in range(2 * M):
                 loc[i] = -1
+            for c in range(q):
+                gb[c] = 0.0
             for p in prange(npat, schedule='dynamic', chunksize=16):
                 if status_t[tid] == 0:
+                    o_lo = row_ptr[pat_ptr[p]]
+                    o_hi = row_ptr[pat_ptr[p + 1]]
+                    if fused:
+                        for o in range(o_lo, o_hi):
+                            acc = y[o]
+                            for ci in range(q):
+                                acc = acc - X[o, ci] * beta[ci]
+                            resid[o] = acc
                     st = factor_pattern(
                         p, pat_ptr, row_ptr, slot, resid, load, slot_lat, F, blk_start, blk_end,
                         theta, wrow, w_out, &ll_t[tid], &gphi_t[tid, 0], &gth_t[tid, 0],
@@ -457,13 +523,23 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                         dbuf + 4 * nn + 2 * mm * cc + 3 * mm * mm + big * big + cc * cc,    # U
                         dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc,    # b
                         dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
-                        dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm)
+                        dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm,
+                        thinfo)
                     if st != 0:
                         status_t[tid] = st
+                    elif fused and need_grad:
+                        for ci in range(q):
+                            acc = 0.0      # a register accumulator, not gb[ci]
+                            for o in range(o_lo, o_hi):
+                                acc = acc + X[o, ci] * w_out[o]
+                            gb[ci] += acc
+            for c in range(q):
+                gbeta_t[tid, c] = gb[c]
         else:
             status_t[tid] = 9
         free(loc)
         free(dbuf)
+    free(thinfo)
     return 0
 
 

@@ -94,6 +94,7 @@ class Model:
         self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
         self._resid = np.empty(prep.nobs)
         self._xtw = np.zeros((max(nt, 1) * 4, self.q))
+        self._gbeta = np.zeros((nt, max(self.q, 8)))   # rows a cache line apart
         nl = prep.slot_lat.shape[1]
         self._maxn = int(prep.max_row_obs)
         self._maxm = int(min(self.M, self._maxn * nl))
@@ -202,11 +203,13 @@ class Model:
         beta, Phi, Theta = self.matrices(psi)
         if self.backend == "numpy":
             resid = prep.y - prep.X @ beta if self.q else prep.y.copy()
-        else:
+        elif self.dense:
             # one parallel pass into a reused buffer (no temporaries per evaluation)
             _core.residuals(prep.y, self._X, np.ascontiguousarray(beta, dtype=float),
                             self._resid, self._nt)
             resid = self._resid
+        else:
+            resid = self._resid   # filled by the fused factor kernel
         if self.backend == "numpy":
             Th = Theta if self.dense else np.diag(Theta)
             ll, gphi, gth, w = _oracle.loglik(prep.row_ptr, prep.slot, resid, prep.load,
@@ -232,11 +235,14 @@ class Model:
                 F = self.factor(Phi)
                 if F is None:
                     return None, None
+                # fused: y - X beta and X'w computed per pattern inside the kernel
                 _core.factor_loglik(prep.pat_ptr, prep.row_ptr, self._slot, resid, self._load,
                                     self._slot_lat, F, self.blk_start, self.blk_end, Theta,
                                     prep.wrow, self._w, self._ll, self._gphi, self._gth,
                                     self._status, self._maxn, self._maxm, self._maxc, self._nt,
-                                    int(need_grad))
+                                    int(need_grad), y=prep.y, X=self._X,
+                                    beta=np.ascontiguousarray(beta, dtype=float),
+                                    gbeta_t=self._gbeta)
             if self._status.any():
                 return None, None
             ll = float(self._ll.sum())
@@ -245,9 +251,11 @@ class Model:
             gphi = self._gphi.sum(axis=0)
             gth = self._gth.sum(axis=0)
             w = self._w
-            if self.q:
+            if self.q and self.dense:
                 _core.xt_w(self._X, w, self._xtw, self._nt)
                 xtw = self._xtw.sum(axis=0)
+            elif self.q:
+                xtw = self._gbeta[:, :self.q].sum(axis=0)
         if not need_grad:
             return ll, None
         npar = t.nparams
