@@ -224,10 +224,11 @@ def main(argv=None):
     ap.add_argument("--parquet", action="append", default=[], help="a Parquet file to fit too (repeatable)")
     ap.add_argument("--formula", default=DEFAULT_FORMULA, help="formula for --parquet files")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=60.0,
+    ap.add_argument("--budget", type=float, default=200.0,
                     help="a tool whose first run of a case takes longer is not repeated there")
     ap.add_argument("--max-seconds", type=float, default=300.0,
-                    help="a tool that needed longer on a case is skipped on larger cases")
+                    help="a peer is skipped on a case where its time, predicted linearly in rows "
+                         "from its last case, exceeds this")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--threads", type=int, default=None, help="mlsem/OpenMx threads (default: all)")
     ap.add_argument("--no-peers", action="store_true", help="time mlsem alone")
@@ -278,12 +279,14 @@ def main(argv=None):
             c["csv"] = to_csv(c["path"], tmp)
     cases.sort(key=lambda c: c["rows"])
 
-    runs, too_slow = [], set()
+    runs, last = [], {}     # last: tool -> (rows, median seconds) of its last case
     for c in cases:
         tools = []
         for t in c["tools"]:
-            if t in too_slow:
-                print(f"skipped {t} on {c['case']}: it took over {a.max_seconds:.0f} s on a smaller case")
+            pred = last[t][1] * c["rows"] / last[t][0] if t in last else 0.0
+            if t != "mlsem" and pred > a.max_seconds:
+                print(f"skipped {t} on {c['case']}: {pred:.0f} s predicted (linear in rows from "
+                      f"{last[t][1]:.1f} s at {last[t][0]:,} rows), over --max-seconds {a.max_seconds:.0f}")
             else:
                 tools.append(t)
         again = {t: True for t in tools}
@@ -301,14 +304,33 @@ def main(argv=None):
                     continue
                 if rep == 0 and res["seconds"] > a.budget:
                     again[t] = False
-                if res["seconds"] > a.max_seconds:
-                    too_slow.add(t)
+        for t in tools:
+            secs = [r["seconds"] for r in runs if r["case"] == c["case"] and r["tool"] == t
+                    and "error" not in r]
+            if secs and c.get("wide_csv") is None:
+                last[t] = (c["rows"], statistics.median(secs))
 
     summary = summarise(runs, cases)
     table = markdown(summary)
     print(table)
+    scaling = None
+    if not a.quick:
+        big = max((c for c in cases if c["case"].startswith("simulated")), key=lambda c: c["rows"],
+                  default=None)
+        if big is not None:
+            log(f"  thread scaling of one evaluation on {big['case']}")
+            r = subprocess.run([sys.executable, os.path.join(HERE, "threads.py"), big["path"]],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                scaling = dict(json.loads(r.stdout.strip().splitlines()[-1]), case=big["case"])
+                print(f"\nlog-likelihood + gradient evaluation on {big['case']} ({scaling['rows']:,} rows): "
+                      f"{1000 * scaling['seconds_1_thread']:.1f} ms with 1 thread, "
+                      f"{1000 * scaling['seconds_2_threads']:.1f} ms with 2 threads, "
+                      f"ratio {scaling['ratio_2_to_1']:.2f}")
+            else:
+                print(f"thread scaling failed: {r.stderr.strip()[-300:]}")
     payload = {"machine": machine(), "command": sys.argv, "repeats": a.repeats,
-               "skipped": skipped, "summary": summary, "runs": runs}
+               "skipped": skipped, "summary": summary, "thread_scaling": scaling, "runs": runs}
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)
     with open(os.path.join(a.out, "results.md"), "w") as f:

@@ -114,6 +114,7 @@ def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
     def f(tau):
         psi = model.tau_to_psi(tau)
         ll, g = model.evaluate(psi)
+        state["last"] = (tau.copy(), ll, g)
         if ll is None or not np.isfinite(ll):
             return 1e300, np.zeros_like(tau)
         state["best"] = max(state["best"], ll)
@@ -128,7 +129,11 @@ def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
                    callback=cb, options={"maxiter": maxiter, "maxfun": 4 * maxiter,
                                          "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
     psi = model.tau_to_psi(res.x)
-    ll, g = model.evaluate(psi)
+    last = state.get("last")
+    if last is not None and np.array_equal(last[0], res.x):
+        ll, g = last[1], last[2]      # L-BFGS-B's final point was its last evaluation
+    else:
+        ll, g = model.evaluate(psi)
     log.append(("lbfgsb", res.nit, ll))
     # Newton polish on psi, interior parameters only: the L-BFGS-B stopping
     # rule is on the scaled objective; a few Newton steps make the estimates
