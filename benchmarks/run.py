@@ -59,9 +59,9 @@ def log(msg):
 
 
 # ---- data -------------------------------------------------------------------
-def simulated(rows: int, outdir: str) -> str:
-    counties = max(1, round(rows / ROWS_PER_COUNTY))
-    path = os.path.join(outdir, f"sim_{rows}.parquet")
+def simulated(rows: int, outdir: str, counties: int | None = None) -> str:
+    counties = counties or max(1, round(rows / ROWS_PER_COUNTY))
+    path = os.path.join(outdir, f"sim_{rows}.parquet" if rows else f"sim_{counties}_counties.parquet")
     if not os.path.exists(path):
         df = mlsem.simulate(counties, (1, 10), (1, 20), intercept=1.0, slope=0.8, sd_county=1.0,
                             sd_school=0.7, sd_resid=1.0, x="normal", seed=SEED)
@@ -221,6 +221,8 @@ def main(argv=None):
                     help="simulated sizes in rows (default 10000 100000 1000000)")
     ap.add_argument("--size", type=int, action="append", default=[],
                     help="an extra simulated size in rows (repeatable)")
+    ap.add_argument("--counties", type=int, action="append", default=[],
+                    help="an extra simulated case with this many counties (repeatable)")
     ap.add_argument("--parquet", action="append", default=[], help="a Parquet file to fit too (repeatable)")
     ap.add_argument("--formula", default=DEFAULT_FORMULA, help="formula for --parquet files")
     ap.add_argument("--repeats", type=int, default=3)
@@ -258,6 +260,10 @@ def main(argv=None):
     for n in sizes:
         path = simulated(n, datadir)
         cases.append({"case": f"simulated {size_label(n)}", "path": path, "formula": DEFAULT_FORMULA,
+                      "tools": ["mlsem"] + [t for t in peers_long if t in have]})
+    for n in a.counties:
+        cases.append({"case": f"simulated {n:,} counties", "path": simulated(0, datadir, n),
+                      "formula": DEFAULT_FORMULA,
                       "tools": ["mlsem"] + [t for t in peers_long if t in have]})
     for p in a.parquet:
         if not os.path.exists(p):

@@ -40,6 +40,9 @@ def default_threads() -> int:
     return max(1, n)
 
 
+SERIAL_BELOW = 50_000
+
+
 class Model:
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
         self.prep = prep
@@ -49,7 +52,9 @@ class Model:
         if backend == "cython" and _core is None:
             raise MlsemError("backend='cython' but the compiled kernel mlsem._core is not built")
         self.backend = backend
-        self.nthreads = nthreads or default_threads()
+        # below SERIAL_BELOW observations an evaluation takes well under a
+        # millisecond: waking a second thread for it costs more than it saves
+        self.nthreads = nthreads or (1 if prep.nobs < SERIAL_BELOW else default_threads())
         self.M = max(table.nlatent, 1)
         self.P = table.nslots
         self.q = prep.X.shape[1]
