@@ -317,10 +317,19 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     else:
         wrow = np.ones(nrows)
     # group counts per level, for the summary
+    # (df is sorted by row, then slot, and slots by their labels: a group of any
+    # level is a run of equal (row, labels above it); labels are one-to-one with
+    # the ids within their parent, so these are the groups of the id columns)
     infos = []
+    brk = np.ones(df.height, dtype=bool)         # an observation starts a new group
+    rid = df["__rowid"].to_numpy()
+    brk[1:] = rid[1:] != rid[:-1]
     for d, lv in enumerate(levels):
-        cnt = df.group_by(level_cols[: d + 1]).len()["len"]
-        infos.append(LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), cnt.len(),
+        if d >= 1:
+            lab = df[lab_cols[d - 1]].to_numpy()
+            brk[1:] |= lab[1:] != lab[:-1]
+        cnt = np.diff(np.append(np.flatnonzero(brk), df.height))
+        infos.append(LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), len(cnt),
                                int(cnt.min()), float(cnt.mean()), int(cnt.max())))
     slot_labels = slots.rename({c: level_cols[i + 1] for i, c in enumerate(lab_cols)}).rename({"__obs": "obs", "__slot": "slot"})
     top_ids = per_row[top]
