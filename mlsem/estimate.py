@@ -148,9 +148,13 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
         if progress is not None:
             progress(state["it"], state["best"])
 
+    # gtol 1e-9 (on -loglik/N): near the optimum of a large data set the
+    # objective's changes fall below its rounding, L-BFGS-B's line search then
+    # fails over and over (35 of 70 evaluations on 1.15M rows, ending ABNORMAL)
+    # while the gradient is still informative; the Newton polish finishes.
     res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(),
                    callback=cb, options={"maxiter": maxiter, "maxfun": 4 * maxiter,
-                                         "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
+                                         "ftol": 1e-15, "gtol": 1e-9, "maxcor": 20})
     psi = model.tau_to_psi(res.x)
     last = state.get("last")
     if last is not None and np.array_equal(last[0], res.x):
