@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +122,19 @@ def hessian(model, psi, step=1e-4):
     return 0.5 * (H + H.T)
 
 
+# L-BFGS-B is stopped when STALL_EVALS evaluations in a row improved the
+# log-likelihood by less than STALL_REL (relative) at a point whose gradient
+# already passes the convergence tolerance: its line search is then fighting
+# rounding (seen: 35 of 70 evaluations on 1.15M rows), and the Newton polish,
+# whose Hessian is needed for the information anyway, finishes in one step.
+STALL_REL = 1e-13
+STALL_EVALS = 4
+
+
+class _Stalled(Exception):
+    pass
+
+
 def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
     with _serial_blas():
         return _optimize(model, start, maxiter, progress)
@@ -131,7 +145,7 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
     psi0 = start_values(model) if start is None else np.asarray(start, dtype=float)
     tau0 = model.psi_to_tau(psi0)
     N = max(model.prep.nobs, 1)
-    state = {"best": -np.inf, "it": 0}
+    state = {"best": -np.inf, "it": 0, "since": 0, "best_x": tau0}
     log = []
 
     def f(tau):
@@ -140,7 +154,15 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
         state["last"] = (tau.copy(), ll, g)
         if ll is None or not np.isfinite(ll):
             return 1e300, np.zeros_like(tau)
-        state["best"] = max(state["best"], ll)
+        if ll > state["best"] + STALL_REL * abs(ll):
+            state["since"] = 0
+        else:
+            state["since"] += 1
+        if ll > state["best"]:
+            state["best"], state["best_x"] = ll, tau.copy()
+        if (state["since"] >= STALL_EVALS
+                and np.max(np.abs(g), initial=0.0) < 1e-3 * max(1.0, N ** 0.5)):
+            raise _Stalled
         return -ll / N, -model.grad_tau(tau, g) / N
 
     def cb(tau):
@@ -152,9 +174,14 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
     # objective's changes fall below its rounding, L-BFGS-B's line search then
     # fails over and over (35 of 70 evaluations on 1.15M rows, ending ABNORMAL)
     # while the gradient is still informative; the Newton polish finishes.
-    res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(),
-                   callback=cb, options={"maxiter": maxiter, "maxfun": 4 * maxiter,
-                                         "ftol": 1e-15, "gtol": 1e-9, "maxcor": 20})
+    try:
+        res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(),
+                       callback=cb, options={"maxiter": maxiter, "maxfun": 4 * maxiter,
+                                             "ftol": 1e-15, "gtol": 1e-9, "maxcor": 20})
+    except _Stalled:
+        res = SimpleNamespace(
+            x=state["best_x"], nit=state["it"], success=True,
+            message="L-BFGS-B stalled at rounding level near the optimum; Newton steps finish")
     psi = model.tau_to_psi(res.x)
     last = state.get("last")
     if last is not None and np.array_equal(last[0], res.x):

@@ -94,3 +94,19 @@ def test_fit_end_to_end_unchanged_by_threads():
     r2 = mlsem.fit(REF / "medium.parquet", "y ~ x + (1 | k/j)", nthreads=2)
     assert abs(r1.loglik - r2.loglik) < 1e-6
     np.testing.assert_allclose(r1.estimate, r2.estimate, rtol=1e-6)
+
+
+def test_stalled_lbfgsb_handed_to_newton_gives_the_same_fit(monkeypatch):
+    """egsingle: L-BFGS-B stalls at rounding level; stopping it there (and
+    letting the Newton polish finish) gives the fit of running it to its end."""
+    path, formula = REF / "egsingle.parquet", "math ~ year + (1 | schoolid/childid)"
+    _, m1 = build(path, formula)
+    o1 = estimate.optimize(m1)
+    assert "stalled" in o1.message and o1.converged
+    monkeypatch.setattr(estimate, "STALL_EVALS", 10**9)
+    _, m2 = build(path, formula)
+    o2 = estimate.optimize(m2)
+    assert "stalled" not in o2.message and o2.converged
+    assert m1.nevals < m2.nevals
+    assert abs(o1.loglik - o2.loglik) < 1e-8
+    np.testing.assert_allclose(o1.final, o2.final, rtol=1e-7, atol=1e-9)
