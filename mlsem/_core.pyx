@@ -66,6 +66,164 @@ cdef inline int chol_lower(double* K, int c) noexcept nogil:
     return 0
 
 
+cdef int USE_ARROWHEAD = 1
+
+
+def set_arrowhead(bint enabled):
+    """Enable (default) or disable the arrowhead fast path of the factor kernel
+    (for tests and before/after benchmarks); returns the previous setting."""
+    global USE_ARROWHEAD
+    cdef int old = USE_ARROWHEAD
+    USE_ARROWHEAD = 1 if enabled else 0
+    return bool(old)
+
+
+cdef int arrow_pattern(
+        Py_ssize_t p,
+        const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid,
+        const double[:, ::1] load, const double[:, ::1] F,
+        const double[::1] wrow, double[::1] w_out, double* ll, double* gphi, double* gth,
+        int M, int need_grad, int n, int m, double logth,
+        const int* glob, const int* latloc,
+        double* Dv, double* sinv, double* W2, double* dvec,
+        double* A0, double* Ad, double* fv, double* gs, double* td, double* ag,
+        double* U, double* b, double* h, double* u) noexcept nogil:
+    """Nested random intercepts (every slot loads on the pattern's one top latent,
+    local index 0, and on one lower latent; F diagonal there): A = Lambda_o' D Lambda_o
+    is an arrowhead matrix, and so is K = I + F A F.  With s = K00 - v' Dg^-1 v,
+    K^-1 = diag(0, Dg^-1) + z z' / s, so T = F K^-1 F = diag(td) + gs gs' (diagonal
+    plus rank one): O(m) per row and O(m^2) per pattern instead of O(m^3).
+    Same outputs as the generic path (factor_pattern)."""
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int t, a, a2
+    cdef double sK, logdet, acc, e, d, wt, wr, wsum = 0.0, quad, gb, llp = 0.0, l0, l1, va, da
+    cdef double b0, bacc
+    cdef int cur
+    # A (arrowhead): A0[0] = A00, A0[a] = A0a; Ad[a] = Aaa (a >= 1)
+    for a in range(m):
+        A0[a] = 0.0
+        Ad[a] = 0.0
+        fv[a] = F[glob[a], glob[a]]
+    for t in range(n):
+        a = latloc[2 * t + 1]
+        l0 = load[o0 + t, 0]
+        l1 = load[o0 + t, 1]
+        A0[0] += Dv[t] * l0 * l0
+        A0[a] += Dv[t] * l0 * l1
+        Ad[a] += Dv[t] * l1 * l1
+    # K = I + F A F: k0 = 1 + f0^2 A00, v_a = f0 f_a A0a, Dg_a = 1 + f_a^2 Aaa
+    sK = 1.0 + fv[0] * fv[0] * A0[0]
+    logdet = logth
+    gs[0] = fv[0]
+    td[0] = 0.0
+    for a in range(1, m):
+        va = fv[0] * fv[a] * A0[a]
+        da = 1.0 + fv[a] * fv[a] * Ad[a]
+        logdet += log(da)
+        sK -= va * va / da
+        td[a] = fv[a] * fv[a] / da
+        gs[a] = -fv[a] * va / da
+    if not (sK > 0.0):
+        return 2
+    logdet += log(sK)
+    acc = 1.0 / sqrt(sK)
+    for a in range(m):
+        gs[a] *= acc
+    if need_grad:
+        # diag of Sigma^-1: D_t - D_t^2 lambda_t' T lambda_t
+        for t in range(n):
+            a = latloc[2 * t + 1]
+            l0 = load[o0 + t, 0]
+            l1 = load[o0 + t, 1]
+            acc = l0 * gs[0] + l1 * gs[a]
+            sinv[t] = Dv[t] - Dv[t] * Dv[t] * (acc * acc + l1 * l1 * td[a])
+            W2[t] = 0.0
+        for a in range(m * m):
+            U[a] = 0.0
+    for r in range(r0, r1):
+        o = row_ptr[r]
+        wr = wrow[r]
+        quad = 0.0
+        for a in range(m):
+            b[a] = 0.0
+        # slots are sorted, so a lower latent's observations are consecutive:
+        # accumulate in registers (b0, bacc), not through memory
+        b0 = 0.0
+        bacc = 0.0
+        cur = latloc[1]
+        for t in range(n):
+            e = resid[o + t]
+            d = Dv[t] * e
+            dvec[t] = d
+            quad += e * d
+            b0 += load[o + t, 0] * d
+            a = latloc[2 * t + 1]
+            if a != cur:
+                b[cur] += bacc
+                bacc = 0.0
+                cur = a
+            bacc += load[o + t, 1] * d
+        b[cur] += bacc
+        b[0] = b0
+        gb = 0.0
+        for a in range(m):
+            gb += gs[a] * b[a]
+        for a in range(m):
+            h[a] = td[a] * b[a] + gs[a] * gb
+            quad -= b[a] * h[a]
+        llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+        wsum += wr
+        if need_grad:
+            for a in range(m):
+                u[a] = 0.0
+            b0 = 0.0
+            bacc = 0.0
+            cur = latloc[1]
+            for t in range(n):
+                a = latloc[2 * t + 1]
+                wt = dvec[t] - Dv[t] * (load[o + t, 0] * h[0] + load[o + t, 1] * h[a])
+                w_out[o + t] = wr * wt
+                W2[t] += wr * wt * wt
+                b0 += load[o + t, 0] * wt
+                if a != cur:
+                    u[cur] += bacc
+                    bacc = 0.0
+                    cur = a
+                bacc += load[o + t, 1] * wt
+            u[cur] += bacc
+            u[0] = b0
+            for a in range(m):
+                acc = wr * u[a]
+                for a2 in range(m):
+                    U[a * m + a2] += acc * u[a2]
+    ll[0] += llp
+    if need_grad:
+        # ASA = A - A T A = A - A diag(td) A - ag ag', ag = A gs
+        ag[0] = A0[0] * gs[0]
+        for a in range(1, m):
+            ag[0] += A0[a] * gs[a]
+            ag[a] = A0[a] * gs[0] + Ad[a] * gs[a]
+        # A diag(td) A: [0,0] = sum A0a^2 td_a; [0,a] = A0a td_a Aaa; [a,a] = Aaa^2 td_a
+        acc = 0.0
+        for a in range(1, m):
+            acc += A0[a] * A0[a] * td[a]
+        gphi[glob[0] * M + glob[0]] += 0.5 * U[0] - 0.5 * wsum * (A0[0] - acc - ag[0] * ag[0])
+        for a in range(1, m):
+            d = A0[a] - A0[a] * td[a] * Ad[a] - ag[0] * ag[a]
+            gphi[glob[0] * M + glob[a]] += 0.5 * U[a] - 0.5 * wsum * d
+            gphi[glob[a] * M + glob[0]] += 0.5 * U[a * m] - 0.5 * wsum * d
+            for a2 in range(1, m):
+                d = -ag[a] * ag[a2]
+                if a2 == a:
+                    d += Ad[a] - Ad[a] * Ad[a] * td[a]
+                gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * d
+        for t in range(n):
+            gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
+    return 0
+
+
 cdef int factor_pattern(
         Py_ssize_t p,
         const long long[::1] pat_ptr, const long long[::1] row_ptr,
@@ -78,13 +236,17 @@ cdef int factor_pattern(
         int* loc, int* colloc, int* glob, int* colglob, int* latloc,
         double* Dv, double* sinv, double* W2, double* dvec,
         double* Lp, double* A, double* AL, double* K, double* Z, double* T,
-        double* ASA, double* U, double* b, double* h, double* u) noexcept nogil:
+        double* ASA, double* U, double* b, double* h, double* u,
+        const double* thinfo) noexcept nogil:
+    # thinfo: 1 / theta_s (P values), then log theta_s (P values), once per evaluation
     cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef int P = theta.shape[0]
     cdef long long o0 = row_ptr[r0], o
     cdef int n = <int>(row_ptr[r0 + 1] - o0)
     cdef int nl = load.shape[1]
-    cdef int m = 0, c = 0, t, k, k2, a, a2, g, g2, j, j2, s, status = 0
+    cdef int m = 0, c = 0, t, k, k2, a, a2, g, g2, j, j2, s, status = 0, arrow
     cdef double th, logth = 0.0, logdet, la, quad0, quad, wr, wsum = 0.0, acc, e, d, wt
+    cdef double llp = 0.0
     # slots, inverse residual variances, local latents
     for t in range(n):
         s = slot[o0 + t]
@@ -92,8 +254,8 @@ cdef int factor_pattern(
         if not (th > 0.0):
             status = 1
             break
-        Dv[t] = 1.0 / th
-        logth += log(th)
+        Dv[t] = thinfo[s]
+        logth += thinfo[P + s]
         for k in range(nl):
             g = slot_lat[s, k]
             if g < 0:
@@ -104,6 +266,25 @@ cdef int factor_pattern(
                 glob[m] = g
                 m += 1
             latloc[t * nl + k] = loc[g]
+    if status == 0 and USE_ARROWHEAD and nl == 2:
+        arrow = 1
+        for t in range(n):
+            if latloc[2 * t] != 0 or latloc[2 * t + 1] < 1:
+                arrow = 0
+                break
+        if arrow:
+            for a in range(m):
+                g = glob[a]
+                if blk_end[g] - blk_start[g] != 1:
+                    arrow = 0
+                    break
+        if arrow:
+            status = arrow_pattern(p, pat_ptr, row_ptr, slot, resid, load, F, wrow, w_out,
+                                   ll, gphi, gth, M, need_grad, n, m, logth, glob, latloc,
+                                   Dv, sinv, W2, dvec, A, AL, K, Z, T, ASA, U, b, h, u)
+            for a in range(m):
+                loc[glob[a]] = -1
+            return status
     if status == 0:
         # columns of F that the touched latents use
         for a in range(m):
@@ -215,7 +396,7 @@ cdef int factor_pattern(
                     acc += T[a * m + a2] * b[a2]
                 h[a] = acc
                 quad -= b[a] * acc
-            ll[0] += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+            llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
             wsum += wr
             if need_grad:
                 for a in range(m):
@@ -236,6 +417,7 @@ cdef int factor_pattern(
                 for a in range(m):
                     for a2 in range(m):
                         U[a * m + a2] += wr * u[a] * u[a2]
+        ll[0] += llp
         if need_grad:
             for a in range(m):
                 for a2 in range(m):
@@ -251,17 +433,35 @@ cdef int factor_pattern(
 
 
 def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
-                  const int[::1] slot, const double[::1] resid,
+                  const int[::1] slot, double[::1] resid,
                   const double[:, ::1] load, const int[:, ::1] slot_lat,
                   const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
                   const double[::1] theta, const double[::1] wrow,
                   double[::1] w_out, double[::1] ll_t, double[:, ::1] gphi_t,
                   double[:, ::1] gth_t, int[::1] status_t,
-                  int maxn, int maxm, int maxc, int nthreads, int need_grad):
+                  int maxn, int maxm, int maxc, int nthreads, int need_grad,
+                  const double[::1] y=None, const double[:, ::1] X=None,
+                  const double[::1] beta=None, double[:, ::1] gbeta_t=None):
     """Factor (Woodbury) path. Per-thread outputs: ll_t[nt], gphi_t[nt, M*M],
-    gth_t[nt, P] (dl/dtheta per slot), status_t[nt]; w_out[nobs] (weighted w)."""
+    gth_t[nt, P] (dl/dtheta per slot), status_t[nt]; w_out[nobs] (weighted w).
+
+    Fused mode (y, X, beta and gbeta_t given): ``resid`` is an output buffer,
+    filled per pattern with y - X beta just before the pattern is evaluated, and
+    gbeta_t[tid, :q] receives the thread's share of X' w (= dl/dbeta) just after:
+    one pass over the observations per evaluation instead of three, with each
+    pattern's rows still in cache."""
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
-    cdef int M = F.shape[0], tid, nl = load.shape[1], i, st
+    cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
+    cdef int fused = y is not None, q = 0
+    cdef long long o, o_lo, o_hi
+    cdef double acc
+    cdef double* gb
+    if fused:
+        if X is None or beta is None or gbeta_t is None:
+            raise ValueError("fused mode needs y, X, beta and gbeta_t")
+        q = X.shape[1]
+        if beta.shape[0] != q or gbeta_t.shape[1] < q or X.shape[0] != resid.shape[0]:
+            raise ValueError("fused mode: shapes of X, beta, gbeta_t do not agree")
     cdef int* loc
     cdef int* colloc
     cdef int* ibuf
@@ -275,17 +475,39 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         nthreads = 1
     if not MLSEM_HAVE_OPENMP:
         nthreads = 1
+    cdef Py_ssize_t P = theta.shape[0], s
+    cdef double* thinfo = <double*>malloc((2 * P + 1) * sizeof(double))
+    if thinfo == NULL:
+        raise MemoryError()
+    for s in range(P):
+        if theta[s] > 0.0:
+            thinfo[s] = 1.0 / theta[s]
+            thinfo[P + s] = log(theta[s])
+        else:
+            thinfo[s] = 0.0
+            thinfo[P + s] = 0.0
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
         loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 4) * sizeof(int))
-        dbuf = <double*>malloc((nd + 16) * sizeof(double))
+        dbuf = <double*>malloc((nd + 16 + q) * sizeof(double))
         if loc != NULL and dbuf != NULL:
             colloc = loc + M
             ibuf = colloc + M
+            gb = dbuf + nd + 16
             for i in range(2 * M):
                 loc[i] = -1
+            for c in range(q):
+                gb[c] = 0.0
             for p in prange(npat, schedule='dynamic', chunksize=16):
                 if status_t[tid] == 0:
+                    o_lo = row_ptr[pat_ptr[p]]
+                    o_hi = row_ptr[pat_ptr[p + 1]]
+                    if fused:
+                        for o in range(o_lo, o_hi):
+                            acc = y[o]
+                            for ci in range(q):
+                                acc = acc - X[o, ci] * beta[ci]
+                            resid[o] = acc
                     st = factor_pattern(
                         p, pat_ptr, row_ptr, slot, resid, load, slot_lat, F, blk_start, blk_end,
                         theta, wrow, w_out, &ll_t[tid], &gphi_t[tid, 0], &gth_t[tid, 0],
@@ -301,13 +523,69 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                         dbuf + 4 * nn + 2 * mm * cc + 3 * mm * mm + big * big + cc * cc,    # U
                         dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc,    # b
                         dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
-                        dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm)
+                        dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm,
+                        thinfo)
                     if st != 0:
                         status_t[tid] = st
+                    elif fused and need_grad:
+                        for ci in range(q):
+                            acc = 0.0      # a register accumulator, not gb[ci]
+                            for o in range(o_lo, o_hi):
+                                acc = acc + X[o, ci] * w_out[o]
+                            gb[ci] += acc
+            for c in range(q):
+                gbeta_t[tid, c] = gb[c]
         else:
             status_t[tid] = 9
         free(loc)
         free(dbuf)
+    free(thinfo)
+    return 0
+
+
+def residuals(const double[::1] y, const double[:, ::1] X, const double[::1] beta,
+              double[::1] out, int nthreads):
+    """out = y - X beta, one parallel pass (no temporaries)."""
+    cdef Py_ssize_t n = y.shape[0], i
+    cdef int q = X.shape[1], c
+    cdef double acc
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    with nogil:
+        for i in prange(n, schedule='static', num_threads=nthreads):
+            acc = y[i]
+            for c in range(q):
+                acc = acc - X[i, c] * beta[c]
+            out[i] = acc
+    return 0
+
+
+def xt_w(const double[:, ::1] X, const double[::1] w, double[:, ::1] out_t, int nthreads):
+    """out_t[ch] = X' w over the ch-th of out_t.shape[0] chunks of rows (the caller
+    sums the rows)."""
+    cdef Py_ssize_t n = X.shape[0], i, lo, hi, chunk, ch
+    cdef Py_ssize_t nch = out_t.shape[0]
+    cdef int q = X.shape[1], c
+    cdef double* acc
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    chunk = (n + nch - 1) // nch
+    with nogil:
+        for ch in prange(nch, schedule='static', num_threads=nthreads):
+            acc = <double*>malloc((q + 1) * sizeof(double))
+            if acc != NULL:
+                for c in range(q):
+                    acc[c] = 0.0
+                lo = ch * chunk
+                hi = lo + chunk
+                if hi > n:
+                    hi = n
+                for i in range(lo, hi):
+                    for c in range(q):
+                        acc[c] += X[i, c] * w[i]
+                for c in range(q):
+                    out_t[ch, c] = acc[c]
+                free(acc)
     return 0
 
 
@@ -325,7 +603,7 @@ cdef int dense_pattern(
     cdef int n = <int>(row_ptr[r0 + 1] - o0)
     cdef int nl = load.shape[1]
     cdef int t, t2, k, k2, g, g2, info = 0, one = 1
-    cdef double acc, logdet = 0.0, quad, wr, wsum = 0.0, gv
+    cdef double acc, logdet = 0.0, quad, wr, wsum = 0.0, gv, llp = 0.0
     cdef char lo = b'L'
     cdef char nt = b'N'
     cdef char tt = b'T'
@@ -365,7 +643,7 @@ cdef int dense_pattern(
         quad = 0.0
         for t in range(n):
             quad += v[t] * v[t]
-        ll[0] += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+        llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
         wsum += wr
         if need_grad:
             dtrsv(&lo, &tt, &nt, &n, S, &n, v, &one)
@@ -373,6 +651,7 @@ cdef int dense_pattern(
                 w_out[o + t] = wr * v[t]
                 for t2 in range(t, n):
                     WW[t * n + t2] += wr * v[t] * v[t2]
+    ll[0] += llp
     if need_grad:
         for t in range(n):
             for t2 in range(t, n):

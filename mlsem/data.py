@@ -220,7 +220,18 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
                 f"{_rows_text(dup[_ROW].to_list())}: each ({', '.join(level_cols + [index])}) must be unique")
         df = df.with_columns(pl.col(index).alias("__obs"))
     else:
-        df = df.with_columns(pl.int_range(pl.len()).over(level_cols).add(1).alias("__obs"))
+        # observation number within the innermost group, in row order: a stable
+        # sort by the ids and the distance to the group's first row (about twice
+        # as fast as a window expression over the ids on a million rows)
+        df = df.sort(level_cols, maintain_order=True)
+        idx = np.arange(df.height, dtype=np.int64)
+        same = np.ones(df.height, dtype=bool)      # same group as the row before
+        for c in level_cols:
+            v = df[c].to_numpy()
+            same[1:] &= v[1:] == v[:-1]
+        same[0] = False
+        first = np.maximum.accumulate(np.where(same, 0, idx))
+        df = df.with_columns(pl.Series("__obs", idx - first + 1))
     # drop what cannot be used: null covariates (counted), null outcomes (missing cells)
     used_x = [c for c in covariates]
     for eff in effects.values():
@@ -280,13 +291,13 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
         M += nn * len(eff)
         node_base += nn
     # rows and patterns
-    per_row = df.group_by(top).agg(pl.col("__slot").sort().alias("__pat_slots"))
+    per_row = df.group_by(top, maintain_order=True).agg(pl.col("__slot").sort().alias("__pat_slots"))
     has_slopes = any(e != "Intercept" for eff in effects.values() for e in eff)
     if has_slopes:
         # loadings depend on the row's covariates: each row is its own pattern
         per_row = per_row.sort(top).with_row_index("__pat")
     else:
-        pats = per_row.select("__pat_slots").unique().with_row_index("__pat")
+        pats = per_row.select("__pat_slots").unique(maintain_order=True).with_row_index("__pat")
         per_row = per_row.join(pats, on="__pat_slots", how="left")
     per_row = per_row.select(top, "__pat").sort("__pat", top).with_row_index("__rowid")
     df = df.join(per_row, on=top, how="left").sort("__rowid", "__slot")
@@ -326,10 +337,19 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     else:
         wrow = np.ones(nrows)
     # group counts per level, for the summary
+    # (df is sorted by row, then slot, and slots by their labels: a group of any
+    # level is a run of equal (row, labels above it); labels are one-to-one with
+    # the ids within their parent, so these are the groups of the id columns)
     infos = []
+    brk = np.ones(df.height, dtype=bool)         # an observation starts a new group
+    rid = df["__rowid"].to_numpy()
+    brk[1:] = rid[1:] != rid[:-1]
     for d, lv in enumerate(levels):
-        cnt = df.group_by(level_cols[: d + 1]).len()["len"]
-        infos.append(LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), cnt.len(),
+        if d >= 1:
+            lab = df[lab_cols[d - 1]].to_numpy()
+            brk[1:] |= lab[1:] != lab[:-1]
+        cnt = np.diff(np.append(np.flatnonzero(brk), df.height))
+        infos.append(LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), len(cnt),
                                int(cnt.min()), float(cnt.mean()), int(cnt.max())))
     slot_labels = slots.rename({c: level_cols[i + 1] for i, c in enumerate(lab_cols)}).rename({"__obs": "obs", "__slot": "slot"})
     top_ids = per_row[top]

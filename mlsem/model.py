@@ -18,6 +18,12 @@ import numpy as np
 from . import _oracle
 from .errors import MlsemError
 
+# OpenMP threads that spin-wait between the kernel's parallel regions starve
+# each other (and everything else) on a busy machine: a 2k-row fit took 20x
+# longer with 2 threads than with 1 under load.  Sleep instead of spinning,
+# unless the user chose otherwise (read when libgomp loads, i.e. at the import).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     from . import _core
 except ImportError:  # the extension is not built: the NumPy oracle is the fallback
@@ -35,6 +41,9 @@ def default_threads() -> int:
     return max(1, n)
 
 
+SERIAL_BELOW = 50_000
+
+
 class Model:
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
         self.prep = prep
@@ -44,7 +53,9 @@ class Model:
         if backend == "cython" and _core is None:
             raise MlsemError("backend='cython' but the compiled kernel mlsem._core is not built")
         self.backend = backend
-        self.nthreads = nthreads or default_threads()
+        # below SERIAL_BELOW observations an evaluation takes well under a
+        # millisecond: waking a second thread for it costs more than it saves
+        self.nthreads = nthreads or (1 if prep.nobs < SERIAL_BELOW else default_threads())
         self.M = max(table.nlatent, 1)
         self.P = table.nslots
         self.q = prep.X.shape[1]
@@ -79,6 +90,10 @@ class Model:
         self._slot = np.ascontiguousarray(prep.slot, dtype=np.int32)
         self._slot_lat = np.ascontiguousarray(prep.slot_lat, dtype=np.int32)
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
+        self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
+        self._resid = np.empty(prep.nobs)
+        self._xtw = np.zeros((max(nt, 1) * 4, self.q))
+        self._gbeta = np.zeros((nt, max(self.q, 8)))   # rows a cache line apart
         nl = prep.slot_lat.shape[1]
         self._maxn = int(prep.max_row_obs)
         self._maxm = int(min(self.M, self._maxn * nl))
@@ -217,7 +232,15 @@ class Model:
         t = self.table
         prep = self.prep
         beta, Phi, Theta = self.matrices(psi)
-        resid = prep.y - prep.X @ beta if self.q else prep.y.copy()
+        if self.backend == "numpy":
+            resid = prep.y - prep.X @ beta if self.q else prep.y.copy()
+        elif self.dense:
+            # one parallel pass into a reused buffer (no temporaries per evaluation)
+            _core.residuals(prep.y, self._X, np.ascontiguousarray(beta, dtype=float),
+                            self._resid, self._nt)
+            resid = self._resid
+        else:
+            resid = self._resid   # filled by the fused factor kernel
         if self.backend == "numpy":
             Th = Theta if self.dense else np.diag(Theta)
             ll, gphi, gth, w = _oracle.loglik(prep.row_ptr, prep.slot, resid, prep.load,
@@ -243,11 +266,14 @@ class Model:
                 F = self.factor(Phi)
                 if F is None:
                     return None, None
+                # fused: y - X beta and X'w computed per pattern inside the kernel
                 _core.factor_loglik(prep.pat_ptr, prep.row_ptr, self._slot, resid, self._load,
                                     self._slot_lat, F, self.blk_start, self.blk_end, Theta,
                                     prep.wrow, self._w, self._ll, self._gphi, self._gth,
                                     self._status, self._maxn, self._maxm, self._maxc, self._nt,
-                                    int(need_grad))
+                                    int(need_grad), y=prep.y, X=self._X,
+                                    beta=np.ascontiguousarray(beta, dtype=float),
+                                    gbeta_t=self._gbeta)
             if self._status.any():
                 return None, None
             ll = float(self._ll.sum())
@@ -256,12 +282,17 @@ class Model:
             gphi = self._gphi.sum(axis=0)
             gth = self._gth.sum(axis=0)
             w = self._w
+            if self.q and self.dense:
+                _core.xt_w(self._X, w, self._xtw, self._nt)
+                xtw = self._xtw.sum(axis=0)
+            elif self.q:
+                xtw = self._gbeta[:, :self.q].sum(axis=0)
         if not need_grad:
             return ll, None
         npar = t.nparams
         g = np.zeros(npar)
         if self.q:
-            np.add.at(g, t.beta_param, prep.X.T @ w)
+            np.add.at(g, t.beta_param, prep.X.T @ w if self.backend == "numpy" else xtw)
         if len(t.phi_param):
             g += np.bincount(t.phi_param, weights=gphi[t.phi_row * self.M + t.phi_col], minlength=npar)
         if self.dense:

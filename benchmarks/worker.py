@@ -1,0 +1,56 @@
+"""One timed fit in a fresh process (so that its peak memory is its own).
+
+    python benchmarks/worker.py mlsem <data.parquet> <formula> [threads]
+    python benchmarks/worker.py statsmodels <data.parquet> <formula>
+
+Prints one JSON object: seconds, loglik, program (and, for mlsem, the
+optimiser's iterations and evaluations).  mlsem is timed end to end from the
+Parquet file to the results object; statsmodels from an in-memory pandas frame
+(reading excluded) to its results.
+"""
+import json
+import os
+import sys
+import time
+
+
+def run_mlsem(path, formula, threads=None):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import mlsem
+    t0 = time.perf_counter()
+    r = mlsem.fit(path, formula, nthreads=threads)
+    sec = time.perf_counter() - t0
+    return {"seconds": sec, "loglik": r.loglik, "program": f"mlsem {mlsem.__version__}",
+            "iterations": r.opt.iterations, "evaluations": r.opt.evaluations,
+            "timings": r.timings}
+
+
+def run_statsmodels(path, formula):
+    import polars as pl
+    import statsmodels
+    import statsmodels.formula.api as smf
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from mlsem.formula import nest_levels, parse_formula
+    F = parse_formula(formula)
+    levels = nest_levels(F)
+    top, inner = levels[0][-1], levels[1][-1]
+    df = pl.read_parquet(path).to_pandas()
+    rhs = " + ".join(F.fixed) if F.fixed else "1"
+    t0 = time.perf_counter()
+    md = smf.mixedlm(f"{F.outcome} ~ {rhs}", df, groups=top, re_formula="1",
+                     vc_formula={inner: f"0 + C({inner})"})
+    res = md.fit(reml=False)
+    sec = time.perf_counter() - t0
+    return {"seconds": sec, "loglik": float(res.llf),
+            "program": f"statsmodels {statsmodels.__version__} MixedLM (ML)"}
+
+
+if __name__ == "__main__":
+    tool, path, formula = sys.argv[1:4]
+    if tool == "mlsem":
+        out = run_mlsem(path, formula, int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    elif tool == "statsmodels":
+        out = run_statsmodels(path, formula)
+    else:
+        raise SystemExit(f"unknown tool {tool!r}")
+    print(json.dumps(out))

@@ -1,0 +1,112 @@
+"""The speed-ups keep results identical (not timing tests: those are in
+benchmarks/).  Each shortcut is checked against the long way round."""
+import numpy as np
+import polars as pl
+
+import mlsem
+from conftest import REF
+from mlsem import estimate
+from mlsem.data import collect_columns, prepare
+from mlsem.formula import nest_levels, parse_formula
+from mlsem.model import SERIAL_BELOW, Model, _core
+from mlsem.spec import multilevel_table
+
+
+def build(path, formula, nthreads=None):
+    F = parse_formula(formula)
+    levels = nest_levels(F)
+    effects = {len(rt.group) - 1: list(rt.effects) for rt in F.random}
+    df = collect_columns(path, F.columns, [F.outcome] + list(F.fixed), [lv[-1] for lv in levels])
+    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects)
+    return prep, Model(prep, multilevel_table(prep, F, levels), nthreads=nthreads)
+
+
+def test_reused_newton_hessian_equals_a_fresh_one():
+    """The information taken from the polish's last Hessian (a negligible step
+    away) gives the standard errors of a Hessian computed at the estimate."""
+    prep, model = build(REF / "unbalanced.parquet", "y ~ x1 + z + (1 | k/j)")
+    opt = estimate.optimize(model)
+    assert opt.hessian is not None
+    n0 = model.nevals
+    reused = estimate.information(model, opt.final, opt)
+    assert model.nevals == n0                      # no evaluation spent
+    fresh = estimate.information(model, opt.final)
+    assert model.nevals == n0 + 2 * len(opt.final)
+    se_r = np.sqrt(np.diag(np.linalg.inv(reused)))
+    se_f = np.sqrt(np.diag(np.linalg.inv(fresh)))
+    np.testing.assert_allclose(se_r, se_f, rtol=1e-5)
+
+
+def test_information_is_recomputed_after_a_real_step():
+    prep, model = build(REF / "unbalanced.parquet", "y ~ x1 + z + (1 | k/j)")
+    opt = estimate.optimize(model)
+    moved = opt.final * (1 + 1e-3)
+    n0 = model.nevals
+    estimate.information(model, moved, opt)
+    assert model.nevals == n0 + 2 * len(opt.final)
+
+
+def test_layout_is_deterministic():
+    """Pattern numbering and row order do not depend on hash order: the same
+    data give the same CSR layout (and so the same sums and iterations)."""
+    a, _ = build(REF / "medium.parquet", "y ~ x + (1 | k/j)")
+    b, _ = build(REF / "medium.parquet", "y ~ x + (1 | k/j)")
+    for name in ("row_ptr", "pat_ptr", "slot", "y", "X", "obs_row"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_observation_index_follows_row_order():
+    """Without ``index`` the slot of an observation is its position in its
+    (k, j) group in row order, whatever the order of the groups in the file."""
+    df = pl.DataFrame({"k": [2, 1, 2, 1, 2], "j": [1, 1, 1, 1, 2],
+                       "y": [5.0, 1.0, 6.0, 2.0, 7.0], "x": [0.0, 0.1, 0.2, 0.3, 0.4]})
+    F = parse_formula("y ~ x + (1 | k/j)")
+    prep = prepare(df, "y", ["x"], True, nest_levels(F), {0: ["Intercept"], 1: ["Intercept"]})
+    obs = dict(zip(prep.obs_row.tolist(), prep.slot_labels["obs"].gather(prep.slot).to_list()))
+    assert obs == {0: 1, 2: 2, 4: 1, 1: 1, 3: 2}
+
+
+def test_small_data_default_to_one_thread():
+    prep, model = build(REF / "unbalanced.parquet", "y ~ x1 + z + (1 | k/j)")
+    assert prep.nobs < SERIAL_BELOW and model.nthreads == 1
+    _, big = build(REF / "medium.parquet", "y ~ x + (1 | k/j)")
+    assert big.nthreads >= 1
+    _, forced = build(REF / "unbalanced.parquet", "y ~ x1 + z + (1 | k/j)", nthreads=2)
+    assert forced.nthreads == 2
+
+
+def test_fused_kernel_threads_agree():
+    """1 and 2 threads (fused residuals and X'w) give the same log-likelihood
+    and gradient up to summation order."""
+    if _core is None or not _core.HAVE_OPENMP:
+        return
+    _, m1 = build(REF / "medium.parquet", "y ~ x + (1 | k/j)", nthreads=1)
+    _, m2 = build(REF / "medium.parquet", "y ~ x + (1 | k/j)", nthreads=2)
+    psi = estimate.start_values(m1)
+    l1, g1 = m1.evaluate(psi)
+    l2, g2 = m2.evaluate(psi)
+    assert abs(l1 - l2) < 1e-7 * abs(l1)
+    np.testing.assert_allclose(g1, g2, rtol=1e-9, atol=1e-6)
+
+
+def test_fit_end_to_end_unchanged_by_threads():
+    r1 = mlsem.fit(REF / "medium.parquet", "y ~ x + (1 | k/j)", nthreads=1)
+    r2 = mlsem.fit(REF / "medium.parquet", "y ~ x + (1 | k/j)", nthreads=2)
+    assert abs(r1.loglik - r2.loglik) < 1e-6
+    np.testing.assert_allclose(r1.estimate, r2.estimate, rtol=1e-6)
+
+
+def test_stalled_lbfgsb_handed_to_newton_gives_the_same_fit(monkeypatch):
+    """egsingle: L-BFGS-B stalls at rounding level; stopping it there (and
+    letting the Newton polish finish) gives the fit of running it to its end."""
+    path, formula = REF / "egsingle.parquet", "math ~ year + (1 | schoolid/childid)"
+    _, m1 = build(path, formula)
+    o1 = estimate.optimize(m1)
+    assert "stalled" in o1.message and o1.converged
+    monkeypatch.setattr(estimate, "STALL_EVALS", 10**9)
+    _, m2 = build(path, formula)
+    o2 = estimate.optimize(m2)
+    assert "stalled" not in o2.message and o2.converged
+    assert m1.nevals < m2.nevals
+    assert abs(o1.loglik - o2.loglik) < 1e-8
+    np.testing.assert_allclose(o1.final, o2.final, rtol=1e-7, atol=1e-9)
