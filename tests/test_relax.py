@@ -360,3 +360,15 @@ def test_ar1_needs_integer_index_values_and_index_names_residual_slots():
         mlsem.fit(d, "y ~ x1 + z + (1 | k/j)", index="t", residuals={"correlation": "ar1"})
     with pytest.raises(mlsem.MlsemError, match="unknown level 'i'"):
         mlsem.fit(d, "y ~ x1 + z + (1 | k/j)", residuals={"variance": "i"})   # no index= given
+
+
+def test_lrtest_hetero_reproduces_the_reference_loglik_difference():
+    """LR test of the heteroskedastic relaxation = twice the difference of
+    lavaan's `hetero` log-likelihood and the standard model's (lme4's, the same
+    model as lavaan's standard wide SEM)."""
+    case = load_case("hetero_corr")
+    ref_chi2 = 2.0 * (case["lavaan"]["hetero"]["loglik"] - case["lme4"]["loglik"])
+    std = mlsem.fit(HC, "y ~ x + (1 | k/j)")
+    het = mlsem.fit(HC, "y ~ x + (1 | k/j)", effects={"j": {"variance": "slot"}})
+    t = mlsem.lrtest(std, het)
+    assert abs(t.chi2 - ref_chi2) < 2e-4
