@@ -115,12 +115,8 @@ def _status(res) -> str:
 
 
 def _json_default(o):
-    import numpy as np
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+    from .results import _json_default as default
+    return default(o)
 
 
 def _fit_record(res) -> dict:
