@@ -96,15 +96,20 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
             raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
         effects[d] = list(rt.effects)
     if backend == "dask":
-        if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml" or relaxed:
-            raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML, no weights and "
-                             "no relaxations (effects=, residuals=, coefficients=) yet")
+        if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml":
+            raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML and no weights")
         from .distributed import build
         model = build(data, client, F, levels, effects, index, npartitions=npartitions,
-                      nthreads=nthreads)
+                      nthreads=nthreads, relax=(relax_effects, residuals, coefficients))
         try:
             t1 = time.perf_counter()
-            opt = optimize(model, progress=progress)
+            start = None
+            if model.base_table is not None and needs_warm_start(model.table):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    base = optimize(model.base())
+                start = warm_start(model.table, model.base_table, base.final)
+            opt = optimize(model, start=start, progress=progress)
             t2 = time.perf_counter()
             res = _finish(model, opt, opts, F, model.prep,
                           {"prepare": t1 - t0, "optimize": t2 - t1}, t2)

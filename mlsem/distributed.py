@@ -32,6 +32,7 @@ and only for ``backend="dask"``).  Dask is an optional dependency
 """
 from __future__ import annotations
 
+import copy
 import glob as _glob
 import math
 import os
@@ -46,6 +47,7 @@ import polars as pl
 from .data import collect_columns, label_mode, prepare, scan, LevelInfo
 from .errors import MlsemError
 from .model import Model
+from .relax import coefficient_design, relax_table
 from .spec import multilevel_table
 
 try:
@@ -222,13 +224,16 @@ def _checksum(prep) -> tuple:
 class _Part:
     """One partition's prepared data and model, held in a worker's memory."""
 
-    def __init__(self, prep, table, backend, nthreads):
+    def __init__(self, prep, table, backend, nthreads, base_table=None):
         if nthreads is None:
             try:
                 nthreads = _dd.get_worker().state.nthreads
             except Exception:
                 nthreads = 1
         self.model = Model(prep, table, backend=backend, nthreads=nthreads)
+        # a relaxed model also keeps the mixed model's (its warm start), on the same data
+        self.base_model = (None if base_table is None else
+                           Model(prep, base_table, backend=backend, nthreads=nthreads))
         self.checksum = _checksum(prep)
         self.build = uuid.uuid4().hex
         self.lock = threading.Lock()
@@ -260,6 +265,7 @@ def _summary(prep, slopes) -> dict:
         "xnames": list(prep.xnames), "latent_names": list(prep.latent_names),
         "latent_term": list(prep.latent_term), "latent_node": prep.latent_node,
         "nlatent": prep.nlatent, "nslots": prep.nslots, "slot_labels": prep.slot_labels,
+        "slot_lat": prep.slot_lat,
         "level_labels": prep.level_labels, "levels": prep.levels, "nobs": prep.nobs,
         "nrows": prep.nrows, "npatterns": prep.npatterns,
         "dropped_covariate": prep.dropped_covariate, "missing_outcome": prep.missing_outcome,
@@ -271,7 +277,8 @@ def _prepare_share(raw, args, modes, slots):
     if raw.height == 0:
         return None
     try:
-        prep = prepare(raw, *args["prepare"], index=args["index"], label_modes=modes, slots=slots)
+        prep = prepare(raw, *args["prepare"], index=args["index"], label_modes=modes, slots=slots,
+                       design=args.get("design"))
     except MlsemError as exc:
         if str(exc).startswith(_NO_DATA):
             return None
@@ -284,17 +291,17 @@ def _part_summary(prep, slopes):
     return None if prep is None else _summary(prep, slopes)
 
 
-def _make_part(prep, table, backend, nthreads):
-    return None if prep is None else _Part(prep, table, backend, nthreads)
+def _make_part(prep, table, backend, nthreads, base_table=None):
+    return None if prep is None else _Part(prep, table, backend, nthreads, base_table)
 
 
 def _part_id(part):
     return part.checksum, part.build
 
 
-def _part_eval(part, psi, need_grad):
+def _part_eval(part, psi, need_grad, which="model"):
     with part.lock:
-        ll, g = part.model.evaluate(psi, need_grad)
+        ll, g = getattr(part, which).evaluate(psi, need_grad)
     return ll, g, part.checksum, part.build
 
 
@@ -338,6 +345,7 @@ class DistributedData:
     missing_outcome: int
     npartitions: int
     nsources: int
+    slot_lat: np.ndarray | None = None   # (P, nl) global latent of each slot (relax.relax_table)
     meta: dict = field(default_factory=dict)
 
 
@@ -375,6 +383,20 @@ class DaskModel(Model):
         self.poll = poll
         self.owned = False      # the client was opened by build() from an address
         self._where = None      # partition key -> worker address (refreshed when a worker is lost)
+        self.base_table = None  # the mixed model's table when ``table`` relaxes it
+        self._which = "model"   # the worker-side model evaluated ("base_model": the mixed one)
+
+    def base(self) -> "DaskModel":
+        """The mixed (unrelaxed) model on the same partitions, for the relaxed
+        fit's warm start (api.fit's relax.warm_start)."""
+        if self.base_table is None:
+            raise MlsemError("internal: this distributed model is not a relaxation")
+        m = copy.copy(self)
+        m.table, m.base_table, m._which = self.base_table, None, "base_model"
+        m.M, m.P = max(m.table.nlatent, 1), m.table.nslots
+        m._tau_layout(m.table)
+        m.owned = False
+        return m
 
     # ---- one round trip ------------------------------------------------------
     def _submit(self, func, args):
@@ -438,7 +460,7 @@ class DaskModel(Model):
     def evaluate(self, psi, need_grad: bool = True):
         self.nevals += 1
         t0 = time.perf_counter()
-        out = self._run(_part_eval, np.asarray(psi, dtype=float), need_grad)
+        out = self._run(_part_eval, np.asarray(psi, dtype=float), need_grad, self._which)
         ll, g, bad = 0.0, np.zeros(self.table.nparams), False
         for p, (llp, gp, chk, build) in enumerate(out):
             if chk != self.checksums[p]:
@@ -530,12 +552,15 @@ class DaskModel(Model):
 
 
 def build(data, client, F, levels, effects, index, *, npartitions=None, backend="auto",
-          nthreads=None) -> DaskModel:
+          nthreads=None, relax=None) -> DaskModel:
     """Read, shuffle and prepare ``data`` on the workers of ``client``; build the
-    parameter table on the driver; return the distributed model."""
+    parameter table on the driver; return the distributed model.  ``relax``:
+    (effects, residuals[, coefficients]) of mlsem.relax, applied to the table on the driver
+    with the global slot metadata."""
     client, owned = _require_dask(client)
     try:
-        model = _build(data, client, F, levels, effects, index, npartitions, backend, nthreads)
+        model = _build(data, client, F, levels, effects, index, npartitions, backend, nthreads,
+                       relax)
     except BaseException:
         if owned:
             client.close()
@@ -544,7 +569,7 @@ def build(data, client, F, levels, effects, index, *, npartitions=None, backend=
     return model
 
 
-def _build(data, client, F, levels, effects, index, npartitions, backend, nthreads):
+def _build(data, client, F, levels, effects, index, npartitions, backend, nthreads, relax=None):
     if npartitions is None:
         npartitions = max(1, len(client.ncores()))
     if not isinstance(npartitions, int) or npartitions < 1:
@@ -599,6 +624,11 @@ def _build(data, client, F, levels, effects, index, npartitions, backend, nthrea
             raise MlsemError(f"data: no observation has both {F.outcome!r} and the covariates observed")
         slots = pl.concat(keys).unique()
         slots = slots.sort(slots.columns)
+        if relax is not None and len(relax) > 2 and relax[2]:
+            # group-specific coefficients: one column per label of the whole data set
+            # (data.prepare's design rows are its slot rows, so these are the in-process labels)
+            labels = {d: slots[f"__lab{d}"].unique().sort().to_list() for d in range(1, len(levels))}
+            args = dict(args, design=coefficient_design(relax[2], F, levels, labels))
         preps = [sub(_prepare_share, r, args, modes, slots, key=f"mlsem-prepare-{tag}-{p}", at=p)
                  for p, r in enumerate(raws)]
         slopes = any(e != "Intercept" for v in effects.values() for e in v)
@@ -627,9 +657,12 @@ def _build(data, client, F, levels, effects, index, npartitions, backend, nthrea
                    else len(set().union(*(s["patterns"] for s in summ)))),
         dropped_covariate=sum(s["dropped_covariate"] for s in summ),
         missing_outcome=sum(s["missing_outcome"] for s in summ),
-        npartitions=len(keep), nsources=len(srcs))
-    table = multilevel_table(dd, F, levels)
-    parts = [sub(_make_part, pr, table, backend, nthreads, key=f"mlsem-model-{tag}-{keep[i]}", at=keep[i])
+        npartitions=len(keep), nsources=len(srcs), slot_lat=s0["slot_lat"])
+    base_table = multilevel_table(dd, F, levels)
+    table = relax_table(base_table, dd, *(tuple(relax or ())[:2] or (None, None)), index)
+    base_arg = None if table is base_table else base_table
+    parts = [sub(_make_part, pr, table, backend, nthreads, base_arg,
+                 key=f"mlsem-model-{tag}-{keep[i]}", at=keep[i])
              for i, pr in enumerate(preps)]
     first = client.gather([client.submit(_part_id, pt, pure=False) for pt in parts])
     lap("model")
@@ -637,4 +670,6 @@ def _build(data, client, F, levels, effects, index, npartitions, backend, nthrea
     # the shares and prepared frames stay in the graph (lineage for recovery)
     # but need not stay in memory: drop our references
     del raws, preps, splits
-    return DaskModel(client, parts, dd, table, [f[0] for f in first], [f[1] for f in first])
+    model = DaskModel(client, parts, dd, table, [f[0] for f in first], [f[1] for f in first])
+    model.base_table = base_arg
+    return model

@@ -91,11 +91,13 @@ def _lab(v):
 
 
 # ---- coefficients: a design hook for mlsem.data.prepare ------------------------
-def coefficient_design(coefficients, formula, levels):
+def coefficient_design(coefficients, formula, levels, labels=None):
     """A ``design`` callable for :func:`mlsem.data.prepare`, or None.
 
     ``coefficients={"x": "j"}`` replaces the column x by x * (label_j == g), one
-    per slot label g of level j, named ``x[g]``."""
+    per slot label g of level j, named ``x[g]``.  ``labels``: {level position:
+    sorted labels} to use instead of the prepared frame's own (mlsem.distributed:
+    every partition gets the columns of the global labels)."""
     if not coefficients:
         return None
     if not isinstance(coefficients, dict):
@@ -118,7 +120,8 @@ def coefficient_design(coefficients, formula, levels):
                 names.append(t)
                 continue
             lab = f"__lab{by[t]}"
-            for g in df[lab].unique().sort().to_list():
+            labs = labels[by[t]] if labels is not None else df[lab].unique().sort().to_list()
+            for g in labs:
                 nm = f"{t}[{_lab(g)}]"
                 exprs.append(pl.when(pl.col(lab) == g).then(base).otherwise(0.0).alias(nm))
                 names.append(nm)

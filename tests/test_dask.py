@@ -66,8 +66,54 @@ def test_reference_case_equals_in_process(client, name):
     assert any(n.startswith("dask: 2 partitions") for n in r1.notes)
 
 
-def test_relaxed_cases_not_yet_available():
-    pytest.skip("relaxed models (issue 3) are not on main yet: add them to CASES when they land")
+RELAXED = [
+    # heterogeneous j variances and residual variances by slot label of j
+    ("y ~ x + (1 | k/j)", dict(effects={"j": {"variance": "slot"}}, residuals={"variance": "j"})),
+    # unstructured j block (Cholesky parameterised), no county effect
+    ("y ~ x + (1 | k:j)", dict(effects={"j": {"variance": "slot", "covariance": "unstructured"}})),
+    # residual correlation: the dense kernel path and the warm start from the mixed model
+    ("y ~ x + (1 | k/j)", dict(residuals={"correlation": "exchangeable"})),
+]
+
+
+def test_group_specific_coefficients_equal_in_process(client, tmp_path):
+    """coefficients=: every partition gets one column per label of the whole data
+    set, even a partition where a label does not occur."""
+    _two_workers(client)
+    df = mlsem.simulate(60, (1, 4), (1, 5), seed=13)
+    first = df["k"].min()
+    df = df.filter((pl.col("j") < 4) | (pl.col("k") == first))   # label 4 in one county only
+    assert df.filter(pl.col("j") == 4)["k"].n_unique() == 1
+    d, _ = _write_unpartitioned(tmp_path, df, nfiles=3)
+    formula = "y ~ x + (1 | k/j)"
+    r0 = mlsem.fit(df, formula, index="i", coefficients={"x": "j"})
+    r1 = mlsem.fit(str(d), formula, index="i", coefficients={"x": "j"}, backend="dask",
+                   client=client, npartitions=5)
+    assert [n for n in r0.names if n.startswith("x[")] == ["x[1]", "x[2]", "x[3]", "x[4]"]
+    assert_same_fit(r0, r1)
+
+
+
+@pytest.mark.parametrize("formula, relax", RELAXED, ids=["hetero", "unstructured_noU", "exchangeable"])
+def test_relaxed_case_equals_in_process(client, formula, relax):
+    _two_workers(client)
+    path = REF / "hetero_corr.parquet"
+    r0 = mlsem.fit(path, formula, vce="oim", **relax)
+    r1 = mlsem.fit(path, formula, vce="oim", backend="dask", client=client, **relax)
+    m = r1.model            # the relaxed table, built on the driver from the global metadata
+    assert m.base_table is not None and m.table.nparams > m.base_table.nparams
+    assert_same_fit(r0, r1)
+    assert r1.model.table.theta_diagonal == ("correlation" not in relax.get("residuals", {}))
+
+
+def test_relaxed_errors_reported(client):
+    _two_workers(client)
+    path = REF / "hetero_corr.parquet"
+    with pytest.raises(mlsem.MlsemError, match="unknown level 'jj'"):
+        mlsem.fit(path, "y ~ x + (1 | k/j)", effects={"jj": {"variance": "slot"}},
+                  backend="dask", client=client)
+    with pytest.raises(mlsem.MlsemError, match="'xx' is not a fixed term"):
+        mlsem.fit(path, "y ~ x + (1 | k/j)", coefficients={"xx": "j"}, backend="dask", client=client)
 
 
 def _write_unpartitioned(tmp_path, df, nfiles=8, seed=7):
