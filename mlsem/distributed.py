@@ -46,6 +46,7 @@ import polars as pl
 
 from .data import collect_columns, label_mode, prepare, scan, LevelInfo
 from .errors import MlsemError
+from .estimate import variance_starts
 from .model import Model
 from .relax import coefficient_design, relax_table
 from .spec import multilevel_table
@@ -507,22 +508,9 @@ class DaskModel(Model):
         else:
             rss = sum(self._run(_part_rss, beta, ysum / n))
         s2 = rss / n or 1.0
-        nvar = len({p.level for p in t.params if p.kind == "var"}) + 1
-        for i, p in enumerate(t.params):
-            if p.kind == "var":
-                share = s2 / nvar
-                if ":" in p.name and not p.name.endswith(":Intercept)"):
-                    cov = p.name.split(":")[-1].rstrip(")").split("[")[0]
-                    try:
-                        col = self.prep.xnames.index(cov)
-                        vx = float(XtX[col, col] / n - (xsum[col] / n) ** 2) or 1.0
-                    except ValueError:
-                        vx = 1.0
-                    share = 0.1 * share / vx
-                psi[i] = share
-            elif p.kind == "resid":
-                psi[i] = s2 / nvar
-        return psi
+        xvar = {name: float(XtX[c, c] / n - (xsum[c] / n) ** 2)
+                for c, name in enumerate(self.prep.xnames)}
+        return variance_starts(t, psi, s2, xvar)
 
     def ols_loglik(self) -> float:
         """Log-likelihood of the linear regression (api._ols_loglik's value)."""

@@ -64,31 +64,30 @@ def start_values(model) -> np.ndarray:
     if model.q:
         beta, *_ = np.linalg.lstsq(prep.X, prep.y, rcond=None)
         resid = prep.y - prep.X @ beta
-        np.add.at(psi, t.beta_param, 0.0)
         psi[t.beta_param] = beta
     else:
         resid = prep.y - prep.y.mean()
     s2 = float(np.mean(resid ** 2)) or 1.0
-    kinds = [p.kind for p in t.params]
-    nvar = len({p.level for p in t.params if p.kind == "var"}) + 1
-    for i, p in enumerate(t.params):
+    xvar = {n: float(np.var(prep.X[:, c])) for c, n in enumerate(prep.xnames)}
+    return variance_starts(t, psi, s2, xvar)
+
+
+def variance_starts(table, psi, s2, xvar) -> np.ndarray:
+    """Fill the variance parameters of ``psi``: the residual variance ``s2``
+    of the mean model split equally over the variance components and the
+    residual; a slope variance scaled by its covariate's variance (``xvar``,
+    by design-column name); covariances and correlations start at 0."""
+    nvar = len({p.level for p in table.params if p.kind == "var"}) + 1
+    for i, p in enumerate(table.params):
         if p.kind == "var":
             share = s2 / nvar
             if ":" in p.name and not p.name.endswith(":Intercept)"):
-                # slope variance: scale by the covariate's variance
                 cov = p.name.split(":")[-1].rstrip(")").split("[")[0]
-                try:
-                    col = prep.xnames.index(cov)
-                    vx = float(np.var(prep.X[:, col])) or 1.0
-                except ValueError:
-                    vx = 1.0
-                share = 0.1 * share / vx
+                share = 0.1 * share / (xvar.get(cov) or 1.0)
             psi[i] = share
         elif p.kind == "resid":
             psi[i] = s2 / nvar
-        elif kinds[i] in ("cov", "rcov"):
-            psi[i] = 0.0
-        elif p.kind == "corr":
+        elif p.kind in ("cov", "rcov", "corr"):
             psi[i] = 0.0
     return psi
 
