@@ -44,6 +44,27 @@ def default_threads() -> int:
 SERIAL_BELOW = 50_000
 
 
+def chain_rule(table, psi, gphi, gth, xtw=None) -> np.ndarray:
+    """dl/dpsi from the kernel's dl/dPhi (M x M), dl/dTheta (P x P; a
+    length-P vector when Theta is diagonal) and X'w (dl/dbeta), through the
+    parameter table's index arrays."""
+    npar = table.nparams
+    g = np.zeros(npar)
+    if xtw is not None and len(table.beta_param):
+        np.add.at(g, table.beta_param, xtw)
+    if len(table.phi_param):
+        g += np.bincount(table.phi_param, weights=gphi[table.phi_row, table.phi_col], minlength=npar)
+    if gth.ndim == 2:
+        if table.theta_func is not None:
+            g += table.theta_func.grad(psi, gth)
+        else:
+            g += np.bincount(table.theta_param, weights=gth[table.theta_row, table.theta_col],
+                             minlength=npar)
+    else:
+        g += np.bincount(table.theta_param, weights=gth[table.theta_row], minlength=npar)
+    return g
+
+
 class Model:
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
         self.prep = prep
@@ -289,21 +310,10 @@ class Model:
                 xtw = self._gbeta[:, :self.q].sum(axis=0)
         if not need_grad:
             return ll, None
-        npar = t.nparams
-        g = np.zeros(npar)
         if self.q:
-            np.add.at(g, t.beta_param, prep.X.T @ w if self.backend == "numpy" else xtw)
-        if len(t.phi_param):
-            g += np.bincount(t.phi_param, weights=gphi[t.phi_row * self.M + t.phi_col], minlength=npar)
-        if self.dense:
-            gT = gth.reshape(self.P, self.P)
-            if t.theta_func is not None:
-                g += t.theta_func.grad(psi, gT)
-            else:
-                g += np.bincount(t.theta_param, weights=gT[t.theta_row, t.theta_col], minlength=npar)
-        else:
-            g += np.bincount(t.theta_param, weights=gth[t.theta_row], minlength=npar)
-        return ll, g
+            xtw = prep.X.T @ w if self.backend == "numpy" else xtw
+        gth = gth.reshape(self.P, self.P) if self.dense else gth
+        return ll, chain_rule(t, psi, gphi.reshape(self.M, self.M), gth, xtw if self.q else None)
 
     def residuals(self, psi):
         beta = psi[self.table.beta_param] if self.q else np.zeros(0)

@@ -15,6 +15,7 @@ from scipy import sparse
 
 from . import _oracle
 from .errors import MlsemError
+from .model import chain_rule
 
 try:
     from . import _core
@@ -84,21 +85,8 @@ def kernel_eval(model, resid, Phi, Theta, *, wrow=None, pat_ptr=None, dense=None
 
 def chain(model, psi, gphi, gth, w):
     """dl/dpsi from the kernel's dl/dPhi, dl/dTheta and w (as Model.evaluate)."""
-    t = model.table
-    npar = t.nparams
-    g = np.zeros(npar)
-    if model.q and w is not None:
-        np.add.at(g, t.beta_param, model.prep.X.T @ w)
-    if len(t.phi_param):
-        g += np.bincount(t.phi_param, weights=gphi[t.phi_row, t.phi_col], minlength=npar)
-    if gth.ndim == 2:
-        if t.theta_func is not None:
-            g += t.theta_func.grad(psi, gth)
-        else:
-            g += np.bincount(t.theta_param, weights=gth[t.theta_row, t.theta_col], minlength=npar)
-    else:
-        g += np.bincount(t.theta_param, weights=gth[t.theta_row], minlength=npar)
-    return g
+    xtw = model.prep.X.T @ w if (model.q and w is not None) else None
+    return chain_rule(model.table, psi, gphi, gth, xtw)
 
 
 def row_scores(model, psi, chunk: int = 20000) -> np.ndarray:
