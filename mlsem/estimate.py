@@ -92,6 +92,22 @@ def variance_starts(table, psi, s2, xvar) -> np.ndarray:
     return psi
 
 
+def damped_step(psi, free, step, lo, current, value):
+    """The Newton step on the ``free`` parameters, halved (1, 1/2, 1/4, 1/10)
+    until it stays within the lower bounds ``lo`` and does not lower the
+    objective below ``current``; ``value(cand) -> (val, grad, cand)``.
+    Returns (psi, val, grad) of the accepted point, or None."""
+    for shrink in (1.0, 0.5, 0.25, 0.1):
+        cand = psi.copy()
+        cand[free] += shrink * step
+        if np.any(cand < lo):
+            continue
+        val, g, cand = value(cand)
+        if val is not None and val >= current - 1e-12 * abs(current):
+            return cand, val, g
+    return None
+
+
 def _at_bound(model, psi, rel=1e-7):
     lo = np.array([p.lower for p in model.table.params])
     scale = np.maximum(np.abs(psi), 1.0)
@@ -207,6 +223,7 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
     # exact to the precision the references carry.
     steps = 0
     H_last = psi_H = None
+    lo_all = np.array([p.lower for p in model.table.params])
     for _ in range(8):
         if ll is None:
             break
@@ -225,18 +242,10 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
             break
         if not np.all(np.isfinite(step)):
             break
-        accepted = False
-        for shrink in (1.0, 0.5, 0.25, 0.1):
-            cand = psi.copy()
-            cand[free] += shrink * step
-            lo = np.array([p.lower for p in model.table.params])
-            if np.any(cand < lo):
-                continue
-            ll2, g2 = model.evaluate(cand)
-            if ll2 is not None and ll2 >= ll - 1e-12 * abs(ll):
-                psi, ll, g = cand, ll2, g2
-                accepted = True
-                break
+        found = damped_step(psi, free, step, lo_all, ll, lambda c: (*model.evaluate(c), c))
+        accepted = found is not None
+        if accepted:
+            psi, ll, g = found
         steps += 1
         if not accepted:
             break

@@ -30,6 +30,15 @@ except ImportError:  # the extension is not built: the NumPy oracle is the fallb
     _core = None
 
 
+def resolve_backend(backend: str) -> str:
+    """'auto' -> the compiled kernel when built, else the NumPy oracle."""
+    if backend == "auto":
+        return "cython" if _core is not None else "numpy"
+    if backend == "cython" and _core is None:
+        raise MlsemError("backend='cython' but the compiled kernel mlsem._core is not built")
+    return backend
+
+
 def default_threads() -> int:
     try:
         n = len(os.sched_getaffinity(0))
@@ -69,11 +78,7 @@ class Model:
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
         self.prep = prep
         self.table = table
-        if backend == "auto":
-            backend = "cython" if _core is not None else "numpy"
-        if backend == "cython" and _core is None:
-            raise MlsemError("backend='cython' but the compiled kernel mlsem._core is not built")
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         # below SERIAL_BELOW observations an evaluation takes well under a
         # millisecond: waking a second thread for it costs more than it saves
         self.nthreads = nthreads or (1 if prep.nobs < SERIAL_BELOW else default_threads())

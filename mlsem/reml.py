@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .errors import ConvergenceWarning, MlsemError
-from .estimate import OptSummary, start_values
+from .estimate import OptSummary, damped_step, start_values
 from .scores import chain, kernel_eval
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -154,17 +154,10 @@ def optimize_reml(model, maxiter=5000):
             step = np.linalg.solve(H[np.ix_(sel, sel)], -g[free])
         except np.linalg.LinAlgError:
             break
-        accepted = False
-        for shrink in (1.0, 0.5, 0.25, 0.1):
-            cand = psi.copy()
-            cand[free] += shrink * step
-            if np.any(cand < lo):
-                continue
-            lr2, g2, cand = obj.value(cand)
-            if lr2 is not None and lr2 >= lr - 1e-12 * abs(lr):
-                psi, lr, g = cand, lr2, g2
-                accepted = True
-                break
+        found = damped_step(psi, free, step, lo, lr, obj.value)
+        accepted = found is not None
+        if accepted:
+            psi, lr, g = found
         steps += 1
         if not accepted:
             break

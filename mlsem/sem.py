@@ -34,7 +34,8 @@ import numpy as np
 from . import _oracle
 from .errors import MlsemError
 from .lavaan import compile_expression, expression_names, parse
-from .model import default_threads
+from .model import default_threads, resolve_backend
+from .spec import ParamList
 
 try:
     from . import _core
@@ -76,7 +77,7 @@ class Defined:
 
 
 @dataclass
-class SemTable:
+class SemTable(ParamList):
     """The parameter table of a general SEM (the single source of truth)."""
     entries: list
     full_names: list
@@ -92,14 +93,6 @@ class SemTable:
     defined: list
     labels: dict               # label -> full index
     params: list = field(default_factory=list)
-
-    @property
-    def names(self) -> list:
-        return [p.name for p in self.params]
-
-    @property
-    def nparams(self) -> int:
-        return len(self.params)
 
     @property
     def P(self) -> int:
@@ -522,11 +515,7 @@ class SemModel:
         self.table = table
         self.prep = data
         self.Y = Y
-        if backend == "auto":
-            backend = "cython" if _core is not None else "numpy"
-        if backend == "cython" and _core is None:
-            raise MlsemError("backend='cython' but the compiled kernel mlsem._core is not built")
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         # small problems: OpenMP start-up and contention cost more than they save
         self.nthreads = nthreads or (default_threads() if data.nobs >= 50_000 else 1)
         P, M, q = table.P, table.M, table.q

@@ -47,8 +47,20 @@ class CholBlock:
     natural: bool = False
 
 
+class ParamList:
+    """What every parameter table has: its free parameters (``params``)."""
+
+    @property
+    def names(self) -> list:
+        return [p.name for p in self.params]
+
+    @property
+    def nparams(self) -> int:
+        return len(self.params)
+
+
 @dataclass
-class ParamTable:
+class ParamTable(ParamList):
     params: list
     beta_param: np.ndarray        # (q,) param index per design column
     phi_row: np.ndarray           # entries of Phi that are free
@@ -62,14 +74,6 @@ class ParamTable:
     chol_blocks: list = field(default_factory=list)
     latent_names: list = field(default_factory=list)
     theta_func: object = None     # optional structured residual covariance (see model)
-
-    @property
-    def names(self) -> list:
-        return [p.name for p in self.params]
-
-    @property
-    def nparams(self) -> int:
-        return len(self.params)
 
     @property
     def theta_diagonal(self) -> bool:
