@@ -66,6 +66,41 @@ cdef inline int chol_lower(double* K, int c) noexcept nogil:
     return 0
 
 
+cdef void hess_accum(int m, const int* glob, const double* S, const double* U, double wsum,
+                     const int* hidx, int M, double* H, int nh, int* ent) noexcept nogil:
+    """One pattern's share of d2l / dPhi_ab dPhi_cd, summed into H[k(ab), k(cd)] for
+    the Phi entries that carry a parameter (k = hidx[a * M + b] >= 0; linear
+    parameters only).  With S = Lambda' Sigma^-1 Lambda (m x m), U = sum_r w_r u u'
+    (u = Lambda' Sigma^-1 e) and wsum = sum_r w_r, every entry of Phi a separate
+    argument:  d2l = wsum/2 S_bc S_ad - 1/2 (S_ac U_db + S_bc U_ad).
+    O(e^2) for the e parameter entries among the pattern's m latents."""
+    cdef int a, b, c, d, e1, e2, k1, ne = 0
+    cdef int* ea = ent
+    cdef int* eb = ent + m * m
+    cdef int* ek = ent + 2 * m * m
+    cdef double hw = 0.5 * wsum, sbc, sac, sad
+    cdef double* Hrow
+    for a in range(m):
+        for b in range(m):
+            k1 = hidx[glob[a] * M + glob[b]]
+            if k1 >= 0:
+                ea[ne] = a
+                eb[ne] = b
+                ek[ne] = k1
+                ne += 1
+    for e1 in range(ne):
+        a = ea[e1]
+        b = eb[e1]
+        Hrow = H + ek[e1] * nh
+        for e2 in range(ne):
+            c = ea[e2]
+            d = eb[e2]
+            sbc = S[b * m + c]
+            sac = S[a * m + c]
+            sad = S[a * m + d]
+            Hrow[ek[e2]] += hw * sbc * sad - 0.5 * (sac * U[d * m + b] + sbc * U[a * m + d])
+
+
 cdef int USE_ARROWHEAD = 1
 
 
@@ -88,7 +123,8 @@ cdef int arrow_pattern(
         const int* glob, const int* latloc,
         double* Dv, double* sinv, double* W2, double* dvec,
         double* A0, double* Ad, double* fv, double* gs, double* td, double* ag,
-        double* U, double* b, double* h, double* u) noexcept nogil:
+        double* U, double* b, double* h, double* u,
+        const int* hidx, double* hphi, int nh, double* hS, int* ent) noexcept nogil:
     """Nested random intercepts (every slot loads on the pattern's one top latent,
     local index 0, and on one lower latent; F diagonal there): A = Lambda_o' D Lambda_o
     is an arrowhead matrix, and so is K = I + F A F.  With s = K00 - v' Dg^-1 v,
@@ -221,6 +257,19 @@ cdef int arrow_pattern(
                 gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * d
         for t in range(n):
             gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
+        if hphi != NULL:
+            # S = Lambda' Sigma^-1 Lambda written out (the entries used above)
+            hS[0] = A0[0] - acc - ag[0] * ag[0]
+            for a in range(1, m):
+                d = A0[a] - A0[a] * td[a] * Ad[a] - ag[0] * ag[a]
+                hS[a] = d
+                hS[a * m] = d
+                for a2 in range(1, m):
+                    d = -ag[a] * ag[a2]
+                    if a2 == a:
+                        d += Ad[a] - Ad[a] * Ad[a] * td[a]
+                    hS[a * m + a2] = d
+            hess_accum(m, glob, hS, U, wsum, hidx, M, hphi, nh, ent)
     return 0
 
 
@@ -237,7 +286,8 @@ cdef int factor_pattern(
         double* Dv, double* sinv, double* W2, double* dvec,
         double* Lp, double* A, double* AL, double* K, double* Z, double* T,
         double* ASA, double* U, double* b, double* h, double* u,
-        const double* thinfo) noexcept nogil:
+        const double* thinfo,
+        const int* hidx, double* hphi, int nh, double* hS, int* ent) noexcept nogil:
     # thinfo: 1 / theta_s (P values), then log theta_s (P values), once per evaluation
     cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
     cdef int P = theta.shape[0]
@@ -281,7 +331,8 @@ cdef int factor_pattern(
         if arrow:
             status = arrow_pattern(p, pat_ptr, row_ptr, slot, resid, load, F, wrow, w_out,
                                    ll, gphi, gth, M, need_grad, n, m, logth, glob, latloc,
-                                   Dv, sinv, W2, dvec, A, AL, K, Z, T, ASA, U, b, h, u)
+                                   Dv, sinv, W2, dvec, A, AL, K, Z, T, ASA, U, b, h, u,
+                                   hidx, hphi, nh, hS, ent)
             for a in range(m):
                 loc[glob[a]] = -1
             return status
@@ -424,6 +475,8 @@ cdef int factor_pattern(
                     gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * ASA[a * m + a2]
             for t in range(n):
                 gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
+            if hphi != NULL:
+                hess_accum(m, glob, ASA, U, wsum, hidx, M, hphi, nh, ent)
     # reset the markers
     for a in range(m):
         loc[glob[a]] = -1
@@ -441,7 +494,8 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                   double[:, ::1] gth_t, int[::1] status_t,
                   int maxn, int maxm, int maxc, int nthreads, int need_grad,
                   const double[::1] y=None, const double[:, ::1] X=None,
-                  const double[::1] beta=None, double[:, ::1] gbeta_t=None):
+                  const double[::1] beta=None, double[:, ::1] gbeta_t=None,
+                  const int[::1] hidx=None, double[:, ::1] hphi_t=None):
     """Factor (Woodbury) path. Per-thread outputs: ll_t[nt], gphi_t[nt, M*M],
     gth_t[nt, P] (dl/dtheta per slot), status_t[nt]; w_out[nobs] (weighted w).
 
@@ -449,7 +503,12 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     filled per pattern with y - X beta just before the pattern is evaluated, and
     gbeta_t[tid, :q] receives the thread's share of X' w (= dl/dbeta) just after:
     one pass over the observations per evaluation instead of three, with each
-    pattern's rows still in cache."""
+    pattern's rows still in cache.
+
+    Hessian mode (hidx and hphi_t given, need_grad set): hidx[a * M + b] is the
+    index, among nh = sqrt(hphi_t.shape[1]) parameters linear in Phi, of the
+    parameter of Phi entry (a, b) (-1: none), and hphi_t[tid] (nh x nh) receives
+    the thread's share of d2l / dpsi_k dpsi_l for those parameters (hess_accum)."""
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
     cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
     cdef int fused = y is not None, q = 0
@@ -466,6 +525,18 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     cdef int* colloc
     cdef int* ibuf
     cdef double* dbuf
+    cdef int nh = 0, hess = hphi_t is not None and need_grad != 0
+    cdef const int* hidx_p = NULL
+    cdef double* hphi_p
+    cdef double* hS
+    cdef int* ent
+    if hess:
+        if hidx is None or hidx.shape[0] != F.shape[0] * F.shape[0]:
+            raise ValueError("Hessian mode needs hidx with M * M entries")
+        nh = <int>(sqrt(<double>hphi_t.shape[1]) + 0.5)
+        if nh * nh != hphi_t.shape[1] or hphi_t.shape[0] < (nthreads if nthreads > 0 else 1):
+            raise ValueError("Hessian mode: hphi_t must be (nthreads, nh * nh)")
+        hidx_p = &hidx[0]
     cdef int mm = maxm if maxm > 0 else 1
     cdef int cc = maxc if maxc > 0 else 1
     cdef int nn = maxn if maxn > 0 else 1
@@ -488,12 +559,17 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
             thinfo[P + s] = 0.0
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
-        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 4) * sizeof(int))
-        dbuf = <double*>malloc((nd + 16 + q) * sizeof(double))
+        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 4 + 3 * mm * mm) * sizeof(int))
+        dbuf = <double*>malloc((nd + 16 + q + mm * mm) * sizeof(double))
         if loc != NULL and dbuf != NULL:
             colloc = loc + M
             ibuf = colloc + M
             gb = dbuf + nd + 16
+            hS = gb + q
+            ent = ibuf + 2 * mm + cc + nn * nl + 4
+            hphi_p = NULL
+            if hess:
+                hphi_p = &hphi_t[tid, 0]
             for i in range(2 * M):
                 loc[i] = -1
             for c in range(q):
@@ -524,7 +600,7 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                         dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc,    # b
                         dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
                         dbuf + 4 * nn + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm,
-                        thinfo)
+                        thinfo, hidx_p, hphi_p, nh, hS, ent)
                     if st != 0:
                         status_t[tid] = st
                     elif fused and need_grad:

@@ -8,6 +8,11 @@ not built).  One top-level unit at a time, dense algebra, no tricks:
     dl/dSigma_o = 1/2 (w w' - Sigma_o^-1),  w = Sigma_o^-1 e
     dl/dPhi  = Lambda_o' (dl/dSigma_o) Lambda_o,  dl/dTheta_oo = dl/dSigma_o
 
+``phi_hessian`` is the second derivative in Phi, every entry a separate
+argument (S = Lambda_o' Sigma_o^-1 Lambda_o, u = Lambda_o' Sigma_o^-1 e):
+
+    d2l / dPhi_ab dPhi_cd = 1/2 S_bc S_ad - 1/2 (S_ac u_d u_b + S_bc u_a u_d)
+
 Returns the same quantities as the kernel: log-likelihood, dl/dPhi (M x M),
 dl/dTheta (P x P), and per observation the weighted w.  ``None`` for the
 log-likelihood when a Sigma_o is not positive definite.
@@ -49,3 +54,31 @@ def loglik(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow, need_grad=Tru
             gphi += lam.T @ G @ lam
             w[o0:o1] = wr * v
     return ll, gphi, gth, w
+
+
+def phi_hessian(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow):
+    """d2l / dPhi_ab dPhi_cd as an (M, M, M, M) array; None where a Sigma_o is
+    not positive definite."""
+    M = Phi.shape[0]
+    H = np.zeros((M, M, M, M))
+    for r in range(len(row_ptr) - 1):
+        o0, o1 = row_ptr[r], row_ptr[r + 1]
+        s = slot[o0:o1]
+        n = o1 - o0
+        lam = np.zeros((n, M))
+        for k in range(slot_lat.shape[1]):
+            g = slot_lat[s, k]
+            ok = g >= 0
+            lam[np.flatnonzero(ok), g[ok]] += load[o0:o1, k][ok]
+        Sig = lam @ Phi @ lam.T + Theta[np.ix_(s, s)]
+        try:
+            Si = np.linalg.inv(np.linalg.cholesky(Sig))
+        except np.linalg.LinAlgError:
+            return None
+        Si = Si.T @ Si
+        S = lam.T @ Si @ lam
+        u = lam.T @ Si @ resid[o0:o1]
+        H += wrow[r] * (0.5 * np.einsum("bc,ad->abcd", S, S)
+                        - 0.5 * np.einsum("ac,d,b->abcd", S, u, u)
+                        - 0.5 * np.einsum("bc,a,d->abcd", S, u, u))
+    return H

@@ -306,6 +306,13 @@ def _part_eval(part, psi, need_grad, which="model"):
     return ll, g, part.checksum, part.build
 
 
+def _part_hessian(part, psi, which="model"):
+    with part.lock:
+        out = getattr(part, which).phi_hessian(psi)
+    ll, g, H = out if out is not None else (None, None, None)
+    return ll, g, H, part.checksum, part.build
+
+
 def _part_echo(part, psi, need_grad):
     """What an evaluation sends back, without the work (to time the round trip)."""
     return 0.0, np.zeros_like(psi), part.checksum, part.build
@@ -374,7 +381,9 @@ class DaskModel(Model):
         self.q = len(data.xnames)
         self.M = max(table.nlatent, 1)
         self.P = table.nslots
+        self.dense = not table.theta_diagonal
         self._tau_layout(table)
+        self._hess_layout(table)
         self.nevals = 0
         self.checksums = checksums
         self.builds = builds
@@ -395,7 +404,9 @@ class DaskModel(Model):
         m = copy.copy(self)
         m.table, m.base_table, m._which = self.base_table, None, "base_model"
         m.M, m.P = max(m.table.nlatent, 1), m.table.nslots
+        m.dense = not m.table.theta_diagonal
         m._tau_layout(m.table)
+        m._hess_layout(m.table)
         m.owned = False
         return m
 
@@ -458,12 +469,10 @@ class DaskModel(Model):
         self._run(_part_echo, np.asarray(psi, dtype=float), True)
         return time.perf_counter() - t0
 
-    def evaluate(self, psi, need_grad: bool = True):
-        self.nevals += 1
-        t0 = time.perf_counter()
-        out = self._run(_part_eval, np.asarray(psi, dtype=float), need_grad, self._which)
-        ll, g, bad = 0.0, np.zeros(self.table.nparams), False
-        for p, (llp, gp, chk, build) in enumerate(out):
+    def _check_parts(self, out):
+        """Each partition's (checksum, build) against the first read; counts
+        rebuilt partitions."""
+        for p, (chk, build) in enumerate(out):
             if chk != self.checksums[p]:
                 raise MlsemError(
                     f"backend='dask': partition {p} was rebuilt after a worker was lost but its "
@@ -472,16 +481,30 @@ class DaskModel(Model):
             if build != self.builds[p]:
                 self.builds[p] = build
                 self.recoveries += 1
-            if llp is None:
-                bad = True
-                continue
-            ll += llp
-            if need_grad:
-                g += gp
+
+    def evaluate(self, psi, need_grad: bool = True):
+        self.nevals += 1
+        t0 = time.perf_counter()
+        out = self._run(_part_eval, np.asarray(psi, dtype=float), need_grad, self._which)
+        self._check_parts([o[2:] for o in out])
         self.eval_seconds += time.perf_counter() - t0
-        if bad:
+        if any(o[0] is None for o in out):
             return None, None
-        return ll, (g if need_grad else None)
+        ll = sum(o[0] for o in out)
+        return ll, (sum(o[1] for o in out) if need_grad else None)
+
+    def phi_hessian(self, psi):
+        """Model.phi_hessian summed over the partitions."""
+        if not len(self.hess_params):
+            return None
+        self.nevals += 1
+        t0 = time.perf_counter()
+        out = self._run(_part_hessian, np.asarray(psi, dtype=float), self._which)
+        self._check_parts([o[3:] for o in out])
+        self.eval_seconds += time.perf_counter() - t0
+        if any(o[0] is None for o in out):
+            return None
+        return sum(o[0] for o in out), sum(o[1] for o in out), sum(o[2] for o in out)
 
     # ---- starting values and the null model, from reduced moments --------------
     def _ols(self):

@@ -115,12 +115,22 @@ def _at_bound(model, psi, rel=1e-7):
 
 
 def hessian(model, psi, step=1e-4):
-    """Hessian of the log-likelihood in psi by central differences of the
-    analytic gradient (forward differences at a bound).  Symmetrised."""
+    """Hessian of the log-likelihood in psi.  The block of the parameters that
+    enter Phi linearly comes from the kernel (``model.phi_hessian``, one pass
+    over the data) where the model has it; every other column by central
+    differences of the analytic gradient (forward differences at a bound).
+    Symmetrised."""
     n = len(psi)
     H = np.zeros((n, n))
+    exact = getattr(model, "phi_hessian", None)
+    got = exact(psi) if exact is not None else None
+    an = np.zeros(0, dtype=np.int64)
+    if got is not None:
+        an = model.hess_params
+        H[np.ix_(an, an)] = got[2]
+    fd = np.setdiff1d(np.arange(n), an)
     lo = np.array([p.lower for p in model.table.params])
-    for i in range(n):
+    for i in fd:
         h = step * max(abs(psi[i]), 0.1)
         up = psi.copy()
         up[i] += h
@@ -146,6 +156,8 @@ def hessian(model, psi, step=1e-4):
                 H[:, i] = (g2 - g0) / -h if g1 is None else (g1 - g0) / h
             else:
                 H[:, i] = (g1 - g2) / (2 * h)
+    # the differenced columns hold the cross terms with the exact block
+    H[np.ix_(fd, an)] = H[np.ix_(an, fd)].T
     return 0.5 * (H + H.T)
 
 

@@ -105,6 +105,7 @@ class Model:
         if self._offdiag_outside:
             raise MlsemError("internal: covariances outside a declared block")
         self._tau_layout(table)
+        self._hess_layout(table)
         # scratch, caller-allocated kernel outputs (reused every evaluation)
         nt = self.nthreads if (_core is not None and _core.HAVE_OPENMP) else 1
         self._nt = nt
@@ -153,6 +154,22 @@ class Model:
         self.free_plain = np.flatnonzero(~blocked)
         self.ntau = len(self.free_plain) + sum(
             blk.pidx.shape[0] * (blk.pidx.shape[0] + 1) // 2 for blk in self._chol)
+
+    def _hess_layout(self, table):
+        """The parameters whose second derivatives the kernel gives directly:
+        those that enter Phi only, and linearly (every variance and covariance of
+        the random effects; not beta, not Theta).  ``hess_params`` lists them;
+        ``_hidx[a * M + b]`` is the position in that list of Phi entry (a, b)'s
+        parameter, -1 for none.  Only on the factor path (diagonal Theta)."""
+        other = set(np.asarray(table.beta_param).tolist()) | set(np.asarray(table.theta_param).tolist())
+        lin = sorted(set(np.asarray(table.phi_param).tolist()) - other)
+        self.hess_params = np.array(lin if not self.dense else [], dtype=np.int64)
+        pos = np.full(table.nparams, -1, dtype=np.int64)
+        pos[self.hess_params] = np.arange(len(self.hess_params))
+        hidx = np.full((self.M, self.M), -1, dtype=np.int32)
+        if len(table.phi_param):
+            hidx[table.phi_row, table.phi_col] = pos[table.phi_param]
+        self._hidx = hidx.ravel()
 
     # ---- parameter maps ---------------------------------------------------
     def matrices(self, psi):
@@ -253,7 +270,16 @@ class Model:
         with self._one_blas_thread():
             return self._evaluate(psi, need_grad)
 
-    def _evaluate(self, psi, need_grad):
+    def phi_hessian(self, psi):
+        """(ll, dl/dpsi, d2l/dpsi_k dpsi_l) at psi in one pass, the last for the
+        parameters ``hess_params`` only (those linear in Phi); None when there
+        are none (or Sigma is not positive definite there)."""
+        if not len(self.hess_params):
+            return None
+        with self._one_blas_thread():
+            return self._evaluate(psi, True, hess=True)
+
+    def _evaluate(self, psi, need_grad, hess=False):
         self.nevals += 1
         t = self.table
         prep = self.prep
@@ -272,7 +298,13 @@ class Model:
             ll, gphi, gth, w = _oracle.loglik(prep.row_ptr, prep.slot, resid, prep.load,
                                               prep.slot_lat, Phi, Th, prep.wrow, need_grad)
             if ll is None:
-                return None, None
+                return None if hess else (None, None)
+            if hess:
+                H4 = _oracle.phi_hessian(prep.row_ptr, prep.slot, resid, prep.load,
+                                         prep.slot_lat, Phi, Th, prep.wrow)
+                if H4 is None:
+                    return None
+                hblock = self._contract_phi_hessian(H4)
             gphi = gphi.ravel()
             gth = gth.ravel() if self.dense else np.diag(gth).copy()
         else:
@@ -288,10 +320,12 @@ class Model:
                                    int(need_grad))
             else:
                 if np.any(Theta <= 0):
-                    return None, None
+                    return None if hess else (None, None)
                 F = self.factor(Phi)
                 if F is None:
-                    return None, None
+                    return None if hess else (None, None)
+                nh = len(self.hess_params)
+                hphi = np.zeros((self._nt, nh * nh)) if hess else None
                 # fused: y - X beta and X'w computed per pattern inside the kernel
                 _core.factor_loglik(prep.pat_ptr, prep.row_ptr, self._slot, resid, self._load,
                                     self._slot_lat, F, self.blk_start, self.blk_end, Theta,
@@ -299,9 +333,12 @@ class Model:
                                     self._status, self._maxn, self._maxm, self._maxc, self._nt,
                                     int(need_grad), y=prep.y, X=self._X,
                                     beta=np.ascontiguousarray(beta, dtype=float),
-                                    gbeta_t=self._gbeta)
+                                    gbeta_t=self._gbeta,
+                                    hidx=self._hidx if hess else None, hphi_t=hphi)
+                if hess:
+                    hblock = hphi.sum(axis=0).reshape(nh, nh)
             if self._status.any():
-                return None, None
+                return None if hess else (None, None)
             ll = float(self._ll.sum())
             if not need_grad:
                 return ll, None
@@ -318,7 +355,20 @@ class Model:
         if self.q:
             xtw = prep.X.T @ w if self.backend == "numpy" else xtw
         gth = gth.reshape(self.P, self.P) if self.dense else gth
-        return ll, chain_rule(t, psi, gphi.reshape(self.M, self.M), gth, xtw if self.q else None)
+        g = chain_rule(t, psi, gphi.reshape(self.M, self.M), gth, xtw if self.q else None)
+        if hess:
+            return ll, g, 0.5 * (hblock + hblock.T)
+        return ll, g
+
+    def _contract_phi_hessian(self, H4):
+        """Sum the oracle's (M, M, M, M) d2l/dPhi2 over each parameter's entries."""
+        nh = len(self.hess_params)
+        k = self._hidx
+        e = np.flatnonzero(k >= 0)
+        H2 = H4.reshape(self.M * self.M, self.M * self.M)[np.ix_(e, e)]
+        out = np.zeros((nh, nh))
+        np.add.at(out, (k[e][:, None], k[e][None, :]), H2)
+        return out
 
     def residuals(self, psi):
         beta = psi[self.table.beta_param] if self.q else np.zeros(0)
