@@ -67,21 +67,25 @@ cdef inline int chol_lower(double* K, int c) noexcept nogil:
 
 
 cdef void hess_accum(int m, const int* glob, const double* S, const double* U, double wsum,
-                     const int* hidx, int M, double* H, int nh, int* ent) noexcept nogil:
-    """One pattern's share of d2l / dPhi_ab dPhi_cd, summed into H[k(ab), k(cd)] for
-    the Phi entries that carry a parameter (k = hidx[a * M + b] >= 0; linear
-    parameters only).  With S = Lambda' Sigma^-1 Lambda (m x m), U = sum_r w_r u u'
-    (u = Lambda' Sigma^-1 e) and wsum = sum_r w_r, every entry of Phi a separate
-    argument:  d2l = wsum/2 S_bc S_ad - 1/2 (S_ac U_db + S_bc U_ad).
-    O(e^2) for the e parameter entries among the pattern's m latents."""
-    cdef int a, b, c, d, e1, e2, k1, ne = 0
+                     const int* hidx, int M, double* H, int nh, int* ent, double* R) noexcept nogil:
+    """One pattern's share of d2l / dpsi_k dpsi_l for the parameters linear in Phi,
+    summed into H (nh x nh); k = hidx[a * M + b] >= 0 is the parameter of Phi
+    entry (a, b) (symmetric).  With S = Lambda' Sigma^-1 Lambda (m x m),
+    U = sum_r w_r u u' (u = Lambda' Sigma^-1 e) and wsum = sum_r w_r, every entry of
+    Phi a separate argument:  d2l / dPhi_ab dPhi_cd = wsum/2 S_bc S_ad
+    - 1/2 (S_ac U_db + S_bc U_ad).  Summed over the orderings of {a, b} and {c, d}
+    (half for a diagonal entry) with R = wsum/2 S - U this is
+    S_ac R_bd + R_ac S_bd + S_ad R_bc + R_ad S_bc: O(e^2 / 2) work for the e
+    entries a <= b that carry a parameter.  R: m x m scratch."""
+    cdef int a, b, c, d, e1, e2, k1, k2, ne = 0
     cdef int* ea = ent
     cdef int* eb = ent + m * m
     cdef int* ek = ent + 2 * m * m
-    cdef double hw = 0.5 * wsum, sbc, sac, sad
-    cdef double* Hrow
+    cdef double hw = 0.5 * wsum, val, f1
+    for a in range(m * m):
+        R[a] = hw * S[a] - U[a]
     for a in range(m):
-        for b in range(m):
+        for b in range(a, m):
             k1 = hidx[glob[a] * M + glob[b]]
             if k1 >= 0:
                 ea[ne] = a
@@ -91,17 +95,35 @@ cdef void hess_accum(int m, const int* glob, const double* S, const double* U, d
     for e1 in range(ne):
         a = ea[e1]
         b = eb[e1]
-        Hrow = H + ek[e1] * nh
-        for e2 in range(ne):
+        k1 = ek[e1]
+        f1 = 0.5 if a == b else 1.0
+        for e2 in range(e1, ne):
             c = ea[e2]
             d = eb[e2]
-            sbc = S[b * m + c]
-            sac = S[a * m + c]
-            sad = S[a * m + d]
-            Hrow[ek[e2]] += hw * sbc * sad - 0.5 * (sac * U[d * m + b] + sbc * U[a * m + d])
+            k2 = ek[e2]
+            val = (S[a * m + c] * R[b * m + d] + R[a * m + c] * S[b * m + d]
+                   + S[a * m + d] * R[b * m + c] + R[a * m + d] * S[b * m + c])
+            val *= f1
+            if c == d:
+                val *= 0.5
+            H[k1 * nh + k2] += val
+            if e2 != e1:
+                H[k2 * nh + k1] += val
 
 
 cdef int USE_ARROWHEAD = 1
+
+
+cdef int USE_SINGLE = 1
+
+
+def set_single(bint enabled):
+    """Enable (default) or disable the one-latent-per-slot fast path of the factor
+    kernel (for tests and before/after benchmarks); returns the previous setting."""
+    global USE_SINGLE
+    cdef int old = USE_SINGLE
+    USE_SINGLE = 1 if enabled else 0
+    return bool(old)
 
 
 def set_arrowhead(bint enabled):
@@ -269,7 +291,123 @@ cdef int arrow_pattern(
                     if a2 == a:
                         d += Ad[a] - Ad[a] * Ad[a] * td[a]
                     hS[a * m + a2] = d
-            hess_accum(m, glob, hS, U, wsum, hidx, M, hphi, nh, ent)
+            hess_accum(m, glob, hS, U, wsum, hidx, M, hphi, nh, ent, hS + m * m)
+    return 0
+
+
+cdef int single_pattern(
+        Py_ssize_t p,
+        const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid, const double[:, ::1] load,
+        const double[::1] wrow, double[::1] w_out, double* ll, double* gphi, double* gth,
+        int M, int need_grad, int n, int m, int c, double logth,
+        const int* glob, const int* latloc,
+        double* Dv, double* sinv, double* W2, double* dvec, const double* Lp,
+        double* Ad, double* K, double* Z, double* T, double* S,
+        double* U, double* b, double* h, double* u,
+        const int* hidx, double* hphi, int nh, double* hS, int* ent) noexcept nogil:
+    """Every slot loads on exactly one latent (independent or correlated effects of
+    one level, no effect above them): A = Lambda_o' D Lambda_o is diagonal (Ad), so
+    K = I + Lp' diag(Ad) Lp, S = Lambda' Sigma^-1 Lambda = diag(Ad) - diag(Ad) T
+    diag(Ad) in O(m^2), and u = Lambda' Sigma^-1 e = b - Ad * h needs no second
+    sum over the observations.  A latent's observations are summed in a register
+    (consecutive when the slots are sorted; correct in any order).  Same outputs
+    as the generic path."""
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int t, a, a2, j, j2, cur
+    cdef double acc, logdet, quad, wr, wsum = 0.0, e, d, wt, l, llp = 0.0, bacc
+    for a in range(m):
+        Ad[a] = 0.0
+    for t in range(n):
+        l = load[o0 + t, 0]
+        Ad[latloc[t]] += Dv[t] * l * l
+    # K = I + Lp' diag(Ad) Lp (c x c)
+    for j in range(c):
+        for j2 in range(j + 1):
+            acc = 0.0
+            for a in range(m):
+                acc += Lp[a * c + j] * Ad[a] * Lp[a * c + j2]
+            K[j * c + j2] = acc
+            K[j2 * c + j] = acc
+        K[j * c + j] += 1.0
+    if chol_lower(K, c) != 0:
+        return 2
+    logdet = logth
+    for j in range(c):
+        logdet += 2.0 * log(K[j * c + j])
+    # Z = C^-1 Lp' (c x m); T = Z' Z = Lp K^-1 Lp' (m x m)
+    for a in range(m):
+        for j in range(c):
+            acc = Lp[a * c + j]
+            for j2 in range(j):
+                acc -= K[j * c + j2] * Z[j2 * m + a]
+            Z[j * m + a] = acc / K[j * c + j]
+    for a in range(m):
+        for a2 in range(a + 1):
+            acc = 0.0
+            for j in range(c):
+                acc += Z[j * m + a] * Z[j * m + a2]
+            T[a * m + a2] = acc
+            T[a2 * m + a] = acc
+    if need_grad:
+        for a in range(m):
+            for a2 in range(m):
+                S[a * m + a2] = -Ad[a] * T[a * m + a2] * Ad[a2]
+                U[a * m + a2] = 0.0
+            S[a * m + a] += Ad[a]
+        for t in range(n):
+            l = load[o0 + t, 0]
+            sinv[t] = Dv[t] - Dv[t] * Dv[t] * l * l * T[latloc[t] * (m + 1)]
+            W2[t] = 0.0
+    for r in range(r0, r1):
+        o = row_ptr[r]
+        wr = wrow[r]
+        quad = 0.0
+        for a in range(m):
+            b[a] = 0.0
+        bacc = 0.0
+        cur = latloc[0]
+        for t in range(n):
+            e = resid[o + t]
+            d = Dv[t] * e
+            dvec[t] = d
+            quad += e * d
+            a = latloc[t]
+            if a != cur:
+                b[cur] += bacc
+                bacc = 0.0
+                cur = a
+            bacc += load[o + t, 0] * d
+        b[cur] += bacc
+        for a in range(m):
+            acc = 0.0
+            for a2 in range(m):
+                acc += T[a * m + a2] * b[a2]
+            h[a] = acc
+            quad -= b[a] * acc
+        llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+        wsum += wr
+        if need_grad:
+            for t in range(n):
+                wt = dvec[t] - Dv[t] * load[o + t, 0] * h[latloc[t]]
+                w_out[o + t] = wr * wt
+                W2[t] += wr * wt * wt
+            for a in range(m):
+                u[a] = b[a] - Ad[a] * h[a]
+            for a in range(m):
+                acc = wr * u[a]
+                for a2 in range(m):
+                    U[a * m + a2] += acc * u[a2]
+    ll[0] += llp
+    if need_grad:
+        for a in range(m):
+            for a2 in range(m):
+                gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * S[a * m + a2]
+        for t in range(n):
+            gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
+        if hphi != NULL:
+            hess_accum(m, glob, S, U, wsum, hidx, M, hphi, nh, ent, hS + m * m)
     return 0
 
 
@@ -294,7 +432,7 @@ cdef int factor_pattern(
     cdef long long o0 = row_ptr[r0], o
     cdef int n = <int>(row_ptr[r0 + 1] - o0)
     cdef int nl = load.shape[1]
-    cdef int m = 0, c = 0, t, k, k2, a, a2, g, g2, j, j2, s, status = 0, arrow
+    cdef int m = 0, c = 0, t, k, k2, a, a2, g, g2, j, j2, s, status = 0, arrow, single
     cdef double th, logth = 0.0, logdet, la, quad0, quad, wr, wsum = 0.0, acc, e, d, wt
     cdef double llp = 0.0
     # slots, inverse residual variances, local latents
@@ -348,6 +486,22 @@ cdef int factor_pattern(
         for a in range(m):
             for j in range(c):
                 Lp[a * c + j] = F[glob[a], colglob[j]]
+        single = nl == 1 and USE_SINGLE
+        if single:
+            for t in range(n):
+                if latloc[t] < 0:
+                    single = 0
+                    break
+        if single:
+            status = single_pattern(p, pat_ptr, row_ptr, slot, resid, load, wrow, w_out,
+                                    ll, gphi, gth, M, need_grad, n, m, c, logth, glob, latloc,
+                                    Dv, sinv, W2, dvec, Lp, A, K, Z, T, ASA, U, b, h, u,
+                                    hidx, hphi, nh, hS, ent)
+            for a in range(m):
+                loc[glob[a]] = -1
+            for j in range(c):
+                colloc[colglob[j]] = -1
+            return status
         # A = Lambda_o' D Lambda_o
         memset(A, 0, m * m * sizeof(double))
         for t in range(n):
@@ -476,7 +630,7 @@ cdef int factor_pattern(
             for t in range(n):
                 gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
             if hphi != NULL:
-                hess_accum(m, glob, ASA, U, wsum, hidx, M, hphi, nh, ent)
+                hess_accum(m, glob, ASA, U, wsum, hidx, M, hphi, nh, ent, hS + m * m)
     # reset the markers
     for a in range(m):
         loc[glob[a]] = -1
@@ -560,7 +714,7 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
         loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 4 + 3 * mm * mm) * sizeof(int))
-        dbuf = <double*>malloc((nd + 16 + q + mm * mm) * sizeof(double))
+        dbuf = <double*>malloc((nd + 16 + q + 2 * mm * mm) * sizeof(double))
         if loc != NULL and dbuf != NULL:
             colloc = loc + M
             ibuf = colloc + M

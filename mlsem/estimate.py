@@ -182,10 +182,44 @@ def optimize(model, start=None, maxiter=5000, progress=None) -> OptSummary:
 def _optimize(model, start, maxiter, progress) -> OptSummary:
     t0 = time.perf_counter()
     psi0 = start_values(model) if start is None else np.asarray(start, dtype=float)
-    tau0 = model.psi_to_tau(psi0)
     N = max(model.prep.nobs, 1)
-    state = {"best": -np.inf, "it": 0, "since": 0, "best_x": tau0}
     log = []
+    res, psi, ll, g = _lbfgsb(model, model.psi_to_tau(psi0), maxiter, progress, N)
+    log.append(("lbfgsb", res.nit, ll))
+    psi, ll, g, steps, H_last, psi_H = _polish(model, psi, ll, g, N)
+    gnorm, converged = _judge(model, psi, ll, g, res, N)
+    nit = res.nit
+    if not converged and g is not None:
+        # a singular covariance block (or a variance at 0) that L-BFGS-B
+        # approached but did not reach (its line search gave up at rounding
+        # level a hair inside): put the parameters whose gradient points at
+        # their bound on it and restart from there; kept only if no worse
+        tau_s = _snap_to_bounds(model, psi, g)
+        if tau_s is not None:
+            res2, psi2, ll2, g2 = _lbfgsb(model, tau_s, maxiter, progress, N)
+            nit += res2.nit
+            log.append(("lbfgsb from the bounds", res2.nit, ll2))
+            if ll2 is not None and ll2 >= ll - 1e-10 * abs(ll):
+                psi2, ll2, g2, steps2, H2, psi_H2 = _polish(model, psi2, ll2, g2, N)
+                gnorm2, conv2 = _judge(model, psi2, ll2, g2, res2, N)
+                if conv2 or gnorm2 < gnorm:
+                    res, psi, ll, g, gnorm, converged = res2, psi2, ll2, g2, gnorm2, conv2
+                    steps += steps2
+                    if H2 is not None:
+                        H_last, psi_H = H2, psi_H2
+    msg = res.message if isinstance(res.message, str) else str(res.message)
+    if not converged:
+        warnings.warn(f"the optimiser did not converge ({msg}; max |gradient| {gnorm:.3g})",
+                      ConvergenceWarning, stacklevel=4)
+    return OptSummary(start=psi0, final=psi, loglik=ll if ll is not None else np.nan,
+                      iterations=int(nit), evaluations=model.nevals, gradient_norm=gnorm,
+                      converged=converged, message=msg, newton_steps=steps,
+                      seconds=time.perf_counter() - t0, log=log, hessian=H_last, hessian_at=psi_H)
+
+
+def _lbfgsb(model, tau0, maxiter, progress, N):
+    """L-BFGS-B on tau from tau0, on -loglik / N.  Returns (result, psi, ll, g)."""
+    state = {"best": -np.inf, "it": 0, "since": 0, "best_x": tau0}
 
     def f(tau):
         psi = model.tau_to_psi(tau)
@@ -229,10 +263,14 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
         ll, g = last[1], last[2]      # L-BFGS-B's final point was its last evaluation
     else:
         ll, g = model.evaluate(psi)
-    log.append(("lbfgsb", res.nit, ll))
-    # Newton polish on psi, interior parameters only: the L-BFGS-B stopping
-    # rule is on the scaled objective; a few Newton steps make the estimates
-    # exact to the precision the references carry.
+    return res, psi, ll, g
+
+
+def _polish(model, psi, ll, g, N):
+    """Newton steps on psi, interior parameters only: the L-BFGS-B stopping
+    rule is on the scaled objective; a few Newton steps make the estimates
+    exact to the precision the references carry.  Returns (psi, ll, g, steps,
+    last Hessian, where it was computed)."""
     steps = 0
     H_last = psi_H = None
     lo_all = np.array([p.lower for p in model.table.params])
@@ -261,28 +299,44 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
         steps += 1
         if not accepted:
             break
-    # judged in tau, where the bounds live: a covariance block at its boundary
-    # (a Cholesky diagonal at 0, e.g. a singular random-slope block) has a
-    # nonzero psi gradient at the optimum but a zero projected tau gradient
-    gnorm, lo_side = np.inf, np.array([False])
-    if g is not None:
-        tau = model.psi_to_tau(psi)
-        gt = model.grad_tau(tau, g)
-        lo_t = np.array([-np.inf if b[0] is None else b[0] for b in model.tau_bounds()])
-        at_t = np.isfinite(lo_t) & (tau - lo_t <= 1e-7 * np.maximum(np.abs(tau), 1.0))
-        lo_side = at_t & (gt > 1e-6 * max(1.0, N ** 0.5))
-        gnorm = float(np.max(np.abs(gt[~at_t]), initial=0.0))
+    return psi, ll, g, steps, H_last, psi_H
+
+
+def _tau_state(model, psi, g):
+    tau = model.psi_to_tau(psi)
+    gt = model.grad_tau(tau, g)
+    lo_t = np.array([-np.inf if b[0] is None else b[0] for b in model.tau_bounds()])
+    return tau, gt, lo_t
+
+
+def _judge(model, psi, ll, g, res, N):
+    """(max |gradient|, converged), judged in tau, where the bounds live: a
+    covariance block at its boundary (a Cholesky diagonal at 0, e.g. a singular
+    random-slope block) has a nonzero psi gradient at the optimum but a zero
+    projected tau gradient."""
+    if ll is None or g is None:
+        return np.inf, False
+    tau, gt, lo_t = _tau_state(model, psi, g)
+    at_t = np.isfinite(lo_t) & (tau - lo_t <= 1e-7 * np.maximum(np.abs(tau), 1.0))
+    lo_side = at_t & (gt > 1e-6 * max(1.0, N ** 0.5))
+    gnorm = float(np.max(np.abs(gt[~at_t]), initial=0.0))
     tol = 1e-3 * max(1.0, N ** 0.5)
-    converged = bool(ll is not None and gnorm < tol and not lo_side.any()
+    converged = bool(gnorm < tol and not lo_side.any()
                      and (res.success or gnorm < 1e-6 * max(1.0, N ** 0.5)))
-    msg = res.message if isinstance(res.message, str) else str(res.message)
-    if not converged:
-        warnings.warn(f"the optimiser did not converge ({msg}; max |gradient| {gnorm:.3g})",
-                      ConvergenceWarning, stacklevel=4)
-    return OptSummary(start=psi0, final=psi, loglik=ll if ll is not None else np.nan,
-                      iterations=int(res.nit), evaluations=model.nevals, gradient_norm=gnorm,
-                      converged=converged, message=msg, newton_steps=steps,
-                      seconds=time.perf_counter() - t0, log=log, hessian=H_last, hessian_at=psi_H)
+    return gnorm, converged
+
+
+def _snap_to_bounds(model, psi, g):
+    """tau with every bounded entry whose log-likelihood gradient points at its
+    bound set on the bound (None if there is none)."""
+    tau, gt, lo_t = _tau_state(model, psi, g)
+    bounded = np.isfinite(lo_t) & (tau > lo_t)
+    snap = bounded & (gt < 0)
+    if not snap.any():
+        return None
+    out = tau.copy()
+    out[snap] = lo_t[snap]
+    return out
 
 
 # the last Newton Hessian is reused as the information when the final Newton

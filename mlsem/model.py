@@ -190,7 +190,12 @@ class Model:
 
     def factor(self, Phi):
         """Any F with F F' = Phi, nonzero only inside the blocks; None if Phi is
-        not positive semi-definite."""
+        not positive semi-definite.  A block's F is its lower Cholesky factor
+        where that exists: a pattern touching the block's first m latents then
+        uses only F's first m columns (the kernel's c x c matrix K is m x m, not
+        b x b: on the nested designs, where a county's schools fill the first
+        slots, a third of the work).  A singular block falls back to Q sqrt(L)
+        from its eigen-decomposition."""
         F = np.zeros_like(Phi)
         d = Phi[self._diag_lat, self._diag_lat]
         if np.any(d < 0):
@@ -199,10 +204,15 @@ class Model:
         for blk in self.table.chol_blocks:
             g0 = np.asarray(blk.groups[0])
             S = Phi[np.ix_(g0, g0)]
-            lam, Q = np.linalg.eigh(S)
-            if lam.min() < -1e-10 * max(1.0, abs(lam).max()):
-                return None
-            Fb = Q * np.sqrt(np.clip(lam, 0.0, None))
+            try:
+                Fb = np.linalg.cholesky(S)
+                if not np.all(np.isfinite(Fb)):
+                    raise np.linalg.LinAlgError
+            except np.linalg.LinAlgError:
+                lam, Q = np.linalg.eigh(S)
+                if lam.min() < -1e-10 * max(1.0, abs(lam).max()):
+                    return None
+                Fb = Q * np.sqrt(np.clip(lam, 0.0, None))
             G = np.asarray(blk.groups)
             F[G[:, :, None], G[:, None, :]] = Fb[None, :, :]
         return F
