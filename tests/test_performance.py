@@ -1,6 +1,7 @@
 """The speed-ups keep results identical (not timing tests: those are in
 benchmarks/).  Each shortcut is checked against the long way round."""
 import numpy as np
+import pytest
 import polars as pl
 
 import mlsem
@@ -111,3 +112,42 @@ def test_stalled_lbfgsb_handed_to_newton_gives_the_same_fit(monkeypatch):
     assert m1.nevals < m2.nevals
     assert abs(o1.loglik - o2.loglik) < 1e-8
     np.testing.assert_allclose(o1.final, o2.final, rtol=1e-7, atol=1e-9)
+
+
+UNST = {"effects": {"j": {"variance": "slot", "covariance": "unstructured"}}}
+
+
+def _unst_fit(monkeypatch=None, **consts):
+    if monkeypatch is not None:
+        for k, v in consts.items():
+            monkeypatch.setattr(estimate, k, v)
+    return mlsem.fit(REF / "medium.parquet", "y ~ x + (1 | k:j)", **UNST)
+
+
+def test_newton_takes_over_where_the_hessian_is_cheap(monkeypatch):
+    """An unstructured block (many parameters, exact Hessian block) leaves
+    L-BFGS-B early for Newton steps; the optimum is the one L-BFGS-B reaches
+    all the way (early switch disabled)."""
+    early = _unst_fit()
+    assert "Newton steps (exact Hessian) finish" in early.opt.message
+    assert early.converged
+    full = _unst_fit(monkeypatch, EARLY_GAIN=-1.0)
+    assert "exact Hessian" not in full.opt.message
+    assert early.loglik == pytest.approx(full.loglik, abs=1e-8)
+    np.testing.assert_allclose(early.opt.final, full.opt.final, rtol=1e-5, atol=1e-7)
+
+
+def test_early_newton_that_fails_goes_back_to_lbfgsb(monkeypatch):
+    """Switching after the first iteration, far from the optimum: whatever
+    Newton manages, the fit ends at the same optimum, judged converged."""
+    full = _unst_fit(monkeypatch, EARLY_GAIN=-1.0)
+    rushed = _unst_fit(monkeypatch, EARLY_GAIN=1e12, EARLY_MIN_ITER=1)
+    assert any(stage == "lbfgsb after the polish" for stage, *_ in rushed.opt.log)
+    assert rushed.converged
+    assert rushed.loglik == pytest.approx(full.loglik, abs=1e-7)
+
+
+def test_standard_model_keeps_lbfgsb():
+    res = mlsem.fit(REF / "unbalanced.parquet", "y ~ x1 + z + (1 | k/j)")
+    assert 4 * estimate._hessian_cost(res.model) > res.nparams
+    assert "exact Hessian" not in res.opt.message
