@@ -250,6 +250,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="mlsem/OpenMx threads (default: all)")
     ap.add_argument("--no-peers", action="store_true", help="time mlsem alone")
     ap.add_argument("--no-wide", action="store_true", help="skip the wide SEM case (unbalanced)")
+    ap.add_argument("--no-relaxed", action="store_true",
+                    help="skip the relaxed-against-standard fits on the largest case")
     ap.add_argument("--quick", action="store_true", help="2,000 rows, one repeat, no wide case")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args(argv)
@@ -350,8 +352,25 @@ def main(argv=None):
                       f"ratio {scaling['ratio_2_to_1']:.2f}")
             else:
                 print(f"thread scaling failed: {r.stderr.strip()[-300:]}")
+    relaxed = None
+    if not a.quick and not a.no_relaxed:
+        big = max((c for c in cases if c["case"].startswith("simulated")), key=lambda c: c["rows"],
+                  default=None)
+        if big is not None:
+            log(f"  relaxed against standard fits on {big['case']}")
+            r = subprocess.run([sys.executable, os.path.join(HERE, "relaxed_vs_standard.py"),
+                                "--data", big["path"], "--issue", "--json",
+                                "--repeat", str(a.repeats)], capture_output=True, text=True)
+            if r.returncode == 0:
+                lines = r.stdout.strip().splitlines()
+                relaxed = dict(json.loads(lines[-1]), case=big["case"])
+                print(f"\nrelaxed / standard mlsem fits on {big['case']}:\n")
+                print("\n".join(lines[2:-1]))
+            else:
+                print(f"relaxed fits failed: {r.stderr.strip()[-300:]}")
     payload = {"machine": machine(), "command": sys.argv, "repeats": a.repeats,
-               "skipped": skipped, "summary": summary, "thread_scaling": scaling, "runs": runs}
+               "skipped": skipped, "summary": summary, "thread_scaling": scaling,
+               "relaxed": relaxed, "runs": runs}
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)
     with open(os.path.join(a.out, "results.md"), "w") as f:
