@@ -18,8 +18,10 @@ Data: ``mlsem.simulate`` with fixed seeds, the design of the reference case
 ``medium`` (counties with 1-10 schools of 1-20 pupils, y = 1 + 0.8 x + U + V + E,
 sd 1, 0.7, 1); a size in rows becomes round(rows / 57.75) counties.  The
 ``unbalanced`` reference case (300 counties, 24 slots) is also fitted on its
-wide SEM form by OpenMx and lavaan (missing covariates of empty slots filled
-with 0, as the shipped lavaan reference does).
+wide SEM form, written in lavaan syntax, by mlsem (``mlsem-sem``: ``mlsem.sem``),
+OpenMx and lavaan (missing covariates of empty slots filled with 0, as the
+shipped lavaan reference does), besides the long-form fits of mlsem, lme4 and
+statsmodels.
 
 Outputs (in --out, default benchmarks/results): results.json (every run, the
 summary, the skipped peers, the machine), times.png (time against rows per
@@ -218,6 +220,8 @@ def command(tool, case, threads):
         return [py, w, "mlsem", case["path"], case["formula"]] + ([str(threads)] if threads else [])
     if tool == "statsmodels":
         return [py, w, "statsmodels", case["path"], case["formula"]]
+    if tool == "mlsem-sem":
+        return [py, w, "mlsem-sem", case["wide_csv"], case["lav"]]
     if tool == "lme4":
         return ["Rscript", os.path.join(HERE, "lme4.R"), case["csv"], case["formula"], case["ids"]]
     if tool == "OpenMx":
@@ -289,9 +293,8 @@ def main(argv=None):
                       "tools": ["mlsem"] + [t for t in peers_long if t in have]})
     if not a.no_wide and os.path.exists(WIDE_CASE):
         c = {"case": "unbalanced (wide SEM: 24 slots)", "path": WIDE_CASE, "formula": WIDE_FORMULA,
-             "tools": ["mlsem"] + [t for t in peers_wide if t in have]}
-        if any(t in have for t in ("OpenMx", "lavaan")):
-            c["wide_csv"], c["lav"], c["spec"], _, _ = wide_form(WIDE_CASE, WIDE_FORMULA, tmp)
+             "tools": ["mlsem", "mlsem-sem"] + [t for t in peers_wide if t in have]}
+        c["wide_csv"], c["lav"], c["spec"], _, _ = wide_form(WIDE_CASE, WIDE_FORMULA, tmp)
         cases.append(c)
 
     for c in cases:
@@ -336,6 +339,15 @@ def main(argv=None):
     summary = summarise(runs, cases)
     table = markdown(summary)
     print(table)
+    med = {(s["case"], s["tool"]): s["median_seconds"] for s in summary}
+    for c in cases:
+        if (c["case"], "mlsem-sem") in med:
+            sem_s = med[(c["case"], "mlsem-sem")]
+            peers = [f"/ {t} {sem_s / med[(c['case'], t)]:.4f}" for t in ("OpenMx", "lavaan")
+                     if (c["case"], t) in med]
+            if peers:
+                print(f"\n{c['case']}, the wide SEM in lavaan syntax: mlsem sem() {sem_s:.3f} s; "
+                      f"ratio {', '.join(peers)}")
     scaling = None
     if not a.quick:
         big = max((c for c in cases if c["case"].startswith("simulated")), key=lambda c: c["rows"],

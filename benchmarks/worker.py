@@ -2,11 +2,14 @@
 
     python benchmarks/worker.py mlsem <data.parquet> <formula> [threads]
     python benchmarks/worker.py statsmodels <data.parquet> <formula>
+    python benchmarks/worker.py mlsem-sem <wide.csv> <model.lav>
 
 Prints one JSON object: seconds, loglik, program (and, for mlsem, the
 optimiser's iterations and evaluations).  mlsem is timed end to end from the
 Parquet file to the results object; statsmodels from an in-memory pandas frame
-(reading excluded) to its results.
+(reading excluded) to its results; mlsem-sem (the wide SEM in lavaan syntax)
+from the frame read from the CSV file (reading excluded, as for OpenMx and
+lavaan) to its results, standard errors included.
 """
 import json
 import os
@@ -23,6 +26,20 @@ def run_mlsem(path, formula, threads=None):
     return {"seconds": sec, "loglik": r.loglik, "program": f"mlsem {mlsem.__version__}",
             "iterations": r.opt.iterations, "evaluations": r.opt.evaluations,
             "timings": r.timings}
+
+
+def run_mlsem_sem(csv, lav):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import polars as pl
+    import mlsem
+    d = pl.read_csv(csv, null_values="NA")
+    with open(lav) as f:
+        syntax = f.read()
+    t0 = time.perf_counter()
+    r = mlsem.sem(syntax, d)
+    sec = time.perf_counter() - t0
+    return {"seconds": sec, "loglik": r.loglik, "program": f"mlsem {mlsem.__version__} sem()",
+            "iterations": r.opt.iterations, "evaluations": r.opt.evaluations}
 
 
 def run_statsmodels(path, formula):
@@ -51,6 +68,8 @@ if __name__ == "__main__":
         out = run_mlsem(path, formula, int(sys.argv[4]) if len(sys.argv) > 4 else None)
     elif tool == "statsmodels":
         out = run_statsmodels(path, formula)
+    elif tool == "mlsem-sem":
+        out = run_mlsem_sem(path, formula)
     else:
         raise SystemExit(f"unknown tool {tool!r}")
     print(json.dumps(out))
