@@ -43,7 +43,7 @@ def main(path, formula="y ~ x + (1 | k/j)", threads=None):
     step("start values (OLS)")
     n0 = model.nevals
     opt = estimate.optimize(model, start=psi0)
-    step("optimize: L-BFGS-B + Newton polish (Hessian by central differences)",
+    step("optimize: L-BFGS-B + Newton polish (exact Hessian block of the (co)variances, differences for beta and Theta)",
          model.nevals - n0)
     n0 = model.nevals
     info = estimate.information(model, opt.final, opt)
