@@ -22,6 +22,16 @@ import numpy as np
 LOG2PI = np.log(2.0 * np.pi)
 
 
+def _lambda(s, load, slot_lat, M):
+    """Lambda_o (n x M) of one unit whose observations sit in slots ``s``."""
+    lam = np.zeros((len(s), M))
+    for k in range(slot_lat.shape[1]):
+        g = slot_lat[s, k]
+        ok = g >= 0
+        lam[np.flatnonzero(ok), g[ok]] += load[:, k][ok]
+    return lam
+
+
 def loglik(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow, need_grad=True):
     M = Phi.shape[0]
     P = Theta.shape[0]
@@ -33,11 +43,7 @@ def loglik(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow, need_grad=Tru
         o0, o1 = row_ptr[r], row_ptr[r + 1]
         s = slot[o0:o1]
         n = o1 - o0
-        lam = np.zeros((n, M))
-        for k in range(slot_lat.shape[1]):
-            g = slot_lat[s, k]
-            ok = g >= 0
-            lam[np.flatnonzero(ok), g[ok]] += load[o0:o1, k][ok]
+        lam = _lambda(s, load[o0:o1], slot_lat, M)
         S = lam @ Phi @ lam.T + Theta[np.ix_(s, s)]
         try:
             C = np.linalg.cholesky(S)
@@ -64,12 +70,7 @@ def phi_hessian(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow):
     for r in range(len(row_ptr) - 1):
         o0, o1 = row_ptr[r], row_ptr[r + 1]
         s = slot[o0:o1]
-        n = o1 - o0
-        lam = np.zeros((n, M))
-        for k in range(slot_lat.shape[1]):
-            g = slot_lat[s, k]
-            ok = g >= 0
-            lam[np.flatnonzero(ok), g[ok]] += load[o0:o1, k][ok]
+        lam = _lambda(s, load[o0:o1], slot_lat, M)
         Sig = lam @ Phi @ lam.T + Theta[np.ix_(s, s)]
         try:
             Si = np.linalg.inv(np.linalg.cholesky(Sig))

@@ -117,6 +117,8 @@ class Model:
         self._slot = np.ascontiguousarray(prep.slot, dtype=np.int32)
         self._slot_lat = np.ascontiguousarray(prep.slot_lat, dtype=np.int32)
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
+        # random intercepts only: the kernel's row loops need not read the loadings
+        self._unit_load = bool(np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
         self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
         self._resid = np.empty(prep.nobs)
         self._xtw = np.zeros((max(nt, 1) * 4, self.q))
@@ -344,7 +346,8 @@ class Model:
                                     int(need_grad), y=prep.y, X=self._X,
                                     beta=np.ascontiguousarray(beta, dtype=float),
                                     gbeta_t=self._gbeta,
-                                    hidx=self._hidx if hess else None, hphi_t=hphi)
+                                    hidx=self._hidx if hess else None, hphi_t=hphi,
+                                    unit_load=self._unit_load)
                 if hess:
                     hblock = hphi.sum(axis=0).reshape(nh, nh)
             if self._status.any():

@@ -206,3 +206,19 @@ def test_single_latent_path_equals_generic_factor_path(formula, kw, seed):
         assert ll == pytest.approx(ll0, rel=1e-12)
         np.testing.assert_allclose(g, g0, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(H, H0, rtol=1e-9, atol=1e-9 * np.abs(H0).max())
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (1 | k/j)", "y ~ x + (1 | k:j)", "y ~ x + (1 + x | k/j)"])
+def test_unit_loadings_skip_equals_reading_them(formula):
+    """Random intercepts only: the row loops use loading 1 without reading the
+    loadings array; the result is the one computed with the array."""
+    rng = np.random.default_rng(3)
+    prep, tab = build(random_data(3, 30, 4, 5), formula)
+    m = Model(prep, tab, backend="cython", nthreads=2)
+    assert m._unit_load == ("+ x |" not in formula)
+    psi = random_psi(m, rng)
+    ll1, g1 = m.evaluate(psi)
+    m._unit_load = False
+    ll0, g0 = m.evaluate(psi)
+    assert ll1 == pytest.approx(ll0, rel=1e-13)
+    np.testing.assert_allclose(g1, g0, rtol=1e-11, atol=1e-11)
