@@ -442,7 +442,7 @@ def plot(summary, path):
     except ImportError:
         print("skipped the plot: matplotlib is not installed")
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for t in sorted({s["tool"] for s in summary}):
         pts = sorted((s["rows"], s["median_seconds"]) for s in summary if s["tool"] == t)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
@@ -452,7 +452,7 @@ def plot(summary, path):
     ax.set_ylabel("median seconds")
     ax.set_title("mlsem benchmark: time against rows")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")  # outside the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
