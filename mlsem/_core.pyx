@@ -688,8 +688,11 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         if hidx is None or hidx.shape[0] != F.shape[0] * F.shape[0]:
             raise ValueError("Hessian mode needs hidx with M * M entries")
         nh = <int>(sqrt(<double>hphi_t.shape[1]) + 0.5)
-        if nh * nh != hphi_t.shape[1] or hphi_t.shape[0] < (nthreads if nthreads > 0 else 1):
-            raise ValueError("Hessian mode: hphi_t must be (nthreads, nh * nh)")
+        if nh < 1 or nh * nh != hphi_t.shape[1] or hphi_t.shape[0] < (nthreads if nthreads > 0 else 1):
+            raise ValueError("Hessian mode: hphi_t must be (nthreads, nh * nh), nh >= 1")
+        for i in range(hidx.shape[0]):
+            if hidx[i] >= nh:
+                raise ValueError(f"Hessian mode: hidx[{i}] = {hidx[i]} is not below nh = {nh}")
         hidx_p = &hidx[0]
     cdef int mm = maxm if maxm > 0 else 1
     cdef int cc = maxc if maxc > 0 else 1

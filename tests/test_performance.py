@@ -151,3 +151,29 @@ def test_standard_model_keeps_lbfgsb():
     res = mlsem.fit(REF / "unbalanced.parquet", "y ~ x1 + z + (1 | k/j)")
     assert 4 * estimate._hessian_cost(res.model) > res.nparams
     assert "exact Hessian" not in res.opt.message
+
+
+def test_no_early_newton_on_small_data(monkeypatch):
+    res = _unst_fit(monkeypatch, EARLY_MIN_OBS=10 ** 9)
+    assert "exact Hessian" not in res.opt.message
+    assert res.converged
+
+
+def test_snap_to_bounds_only_moves_entries_a_hair_inside():
+    """The restart-from-the-bounds candidate: only bounded entries whose way to
+    the bound is worth < 1e-3 log-likelihood units, never a residual variance."""
+    res = mlsem.fit(REF / "hetero_corr.parquet", "y ~ x + (1 + x | k/j)")
+    m = res.model
+    psi = res.opt.final
+    _, g = m.evaluate(psi)
+    tau = m.psi_to_tau(psi)
+    snapped = estimate._snap_to_bounds(m, psi, g)
+    assert snapped is not None                      # the singular k block's last Cholesky diagonal
+    moved = np.flatnonzero(snapped != tau)
+    assert len(moved) >= 1 and np.all(np.abs(tau[moved]) < 1e-3)
+    resid = [k for k, i in enumerate(m.free_plain) if m.table.params[i].kind == "resid"]
+    assert not set(moved) & set(resid)
+    # a start far from the optimum: nothing is a hair inside a bound
+    psi0 = estimate.start_values(m)
+    _, g0 = m.evaluate(psi0)
+    assert estimate._snap_to_bounds(m, psi0, g0) is None
