@@ -111,6 +111,24 @@ cdef void hess_accum(int m, const int* glob, const double* S, const double* U, d
                 H[k2 * nh + k1] += val
 
 
+cdef void grad_tail(int m, const int* glob, const double* S, const double* U, double wsum,
+                    double* gphi, int M, int n, const int[::1] slot, long long o0,
+                    const double* W2, const double* sinv, double* gth,
+                    const int* hidx, double* hphi, int nh, double* R, int* ent) noexcept nogil:
+    """The end of every factor path, from one pattern's S = Lambda' Sigma^-1 Lambda,
+    U = sum_r w_r u u', wsum, W2 and diag(Sigma^-1) (sinv): dl/dPhi += (U - wsum S)/2,
+    dl/dtheta += (W2 - wsum sinv)/2, and in Hessian mode (hphi not NULL) the exact
+    d2l/dPhi2 block (hess_accum; R: m x m scratch)."""
+    cdef int a, a2, t
+    for a in range(m):
+        for a2 in range(m):
+            gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * S[a * m + a2]
+    for t in range(n):
+        gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
+    if hphi != NULL:
+        hess_accum(m, glob, S, U, wsum, hidx, M, hphi, nh, ent, R)
+
+
 cdef int USE_ARROWHEAD = 1
 
 
@@ -270,31 +288,19 @@ cdef int arrow_pattern(
         acc = 0.0
         for a in range(1, m):
             acc += A0[a] * A0[a] * td[a]
-        gphi[glob[0] * M + glob[0]] += 0.5 * U[0] - 0.5 * wsum * (A0[0] - acc - ag[0] * ag[0])
+        # S = Lambda' Sigma^-1 Lambda written out (O(m^2)) into the scratch hS
+        hS[0] = A0[0] - acc - ag[0] * ag[0]
         for a in range(1, m):
             d = A0[a] - A0[a] * td[a] * Ad[a] - ag[0] * ag[a]
-            gphi[glob[0] * M + glob[a]] += 0.5 * U[a] - 0.5 * wsum * d
-            gphi[glob[a] * M + glob[0]] += 0.5 * U[a * m] - 0.5 * wsum * d
+            hS[a] = d
+            hS[a * m] = d
             for a2 in range(1, m):
                 d = -ag[a] * ag[a2]
                 if a2 == a:
                     d += Ad[a] - Ad[a] * Ad[a] * td[a]
-                gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * d
-        for t in range(n):
-            gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
-        if hphi != NULL:
-            # S = Lambda' Sigma^-1 Lambda written out (the entries used above)
-            hS[0] = A0[0] - acc - ag[0] * ag[0]
-            for a in range(1, m):
-                d = A0[a] - A0[a] * td[a] * Ad[a] - ag[0] * ag[a]
-                hS[a] = d
-                hS[a * m] = d
-                for a2 in range(1, m):
-                    d = -ag[a] * ag[a2]
-                    if a2 == a:
-                        d += Ad[a] - Ad[a] * Ad[a] * td[a]
-                    hS[a * m + a2] = d
-            hess_accum(m, glob, hS, U, wsum, hidx, M, hphi, nh, ent, hS + m * m)
+                hS[a * m + a2] = d
+        grad_tail(m, glob, hS, U, wsum, gphi, M, n, slot, o0, W2, sinv, gth,
+                  hidx, hphi, nh, hS + m * m, ent)
     return 0
 
 
@@ -415,13 +421,8 @@ cdef int single_pattern(
                     U[a * m + a2] += acc * u[a2]
     ll[0] += llp
     if need_grad:
-        for a in range(m):
-            for a2 in range(m):
-                gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * S[a * m + a2]
-        for t in range(n):
-            gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
-        if hphi != NULL:
-            hess_accum(m, glob, S, U, wsum, hidx, M, hphi, nh, ent, hS + m * m)
+        grad_tail(m, glob, S, U, wsum, gphi, M, n, slot, o0, W2, sinv, gth,
+                  hidx, hphi, nh, hS + m * m, ent)
     return 0
 
 
@@ -620,13 +621,8 @@ cdef int factor_pattern(
                         U[a * m + a2] += wr * u[a] * u[a2]
         ll[0] += llp
         if need_grad:
-            for a in range(m):
-                for a2 in range(m):
-                    gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * ASA[a * m + a2]
-            for t in range(n):
-                gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
-            if hphi != NULL:
-                hess_accum(m, glob, ASA, U, wsum, hidx, M, hphi, nh, ent, hS + m * m)
+            grad_tail(m, glob, ASA, U, wsum, gphi, M, n, slot, o0, W2, sinv, gth,
+                      hidx, hphi, nh, hS + m * m, ent)
     # reset the markers
     for a in range(m):
         loc[glob[a]] = -1
