@@ -482,29 +482,28 @@ class DaskModel(Model):
                 self.builds[p] = build
                 self.recoveries += 1
 
-    def evaluate(self, psi, need_grad: bool = True):
+    def _reduce(self, func, nsum, *args):
+        """One round trip: ``func`` on every partition, the first ``nsum`` fields
+        of the answers summed (None fields stay None); None if a partition
+        reports a Sigma that is not positive definite."""
         self.nevals += 1
         t0 = time.perf_counter()
-        out = self._run(_part_eval, np.asarray(psi, dtype=float), need_grad, self._which)
-        self._check_parts([o[2:] for o in out])
+        out = self._run(func, *args)
+        self._check_parts([o[nsum:] for o in out])
         self.eval_seconds += time.perf_counter() - t0
         if any(o[0] is None for o in out):
-            return None, None
-        ll = sum(o[0] for o in out)
-        return ll, (sum(o[1] for o in out) if need_grad else None)
+            return None
+        return tuple(None if out[0][i] is None else sum(o[i] for o in out) for i in range(nsum))
+
+    def evaluate(self, psi, need_grad: bool = True):
+        got = self._reduce(_part_eval, 2, np.asarray(psi, dtype=float), need_grad, self._which)
+        return (None, None) if got is None else got
 
     def phi_hessian(self, psi):
         """Model.phi_hessian summed over the partitions."""
         if not len(self.hess_params):
             return None
-        self.nevals += 1
-        t0 = time.perf_counter()
-        out = self._run(_part_hessian, np.asarray(psi, dtype=float), self._which)
-        self._check_parts([o[3:] for o in out])
-        self.eval_seconds += time.perf_counter() - t0
-        if any(o[0] is None for o in out):
-            return None
-        return sum(o[0] for o in out), sum(o[1] for o in out), sum(o[2] for o in out)
+        return self._reduce(_part_hessian, 3, np.asarray(psi, dtype=float), self._which)
 
     # ---- starting values and the null model, from reduced moments --------------
     def _ols(self):

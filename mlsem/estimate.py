@@ -125,9 +125,17 @@ def hessian(model, psi, step=1e-4):
     exact = getattr(model, "phi_hessian", None)
     got = exact(psi) if exact is not None else None
     an = np.zeros(0, dtype=np.int64)
+    g_at = [None]        # dl/dpsi at psi, evaluated once if a one-sided difference needs it
     if got is not None:
         an = model.hess_params
         H[np.ix_(an, an)] = got[2]
+        g_at[0] = got[1]
+
+    def grad_at_psi():
+        if g_at[0] is None:
+            g_at[0] = model.evaluate(psi)[1]
+        return g_at[0]
+
     fd = np.setdiff1d(np.arange(n), an)
     lo = np.array([p.lower for p in model.table.params])
     for i in fd:
@@ -137,7 +145,7 @@ def hessian(model, psi, step=1e-4):
         dn = psi.copy()
         dn[i] -= h
         if np.isfinite(lo[i]) and dn[i] < lo[i]:
-            _, g0 = model.evaluate(psi)
+            g0 = grad_at_psi()
             _, g1 = model.evaluate(up)
             if g1 is None or g0 is None:
                 return None
@@ -150,7 +158,7 @@ def hessian(model, psi, step=1e-4):
             if g1 is None or g2 is None:
                 # one side leaves the admissible set (a singular covariance
                 # block at the optimum): a one-sided difference on the other
-                _, g0 = model.evaluate(psi)
+                g0 = grad_at_psi()
                 if g0 is None:
                     return None
                 H[:, i] = (g2 - g0) / -h if g1 is None else (g1 - g0) / h
@@ -221,34 +229,28 @@ def _optimize(model, start, maxiter, progress) -> OptSummary:
     nit = res.nit
     if early and getattr(res, "switched", False) and not converged and ll is not None:
         # Newton did not finish what L-BFGS-B left: L-BFGS-B all the way
-        res2, psi2, ll2, g2 = _lbfgsb(model, model.psi_to_tau(psi), maxiter, progress, N)
-        nit += res2.nit
-        log.append(("lbfgsb after the polish", res2.nit, ll2))
-        if ll2 is not None and ll2 >= ll:
-            res, psi, ll, g = res2, psi2, ll2, g2
-            psi, ll, g, steps2, H2, psi_H2 = _polish(model, psi, ll, g, N)
-            steps += steps2
-            if H2 is not None:
-                H_last, psi_H = H2, psi_H2
-            gnorm, converged = _judge(model, psi, ll, g, res, N)
+        run = _rerun(model, model.psi_to_tau(psi), maxiter, progress, N, log, "lbfgsb after the polish")
+        nit += run.nit
+        if run.ll is not None and run.ll >= ll:
+            res, psi, ll, g, gnorm, converged = run.res, run.psi, run.ll, run.g, run.gnorm, run.converged
+            steps += run.steps
+            if run.H is not None:
+                H_last, psi_H = run.H, run.psi_H
     if not converged and g is not None:
         # a singular covariance block (or a variance at 0) that L-BFGS-B
         # approached but did not reach (its line search gave up at rounding
-        # level a hair inside): put the parameters whose gradient points at
-        # their bound on it and restart from there; kept only if no worse
+        # level a hair inside): put those parameters on their bound and
+        # restart from there; kept only if no worse
         tau_s = _snap_to_bounds(model, psi, g)
         if tau_s is not None:
-            res2, psi2, ll2, g2 = _lbfgsb(model, tau_s, maxiter, progress, N)
-            nit += res2.nit
-            log.append(("lbfgsb from the bounds", res2.nit, ll2))
-            if ll2 is not None and ll2 >= ll - 1e-12 * abs(ll):
-                psi2, ll2, g2, steps2, H2, psi_H2 = _polish(model, psi2, ll2, g2, N)
-                gnorm2, conv2 = _judge(model, psi2, ll2, g2, res2, N)
-                if conv2 or (gnorm2 < gnorm and ll2 >= ll):
-                    res, psi, ll, g, gnorm, converged = res2, psi2, ll2, g2, gnorm2, conv2
-                    steps += steps2
-                    if H2 is not None:
-                        H_last, psi_H = H2, psi_H2
+            run = _rerun(model, tau_s, maxiter, progress, N, log, "lbfgsb from the bounds")
+            nit += run.nit
+            if (run.ll is not None and run.ll >= ll - 1e-12 * abs(ll)
+                    and (run.converged or (run.gnorm < gnorm and run.ll >= ll))):
+                res, psi, ll, g, gnorm, converged = run.res, run.psi, run.ll, run.g, run.gnorm, run.converged
+                steps += run.steps
+                if run.H is not None:
+                    H_last, psi_H = run.H, run.psi_H
     msg = res.message if isinstance(res.message, str) else str(res.message)
     if not converged:
         warnings.warn(f"the optimiser did not converge ({msg}; max |gradient| {gnorm:.3g})",
@@ -319,6 +321,19 @@ def _lbfgsb(model, tau0, maxiter, progress, N, early=False):
     return res, psi, ll, g
 
 
+def _rerun(model, tau, maxiter, progress, N, log, stage):
+    """A further L-BFGS-B run from tau, polished and judged: the candidate the
+    caller keeps or drops."""
+    res, psi, ll, g = _lbfgsb(model, tau, maxiter, progress, N)
+    log.append((stage, res.nit, ll))
+    steps, H, psi_H = 0, None, None
+    if ll is not None:
+        psi, ll, g, steps, H, psi_H = _polish(model, psi, ll, g, N)
+    gnorm, converged = _judge(model, psi, ll, g, res, N)
+    return SimpleNamespace(res=res, nit=res.nit, psi=psi, ll=ll, g=g, steps=steps, H=H,
+                           psi_H=psi_H, gnorm=gnorm, converged=converged)
+
+
 def _polish(model, psi, ll, g, N):
     """Newton steps on psi, interior parameters only: the L-BFGS-B stopping
     rule is on the scaled objective; a few Newton steps make the estimates
@@ -383,10 +398,9 @@ def _snap_to_bounds(model, psi, g, gain=1e-3):
     """tau with the bounded entries that sit a hair inside their bound, with
     the log-likelihood gradient pointing at it (beyond rounding), set on the
     bound: those whose first-order change in log-likelihood to get there is
-    below ``gain``
-    (a Cholesky diagonal 1e-4 above 0 of a singular block).  Residual
-    variances are never put at 0 (an inadmissible Theta).  None if there is
-    no such entry."""
+    below ``gain`` (a Cholesky diagonal 1e-4 above 0 of a singular block).
+    Residual variances are never put at 0 (an inadmissible Theta).  None if
+    there is no such entry."""
     tau, gt, lo_t = _tau_state(model, psi, g)
     kinds = np.array(["plain"] * len(tau), dtype=object)
     n0 = len(model.free_plain)

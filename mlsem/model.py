@@ -293,6 +293,7 @@ class Model:
 
     def _evaluate(self, psi, need_grad, hess=False):
         self.nevals += 1
+        fail = None if hess else (None, None)     # Sigma not positive definite at psi
         t = self.table
         prep = self.prep
         beta, Phi, Theta = self.matrices(psi)
@@ -310,12 +311,12 @@ class Model:
             ll, gphi, gth, w = _oracle.loglik(prep.row_ptr, prep.slot, resid, prep.load,
                                               prep.slot_lat, Phi, Th, prep.wrow, need_grad)
             if ll is None:
-                return None if hess else (None, None)
+                return fail
             if hess:
                 H4 = _oracle.phi_hessian(prep.row_ptr, prep.slot, resid, prep.load,
                                          prep.slot_lat, Phi, Th, prep.wrow)
                 if H4 is None:
-                    return None
+                    return fail
                 hblock = self._contract_phi_hessian(H4)
             gphi = gphi.ravel()
             gth = gth.ravel() if self.dense else np.diag(gth).copy()
@@ -332,10 +333,10 @@ class Model:
                                    int(need_grad))
             else:
                 if np.any(Theta <= 0):
-                    return None if hess else (None, None)
+                    return fail
                 F = self.factor(Phi)
                 if F is None:
-                    return None if hess else (None, None)
+                    return fail
                 nh = len(self.hess_params)
                 hphi = np.zeros((self._nt, nh * nh)) if hess else None
                 # fused: y - X beta and X'w computed per pattern inside the kernel
@@ -351,7 +352,7 @@ class Model:
                 if hess:
                     hblock = hphi.sum(axis=0).reshape(nh, nh)
             if self._status.any():
-                return None if hess else (None, None)
+                return fail
             ll = float(self._ll.sum())
             if not need_grad:
                 return ll, None
