@@ -304,6 +304,19 @@ cdef int arrow_pattern(
     return 0
 
 
+cdef inline double apply_T(const double* T, const double* b, double* h, int m) noexcept nogil:
+    """h = T b (m x m times m); returns b' T b."""
+    cdef int a, a2
+    cdef double acc, q = 0.0
+    for a in range(m):
+        acc = 0.0
+        for a2 in range(m):
+            acc += T[a * m + a2] * b[a2]
+        h[a] = acc
+        q += b[a] * acc
+    return q
+
+
 cdef int woodbury_T(double* K, const double* Lp, double* Z, double* T, int m, int c,
                     double* logdet) noexcept nogil:
     """From K = I + Lp' A Lp (c x c, overwritten by its Cholesky factor C): adds
@@ -400,12 +413,7 @@ cdef int single_pattern(
                 cur = a
             bacc += (1.0 if unit else load[o + t, 0]) * d
         b[cur] += bacc
-        for a in range(m):
-            acc = 0.0
-            for a2 in range(m):
-                acc += T[a * m + a2] * b[a2]
-            h[a] = acc
-            quad -= b[a] * acc
+        quad -= apply_T(T, b, h, m)
         llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
         wsum += wr
         if need_grad:
@@ -591,13 +599,7 @@ cdef int factor_pattern(
                     a = latloc[t * nl + k]
                     if a >= 0:
                         b[a] += load[o + t, k] * d
-            quad = quad0
-            for a in range(m):
-                acc = 0.0
-                for a2 in range(m):
-                    acc += T[a * m + a2] * b[a2]
-                h[a] = acc
-                quad -= b[a] * acc
+            quad = quad0 - apply_T(T, b, h, m)
             llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
             wsum += wr
             if need_grad:
