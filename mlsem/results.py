@@ -76,6 +76,14 @@ class FitResult:
     defined: list = field(default_factory=list)   # := parameters with delta-method SEs
     loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
     kernel: str = ""
+    # small-sample inference (mlsem.smallsample): the df method, df per parameter
+    # (nan but for the fixed effects), and the REML information of the variance parameters
+    df_method: str = None
+    df: np.ndarray = field(default=None, repr=False)
+    small: object = field(default=None, repr=False)
+    reml_info: np.ndarray = field(default=None, repr=False)
+    ci_kind: str = "wald"          # the interval kind the summary shows
+    ci_table: object = field(default=None, repr=False)
 
     # ---- standard verbs ----------------------------------------------------
     @property
@@ -86,8 +94,14 @@ class FitResult:
     def params(self) -> pl.DataFrame:
         est, se = self.estimate, self.std_err
         rows = []
-        for n, k, b, s in zip(self.names, self.kinds, est, se):
-            if k in ("var", "resid"):
+        dfs = self.df if self.df is not None else np.full(len(self.names), np.nan)
+        for n, k, b, s, dfi in zip(self.names, self.kinds, est, se, dfs):
+            if np.isfinite(dfi):         # t(df) for the fixed effects (small-sample df)
+                z = b / s if s > 0 else float("nan")
+                p = 2.0 * stats.t.sf(abs(z), dfi) if np.isfinite(z) else float("nan")
+                tq = float(stats.t.ppf(0.975, dfi))
+                lo, hi = b - tq * s, b + tq * s
+            elif k in ("var", "resid"):
                 z = p = float("nan")
                 if b > 0 and np.isfinite(s) and s > 0:
                     r = Z975 * s / b            # huge for a non-identified variance
@@ -102,6 +116,12 @@ class FitResult:
             rows.append((n, float(b), float(s), float(z), float(p), float(lo), float(hi)))
         schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
                   "p_value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64}
+        if self.df is not None:
+            # t statistics on df (nan df: a variance parameter, no test)
+            rows = [(r[0], r[1], r[2], r[3], float(d), r[4], r[5], r[6]) for r, d in zip(rows, dfs)]
+            schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64,
+                      "t": pl.Float64, "df": pl.Float64, "p_value": pl.Float64,
+                      "ci_low": pl.Float64, "ci_high": pl.Float64}
         if self.sem_labels is not None:
             rows = [r + tuple(lab) for r, lab in zip(rows, self.sem_labels)]
             for d in self.defined:
