@@ -210,14 +210,27 @@ class FitResult:
             "mixed-model convention: fixed effects (X'V^-1X)^-1, variance components from their own observed information"
             if self.vce == "mixed" else self.vce)
         out.append(f"Std. errors: {conv}")
+        if self.df_method:
+            out.append(f"Fixed effects: t tests on {self.df_method} df"
+                       + (" (Kenward-Roger adjusted std. errors)" if self.df_method == "Kenward-Roger" else ""))
         tab = self.params
+        ci = _ci_override(self, tab)
+        if self.ci_kind != "wald":
+            out.append(f"Confidence intervals: {self.ci_kind}")
         line = "-" * 78
         out.append(line)
-        out.append(f"{self.outcome[:12]:>12} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
+        if self.df_method:
+            out.append(f"{self.outcome[:12]:>12} |      Coef.   Std. Err.      t       df  P>|t|  [95% Conf. Interval]")
+        else:
+            out.append(f"{self.outcome[:12]:>12} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
         out.append("-" * 13 + "+" + "-" * 64)
         for r in tab.iter_rows(named=True):
+            lo, hi = ci.get(r["name"], (r["ci_low"], r["ci_high"]))
             if r["name"] in [n for n, k in zip(self.names, self.kinds) if k == "fixed"]:
-                out.append(f"{r['name'][:12]:>12} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+                if self.df_method:
+                    out.append(f"{r['name'][:12]:>12} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['t']:>6.2f} {r['df']:>8.2f} {r['p_value']:>6.3f} {lo:>10.6g} {hi:>10.6g}")
+                else:
+                    out.append(f"{r['name'][:12]:>12} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {lo:>10.6g} {hi:>10.6g}")
         out.append(line)
         out.append("")
         out.append(line)
@@ -228,7 +241,11 @@ class FitResult:
             if r["name"] in fixed:
                 continue
             est = "0 (boundary)" if r["estimate"] == 0.0 else f"{r['estimate']:.6g}"
-            out.append(f"{r['name'][:28]:>28} | {est:>10} {r['std_err']:>10.6g}     {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+            lo, hi = ci.get(r["name"], (r["ci_low"], r["ci_high"]))
+            out.append(f"{r['name'][:28]:>28} | {est:>10} {r['std_err']:>10.6g}     {lo:>10.6g} {hi:>10.6g}")
+        for n, (lo, hi) in ci.items():        # profile rows beyond the parameters (correlations)
+            if n not in self.names:
+                out.append(f"{n[:28]:>28} | {'':>10} {'':>10}     {lo:>10.6g} {hi:>10.6g}")
         out.append(line)
         if self.lr_ols:
             lr = self.lr_ols
@@ -367,6 +384,14 @@ def _sem_summary(res) -> str:
     for n in res.notes:
         out.append(f"Note: {n}")
     return "\n".join(out)
+
+
+def _ci_override(res, tab) -> dict:
+    """name -> (lower, upper) of the interval kind the summary shows (profile or
+    bootstrap intervals stored by confint); empty for Wald."""
+    if res.ci_kind == "wald" or res.ci_table is None:
+        return {}
+    return {r["name"]: (r["lower"], r["upper"]) for r in res.ci_table.iter_rows(named=True)}
 
 
 def _json_default(o):
