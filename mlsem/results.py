@@ -12,6 +12,7 @@ import polars as pl
 from scipy import stats
 
 from . import __version__
+from .errors import MlsemError
 
 Z975 = 1.959963984540054
 
@@ -84,6 +85,7 @@ class FitResult:
     reml_info: np.ndarray = field(default=None, repr=False)
     ci_kind: str = "wald"          # the interval kind the summary shows
     ci_table: object = field(default=None, repr=False)
+    boot: object = field(default=None, repr=False)      # mlsem.bootstrap.Bootstrap
 
     # ---- standard verbs ----------------------------------------------------
     @property
@@ -184,6 +186,44 @@ class FitResult:
         """LR test of the model against the saturated model of the wide form."""
         from .inference import fit_test
         return fit_test(self)
+
+    # ---- intervals and the bootstrap (mlsem.profile, mlsem.bootstrap) ---------------
+    def confint(self, method: str = "wald", level: float = 0.95, parm=None, **kw) -> pl.DataFrame:
+        """Confidence intervals, a Polars frame name, lower, upper.
+
+        ``method``: "wald" (the table's: normal or t(df) for coefficients,
+        log scale for variances), "profile" (profile likelihood, ML fits; as
+        lme4's confint) or "bootstrap" (percentile intervals of the draws of
+        :meth:`bootstrap`; ``n=``, ``seed=`` run it if it has not run).  The
+        summary then shows this kind."""
+        if method == "wald":
+            tab = _wald_ci(self, level)
+        elif method == "profile":
+            from .profile import profile_confint
+            tab = profile_confint(self, level, parm)
+        elif method == "bootstrap":
+            from .bootstrap import percentile_ci
+            tab = percentile_ci(self, level, **kw)
+        else:
+            raise MlsemError(f"confint: method={method!r} is not one of 'wald', 'profile', 'bootstrap'")
+        if method != "bootstrap" and kw:
+            raise MlsemError(f"confint(method={method!r}) takes no {', '.join(kw)}")
+        if parm is not None and method != "profile":
+            names = [parm] if isinstance(parm, str) else list(parm)
+            tab = tab.filter(pl.col("name").is_in(names))
+        self.ci_kind = {"wald": "wald", "profile": f"profile likelihood ({level:.0%})",
+                        "bootstrap": f"parametric bootstrap, percentile ({level:.0%})"}[method]
+        self.ci_table = None if method == "wald" else tab
+        return tab
+
+    def bootstrap(self, n: int = 1000, seed=None, parallel=None, progress=True) -> pl.DataFrame:
+        """Parametric bootstrap: ``n`` data sets simulated from the fitted
+        model, each refitted (warm-started at the estimates); the draws as a
+        Polars frame (one column per parameter, plus ``replicate`` and
+        ``converged``).  Failed refits are counted and reported
+        (``self.boot.failed``), never dropped silently.  See mlsem.bootstrap."""
+        from .bootstrap import bootstrap
+        return bootstrap(self, n=n, seed=seed, parallel=parallel, progress=progress).draws
 
     # ---- printing ----------------------------------------------------------
     def summary(self) -> str:
@@ -384,6 +424,31 @@ def _sem_summary(res) -> str:
     for n in res.notes:
         out.append(f"Note: {n}")
     return "\n".join(out)
+
+
+def _wald_ci(res, level) -> pl.DataFrame:
+    """The table's intervals at ``level``."""
+    if not (0.0 < level < 1.0):
+        raise MlsemError(f"confint: level={level!r} must be between 0 and 1")
+    zq = float(stats.norm.ppf(0.5 + level / 2))
+    dfs = res.df if res.df is not None else np.full(len(res.names), np.nan)
+    rows = []
+    for n, k, b, s, d in zip(res.names, res.kinds, res.estimate, res.std_err, dfs):
+        if np.isfinite(d):
+            q = float(stats.t.ppf(0.5 + level / 2, d))
+            lo, hi = b - q * s, b + q * s
+        elif k in ("var", "resid"):
+            if b > 0 and np.isfinite(s) and s > 0:
+                r = zq * s / b
+                f = math.exp(r) if r < 700.0 else math.inf
+                lo, hi = b / f, b * f
+            else:
+                lo = hi = float("nan")
+        else:
+            lo, hi = b - zq * s, b + zq * s
+        rows.append((n, float(lo), float(hi)))
+    return pl.DataFrame(rows, schema={"name": pl.String, "lower": pl.Float64, "upper": pl.Float64},
+                        orient="row")
 
 
 def _ci_override(res, tab) -> dict:
