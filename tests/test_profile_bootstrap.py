@@ -141,3 +141,27 @@ def test_bootstrap_lr_test_of_a_variance_at_the_boundary():
     # under the null, about half the bootstrap statistics are 0 (chi-bar-square)
     zeros = np.mean(lr.bootstrap["draws"][lr.bootstrap["converged"]] < 1e-6)
     assert 0.2 < zeros < 0.8
+
+
+def test_command_line_df_ci_bootstrap(tmp_path, capsys):
+    from mlsem import cli
+    out, js = tmp_path / "r.parquet", tmp_path / "r.json"
+    rc = cli.main(["fit", str(REF / "pastes.parquet"), "-f", CASES["pastes"], "--df",
+                   "satterthwaite", "--ci", "profile", "--bootstrap", "20", "--seed", "3",
+                   "-o", str(out), "--json", str(js), "-q"])
+    assert rc == 0
+    tab = pl.read_parquet(out)
+    assert {"t", "df", "ci_kind", "boot_se"} <= set(tab.columns)
+    ref = SS["pastes"]["profile_ci"]
+    row = tab.filter(pl.col("name") == "var(batch)").row(0, named=True)
+    assert row["ci_low"] == 0.0
+    assert row["ci_high"] == pytest.approx(ref["upper"][1] ** 2, rel=1e-3)
+    rec = json.loads(js.read_text())
+    assert rec["df"] == "satterthwaite" and rec["bootstrap"] == 20 and rec["seed"] == 3
+    for bad, msg in ((["--ci", "bootstrap"], "--bootstrap N"),
+                     (["--ci", "profile", "--method", "reml"], "--method ml"),
+                     (["--df", "kenward-roger"], "--method reml")):
+        capsys.readouterr()
+        rc = cli.main(["fit", str(REF / "pastes.parquet"), "-f", CASES["pastes"], *bad,
+                       "-o", str(out), "-q"])
+        assert rc != 0 and msg in capsys.readouterr().err
