@@ -123,3 +123,13 @@ def test_satterthwaite_cost_on_medium():
     base = time.perf_counter() - t0
     res = mlsem.fit(REF / "medium.parquet", "y ~ x + (1 | k/j)", method="reml", df="satterthwaite")
     assert res.timings["df"] <= 0.5 * base, (res.timings["df"], base)
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_satterthwaite_with_a_variance_at_zero(method):
+    """lme4's singular fit: var(j) = 0 drops out of the df, as lmerTest's theta = 0."""
+    data = mlsem.simulate(30, 2, 3, sd_school=0.0, seed=1)
+    res = mlsem.fit(data, "y ~ x + (1 | k/j)", method=method, df="satterthwaite")
+    assert res.coef["var(j)"] == 0.0
+    _check(res, EXTRA["boundary"][f"{method}_satterthwaite"])
+    assert any("var(j) estimated at 0" in n for n in res.notes)

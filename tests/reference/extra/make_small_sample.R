@@ -45,4 +45,10 @@ out$ftests_unbalanced_reml <- list(
 mlm <- m$unbalanced
 out$ftests_unbalanced_ml <- list(joint = list(restrictions = c("x1 = 0", "z = 0"),
                                               satterthwaite = ft(mlm, L1, c(0, 0), "Satterthwaite")))
+# var(j) estimated at 0 (singular fit): lmerTest's theta = 0 drops out of the df
+bd <- rd("boundary.csv")
+out$boundary <- list(
+  data = "mlsem.simulate(30, 2, 3, sd_school=0.0, seed=1)",
+  reml_satterthwaite = tab(lmer(y ~ x + (1 | k/j), bd, REML = TRUE, control = ctl), "Satterthwaite"),
+  ml_satterthwaite = tab(lmer(y ~ x + (1 | k/j), bd, REML = FALSE, control = ctl), "Satterthwaite"))
 writeLines(toJSON(out, auto_unbox = TRUE, digits = NA, pretty = TRUE), args[2])
