@@ -110,12 +110,43 @@ def refit(model, y, start, method):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if method == "REML":
+            out = _reml_warm(m, start)
+            if out is not None:
+                return out
             from .reml import optimize_reml
-            opt, _ = optimize_reml(m)
+            opt, _ = optimize_reml(m)      # the full REML driver when the warm start stalls
         else:
             from .estimate import optimize
             opt = optimize(m, start=start)
     return opt.final, float(opt.loglik), bool(opt.converged)
+
+
+def _reml_warm(m, start):
+    """REML refit by L-BFGS-B from ``start`` (optimize_reml starts from OLS);
+    None unless it meets optimize_reml's gradient rule on the interior parameters."""
+    from scipy.optimize import minimize
+    from .reml import RemlObjective
+    obj = RemlObjective(m)
+    N = max(m.prep.nobs, 1)
+    lo = np.array([p.lower for p in m.table.params])
+
+    def f(tau):
+        lr, g, _ = obj.value(m.tau_to_psi(tau))
+        if lr is None or not np.isfinite(lr):
+            return 1e300, np.zeros_like(tau)
+        return -lr / N, -m.grad_tau(tau, g) / N
+
+    r = minimize(f, m.psi_to_tau(start), jac=True, method="L-BFGS-B", bounds=m.tau_bounds(),
+                 options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
+    lr, g, psi = obj.value(m.tau_to_psi(r.x))
+    if lr is None:
+        return None
+    idx = np.flatnonzero(~obj.fixed)
+    interior = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), 1.0)]
+    gnorm = float(np.max(np.abs(g[interior]), initial=0.0))
+    if gnorm >= 1e-3 * max(1.0, N ** 0.5):
+        return None
+    return psi, float(lr), True
 
 
 # ---- running replicates -------------------------------------------------------------

@@ -224,7 +224,8 @@ class SmallSample:
             self.A = A
             self.Vadj = self.V
         else:
-            K, Q = b.kr_pieces()
+            with m._one_blas_thread():     # many small matrices: one BLAS thread is faster
+                K, Q = b.kr_pieces()
             Phi, P = b.V, b.P
             nv = len(b.var)
             IE = np.empty((nv, nv))

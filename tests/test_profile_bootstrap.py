@@ -165,3 +165,18 @@ def test_command_line_df_ci_bootstrap(tmp_path, capsys):
         rc = cli.main(["fit", str(REF / "pastes.parquet"), "-f", CASES["pastes"], *bad,
                        "-o", str(out), "-q"])
         assert rc != 0 and msg in capsys.readouterr().err
+
+
+def test_reml_bootstrap_warm_refits_are_reml_estimates():
+    """A REML replicate (warm-started L-BFGS-B) equals the full REML driver's fit
+    of the same simulated data."""
+    import mlsem.bootstrap as B
+    from mlsem.reml import optimize_reml
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
+    draws = res.bootstrap(n=3, seed=11, progress=False)
+    assert res.boot.failed == 0
+    child = np.random.SeedSequence(11).spawn(3)[1]
+    y = B.simulate_y(res.model, res.estimate, np.random.default_rng(child))
+    opt, _ = optimize_reml(B.with_outcome(res.model, y))
+    got = draws.filter(pl.col("replicate") == 1).select(res.names).row(0)
+    assert np.allclose(got, opt.final, rtol=1e-4, atol=1e-6)
