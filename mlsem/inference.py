@@ -112,9 +112,11 @@ def unit_columns(df, top, prep, opts) -> dict:
 
 
 # ---- covariance -------------------------------------------------------------
-def sandwich(model, psi, info, weights=None, cluster=None):
-    """A^-1 B A^-1 (see the module docstring).  Returns (vcov, meat)."""
-    S = row_scores(model, psi)
+def sandwich(model, psi, info, weights=None, cluster=None, scores=None):
+    """A^-1 B A^-1 (see the module docstring).  Returns (vcov, meat).
+    ``scores``: per-unit scores when the model is not a multilevel Model
+    (mlsem.semscores for SEM fits)."""
+    S = row_scores(model, psi) if scores is None else scores
     if weights is not None:
         S = S * weights[:, None]
     adj = 1.0

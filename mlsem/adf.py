@@ -1,0 +1,366 @@
+"""Estimation by GMM / ADF (asymptotically distribution-free weighted least
+squares, Browne 1984) and the Satorra-Bentler scaled test, for SEMs with
+fixed exogenous covariates (lavaan's ``fixed.x = TRUE``).
+
+Moments.  With y the P endogenous observed variables and x the q fixed
+covariates, z = (y, x) (p = P + q).  The sample statistics are the means of
+y and the elements of vech(S) (column-wise lower triangle of the joint
+covariance S of z) that involve at least one y: the covariates' own moments
+(their means, variances and covariances) are fixed at their sample values and
+dropped, as lavaan drops their rows.  ADF uses the unbiased covariance
+S = Z'Z / (N - 1) (centred), ML the biased one (divisor N).
+
+Implied moments, with Lt = Lambda (I - B)^-1, Sigma = Lt Psi Lt' + Theta,
+the total effect of x on y T = Gamma_y + Lt Gamma_eta and the intercepts
+m0 = nu + Lt alpha (DESIGN.md section 4):
+
+    mu_y = m0 + T xbar,  Cov(y) = Sigma + T Sxx T',  Cov(y, x) = T Sxx.
+
+Gamma (N times the asymptotic covariance of the statistics): lavaan's
+lav_samplestats_Gamma, fixed.x branch.  Per unit i, with yhat_i the fitted
+values of the regression of each y on (1, x) and zhat_i = (yhat_i, x_i):
+
+    d_i = (y_i - yhat_i,  vech(zc_i zc_i') - vech(zhatc_i zhatc_i'))
+
+(c: centred at the sample mean), restricted to the kept rows, centred;
+Gamma = sum_i d_i d_i' / N.
+
+ADF: minimise F(theta) = (s - sigma(theta))' W (s - sigma(theta)),
+W = Gamma^-1, gradient -2 Delta' W (s - sigma) with Delta = d sigma / d theta
+(analytic, from the parameter table); vcov = (Delta' W Delta)^-1 / (N - 1);
+test statistic (N - 1) F_min on (number of moments - number of parameters)
+degrees of freedom (lavaan's estimator = "WLS").
+
+Satorra-Bentler (lavaan's estimator = "MLM"): on an ML fit of complete data,
+with A the expected normal-theory information of the saturated model at the
+model-implied moments (kept rows) and Gamma as above with the biased
+moments, U = A - A Delta (Delta' A Delta)^-1 Delta' A, the scaling factor is
+c = tr(U Gamma) / df and the scaled statistic chi2 / c.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import MlsemError
+
+ADF_NAMES = ("adf", "gmm")
+
+
+def _vech_pairs(p):
+    """Column-wise lower triangle (lavaan's vech order): (row, col) pairs."""
+    a = [i for j in range(p) for i in range(j, p)]
+    b = [j for j in range(p) for i in range(j, p)]
+    return np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+
+
+def check_complete(Y, X, names, what="method='adf'"):
+    """Complete data or a clear error (no silent listwise deletion)."""
+    A = np.hstack([Y, X]) if X.size else Y
+    miss = np.isnan(A)
+    if miss.any():
+        c = int(np.flatnonzero(miss.any(axis=0))[0])
+        rows = np.flatnonzero(miss[:, c])
+        show = ", ".join(str(int(r) + 1) for r in rows[:5])
+        raise MlsemError(
+            f"{what} needs complete data: column {names[c]!r} has {len(rows)} missing value(s) "
+            f"(rows {show}{' ...' if len(rows) > 5 else ''}), and {int(miss.any(axis=1).sum())} "
+            f"of {A.shape[0]} units have a missing cell (an unbalanced design leaves cells of the "
+            "wide form empty). ADF's weight matrix needs every unit's fourth-order moments, so it "
+            "does not delete units silently: use method='ml' (FIML over the missing patterns), or "
+            "drop the incomplete units yourself")
+
+
+class Moments:
+    """The sample statistics of complete wide data (Y: n x P, X: n x q) and
+    their ADF covariance Gamma (fixed.x)."""
+
+    def __init__(self, Y, X, names, unbiased=True):
+        n, P = Y.shape
+        q = X.shape[1]
+        self.n, self.P, self.q = n, P, q
+        self.names = list(names)
+        Z = np.hstack([Y, X])
+        p = P + q
+        a, b = _vech_pairs(p)
+        keep = (a < P) | (b < P)
+        self.pa, self.pb = a[keep], b[keep]
+        self.nmom = P + int(keep.sum())
+        if n <= self.nmom:
+            raise MlsemError(
+                f"method='adf' needs more units than moments: {n} unit(s) for {self.nmom} sample "
+                f"moments ({P} means, {self.nmom - P} variances and covariances of the "
+                f"{P} outcome(s) with each other and with the {q} covariate(s)); the ADF weight "
+                "matrix (the inverse of the moments' fourth-order covariance Gamma) is singular "
+                f"unless there are at least {self.nmom + 1} units. Use method='ml' (FIML)")
+        const = [c for c in range(p) if np.ptp(Z[:, c]) == 0.0]
+        if const:
+            raise MlsemError(
+                f"method='adf': column {self.names[const[0]]!r} is constant, so the ADF weight "
+                "matrix (the inverse of Gamma, the covariance of the sample moments) is singular; "
+                "drop it from the model or use method='ml'")
+        mean = Z.mean(axis=0)
+        Zc = Z - mean
+        S = Zc.T @ Zc / (n - 1 if unbiased else n)
+        self.mean, self.S = mean, S
+        self.xbar = mean[P:]
+        self.Sxx = S[P:, P:]
+        self.s = np.concatenate([mean[:P], S[self.pa, self.pb]])
+        # Gamma, lavaan's fixed.x branch (divisor n)
+        Q = np.hstack([np.ones((n, 1)), X])
+        coef, *_ = np.linalg.lstsq(Q, Y, rcond=None)
+        Zh = Z.copy()
+        Zh[:, :P] = Q @ coef
+        Zhc = Zh - Zh.mean(axis=0)
+        d = np.hstack([(Z - Zh)[:, :P], Zc[:, self.pa] * Zc[:, self.pb] - Zhc[:, self.pa] * Zhc[:, self.pb]])
+        d -= d.mean(axis=0)
+        self.Gamma = d.T @ d / n
+        self._W = None
+
+    @property
+    def W(self):
+        """Gamma^-1 (ADF's weight matrix), or a clear error if Gamma is singular."""
+        if self._W is None:
+            G = self.Gamma
+            lam, V = np.linalg.eigh(G)
+            if lam.min() <= 1e-12 * max(lam.max(), 1e-300):
+                k = int(np.argmin(lam))
+                v = np.abs(V[:, k])
+                r = int(np.argmax(v))
+                raise MlsemError(
+                    "method='adf': the covariance of the sample moments (Gamma) is singular, so the "
+                    f"ADF weight matrix does not exist (smallest eigenvalue {lam.min():.3g}; the "
+                    f"moment most involved is {self.moment_names()[r]}): a variable is constant or "
+                    "a linear function of others. Use method='ml'")
+            self._W = V @ np.diag(1.0 / lam) @ V.T
+            self._W = 0.5 * (self._W + self._W.T)
+        return self._W
+
+    def moment_names(self):
+        out = [f"mean({self.names[i]})" for i in range(self.P)]
+        out += [f"cov({self.names[i]}, {self.names[j]})" if i != j else f"var({self.names[i]})"
+                for i, j in zip(self.pa, self.pb)]
+        return out
+
+
+def implied(model, psi, xbar, Sxx):
+    """The kept implied moments sigma(psi) (means of y, then the vech rows)."""
+    m = model.matrices(psi)
+    E = np.linalg.inv(np.eye(model.M) - m["beta"])
+    Lt = m["lambda"] @ E
+    Sigma = Lt @ m["psi"] @ Lt.T + m["theta"]
+    Tot = m["gy"] + Lt @ m["geta"]
+    mu = m["nu"] + Lt @ m["alpha"] + Tot @ xbar
+    return m, E, Lt, Sigma, Tot, mu
+
+
+def _joint(Cyy, Cyx, Sxx):
+    P, q = Cyx.shape
+    C = np.empty((P + q, P + q))
+    C[:P, :P] = Cyy
+    C[:P, P:] = Cyx
+    C[P:, :P] = Cyx.T
+    C[P:, P:] = Sxx
+    return C
+
+
+def matrix_derivatives(model, psi):
+    """d Sigma (nfull, P, P), d m0 (nfull, P) and d T (nfull, P, q) with respect to
+    the full parameters (analytic, through the model's index arrays), where
+    Sigma = Lt Psi Lt' + Theta, m0 = nu + Lt alpha and T = Gamma_y + Lt Gamma_eta.
+    Returns (matrices, Lt, Sigma, T, m0, dSig, dm0, dTot)."""
+    m = model.matrices(psi)
+    P, M, q = model.P, model.M, model.q
+    E = np.linalg.inv(np.eye(M) - m["beta"])
+    Lt = m["lambda"] @ E
+    Psi, alpha, geta = m["psi"], m["alpha"], m["geta"]
+    Sigma = Lt @ Psi @ Lt.T + m["theta"]
+    Tot = m["gy"] + Lt @ geta
+    m0 = m["nu"] + Lt @ alpha
+    nfull = len(model.table.full_names)
+    dSig = np.zeros((nfull, P, P))
+    dm0 = np.zeros((nfull, P))
+    dTot = np.zeros((nfull, P, q))
+    LtPsi = Lt @ Psi
+    for mat in ("lambda", "beta", "psi", "theta", "nu", "alpha", "gy", "geta"):
+        rr, cc, ff = model.idx[mat]
+        for r, c, f in zip(rr.tolist(), cc.tolist(), ff.tolist()):
+            if mat in ("lambda", "beta"):
+                if mat == "lambda":
+                    dLt = np.zeros((P, M))
+                    dLt[r, :] = E[c, :]
+                else:
+                    dLt = np.outer(Lt[:, r], E[c, :])
+                X1 = dLt @ LtPsi.T
+                dSig[f] += X1 + X1.T
+                dTot[f] += dLt @ geta
+                dm0[f] += dLt @ alpha
+            elif mat == "psi":
+                dSig[f] += np.outer(Lt[:, r], Lt[:, c])
+            elif mat == "theta":
+                dSig[f, r, c] += 1.0
+            elif mat == "nu":
+                dm0[f, r] += 1.0
+            elif mat == "alpha":
+                dm0[f] += Lt[:, r]
+            elif mat == "gy":
+                dTot[f, r, c] += 1.0
+            else:  # geta
+                dTot[f, :, c] += Lt[:, r]
+    return m, Lt, Sigma, Tot, m0, dSig, dm0, dTot
+
+
+def sigma_and_jacobian(model, psi, mom: Moments, need_jac=True):
+    """sigma(psi) on the kept moments and Delta = d sigma / d psi (analytic)."""
+    Sxx, xbar = mom.Sxx, mom.xbar
+    if not need_jac:
+        m, E, Lt, Sigma, Tot, mu = implied(model, psi, xbar, Sxx)
+        Cyx = Tot @ Sxx
+        C = _joint(Sigma + Cyx @ Tot.T, Cyx, Sxx)
+        return np.concatenate([mu, C[mom.pa, mom.pb]]), None
+    m, Lt, Sigma, Tot, m0, dSig, dm0, dTot = matrix_derivatives(model, psi)
+    P, q = model.P, model.q
+    mu = m0 + Tot @ xbar
+    Cyx = Tot @ Sxx
+    C = _joint(Sigma + Cyx @ Tot.T, Cyx, Sxx)
+    sig = np.concatenate([mu, C[mom.pa, mom.pb]])
+    nfull = dSig.shape[0]
+    dmu = dm0 + dTot @ xbar                                   # (nfull, P)
+    dCyx = dTot @ Sxx                                         # (nfull, P, q)
+    X2 = dCyx @ Tot.T                                         # (nfull, P, P)
+    dC = np.zeros((nfull, P + q, P + q))
+    dC[:, :P, :P] = dSig + X2 + X2.transpose(0, 2, 1)
+    dC[:, :P, P:] = dCyx
+    dC[:, P:, :P] = dCyx.transpose(0, 2, 1)
+    Dfull = np.hstack([dmu, dC[:, mom.pa, mom.pb]]).T          # (nmom, nfull)
+    return sig, Dfull @ model.table.T
+
+
+class AdfObjective:
+    """F(psi) = (s - sigma)' W (s - sigma) and its gradient for a SemModel."""
+
+    def __init__(self, model, mom: Moments):
+        self.model = model
+        self.mom = mom
+        self.W = mom.W
+        self.nevals = 0
+
+    def value(self, psi):
+        sig, _ = sigma_and_jacobian(self.model, psi, self.mom, need_jac=False)
+        d = self.mom.s - sig
+        return float(d @ self.W @ d)
+
+    def value_grad(self, psi):
+        self.nevals += 1
+        sig, D = sigma_and_jacobian(self.model, psi, self.mom)
+        d = self.mom.s - sig
+        Wd = self.W @ d
+        return float(d @ Wd), -2.0 * D.T @ Wd, D
+
+    def minimize(self, psi0, maxiter=500, tol=1e-12):
+        """Gauss-Newton (the objective is a weighted sum of squares) with step
+        halving; then, if it stalled, BFGS from there.  Returns (psi, F, info)."""
+        psi = np.asarray(psi0, dtype=float).copy()
+        f, g, D = self.value_grad(psi)
+        it = 0
+        converged = False
+        for it in range(1, maxiter + 1):
+            H = D.T @ self.W @ D
+            try:
+                step = np.linalg.solve(H, -0.5 * g)
+            except np.linalg.LinAlgError:
+                step = np.linalg.lstsq(H, -0.5 * g, rcond=None)[0]
+            t = 1.0
+            while True:
+                cand = psi + t * step
+                fc = self.value(cand)
+                if np.isfinite(fc) and fc <= f + 1e-14 * max(1.0, abs(f)):
+                    break
+                t *= 0.5
+                if t < 1e-10:
+                    break
+            if t < 1e-10:
+                break
+            psi = cand
+            fn, g, D = self.value_grad(psi)
+            small = np.max(np.abs(t * step) / np.maximum(np.abs(psi), 1.0)) < 1e-10
+            done = abs(f - fn) <= tol * max(1.0, abs(fn))
+            f = fn
+            if small or (done and np.max(np.abs(g)) < 1e-6):
+                converged = True
+                break
+        if not converged:
+            from scipy.optimize import minimize
+            r = minimize(lambda x: self.value_grad(x)[:2], psi, jac=True, method="BFGS",
+                         options={"gtol": 1e-10, "maxiter": 10000})
+            psi = r.x
+            f, g, D = self.value_grad(psi)
+            converged = bool(r.success) or np.max(np.abs(g)) < 1e-6
+        H = D.T @ self.W @ D
+        return psi, f, {"iterations": it, "converged": converged, "grad": g, "info": H, "jacobian": D}
+
+
+def satorra_bentler(model, psi, mom: Moments, chi2, df):
+    """lavaan's MLM scaled statistic at the ML estimate psi (mom: biased moments)."""
+    sig, D = sigma_and_jacobian(model, psi, mom)
+    P = mom.P
+    m, E, Lt, Sigma, Tot, mu = implied(model, psi, mom.xbar, mom.Sxx)
+    Cyx = Tot @ mom.Sxx
+    C = _joint(Sigma + Cyx @ Tot.T, Cyx, mom.Sxx)
+    try:
+        Ci = np.linalg.inv(C)
+    except np.linalg.LinAlgError:
+        raise MlsemError("fit_test: the implied covariance matrix is singular: no scaled test") from None
+    # expected information of the saturated model per unit: Sigma^-1 for the
+    # means, 1/2 D'(Sigma^-1 x Sigma^-1) D for vech (kept rows only)
+    a, b = mom.pa, mom.pb
+    off = (a != b).astype(float) + 1.0   # 2 for an off-diagonal pair (both triangles)
+    Acov = 0.5 * (Ci[np.ix_(a, a)] * Ci[np.ix_(b, b)] + Ci[np.ix_(a, b)] * Ci[np.ix_(b, a)])
+    Acov = Acov * off[:, None] * off[None, :] * 0.5
+    A = np.zeros((mom.nmom, mom.nmom))
+    A[:P, :P] = Ci[:P, :P]
+    A[P:, P:] = Acov
+    AD = A @ D
+    U = A - AD @ np.linalg.solve(D.T @ AD, AD.T)
+    tr = float(np.trace(U @ mom.Gamma))
+    if df <= 0:
+        return float("nan"), float("nan")
+    c = tr / df
+    return chi2 / c, c
+
+
+def robust_sem_vcov(model, psi, mom: Moments):
+    """lavaan's se = "robust.sem" (MLM's standard errors): the sandwich with the
+    expected information as bread, (D'AD)^-1 D'A Gamma A D (D'AD)^-1 / N."""
+    sig, D = sigma_and_jacobian(model, psi, mom)
+    P = mom.P
+    m, E, Lt, Sigma, Tot, mu = implied(model, psi, mom.xbar, mom.Sxx)
+    Cyx = Tot @ mom.Sxx
+    C = _joint(Sigma + Cyx @ Tot.T, Cyx, mom.Sxx)
+    Ci = np.linalg.inv(C)
+    a, b = mom.pa, mom.pb
+    off = (a != b).astype(float) + 1.0
+    Acov = 0.5 * (Ci[np.ix_(a, a)] * Ci[np.ix_(b, b)] + Ci[np.ix_(a, b)] * Ci[np.ix_(b, a)])
+    Acov = Acov * off[:, None] * off[None, :] * 0.5
+    A = np.zeros((mom.nmom, mom.nmom))
+    A[:P, :P] = Ci[:P, :P]
+    A[P:, P:] = Acov
+    AD = A @ D
+    Bi = np.linalg.inv(D.T @ AD)
+    V = Bi @ (AD.T @ mom.Gamma @ AD) @ Bi / mom.n
+    return 0.5 * (V + V.T)
+
+
+def chi2_pvalue(chi2, df):
+    from scipy import stats
+    return float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan")
+
+
+def log_note(n, nmom, npar):
+    return (f"ADF (GMM) with the distribution-free weight matrix: {n} units, {nmom} sample moments, "
+            f"{npar} free parameters; standard errors from (Delta' W Delta)^-1 / (N - 1)")
+
+
+__all__ = ["Moments", "AdfObjective", "sigma_and_jacobian", "satorra_bentler", "robust_sem_vcov",
+           "check_complete", "ADF_NAMES", "math"]
