@@ -39,8 +39,6 @@ c = tr(U Gamma) / df and the scaled statistic chi2 / c.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .errors import MlsemError
@@ -211,49 +209,134 @@ def matrix_derivatives(model, psi):
     return m, Lt, Sigma, Tot, m0, dSig, dm0, dTot
 
 
-def sigma_and_jacobian(model, psi, mom: Moments, need_jac=True):
-    """sigma(psi) on the kept moments and Delta = d sigma / d psi (analytic)."""
+def assemble(m0, Tot, Sigma, mom: Moments, dSig=None, dm0=None, dTot=None):
+    """The kept implied moments (mu_y, vech rows) from m0, T and Sigma, and, given
+    their derivatives (leading axis: parameters), Delta (nmom x nparam)."""
     Sxx, xbar = mom.Sxx, mom.xbar
-    if not need_jac:
-        m, E, Lt, Sigma, Tot, mu = implied(model, psi, xbar, Sxx)
-        Cyx = Tot @ Sxx
-        C = _joint(Sigma + Cyx @ Tot.T, Cyx, Sxx)
-        return np.concatenate([mu, C[mom.pa, mom.pb]]), None
-    m, Lt, Sigma, Tot, m0, dSig, dm0, dTot = matrix_derivatives(model, psi)
-    P, q = model.P, model.q
     mu = m0 + Tot @ xbar
     Cyx = Tot @ Sxx
     C = _joint(Sigma + Cyx @ Tot.T, Cyx, Sxx)
     sig = np.concatenate([mu, C[mom.pa, mom.pb]])
-    nfull = dSig.shape[0]
-    dmu = dm0 + dTot @ xbar                                   # (nfull, P)
-    dCyx = dTot @ Sxx                                         # (nfull, P, q)
-    X2 = dCyx @ Tot.T                                         # (nfull, P, P)
-    dC = np.zeros((nfull, P + q, P + q))
+    if dSig is None:
+        return sig, None, C
+    P, q = Tot.shape
+    k = dSig.shape[0]
+    dmu = dm0 + dTot @ xbar                                   # (k, P)
+    dCyx = dTot @ Sxx                                         # (k, P, q)
+    X2 = dCyx @ Tot.T                                         # (k, P, P)
+    dC = np.zeros((k, P + q, P + q))
     dC[:, :P, :P] = dSig + X2 + X2.transpose(0, 2, 1)
     dC[:, :P, P:] = dCyx
     dC[:, P:, :P] = dCyx.transpose(0, 2, 1)
-    Dfull = np.hstack([dmu, dC[:, mom.pa, mom.pb]]).T          # (nmom, nfull)
-    return sig, Dfull @ model.table.T
+    return sig, np.hstack([dmu, dC[:, mom.pa, mom.pb]]).T, C
+
+
+def sigma_and_jacobian(model, psi, mom: Moments, need_jac=True):
+    """sigma(psi) on the kept moments and Delta = d sigma / d psi (analytic) for a
+    SemModel; third value: the joint implied covariance of (y, x)."""
+    m, Lt, Sigma, Tot, m0, dSig, dm0, dTot = matrix_derivatives(model, psi)
+    if not need_jac:
+        return assemble(m0, Tot, Sigma, mom)
+    sig, D, C = assemble(m0, Tot, Sigma, mom, dSig, dm0, dTot)
+    return sig, D @ model.table.T, C
+
+
+class MultilevelMoments:
+    """The wide form of a multilevel model (mlsem.fit's table and prepared data)
+    for ADF and the scaled test: Y (units x slots), the covariates of every slot
+    as fixed x (columns that are linear combinations of the intercept and of the
+    others, e.g. a top-level covariate repeated in every slot, kept once), and
+    the implied moments with analytic derivatives from the parameter table."""
+
+    def __init__(self, prep, table, unbiased=True, what="method='adf'"):
+        if getattr(table, "theta_func", None) is not None:
+            raise MlsemError(f"{what}: not available for a structured residual covariance "
+                             "(residuals= ar1 or another correlation structure): its moments are not "
+                             "linear in the parameters; use method='ml'")
+        if np.any(prep.load != 1.0):
+            raise MlsemError(f"{what}: not available with random slopes (the wide form's covariance "
+                             "depends on each unit's covariates); use method='ml'")
+        n, P = prep.nrows, prep.nslots
+        self.prep, self.table = prep, table
+        rowid = np.repeat(np.arange(n), np.diff(prep.row_ptr))
+        Y = np.full((n, P), np.nan)
+        Y[rowid, prep.slot] = prep.y
+        names = [f"{prep.outcome if hasattr(prep, 'outcome') else 'y'}[slot {s + 1}]" for s in range(P)]
+        check_complete(Y, np.zeros((n, 0)), names, what)
+        qd = prep.X.shape[1]
+        Zf = np.zeros((n, P * qd))
+        Zf[rowid[:, None], prep.slot[:, None] * qd + np.arange(qd)[None, :]] = prep.X
+        one = np.ones((n, 1))
+        from scipy.linalg import qr
+        A = np.hstack([one, Zf])
+        _, R, piv = qr(A, mode="economic", pivoting=True)
+        dg = np.abs(np.diag(R))
+        keep = np.sort(piv[dg > 1e-10 * dg.max()])
+        keep = keep[keep != 0]
+        Xk = A[:, keep]
+        B1 = np.hstack([one, Xk])
+        Cmap, *_ = np.linalg.lstsq(B1, Zf, rcond=None)
+        if np.max(np.abs(B1 @ Cmap - Zf)) > 1e-8 * max(1.0, np.abs(Zf).max()):  # pragma: no cover
+            raise MlsemError(f"{what}: internal error laying out the covariates of the wide form")
+        xn = [f"{c}[slot {s + 1}]" for s in range(P) for c in prep.xnames]
+        self.xnames = [xn[k - 1] for k in keep]
+        self.C3 = Cmap.reshape(1 + len(keep), P, qd)
+        self.Y, self.X = Y, Xk
+        self.mom = Moments(Y, Xk, names + self.xnames, unbiased=unbiased)
+        M = prep.nlatent
+        Lam = np.zeros((P, max(M, 1)))
+        for k in range(prep.slot_lat.shape[1]):
+            ok = prep.slot_lat[:, k] >= 0
+            Lam[np.flatnonzero(ok), prep.slot_lat[ok, k]] = 1.0
+        self.Lam = Lam[:, :M]
+        self.M = M
+
+    def __call__(self, psi, need_jac=True):
+        t, P, M = self.table, self.prep.nslots, self.M
+        npar = len(psi)
+        beta = psi[t.beta_param]
+        Phi = np.zeros((M, M))
+        Phi[t.phi_row, t.phi_col] = psi[t.phi_param]
+        Theta = np.zeros((P, P))
+        Theta[t.theta_row, t.theta_col] = psi[t.theta_param]
+        Sigma = self.Lam @ Phi @ self.Lam.T + Theta
+        Mm = np.einsum("asc,c->as", self.C3, beta)
+        m0, Tot = Mm[0], Mm[1:].T
+        if not need_jac:
+            return assemble(m0, Tot, Sigma, self.mom)
+        dSig = np.zeros((npar, P, P))
+        for r, c, k in zip(t.phi_row, t.phi_col, t.phi_param):
+            dSig[k] += np.outer(self.Lam[:, r], self.Lam[:, c])
+        for r, c, k in zip(t.theta_row, t.theta_col, t.theta_param):
+            dSig[k, r, c] += 1.0
+        Bk = np.zeros((npar, len(beta)))
+        Bk[t.beta_param, np.arange(len(beta))] = 1.0
+        dMm = np.einsum("asc,kc->kas", self.C3, Bk)
+        return assemble(m0, Tot, Sigma, self.mom, dSig, dMm[:, 0, :], dMm[:, 1:, :].transpose(0, 2, 1))
 
 
 class AdfObjective:
-    """F(psi) = (s - sigma)' W (s - sigma) and its gradient for a SemModel."""
+    """F(psi) = (s - sigma)' W (s - sigma) and its gradient; ``fn(psi, need_jac)``
+    returns (sigma, Delta, ...) on the kept moments of ``mom``."""
 
-    def __init__(self, model, mom: Moments):
-        self.model = model
+    def __init__(self, fn, mom: Moments):
+        self.fn = fn
         self.mom = mom
         self.W = mom.W
         self.nevals = 0
 
+    @classmethod
+    def for_sem(cls, model, mom: Moments):
+        return cls(lambda psi, need_jac=True: sigma_and_jacobian(model, psi, mom, need_jac), mom)
+
     def value(self, psi):
-        sig, _ = sigma_and_jacobian(self.model, psi, self.mom, need_jac=False)
+        sig = self.fn(psi, False)[0]
         d = self.mom.s - sig
         return float(d @ self.W @ d)
 
     def value_grad(self, psi):
         self.nevals += 1
-        sig, D = sigma_and_jacobian(self.model, psi, self.mom)
+        sig, D = self.fn(psi, True)[:2]
         d = self.mom.s - sig
         Wd = self.W @ d
         return float(d @ Wd), -2.0 * D.T @ Wd, D
@@ -301,51 +384,41 @@ class AdfObjective:
         return psi, f, {"iterations": it, "converged": converged, "grad": g, "info": H, "jacobian": D}
 
 
-def satorra_bentler(model, psi, mom: Moments, chi2, df):
-    """lavaan's MLM scaled statistic at the ML estimate psi (mom: biased moments)."""
-    sig, D = sigma_and_jacobian(model, psi, mom)
-    P = mom.P
-    m, E, Lt, Sigma, Tot, mu = implied(model, psi, mom.xbar, mom.Sxx)
-    Cyx = Tot @ mom.Sxx
-    C = _joint(Sigma + Cyx @ Tot.T, Cyx, mom.Sxx)
+def _expected_h1_information(C, mom: Moments):
+    """Per-unit expected normal-theory information of the saturated model at the
+    joint covariance C, on the kept moments (the covariates' rows dropped, as
+    lavaan zeroes them with fixed.x): C^-1 (means of y), 1/2 D'(C^-1 x C^-1)D (vech)."""
     try:
         Ci = np.linalg.inv(C)
     except np.linalg.LinAlgError:
-        raise MlsemError("fit_test: the implied covariance matrix is singular: no scaled test") from None
-    # expected information of the saturated model per unit: Sigma^-1 for the
-    # means, 1/2 D'(Sigma^-1 x Sigma^-1) D for vech (kept rows only)
+        raise MlsemError("the implied covariance matrix is singular") from None
+    P = mom.P
     a, b = mom.pa, mom.pb
     off = (a != b).astype(float) + 1.0   # 2 for an off-diagonal pair (both triangles)
     Acov = 0.5 * (Ci[np.ix_(a, a)] * Ci[np.ix_(b, b)] + Ci[np.ix_(a, b)] * Ci[np.ix_(b, a)])
-    Acov = Acov * off[:, None] * off[None, :] * 0.5
+    Acov *= 0.5 * off[:, None] * off[None, :]
     A = np.zeros((mom.nmom, mom.nmom))
     A[:P, :P] = Ci[:P, :P]
     A[P:, P:] = Acov
-    AD = A @ D
-    U = A - AD @ np.linalg.solve(D.T @ AD, AD.T)
-    tr = float(np.trace(U @ mom.Gamma))
+    return A
+
+
+def satorra_bentler(C, D, mom: Moments, chi2, df):
+    """lavaan's MLM scaled statistic: (chi2 / c, c), c = tr(U Gamma) / df, at the
+    ML estimate (C: joint implied covariance, D: Delta; mom: biased moments)."""
     if df <= 0:
         return float("nan"), float("nan")
-    c = tr / df
+    A = _expected_h1_information(C, mom)
+    AD = A @ D
+    U = A - AD @ np.linalg.solve(D.T @ AD, AD.T)
+    c = float(np.trace(U @ mom.Gamma)) / df
     return chi2 / c, c
 
 
-def robust_sem_vcov(model, psi, mom: Moments):
+def robust_sem_vcov(C, D, mom: Moments):
     """lavaan's se = "robust.sem" (MLM's standard errors): the sandwich with the
     expected information as bread, (D'AD)^-1 D'A Gamma A D (D'AD)^-1 / N."""
-    sig, D = sigma_and_jacobian(model, psi, mom)
-    P = mom.P
-    m, E, Lt, Sigma, Tot, mu = implied(model, psi, mom.xbar, mom.Sxx)
-    Cyx = Tot @ mom.Sxx
-    C = _joint(Sigma + Cyx @ Tot.T, Cyx, mom.Sxx)
-    Ci = np.linalg.inv(C)
-    a, b = mom.pa, mom.pb
-    off = (a != b).astype(float) + 1.0
-    Acov = 0.5 * (Ci[np.ix_(a, a)] * Ci[np.ix_(b, b)] + Ci[np.ix_(a, b)] * Ci[np.ix_(b, a)])
-    Acov = Acov * off[:, None] * off[None, :] * 0.5
-    A = np.zeros((mom.nmom, mom.nmom))
-    A[:P, :P] = Ci[:P, :P]
-    A[P:, P:] = Acov
+    A = _expected_h1_information(C, mom)
     AD = A @ D
     Bi = np.linalg.inv(D.T @ AD)
     V = Bi @ (AD.T @ mom.Gamma @ AD) @ Bi / mom.n
@@ -357,10 +430,5 @@ def chi2_pvalue(chi2, df):
     return float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan")
 
 
-def log_note(n, nmom, npar):
-    return (f"ADF (GMM) with the distribution-free weight matrix: {n} units, {nmom} sample moments, "
-            f"{npar} free parameters; standard errors from (Delta' W Delta)^-1 / (N - 1)")
-
-
-__all__ = ["Moments", "AdfObjective", "sigma_and_jacobian", "satorra_bentler", "robust_sem_vcov",
-           "check_complete", "ADF_NAMES", "math"]
+__all__ = ["Moments", "MultilevelMoments", "AdfObjective", "sigma_and_jacobian", "matrix_derivatives",
+           "satorra_bentler", "robust_sem_vcov", "check_complete", "ADF_NAMES"]

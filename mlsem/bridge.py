@@ -297,7 +297,7 @@ def _sem_adf(model, table, Y, X, start, t0) -> FitResult:
     psi0 = m.start_values() if start is None else np.asarray(start, dtype=float)
     if len(psi0) != table.nparams:
         raise MlsemError(f"start: {len(psi0)} values for {table.nparams} free parameters ({', '.join(table.names)})")
-    obj = AdfObjective(m, mom)
+    obj = AdfObjective.for_sem(m, mom)
     t1 = time.perf_counter()
     with _one_blas_thread():
         psi, fmin, info = obj.minimize(psi0)
