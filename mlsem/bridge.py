@@ -285,7 +285,7 @@ def _sem_sandwich(m, psi, info, wd, unit, vce, cluster, notes, weights):
 
 def _sem_adf(model, table, Y, X, start, t0) -> FitResult:
     """method='adf': ADF / GMM (mlsem.adf) on complete wide data."""
-    from .adf import AdfObjective, Moments, check_complete, chi2_pvalue
+    from .adf import AdfObjective, Moments, check_complete
     check_complete(Y, X, table.observed + table.covariates)
     mom = Moments(Y, X, table.observed + table.covariates, unbiased=True)
     if table.nparams > mom.nmom:
@@ -302,11 +302,60 @@ def _sem_adf(model, table, Y, X, start, t0) -> FitResult:
     with _one_blas_thread():
         psi, fmin, info = obj.minimize(psi0)
     t2 = time.perf_counter()
+    res = _adf_result(model, table, psi, psi0, fmin, info, mom, obj, t0, t1, t2)
+    full = table.full_values(psi)
+    Vfull = table.T @ res.cov @ table.T.T
+    res.sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, X, ddof=1)
+    res.sem_labels = [_row_of(table, k) for k in table.free_full]
+    res.defined = _defined(table, psi, res.cov)
+    res.outcome = ", ".join(table.observed)
+    res.nslots = table.P
+    res.model = m
+    res.adf["objective"] = obj
+    return res
+
+
+def multilevel_adf(model, opts, F, prep, t0, t1) -> FitResult:
+    """mlsem.fit(method='adf'): ADF on the moments of the wide form (one row per
+    top-level unit, slots as variables, every slot's covariates as fixed x),
+    with the multilevel parameter table (relaxations included)."""
+    from .adf import AdfObjective, MultilevelMoments
+    from .estimate import start_values
+    table = model.table
+    mm = MultilevelMoments(prep, table, unbiased=True)
+    mom = mm.mom
+    if table.nparams > mom.nmom:
+        raise MlsemError(f"the model has {table.nparams} free parameters but the wide form has only "
+                         f"{mom.nmom} moments: it is not identified")
+    mom.W
+    obj = AdfObjective(mm, mom)
+    psi0 = start_values(model)
+    t1b = time.perf_counter()
+    with _one_blas_thread():
+        psi, fmin, info = obj.minimize(psi0)
+    t2 = time.perf_counter()
+    res = _adf_result(opts.formula, table, psi, psi0, fmin, info, mom, obj, t0, t1b, t2)
+    res.levels = prep.levels
+    res.outcome = F.outcome
+    res.npatterns = prep.npatterns
+    res.nslots = prep.nslots
+    res.sem_rows = None
+    res.sem_labels = None
+    res.model = model
+    res.adf["objective"] = obj
+    res.notes.append(f"the wide form: {prep.nrows} top-level units, {prep.nslots} slots, "
+                     f"{mom.q} covariate column(s) of the slots as fixed x")
+    return res
+
+
+def _adf_result(formula, table, psi, psi0, fmin, info, mom, obj, t0, t1, t2) -> FitResult:
+    from .adf import chi2_pvalue
+    from .estimate import OptSummary
     names = table.names
     n = mom.n
     H = info["info"]
     identified, confounded = identification(H, names)
-    cov = np.linalg.pinv(H) / (n - 1) if not identified else np.linalg.inv(H) / (n - 1)
+    cov = (np.linalg.inv(H) if identified else np.linalg.pinv(H)) / (n - 1)
     cov = 0.5 * (cov + cov.T)
     if not identified:
         bad = [names.index(c) for c in confounded]
@@ -314,11 +363,6 @@ def _sem_adf(model, table, Y, X, start, t0) -> FitResult:
         cov[:, bad] = np.nan
     df = mom.nmom - table.nparams
     chi2 = (n - 1) * fmin
-    full = table.full_values(psi)
-    Vfull = table.T @ cov @ table.T.T
-    sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, X, ddof=1)
-    defined = _defined(table, psi, cov)
-    from .estimate import OptSummary
     gmax = float(np.max(np.abs(info["grad"]))) if len(psi) else 0.0
     opt = OptSummary(start=np.asarray(psi0, dtype=float).copy(), final=psi.copy(), loglik=float("nan"),
                      converged=info["converged"], iterations=info["iterations"],
@@ -333,12 +377,11 @@ def _sem_adf(model, table, Y, X, start, t0) -> FitResult:
                       stacklevel=3)
     timings = {"prepare": t1 - t0, "optimize": t2 - t1, "inference": time.perf_counter() - t2}
     res = FitResult(
-        formula=model, names=names, kinds=[p.kind for p in table.params], estimate=psi.copy(),
+        formula=formula, names=names, kinds=[p.kind for p in table.params], estimate=psi.copy(),
         cov=cov, loglik=float("nan"), converged=info["converged"], nobs=n, vce="adf",
-        levels=[], opt=opt, outcome=", ".join(table.observed), identified=identified,
-        confounded=confounded, npatterns=1, nslots=table.P, timings=timings, model=m, info=H,
-        notes=notes, method="ADF", sem_rows=sem_rows,
-        sem_labels=[_row_of(table, k) for k in table.free_full], defined=defined, kernel="adf")
+        levels=[], opt=opt, outcome="", identified=identified, confounded=confounded,
+        npatterns=1, nslots=mom.P, timings=timings, model=obj, info=H, notes=notes, method="ADF",
+        kernel="adf")
     res.adf = {"fmin": float(fmin), "chi2": float(chi2), "df": int(df), "p_value": chi2_pvalue(chi2, df),
                "nmom": mom.nmom, "moments": mom}
     return res

@@ -48,9 +48,15 @@ def check_inference_options(vce, weights, method):
         raise MlsemError(f"vce={vce!r} is not one of 'mixed', 'oim', 'robust', ('cluster', column)")
     if weights is not None and not isinstance(weights, str):
         raise MlsemError(f"weights={weights!r} must be a column name")
-    if not isinstance(method, str) or method.lower() not in ("ml", "reml"):
-        raise MlsemError(f"method={method!r} is not one of 'ml', 'reml'")
+    if not isinstance(method, str) or method.lower() not in ("ml", "reml", "adf", "gmm"):
+        raise MlsemError(f"method={method!r} is not one of 'ml', 'reml', 'adf' (or 'gmm')")
     method = method.lower()
+    if method in ("adf", "gmm"):
+        if vce not in ("mixed", "oim") or weights is not None:
+            raise MlsemError(f"method='adf' has its own distribution-free standard errors "
+                             f"((Delta' W Delta)^-1 / (N - 1)): vce={vce!r}"
+                             f"{' and weights=' if weights is not None else ''} cannot be combined with it")
+        return "adf", None, None, "adf"
     if weights is not None:
         if vce == "mixed":
             vce = "robust"          # pseudo-ML: only the sandwich is valid
