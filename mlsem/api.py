@@ -207,4 +207,5 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         levels=prep.levels, opt=opt, outcome=F.outcome, identified=identified,
         confounded=confounded, lr_ols=lr, dropped_covariate=prep.dropped_covariate,
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
-        timings=timings, model=model, info=info, notes=notes)
+        timings=timings, model=model, info=info, notes=notes,
+        backend=getattr(model, "backend", ""))

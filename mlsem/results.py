@@ -76,6 +76,7 @@ class FitResult:
     defined: list = field(default_factory=list)   # := parameters with delta-method SEs
     loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
     kernel: str = ""
+    backend: str = ""               # the kernel that fitted: "cython", "numpy" (the oracle) or "dask"
     adf: dict = field(default=None, repr=False)   # method="adf": F_min, chi2, df, the moments
 
     # ---- standard verbs ----------------------------------------------------
@@ -197,24 +198,29 @@ class FitResult:
             if self.vce == "mixed" else self.vce)
         out.append(f"Std. errors: {conv}")
         tab = self.params
-        line = "-" * 78
+        fixed = {n for n, k in zip(self.names, self.kinds) if k == "fixed"}
+        # the name columns grow to fit the longest name (formula terms such as
+        # schgend[T.girls]:standLRT); 12 and 28 characters as in Stata's layout
+        wf = max([12, len(self.outcome)] + [len(n) for n in fixed])
+        wr = max([28] + [len(n) for n in self.names if n not in fixed])
+        line = "-" * (wf + 66)
         out.append(line)
-        out.append(f"{self.outcome[:12]:>12} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
-        out.append("-" * 13 + "+" + "-" * 64)
+        out.append(f"{self.outcome:>{wf}} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
+        out.append("-" * (wf + 1) + "+" + "-" * 64)
         for r in tab.iter_rows(named=True):
-            if r["name"] in [n for n, k in zip(self.names, self.kinds) if k == "fixed"]:
-                out.append(f"{r['name'][:12]:>12} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+            if r["name"] in fixed:
+                out.append(f"{r['name']:>{wf}} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
         out.append(line)
         out.append("")
+        line = "-" * (wr + 50)
         out.append(line)
-        out.append(f"{'Random-effects Parameters':>28} |   Estimate   Std. Err.     [95% Conf. Interval]")
-        out.append("-" * 29 + "+" + "-" * 48)
-        fixed = {n for n, k in zip(self.names, self.kinds) if k == "fixed"}
+        out.append(f"{'Random-effects Parameters':>{wr}} |   Estimate   Std. Err.     [95% Conf. Interval]")
+        out.append("-" * (wr + 1) + "+" + "-" * 48)
         for r in tab.iter_rows(named=True):
             if r["name"] in fixed:
                 continue
             est = "0 (boundary)" if r["estimate"] == 0.0 else f"{r['estimate']:.6g}"
-            out.append(f"{r['name'][:28]:>28} | {est:>10} {r['std_err']:>10.6g}     {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+            out.append(f"{r['name']:>{wr}} | {est:>10} {r['std_err']:>10.6g}     {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
         out.append(line)
         if self.lr_ols:
             lr = self.lr_ols
@@ -235,6 +241,7 @@ class FitResult:
                        "of many equally good solutions and have no standard errors.")
         for n in self.notes:
             out.append(f"Note: {n}")
+        out.extend(_backend_footer(self))
         return "\n".join(out)
 
     def predict(self) -> pl.DataFrame:
@@ -326,15 +333,18 @@ def _sem_summary(res) -> str:
                ""]
     out += ["Standard errors: observed information matrix (OIM)" if res.vce == "oim" else (
         "Standard errors: ADF, (Delta' W Delta)^-1 / (N - 1)" if res.vce == "adf" else f"Standard errors: {res.vce}")]
-    head = f"{'':<22}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
+    # the label column grows to fit the longest "name (label)" (18 as lavaan's)
+    wl = max([18] + [len(r["lhs"]) + 1 + len(r["label"] or "") + 3 for r in res.sem_rows]
+             + [len(r["rhs"]) + len(r["label"] or "") + 3 for r in res.sem_rows])
+    head = f"{'':<{wl + 4}}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
 
     def fmt(r, name):
         est = f"{r['est']:>10.3f}"
         if r.get("free", True) and np.isfinite(r["se"]):
             z = r["est"] / r["se"] if r["se"] > 0 else float("nan")
             p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
-            return f"    {name:<18}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
-        return f"    {name:<18}{est}"
+            return f"    {name:<{wl}}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
+        return f"    {name:<{wl}}{est}"
     rows = [r for r in res.sem_rows if r.get("matrix") != "x"]
     for key, title in _SECTIONS:
         if key == "cov":
@@ -356,11 +366,11 @@ def _sem_summary(res) -> str:
             elif r["lhs"] != last:
                 out.append(f"  {r['lhs']} {r['op']}")
                 last = r["lhs"]
-            out.append(fmt(r, lab[:18]))
+            out.append(fmt(r, lab))
     if res.defined:
         out += ["", "Defined Parameters:", head]
         for d in res.defined:
-            out.append(fmt(dict(d, free=True), f"{d['lhs']}"[:18]))
+            out.append(fmt(dict(d, free=True), f"{d['lhs']}"))
     if not res.converged:
         out.append(f"WARNING: the fit did NOT converge ({res.opt.message}); the estimates are not reliable.")
     if not res.identified:
@@ -368,7 +378,15 @@ def _sem_summary(res) -> str:
                    f"confounded parameters: {', '.join(res.confounded)}.")
     for n in res.notes:
         out.append(f"Note: {n}")
+    out.extend(_backend_footer(res))
     return "\n".join(out)
+
+
+def _backend_footer(res) -> list:
+    """A line when the fit did not run on the compiled kernel (it is ~100x slower)."""
+    if res.backend == "numpy":
+        return ["Note: fitted with the NumPy oracle (backend='numpy'), not the compiled kernel."]
+    return []
 
 
 def _json_default(o):
