@@ -40,6 +40,7 @@ c = tr(U Gamma) / df and the scaled statistic chi2 / c.
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 
 from .errors import MlsemError
 
@@ -261,8 +262,22 @@ class MultilevelMoments:
         rowid = np.repeat(np.arange(n), np.diff(prep.row_ptr))
         Y = np.full((n, P), np.nan)
         Y[rowid, prep.slot] = prep.y
-        names = [f"{prep.outcome if hasattr(prep, 'outcome') else 'y'}[slot {s + 1}]" for s in range(P)]
-        check_complete(Y, np.zeros((n, 0)), names, what)
+        lab = prep.slot_labels.sort("slot")
+        below = [c for c in lab.columns if c != "slot"]
+        names = ["y" + "_".join(str(r[c]) for c in below) for r in lab.iter_rows(named=True)]
+        empty = np.isnan(Y)
+        if empty.any():
+            s = int(np.flatnonzero(empty.any(axis=0))[0])
+            top = prep.levels[0].name
+            ids = prep.top_ids.filter(pl.Series(empty[:, s])).sort().head(5).to_list()
+            row = lab.row(s, named=True)
+            raise MlsemError(
+                f"{what} needs complete data: {int(empty.sum())} cell(s) of the wide form are empty "
+                f"in {int(empty.any(axis=1).sum())} of {n} top-level units (an unbalanced design), e.g. "
+                f"slot {names[s]} ({', '.join(f'{c} = {row[c]}' for c in below)}) "
+                f"in {top} = {', '.join(map(str, ids))}. ADF's weight matrix needs every unit's "
+                "fourth-order moments, so it does not delete units silently: use method='ml' (FIML "
+                "over the missing patterns), or keep only complete units yourself")
         qd = prep.X.shape[1]
         Zf = np.zeros((n, P * qd))
         Zf[rowid[:, None], prep.slot[:, None] * qd + np.arange(qd)[None, :]] = prep.X
