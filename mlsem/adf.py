@@ -143,17 +143,6 @@ class Moments:
         return out
 
 
-def implied(model, psi, xbar, Sxx):
-    """The kept implied moments sigma(psi) (means of y, then the vech rows)."""
-    m = model.matrices(psi)
-    E = np.linalg.inv(np.eye(model.M) - m["beta"])
-    Lt = m["lambda"] @ E
-    Sigma = Lt @ m["psi"] @ Lt.T + m["theta"]
-    Tot = m["gy"] + Lt @ m["geta"]
-    mu = m["nu"] + Lt @ m["alpha"] + Tot @ xbar
-    return m, E, Lt, Sigma, Tot, mu
-
-
 def _joint(Cyy, Cyx, Sxx):
     P, q = Cyx.shape
     C = np.empty((P + q, P + q))

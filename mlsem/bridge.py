@@ -92,7 +92,7 @@ def _fixed_x_loglik(X: np.ndarray) -> float:
     return -0.5 * n * (q * LOG2PI + logdet + q)
 
 
-def sem(model: str, data, *, vce="oim", method: str = "ml", weights: str | None = None,
+def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None = None,
         backend: str = "auto", nthreads: int | None = None, start=None, progress=None) -> FitResult:
     """Fit a structural equation model written in lavaan syntax by FIML.
 
@@ -104,24 +104,26 @@ def sem(model: str, data, *, vce="oim", method: str = "ml", weights: str | None 
     the Huber-White sandwich (``vce="robust"``, lavaan's se =
     "robust.huber.white"), clustered (``vce=("cluster", column)``, lavaan's
     ``cluster =``); ``weights``: a column of sampling weights (lavaan's
-    ``sampling.weights =``, normalised to sum to the number of rows).
+    ``sampling.weights =``, normalised to sum to the number of rows; the
+    standard errors are then the sandwich's, and vce="oim" is refused).
     ``method="adf"`` (or "gmm"): asymptotically distribution-free weighted
     least squares (lavaan's estimator = "WLS"; mlsem.adf) on complete data.
     """
     if isinstance(method, str) and method.lower() in ADF_NAMES:
         method = "adf"
-        if vce != "oim" or weights is not None:
+        if vce not in (None, "oim") or weights is not None:
             raise MlsemError(f"method='adf' has its own standard errors ((Delta' W Delta)^-1 / (N - 1), "
                              f"already distribution-free): vce={vce!r} and weights= are not available with it")
         vce_, cluster = "adf", None
     else:
-        vce_, cluster, weights, method = check_inference_options(
-            "mixed" if vce == "oim" and weights is not None else vce, weights, method)
-        if method != "ml":
-            raise MlsemError(f"method={method!r}: SEM fits support method='ml' (FIML) and 'adf' (GMM)")
-        if vce_ == "mixed":
+        if vce is None:   # the default: OIM, or the sandwich under sampling weights
+            vce = "mixed" if weights is not None else "oim"
+        elif vce == "mixed":
             raise MlsemError("vce='mixed' is the multilevel convention; SEM fits take 'oim', 'robust' "
                              "or ('cluster', column)")
+        vce_, cluster, weights, method = check_inference_options(vce, weights, method)
+        if method != "ml":
+            raise MlsemError(f"method={method!r}: SEM fits support method='ml' (FIML) and 'adf' (GMM)")
     if backend not in ("auto", "cython", "numpy"):
         raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
     t0 = time.perf_counter()

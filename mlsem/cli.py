@@ -357,7 +357,6 @@ def _fit_options(args):
                              "structure into the syntax instead)")
         if vce == "mixed":
             raise MlsemError(f"--vce {args.vce}: --syntax models support --vce oim, robust or cluster:COL")
-        vce = vce or "oim"
         cluster = vce[1] if isinstance(vce, tuple) else None
         for opt, col in (("--weights", args.weights), ("--vce cluster:", cluster)):
             if args.by and col == args.by:
@@ -504,7 +503,7 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
               "data": args.data, "formula": args.formula, "syntax": args.syntax,
               "effects": _parsed(args, "effects"), "residuals": _parsed(args, "residuals"),
               "coefficients": _parsed(args, "coefficients"),
-              "vce": args.vce or ("oim" if args.syntax else "mixed"), "weights": args.weights,
+              "vce": args.vce or (("robust" if args.weights else "oim") if args.syntax else "mixed"), "weights": args.weights,
               "method": args.method, "index": args.index, "dask": args.dask,
               "partitions": args.partitions, "exit_code": code}
     if args.by:

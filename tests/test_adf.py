@@ -324,6 +324,8 @@ def test_option_refusals(wide, seed_long):
         mlsem.sem(model, wide, method="adf", weights="w")
     with pytest.raises(MlsemError, match="cannot be combined"):
         mlsem.fit(seed_long, FORMULA, method="adf", vce="robust")
+    with pytest.raises(MlsemError, match="vce='oim' with weights"):
+        mlsem.sem(model, wide, vce="oim", weights="w")
     with pytest.raises(MlsemError, match="vce='mixed' is the multilevel convention"):
         mlsem.sem(model, wide, vce="mixed")
     with pytest.raises(MlsemError, match="method='reml'"):
