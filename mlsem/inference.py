@@ -415,10 +415,16 @@ def fit_test(res, max_slots=200):
             mm = MultilevelMoments(prep, m.table, unbiased=False, what="the scaled test")
             return mm(res.estimate)[1:], mm.mom
         _add_scaled(out, obs.all(), moments)
+    elif res.vce.startswith("cluster"):
+        out["scaled_note"] = _CLUSTER_NOTE
     return out
 
 
 # ---- scaled test (Satorra-Bentler), ADF and SEM tests (mlsem.adf) ------------------
+_CLUSTER_NOTE = ("no scaled test statistic for a cluster-robust fit: the Satorra-Bentler statistic "
+                 "(lavaan's MLM) treats the rows as independent; fit with vce='robust' for it")
+
+
 def _add_scaled(out, complete, moments):
     """chi2_scaled and scaling_factor (lavaan's MLM) on complete data; on data with
     missing cells say that none is available (lavaan's MLR, the Yuan-Bentler
@@ -497,4 +503,6 @@ def _sem_fit_test(res):
             _, D, C = sigma_and_jacobian(m, res.estimate, mom)
             return (D, C), mom
         _add_scaled(out, bool(obs.all()), moments)
+    elif res.vce.startswith("cluster"):
+        out["scaled_note"] = _CLUSTER_NOTE
     return out

@@ -265,6 +265,8 @@ def test_sem_inference_options_seed(wide, key, kw):
         assert rel(se[lab], block["std_errors"][lab]) < 1e-3, lab
     if key == "cluster_region":
         assert res.vce == "cluster(region)" and "10 clusters" in res.summary()
+        ft = res.fit_test()
+        assert "chi2_scaled" not in ft and "cluster-robust" in ft["scaled_note"]
     if key == "weighted":
         assert res.vce == "robust"
         with pytest.raises(MlsemError, match="sampling weights"):
