@@ -176,6 +176,9 @@ def fit_reml(model, opts, F, prep, t0, t1):
     cov, info = reml_vcov(obj, psi)
     names = model.table.names
     kinds = [p.kind for p in model.table.params]
+    fixed = np.array([k == "fixed" for k in kinds])
+    cov[np.ix_(fixed, ~fixed)] = 0.0     # the mixed-model convention: no cross terms
+    cov[np.ix_(~fixed, fixed)] = 0.0
     identified, confounded = (True, [])
     if info is not None:
         var_names = [n for n, k in zip(names, kinds) if k != "fixed"]
@@ -297,6 +300,12 @@ def _wide(prep):
         Xc[rowid, prep.slot] = prep.X[:, c]
         cols.append(Xc)
     Z = np.hstack([np.ones((n, 1))] + cols)
+    if Z.shape[1] >= n:
+        raise MlsemError(
+            f"fit_test: the saturated model regresses every slot on every slot's covariates: "
+            f"{Z.shape[1]} regressors (an intercept and {Z.shape[1] - 1} slot covariates) for "
+            f"{n} top-level units, more parameters than the units can estimate, so there is no "
+            "saturated model to test against (compare nested models with mlsem.lrtest instead)")
     # drop covariate columns that are linear combinations of others (a
     # top-level covariate repeated in every slot)
     if Z.shape[1] > 1:

@@ -1,6 +1,7 @@
 """Results: labelled tables, tests and export.  Reads fitted state only."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,7 +26,13 @@ def atomic_write(path, write):
     a failure leaves neither a partial file nor a clobbered earlier one."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mlsem-", suffix=".tmp", dir=d)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path!r}: it is a directory", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mlsem-", suffix=".tmp", dir=d)
+    except OSError as exc:  # name the user's path, not the temporary file's
+        why = "its directory does not exist" if not os.path.isdir(d) else exc.strerror
+        raise type(exc)(exc.errno, f"cannot write {path!r}: {why}", path) from None
     os.close(fd)
     try:
         write(tmp)
@@ -34,6 +41,10 @@ def atomic_write(path, write):
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise type(exc)(exc.errno, f"cannot write {path!r}: {exc.strerror or exc}", path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -120,6 +131,14 @@ class FitResult:
 
     @property
     def vcov(self) -> pl.DataFrame:
+        """The labelled covariance matrix of the estimates (a ``name`` column,
+        then one column per parameter), under the fit's ``vce``.  With the
+        default ``vce="mixed"`` (lme4's and Stata's mixed-model convention)
+        the fixed effects' block is (X'V^-1X)^-1 and the variance components'
+        block the inverse of their own observed information; the covariances
+        between the two blocks are 0 by that convention (the blocks are
+        asymptotically independent under ML).  ``vce="oim"`` gives the full
+        inverse observed information instead."""
         return pl.DataFrame({"name": self.names,
                              **{n: self.cov[:, i] for i, n in enumerate(self.names)}})
 
@@ -176,14 +195,15 @@ class FitResult:
             self.method, "Mixed-effects REML regression")
         out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
         if self.levels:
+            wg = max([15] + [len(lv.name) for lv in self.levels])
             out.append("")
-            out.append("-" * 62)
-            out.append(f"{'':>16}|     No. of       Observations per Group")
-            out.append(f"{'Group Variable':>15} |     Groups    Minimum    Average    Maximum")
-            out.append("-" * 16 + "+" + "-" * 45)
+            out.append("-" * (wg + 47))
+            out.append(f"{'':>{wg + 1}}|     No. of       Observations per Group")
+            out.append(f"{'Group Variable':>{wg}} |     Groups    Minimum    Average    Maximum")
+            out.append("-" * (wg + 1) + "+" + "-" * 45)
             for lv in self.levels:
-                out.append(f"{lv.name:>15} | {lv.ngroups:>10,} {lv.min_obs:>10,} {lv.mean_obs:>10.1f} {lv.max_obs:>10,}")
-            out.append("-" * 62)
+                out.append(f"{lv.name:>{wg}} | {lv.ngroups:>10,} {lv.min_obs:>10,} {lv.mean_obs:>10.1f} {lv.max_obs:>10,}")
+            out.append("-" * (wg + 47))
         w = self.wald_fixed()
         out.append("")
         out.append(f"{'':<48}Wald chi2({w['df']}){'':<6}= {w['chi2']:>10.2f}")
