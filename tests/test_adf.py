@@ -359,3 +359,19 @@ def test_cli_method_adf(tmp_path, seed_long, wide):
     assert rc == 0
     tab = pl.read_parquet(tmp_path / "r2.parquet")
     assert rel(tab.filter(pl.col("name") == "b_x")["std_err"][0], INF["robust"]["std_errors"]["b_x"]) < 1e-3
+
+
+def test_adf_coefficient_relaxation_equals_sem_syntax(seed_long, wide):
+    """coefficients={"x": "j"} by ADF through mlsem.fit = the same SEM written by hand."""
+    res = mlsem.fit(seed_long, FORMULA, index="i", method="adf", coefficients={"x": "j"})
+    text = GMM["seed_balanced"]["standard"]["model"]
+    for s in ("1_1", "1_2", "2_1", "2_2"):
+        text = text.replace(f"y{s} ~ b_x*x{s}", f"y{s} ~ b{s[0]}*x{s}")
+    sem = mlsem.sem(text, wide, method="adf")
+    a, b = res.coef, sem.coef
+    pairs = {"Intercept": "c", "x[1]": "b1", "x[2]": "b2", "var(k)": "su", "var(j)": "sv",
+             "var(Residual)": "se"}
+    for n, lab in pairs.items():
+        assert a[n] == pytest.approx(b[lab], rel=1e-6)
+    assert res.fit_test()["chi2"] == pytest.approx(sem.fit_test()["chi2"], rel=1e-8)
+    assert res.fit_test()["df"] == 24
