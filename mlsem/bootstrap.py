@@ -73,6 +73,8 @@ def _check(res):
     if np.any(m.prep.wrow != 1.0):
         raise MlsemError("bootstrap: not with sampling weights (no model to simulate the "
                          "design from)")
+    if res.method not in ("ML", "REML"):
+        raise MlsemError(f"bootstrap: refits by ML or REML only, not {res.method}")
     if not res.converged:
         raise MlsemError("bootstrap: the fit did not converge")
 

@@ -83,6 +83,10 @@ def lrtest(restricted, relaxed, tol: float = 1e-6, *, bootstrap: int | None = No
     outcome on the same observations.  ``bootstrap=n``: also the parametric
     bootstrap p-value (n data sets simulated from the restricted fit, both
     models refitted; mlsem.bootstrap.lr_bootstrap), reproducible with ``seed``."""
+    for r in (restricted, relaxed):
+        if r.method == "ADF":
+            raise MlsemError("lrtest: an ADF (GMM) fit has no likelihood; compare ADF fits by the "
+                             "difference of their fit_test() chi-squares, or fit both by ML")
     if restricted.nparams > relaxed.nparams:
         restricted, relaxed = relaxed, restricted
     df = relaxed.nparams - restricted.nparams

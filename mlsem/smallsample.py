@@ -52,6 +52,8 @@ def check_df_option(df, method):
     if not isinstance(df, str) or df.lower().replace("_", "-") not in METHODS:
         raise MlsemError(f"df={df!r} is not one of None, 'satterthwaite', 'kenward-roger'")
     df = df.lower().replace("_", "-")
+    if method not in ("ml", "reml"):
+        raise MlsemError(f"df={df!r} needs method='ml' or 'reml' (a likelihood fit), not {method!r}")
     if df == "kenward-roger" and method != "reml":
         raise MlsemError("df='kenward-roger' needs method='reml' (Kenward-Roger is defined for "
                          "the REML fit, as pbkrtest); use df='satterthwaite' with method='ml'")
