@@ -3,6 +3,7 @@
     mlsem fit DATA (--formula F [RELAX] | --syntax MODEL.lav) [--vce mixed|oim|robust|cluster:COL]
               [--weights COL] [--method ml|reml|adf] [--dask ADDRESS [--partitions N]]
               [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
+              [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
     mlsem predict DATA --formula F [RELAX] --out EFFECTS.parquet
     mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png
