@@ -128,7 +128,76 @@ class _Blocks:
         return 0.5 * (P + np.transpose(P, (0, 2, 1)))
 
     # ---- Kenward-Roger's second-order pieces ---------------------------------
+    def _pattern_design(self):
+        """(D, tp): dPhi/dpsi_i (nv, M, M) and the residual variance's position per slot."""
+        m, t = self.model, self.model.table
+        nv = len(self.var)
+        pos = np.full(t.nparams, -1, dtype=np.int64)
+        pos[self.var] = np.arange(nv)
+        D = np.zeros((nv, m.M, m.M))
+        if len(t.phi_param):
+            np.add.at(D, (pos[t.phi_param], t.phi_row, t.phi_col), 1.0)
+        tp = np.full(m.P, -1, dtype=np.int64)
+        tp[t.theta_row] = pos[t.theta_param]
+        return D, tp
+
+    def _pattern_lambda(self, o0, o1):
+        prep, M = self.model.prep, self.model.M
+        s = prep.slot[o0:o1]
+        lam = np.zeros((o1 - o0, M))
+        for k in range(prep.slot_lat.shape[1]):
+            g = prep.slot_lat[s, k]
+            ok = g >= 0
+            lam[np.flatnonzero(ok), g[ok]] += prep.load[o0:o1, k][ok]
+        used = np.flatnonzero(np.any(lam != 0, axis=0))
+        return s, lam[:, used], used
+
     def kr_pieces(self):
+        """(Ktrace, Q): Ktrace_ij = sum_r tr(V^-1G_iV^-1G_j), Q_ij = sum_r
+        X'V^-1G_iV^-1G_jV^-1X, per missing pattern with G_i = Lambda D_i
+        Lambda' + T_i (T_i the diagonal of residual variance i), B = V^-1
+        Lambda, S = Lambda'B, U = Lambda'V^-1X:
+        tr(G_iV^-1G_jV^-1) = tr(D_iSD_jS) + tr(D_iB'T_jB) + tr(D_jB'T_iB) + t_i'(V^-1 o V^-1)t_j,
+        V^-1G_jV^-1X = B D_j U + V^-1 T_j V^-1X.  O(n^2 (m + q)) per unit beyond V^-1."""
+        m, prep = self.model, self.model.prep
+        q = m.q
+        nv = len(self.var)
+        D, tp = self._pattern_design()
+        K = np.zeros((nv, nv))
+        Q = np.zeros((nv, nv, q, q))
+        Phi, Theta = self.Phi_re, self.Theta
+        for pt in range(prep.npatterns):
+            r0, r1 = int(prep.pat_ptr[pt]), int(prep.pat_ptr[pt + 1])
+            o0, o1 = int(prep.row_ptr[r0]), int(prep.row_ptr[r0 + 1])
+            s, lam, used = self._pattern_lambda(o0, o1)
+            n, nr = o1 - o0, r1 - r0
+            Vp = lam @ Phi[np.ix_(used, used)] @ lam.T
+            Vp[np.diag_indices(n)] += Theta[s]
+            Vi = np.linalg.inv(Vp)
+            Vi = 0.5 * (Vi + Vi.T)
+            B = Vi @ lam
+            S = lam.T @ B
+            Dp = D[:, used][:, :, used]                          # (nv, m, m)
+            T = (tp[s][None, :] == np.arange(nv)[:, None]).astype(float)   # (nv, n)
+            DS = Dp @ S                                          # D_i S
+            K1 = np.einsum("iab,jba->ij", DS, DS)
+            BTB = np.einsum("na,in,nb->iab", B, T, B)            # B' T_i B
+            K2 = np.einsum("iab,jba->ij", Dp, BTB)               # tr(D_i B'T_j B)
+            K3 = T @ (Vi * Vi) @ T.T
+            K += nr * (K1 + K2 + K2.T + K3)
+            o_end = int(prep.row_ptr[r1])
+            WXp = self.WX[o0:o_end].reshape(nr, n, q)
+            U = np.einsum("na,rnq->raq", lam, WXp)               # Lambda'V^-1X_r
+            DU = np.einsum("iab,rbq->riaq", Dp, U)               # D_i U_r
+            TW = T[None, :, :, None] * WXp[:, None, :, :]        # T_i V^-1X_r (nr, nv, n, q)
+            O = np.einsum("na,riaq->rinq", lam, DU) + TW          # G_i V^-1 X_r
+            VO = np.einsum("na,riaq->rinq", B, DU) + np.matmul(Vi, TW)
+            O2 = np.transpose(O, (1, 0, 2, 3)).reshape(nv, nr * n, q)
+            VO2 = np.transpose(VO, (1, 0, 2, 3)).reshape(nv, nr * n, q)
+            Q += np.einsum("ixp,jxq->ijpq", O2, VO2, optimize=True)
+        return K, Q
+
+    def _kr_pieces_dense(self):
         """(Ktrace, Q): Ktrace_ij = sum_r tr(V^-1G_iV^-1G_j), Q_ij = sum_r
         X'V^-1G_iV^-1G_jV^-1X, one dense V^-1 per missing pattern."""
         m, t, prep = self.model, self.model.table, self.model.prep
