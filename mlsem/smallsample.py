@@ -267,6 +267,8 @@ class SmallSample:
         if method == "satterthwaite":
             if res.method == "REML":
                 idx = np.flatnonzero(~np.isin(np.arange(t.nparams), b.fixed))
+                if reml_info is not None and np.shape(reml_info) != (len(idx), len(idx)):
+                    reml_info = None        # not the psi-space information: compute it here
                 if reml_info is None:
                     from .reml import RemlObjective
                     H = RemlObjective(m).hessian(psi)
