@@ -58,7 +58,7 @@ def _ols_loglik(y, X):
 def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         weights: str | None = None, method: str = "ml",
         effects: dict | None = None, residuals: dict | None = None,
-        coefficients: dict | None = None,
+        coefficients: dict | None = None, df: str | None = None,
         backend: str = "auto", nthreads: int | None = None, progress=None,
         client=None, npartitions: int | None = None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
@@ -83,6 +83,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     ``effects``, ``residuals``, ``coefficients``: relaxations of the mixed
     model's constraints (mlsem.relax), e.g. ``effects={"j": {"variance": "slot"}}``,
     ``residuals={"correlation": "ar1"}``, ``coefficients={"x": "j"}``.
+    ``df``: None (normal-theory z tests), "satterthwaite" (lmerTest's; ML or
+    REML) or "kenward-roger" (pbkrtest's; REML only): t tests of the fixed
+    effects on small-sample df (mlsem.smallsample).
     ``progress``: None (silent), or a callable ``progress(iteration, loglik)``
     called after each optimiser iteration; if the object also has methods
     ``prepared(prep)`` (called once the data are reshaped, with the prepared
@@ -97,6 +100,14 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     MLSEM_NUM_THREADS).
     """
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
+    from .smallsample import apply_df, check_df_option
+    df_method = check_df_option(df, opts.method)
+    if df_method is not None:
+        if backend == "dask":
+            raise MlsemError("df= is not available with backend='dask'")
+        if opts.vce != "mixed" or opts.weights:
+            raise MlsemError(f"df={df!r} needs vce='mixed' and no weights (small-sample df "
+                             "refer to the model-based covariance of the fixed effects)")
     relax_effects = effects
     relaxed = bool(effects or residuals or coefficients)
     t0 = time.perf_counter()
@@ -158,7 +169,12 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         if relaxed:
             raise MlsemError("method='reml' is not supported with effects=, residuals= or "
                              "coefficients= yet: fit the relaxed model by ML")
-        return fit_reml(model, opts, F, prep, t0, t1)
+        res = fit_reml(model, opts, F, prep, t0, t1)
+        if df_method is not None:
+            t3 = time.perf_counter()
+            res = apply_df(res, df_method, res.reml_info)
+            res.timings["df"] = time.perf_counter() - t3
+        return res
     start = None
     if table is not base_table and needs_warm_start(table):
         with warnings.catch_warnings():
@@ -170,7 +186,12 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
     res = _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
-    return apply_vce(res, opts, unit)
+    res = apply_vce(res, opts, unit)
+    if df_method is not None:
+        t3 = time.perf_counter()
+        res = apply_df(res, df_method)
+        res.timings["df"] = time.perf_counter() - t3
+    return res
 
 
 def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:

@@ -3,6 +3,7 @@
     mlsem fit DATA (--formula F [RELAX] | --syntax MODEL.lav) [--vce mixed|oim|robust|cluster:COL]
               [--weights COL] [--method ml|reml|adf] [--dask ADDRESS [--partitions N]]
               [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
+              [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
     mlsem predict DATA --formula F [RELAX] --out EFFECTS.parquet
     mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png
@@ -388,7 +389,9 @@ def _fit_options(args):
     if args.syntax:
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
                                 ("--coefficients", args.coefficients),
-                                ("--index", args.index), ("--dask", args.dask)) if v]
+                                ("--index", args.index), ("--dask", args.dask),
+                                ("--df", args.df), ("--ci", args.ci),
+                                ("--bootstrap", args.bootstrap)) if v]
         if args.method == "reml":
             given.append(f"--method {args.method}")
         if given:
@@ -412,7 +415,53 @@ def _fit_options(args):
         if args.by and col == args.by:
             raise MlsemError(f"--by {args.by!r} is also the {opt} column; give another column")
     args.parsed = {"effects": effects, "residuals": residuals, "coefficients": coefficients}
+    _check_small_sample(args)
     return {"F": F, "vce": vce, "cluster": cluster, **args.parsed}
+
+
+def _check_small_sample(args):
+    """--df, --ci, --bootstrap, --seed: combinations refused before any work."""
+    ci, nb = getattr(args, "ci", None), getattr(args, "bootstrap", None)
+    if nb is not None and nb < 2:
+        raise MlsemError(f"--bootstrap {nb}: the number of bootstrap refits must be at least 2")
+    if ci == "bootstrap" and nb is None:
+        raise MlsemError("--ci bootstrap needs --bootstrap N (the number of refits)")
+    if ci == "profile" and args.method != "ml":
+        raise MlsemError("--ci profile needs --method ml (profile likelihood of the ML fit)")
+    if args.df == "kenward-roger" and args.method != "reml":
+        raise MlsemError("--df kenward-roger needs --method reml")
+    if (ci or nb) and args.dask:
+        raise MlsemError("--ci/--bootstrap refit the model many times: not with --dask")
+    if args.df and (args.dask or args.weights):
+        raise MlsemError("--df: not with --dask or --weights")
+
+
+def _intervals(args, res, prog):
+    """The bootstrap and the interval kind asked for, into the fit (and its table)."""
+    if getattr(args, "bootstrap", None):
+        prog.say(f"parametric bootstrap: {args.bootstrap} refits")
+        res.bootstrap(n=args.bootstrap, seed=args.seed, progress=not args.quiet)
+    if getattr(args, "ci", None):
+        prog.say(f"confidence intervals: {args.ci}")
+        res.confint(method=args.ci)
+
+
+def _table(res):
+    """The parameter table with the chosen intervals (profile or bootstrap) in
+    ci_low/ci_high, ``ci_kind`` saying which, bootstrap std. errors beside."""
+    import polars as pl
+    tab = res.params
+    if res.ci_table is not None:
+        ci = res.ci_table.rename({"lower": "ci_low", "upper": "ci_high"})
+        tab = tab.drop("ci_low", "ci_high").join(ci, on="name", how="full", coalesce=True,
+                                                   maintain_order="left")
+    if res.ci_kind != "wald":
+        tab = tab.with_columns(pl.lit(res.ci_kind).alias("ci_kind"))
+    if res.boot is not None:
+        se = res.boot.std_err
+        tab = tab.with_columns(pl.col("name").replace_strict(se, default=None,
+                                                              return_dtype=pl.Float64).alias("boot_se"))
+    return tab
 
 
 def _parsed(args, name):
@@ -464,7 +513,8 @@ def _cmd_fit(args, argv) -> int:
             def fitter(data):
                 with _option_names():
                         return fit(data, args.formula, index=args.index, vce=o["vce"],
-                               weights=args.weights, method=args.method, effects=o["effects"],
+                               weights=args.weights, method=args.method, df=args.df,
+                               effects=o["effects"],
                                residuals=o["residuals"], coefficients=o["coefficients"],
                                progress=prog,
                                **({"backend": "dask", "client": client, "npartitions": args.partitions}
@@ -497,6 +547,8 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 res = fitter(gdf)
+                if not args.syntax:
+                    _intervals(args, res, prog)
         except Exception as exc:  # noqa: BLE001 - one failing group must not lose the others
             if not args.by:
                 raise
@@ -514,7 +566,7 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
         any_bad |= st != "ok"
         prog.say(f"loglik {res.loglik:.6f}, {res.opt.iterations} iterations, {st} "
                  f"({sum(res.timings.values()):.2f}s)")
-        tab = res.params.with_columns(pl.lit(st).alias("status"))
+        tab = (_table(res) if not args.syntax else res.params).with_columns(pl.lit(st).alias("status"))
         tables.append(tab)
         rec = _fit_record(res)
         if args.by:
@@ -529,7 +581,7 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
     if args.by and errors and len(errors) == len(keys):
         # every group refused the same way: bad input, not a partial result
         raise errors[0]
-    out = pl.concat(tables, how="vertical")
+    out = pl.concat(tables, how="diagonal_relaxed")
     if args.by:
         byvals = [k[0] for k in keys]
         lens = [t.height for t in tables]
@@ -543,7 +595,8 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
               "effects": _parsed(args, "effects"), "residuals": _parsed(args, "residuals"),
               "coefficients": _parsed(args, "coefficients"),
               "vce": args.vce or (("robust" if args.weights else "oim") if args.syntax else "mixed"), "weights": args.weights,
-              "method": args.method, "index": args.index, "dask": args.dask,
+              "method": args.method, "df": args.df, "ci": args.ci, "bootstrap": args.bootstrap,
+              "seed": args.seed, "index": args.index, "dask": args.dask,
               "partitions": args.partitions, "exit_code": code}
     if args.by:
         record.update({"by": args.by, "ngroups": len(keys),
@@ -763,6 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", choices=("ml", "reml", "adf", "gmm"), default="ml",
                    help="ml (FIML), reml, or adf (= gmm: distribution-free weighted least squares, "
                         "complete data)")
+    f.add_argument("--df", choices=("satterthwaite", "kenward-roger"), default=None,
+                   help="t tests of the fixed effects on small-sample df (kenward-roger: --method reml)")
+    f.add_argument("--ci", choices=("profile", "bootstrap"), default=None,
+                   help="confidence intervals: profile likelihood (ML) or bootstrap percentile "
+                        "(with --bootstrap N); default Wald")
+    f.add_argument("--bootstrap", type=int, metavar="N", default=None,
+                   help="parametric bootstrap with N refits (bootstrap std. errors, boot_se)")
+    f.add_argument("--seed", type=int, default=None, help="seed of the bootstrap")
     f.add_argument("--dask", metavar="ADDRESS", help="fit on a Dask cluster, e.g. tcp://host:8786")
     f.add_argument("--partitions", type=int, metavar="N",
                    help="with --dask: split the data into N partitions (default: one per worker)")

@@ -191,7 +191,7 @@ def fit_reml(model, opts, F, prep, t0, t1):
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
         timings={"prepare": t1 - t0, "optimize": t2 - t1,
                  "inference": time.perf_counter() - t2},
-        model=model, info=None, method="REML", backend=model.backend)
+        model=model, info=None, method="REML", backend=model.backend, reml_info=info)
     res.notes.append(f"REML criterion = {-2.0 * opt.loglik:.6f} (lme4's; the log-likelihood "
                      "shown is the restricted one)")
     return res
@@ -275,13 +275,25 @@ def wald(res, restrictions):
     if np.linalg.matrix_rank(R) < R.shape[0]:
         raise MlsemError(f"wald: the restrictions {list(restrictions)!r} are linearly dependent")
     d = R @ res.estimate - r
-    RVR = R @ res.cov @ R.T
+    used = np.flatnonzero(np.any(R != 0, axis=0))     # REML: no cross-block covariances
+    RVR = R[:, used] @ res.cov[np.ix_(used, used)] @ R[:, used].T
     if not np.all(np.isfinite(RVR)):
         raise MlsemError("wald: the covariance of the estimates is not available")
     chi2 = float(d @ np.linalg.solve(RVR, d))
     df = R.shape[0]
-    return {"restrictions": list(restrictions), "chi2": chi2, "df": df,
-            "p_value": float(stats.chi2.sf(chi2, df)), "vce": res.vce}
+    out = {"restrictions": list(restrictions), "chi2": chi2, "df": df,
+           "p_value": float(stats.chi2.sf(chi2, df)), "vce": res.vce}
+    small = getattr(res, "small", None)
+    if small is not None:
+        # small-sample df (mlsem.smallsample): the F test with its denominator df
+        other = np.ones(R.shape[1], dtype=bool)
+        other[small.fixed] = False
+        if np.any(R[:, other]):
+            raise MlsemError(f"wald: {res.df_method} F tests restrict fixed effects only; "
+                             f"{list(restrictions)!r} involves a variance parameter")
+        out = {"restrictions": list(restrictions), **small.ftest(R[:, small.fixed], r),
+               "vce": res.vce}
+    return out
 
 
 # ---- test against the saturated model -------------------------------------------
