@@ -74,6 +74,54 @@ def chain_rule(table, psi, gphi, gth, xtw=None) -> np.ndarray:
     return g
 
 
+def param_scales(table, prep) -> np.ndarray:
+    """The unit of each parameter, from the data: s the standard deviation of
+    the outcome, a design column's sd (its root mean square if constant), a
+    latent's root mean square loading.  A coefficient's unit is s / sd(x), a
+    (co)variance of latents a, b s^2 / (rms_a rms_b), a residual variance s^2,
+    a correlation 1.  Multiplying y or a covariate by c multiplies the matching
+    units by the same powers of c as the estimates, so that the optimiser, which
+    works on psi / pscale (``Model.psi_to_tau``), sees the same problem in any
+    units (issue 12)."""
+    d = np.ones(table.nparams)
+    y = np.asarray(prep.y, dtype=float)
+    if y.size == 0:
+        return d
+    s = float(np.std(y))
+    if not (s > 0 and np.isfinite(s)):
+        s = float(np.sqrt(np.mean(y * y))) or 1.0
+    if not np.isfinite(s) or s <= 0:
+        s = 1.0
+    X = prep.X
+    for c, prm in enumerate(np.asarray(table.beta_param)):
+        col = X[:, c]
+        sx = float(np.std(col))
+        if not (sx > 0):
+            sx = float(np.sqrt(np.mean(col * col)))
+        d[prm] = s / sx if sx > 0 and np.isfinite(sx) else s
+    if len(table.phi_param):
+        lat = np.asarray(prep.slot_lat)[np.asarray(prep.slot)]       # (nobs, nl)
+        ok = lat >= 0
+        M = max(table.nlatent, 1)
+        load = np.asarray(prep.load, dtype=float)
+        ss = np.bincount(lat[ok], weights=(load[ok] ** 2), minlength=M)
+        cnt = np.bincount(lat[ok], minlength=M)
+        rms = np.ones(M)
+        has = (cnt > 0) & (ss > 0)
+        rms[has] = np.sqrt(ss[has] / cnt[has])
+        seen = set()
+        for p, a, b in zip(table.phi_param, table.phi_row, table.phi_col):
+            if p in seen:
+                continue
+            seen.add(p)
+            d[p] = s * s / (rms[a] * rms[b])
+    kinds = [prm.kind for prm in table.params]
+    for p in set(np.asarray(table.theta_param).tolist()):
+        if kinds[p] != "corr":
+            d[p] = s * s
+    return d
+
+
 class Model:
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
         self.prep = prep
@@ -106,6 +154,7 @@ class Model:
             raise MlsemError("internal: covariances outside a declared block")
         self._tau_layout(table)
         self._hess_layout(table)
+        self.pscale = param_scales(table, prep)
         # scratch, caller-allocated kernel outputs (reused every evaluation)
         nt = self.nthreads if (_core is not None and _core.HAVE_OPENMP) else 1
         self._nt = nt
@@ -219,28 +268,40 @@ class Model:
             F[G[:, :, None], G[:, None, :]] = Fb[None, :, :]
         return F
 
+    def _scale(self):
+        """Each parameter's unit (``pscale``; ones where the model has none)."""
+        d = getattr(self, "pscale", None)
+        return np.ones(self.table.nparams) if d is None else d
+
     def tau_to_psi(self, tau):
+        """tau is dimensionless: a plain parameter is psi / pscale; a block's
+        entries are the Cholesky factor of the block divided by the square
+        roots of its variances' units (the optimiser then sees the same problem
+        whatever the units of y, the covariates and the loadings)."""
+        d = self._scale()
         psi = np.zeros(self.table.nparams)
         n0 = len(self.free_plain)
-        psi[self.free_plain] = tau[:n0]
+        psi[self.free_plain] = tau[:n0] * d[self.free_plain]
         pos = n0
         for blk in self._chol:
             b = blk.pidx.shape[0]
             L = np.zeros((b, b))
             L[np.tril_indices(b)] = tau[pos: pos + b * (b + 1) // 2]
             pos += b * (b + 1) // 2
-            S = L @ L.T
-            psi[blk.pidx] = S
+            sq = np.sqrt(d[np.diag(blk.pidx)])
+            psi[blk.pidx] = (L @ L.T) * np.outer(sq, sq)
         return psi
 
     def psi_to_tau(self, psi):
+        d = self._scale()
         tau = np.zeros(self.ntau)
         n0 = len(self.free_plain)
-        tau[:n0] = psi[self.free_plain]
+        tau[:n0] = psi[self.free_plain] / d[self.free_plain]
         pos = n0
         for blk in self._chol:
             b = blk.pidx.shape[0]
-            S = psi[blk.pidx]
+            sq = np.sqrt(d[np.diag(blk.pidx)])
+            S = psi[blk.pidx] / np.outer(sq, sq)
             try:
                 L = np.linalg.cholesky(S)
             except np.linalg.LinAlgError:
@@ -250,26 +311,29 @@ class Model:
         return tau
 
     def grad_tau(self, tau, gpsi):
+        d = self._scale()
         g = np.zeros(self.ntau)
         n0 = len(self.free_plain)
-        g[:n0] = gpsi[self.free_plain]
+        g[:n0] = gpsi[self.free_plain] * d[self.free_plain]
         pos = n0
         for blk in self._chol:
             b = blk.pidx.shape[0]
             L = np.zeros((b, b))
             idx = np.tril_indices(b)
             L[idx] = tau[pos: pos + b * (b + 1) // 2]
+            sq = np.sqrt(d[np.diag(blk.pidx)])
             G = gpsi[blk.pidx] / 2.0
             G[np.diag_indices(b)] *= 2.0
-            dL = 2.0 * G @ L
+            dL = 2.0 * (G * np.outer(sq, sq)) @ L
             g[pos: pos + b * (b + 1) // 2] = dL[idx]
             pos += b * (b + 1) // 2
         return g
 
     def tau_bounds(self):
         params = self.table.params
-        bounds = [(p.lower if np.isfinite(p.lower) else None, None)
-                  for p in (params[i] for i in self.free_plain)]
+        d = self._scale()
+        bounds = [(p.lower / d[i] if np.isfinite(p.lower) else None, None)
+                  for i, p in ((i, params[i]) for i in self.free_plain)]
         for blk in self._chol:
             b = blk.pidx.shape[0]
             for i, j in zip(*np.tril_indices(b)):
