@@ -177,6 +177,10 @@ class Model:
         self._maxm = int(min(self.M, self._maxn * nl))
         self._maxc = int(self.M)
         self.nevals = 0
+        # the kernel checks the arrays' shapes and the CSR layout (one pass over the
+        # observations) on the first call only: they do not change between calls
+        self._layout_ok = False
+        self._xtw_status = np.zeros(self._xtw.shape[0], dtype=np.int32)
         # an evaluation is parallel over patterns (OpenMP); a multithreaded BLAS
         # inside it (LAPACK per pattern on the dense path, X @ beta) only
         # oversubscribes the cores: 0.9 s instead of 3 ms per dense evaluation,
@@ -394,7 +398,8 @@ class Model:
                 _core.dense_loglik(prep.pat_ptr, prep.row_ptr, self._slot, resid, self._load,
                                    self._slot_lat, Phi, Theta, prep.wrow, self._w, self._ll,
                                    self._gphi, self._gth, self._status, self._maxn, self._nt,
-                                   int(need_grad))
+                                   int(need_grad), validate=not self._layout_ok)
+                self._layout_ok = True
             else:
                 if np.any(Theta <= 0):
                     return fail
@@ -412,7 +417,8 @@ class Model:
                                     beta=np.ascontiguousarray(beta, dtype=float),
                                     gbeta_t=self._gbeta,
                                     hidx=self._hidx if hess else None, hphi_t=hphi,
-                                    unit_load=self._unit_load)
+                                    unit_load=self._unit_load, validate=not self._layout_ok)
+                self._layout_ok = True
                 if hess:
                     hblock = hphi.sum(axis=0).reshape(nh, nh)
             if self._status.any():
@@ -424,7 +430,7 @@ class Model:
             gth = self._gth.sum(axis=0)
             w = self._w
             if self.q and self.dense:
-                _core.xt_w(self._X, w, self._xtw, self._nt)
+                _core.xt_w(self._X, w, self._xtw, self._nt, self._xtw_status)
                 xtw = self._xtw.sum(axis=0)
             elif self.q:
                 xtw = self._gbeta[:, :self.q].sum(axis=0)
