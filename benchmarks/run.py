@@ -1,4 +1,4 @@
-"""mlsem benchmark suite: mlsem against lme4, statsmodels MixedLM, OpenMx and lavaan.
+"""mlsem benchmark suite: mlsem against lme4, statsmodels MixedLM, mixedlm, OpenMx and lavaan.
 
     python benchmarks/run.py                     # 10k, 100k, 1M rows + the wide case
     python benchmarks/run.py --size 250000       # add a size of your own
@@ -11,7 +11,9 @@ mlsem, lme4, ...) so that a busy machine slows all of them alike.  A tool's
 time is the median over the repeats.  What is timed: mlsem end to end from
 the Parquet file to its results object (reading, preparation, optimisation,
 standard errors); lme4 the ``lmer()`` call; statsmodels model construction and
-``fit()``; OpenMx ``mxRun``; lavaan ``sem()``.  Interpreter start, package
+``fit()``; mixedlm (``pip install mixedlm``, lme4's algorithm with a Rust core;
+skipped with a line where not installed) ``lmer(REML=False)`` and ``vcov()``;
+OpenMx ``mxRun``; lavaan ``sem()``.  Interpreter start, package
 loading and (for the peers) reading the data are not timed.
 
 Data: ``mlsem.simulate`` with fixed seeds, the design of the reference case
@@ -161,6 +163,13 @@ def available_peers(wanted):
                 have.append(tool)
             except ImportError:
                 skipped.append("skipped statsmodels: the Python package statsmodels is not installed")
+        elif tool == "mixedlm":
+            try:
+                import mixedlm  # noqa: F401
+                have.append(tool)
+            except ImportError:
+                skipped.append("skipped mixedlm: the Python package mixedlm is not installed "
+                               "(pip install mixedlm)")
     return have, skipped
 
 
@@ -220,6 +229,8 @@ def command(tool, case, threads):
         return [py, w, "mlsem", case["path"], case["formula"]] + ([str(threads)] if threads else [])
     if tool == "statsmodels":
         return [py, w, "statsmodels", case["path"], case["formula"]]
+    if tool == "mixedlm":
+        return [py, w, "mixedlm", case["path"], case["formula"]]
     if tool == "mlsem-sem":
         return [py, w, "mlsem-sem", case["wide_csv"], case["lav"]]
     if tool == "lme4":
@@ -269,8 +280,8 @@ def main(argv=None):
     os.makedirs(datadir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="mlsem_bench_")
 
-    peers_long = [] if a.no_peers else ["lme4", "statsmodels"]
-    peers_wide = [] if a.no_peers else ["lme4", "statsmodels", "OpenMx", "lavaan"]
+    peers_long = [] if a.no_peers else ["lme4", "statsmodels", "mixedlm"]
+    peers_wide = [] if a.no_peers else ["lme4", "statsmodels", "mixedlm", "OpenMx", "lavaan"]
     have, skipped = available_peers(sorted(set(peers_long + peers_wide)))
     for s in skipped:
         print(s)
