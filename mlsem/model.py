@@ -75,8 +75,9 @@ def chain_rule(table, psi, gphi, gth, xtw=None) -> np.ndarray:
 
 
 def param_scales(table, prep) -> np.ndarray:
-    """The unit of each parameter, from the data: s the standard deviation of
-    the outcome, a design column's sd (its root mean square if constant), a
+    """The unit of each parameter, from the data: s the root mean square
+    residual of the outcome's least-squares fit on the design (the outcome's sd
+    without a design), a design column's sd (its root mean square if constant), a
     latent's root mean square loading.  A coefficient's unit is s / sd(x), a
     (co)variance of latents a, b s^2 / (rms_a rms_b), a residual variance s^2,
     a correlation 1.  Multiplying y or a covariate by c multiplies the matching
@@ -87,12 +88,23 @@ def param_scales(table, prep) -> np.ndarray:
     y = np.asarray(prep.y, dtype=float)
     if y.size == 0:
         return d
-    s = float(np.std(y))
+    X = prep.X
+    s = 0.0
+    if X.shape[1]:
+        # the root mean square OLS residual (the start values' scale of the
+        # variances): normal equations, O(n q^2), no n x q temporaries
+        try:
+            b = np.linalg.solve(X.T @ X, X.T @ y)
+            r = y - X @ b
+            s = float(np.sqrt(np.mean(r * r)))
+        except np.linalg.LinAlgError:
+            s = 0.0
+    if not (s > 0 and np.isfinite(s)):
+        s = float(np.std(y))
     if not (s > 0 and np.isfinite(s)):
         s = float(np.sqrt(np.mean(y * y))) or 1.0
     if not np.isfinite(s) or s <= 0:
         s = 1.0
-    X = prep.X
     for c, prm in enumerate(np.asarray(table.beta_param)):
         col = X[:, c]
         sx = float(np.std(col))
