@@ -61,13 +61,19 @@ def start_values(model) -> np.ndarray:
     t = model.table
     prep = model.prep
     psi = np.zeros(t.nparams)
-    if model.q:
-        beta, *_ = np.linalg.lstsq(prep.X, prep.y, rcond=None)
-        resid = prep.y - prep.X @ beta
-        psi[t.beta_param] = beta
+    ols = getattr(model, "ols", None)        # Model's, by the normal equations, reused
+    if ols is not None and (ols[0] is not None or not model.q):
+        if model.q:
+            psi[t.beta_param] = ols[0]
+        s2 = ols[1] or 1.0
     else:
-        resid = prep.y - prep.y.mean()
-    s2 = float(np.mean(resid ** 2)) or 1.0
+        if model.q:
+            beta, *_ = np.linalg.lstsq(prep.X, prep.y, rcond=None)
+            resid = prep.y - prep.X @ beta
+            psi[t.beta_param] = beta
+        else:
+            resid = prep.y - prep.y.mean()
+        s2 = float(np.mean(resid ** 2)) or 1.0
     xvar = {n: float(np.var(prep.X[:, c])) for c, n in enumerate(prep.xnames)}
     return variance_starts(t, psi, s2, xvar)
 

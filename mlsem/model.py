@@ -74,7 +74,23 @@ def chain_rule(table, psi, gphi, gth, xtw=None) -> np.ndarray:
     return g
 
 
-def param_scales(table, prep) -> np.ndarray:
+def ols_fit(prep):
+    """(beta, mean squared residual) of the outcome's least-squares fit on the
+    design, by the normal equations (O(n q^2), no n x q temporaries; the start
+    values' and the units' scale); beta None without a design or if X'X is singular."""
+    y = np.asarray(prep.y, dtype=float)
+    X = prep.X
+    if X.shape[1] == 0 or y.size == 0:
+        return None, float(np.var(y)) if y.size else 1.0
+    try:
+        b = np.linalg.solve(X.T @ X, X.T @ y)
+    except np.linalg.LinAlgError:
+        return None, float(np.var(y))
+    r = y - X @ b
+    return b, float(r @ r) / y.size
+
+
+def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
     """The unit of each parameter, from the data: s the root mean square
     residual of the outcome's least-squares fit on the design (the outcome's sd
     without a design), a design column's sd (its root mean square if constant), a
@@ -89,16 +105,8 @@ def param_scales(table, prep) -> np.ndarray:
     if y.size == 0:
         return d
     X = prep.X
-    s = 0.0
-    if X.shape[1]:
-        # the root mean square OLS residual (the start values' scale of the
-        # variances): normal equations, O(n q^2), no n x q temporaries
-        try:
-            b = np.linalg.solve(X.T @ X, X.T @ y)
-            r = y - X @ b
-            s = float(np.sqrt(np.mean(r * r)))
-        except np.linalg.LinAlgError:
-            s = 0.0
+    _, s2 = ols if ols is not None else ols_fit(prep)
+    s = float(np.sqrt(s2)) if s2 > 0 else 0.0
     if not (s > 0 and np.isfinite(s)):
         s = float(np.std(y))
     if not (s > 0 and np.isfinite(s)):
@@ -111,7 +119,10 @@ def param_scales(table, prep) -> np.ndarray:
         if not (sx > 0):
             sx = float(np.sqrt(np.mean(col * col)))
         d[prm] = s / sx if sx > 0 and np.isfinite(sx) else s
-    if len(table.phi_param):
+    if len(table.phi_param) and unit_load:       # every loading 1 (random intercepts)
+        for p, a, b in zip(table.phi_param, table.phi_row, table.phi_col):
+            d[p] = s * s
+    elif len(table.phi_param):
         lat = np.asarray(prep.slot_lat)[np.asarray(prep.slot)]       # (nobs, nl)
         ok = lat >= 0
         M = max(table.nlatent, 1)
@@ -166,7 +177,6 @@ class Model:
             raise MlsemError("internal: covariances outside a declared block")
         self._tau_layout(table)
         self._hess_layout(table)
-        self.pscale = param_scales(table, prep)
         # scratch, caller-allocated kernel outputs (reused every evaluation)
         nt = self.nthreads if (_core is not None and _core.HAVE_OPENMP) else 1
         self._nt = nt
@@ -180,6 +190,8 @@ class Model:
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
         # random intercepts only: the kernel's row loops need not read the loadings
         self._unit_load = bool(np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
+        self.ols = ols_fit(prep)
+        self.pscale = param_scales(table, prep, self._unit_load, self.ols)
         self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
         self._resid = np.empty(prep.nobs)
         self._xtw = np.zeros((max(nt, 1) * 4, self.q))

@@ -26,7 +26,10 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .errors import ConvergenceWarning, MlsemError
-from .estimate import OptSummary, damped_step, param_scale, start_values
+from types import SimpleNamespace
+
+from .estimate import (STALL_EVALS, STALL_REL, OptSummary, _Stalled, damped_step, param_scale,
+                       start_values)
 from .scores import chain, kernel_eval
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -128,6 +131,10 @@ def optimize_reml(model, maxiter=5000):
     unit = param_scale(model)
     ref = []     # the first finite l_R: the objective is measured from it (units shift l_R)
     best = [-np.inf]
+    stall = {"since": 0, "x": tau0, "it": 0}
+
+    def cb(tau):
+        stall["it"] += 1
 
     def f(tau):
         psi = model.tau_to_psi(tau)
@@ -139,12 +146,26 @@ def optimize_reml(model, maxiter=5000):
             return (-(best[0] - ref[0]) / N if ref else 0.0) + 1e4, np.zeros_like(tau)
         if not ref:
             ref.append(lr)
-        best[0] = max(best[0], lr)
-        return -(lr - ref[0]) / N, -model.grad_tau(tau, g) / N
+        # the stall rule of estimate._lbfgsb: evaluations that gain nothing
+        # beyond rounding at a point whose gradient passes the convergence rule
+        # are the line search fighting rounding (20 wasted evaluations seen on
+        # unbalanced in other units); the Newton polish finishes
+        stall["since"] = 0 if lr > best[0] + STALL_REL * abs(lr) else stall["since"] + 1
+        if lr > best[0]:
+            best[0], stall["x"] = lr, tau.copy()
+        gt = model.grad_tau(tau, g)
+        if stall["since"] >= STALL_EVALS and np.max(np.abs(gt), initial=0.0) < 1e-3 * max(1.0, N ** 0.5):
+            raise _Stalled
+        return -(lr - ref[0]) / N, -gt / N
 
-    res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(),
-                   options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-15,
-                            "gtol": 1e-10, "maxcor": 20})
+    try:
+        res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(), callback=cb,
+                       options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-15,
+                                "gtol": 1e-10, "maxcor": 20})
+    except _Stalled:
+        res = SimpleNamespace(x=stall["x"], nit=stall["it"], success=True,
+                              message="L-BFGS-B stalled at rounding level near the optimum; "
+                                      "Newton steps finish")
     psi = model.tau_to_psi(res.x)
     lr, g, psi = obj.value(psi)
     # Newton polish on the interior variance parameters
