@@ -300,7 +300,11 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
         pats = per_row.select("__pat_slots").unique(maintain_order=True).with_row_index("__pat")
         per_row = per_row.join(pats, on="__pat_slots", how="left")
     per_row = per_row.select(top, "__pat").sort("__pat", top).with_row_index("__rowid")
-    df = df.join(per_row, on=top, how="left").sort("__rowid", "__slot")
+    # one int64 key (row * P + slot) instead of a two-column sort: the
+    # two-column sort encodes rows of both keys and was the most expensive step
+    # of prepare (0.78 of 2.5 s on 1.15M rows, a busy machine)
+    df = df.join(per_row, on=top, how="left")
+    df = df.sort(pl.col("__rowid").cast(pl.Int64) * P + pl.col("__slot").cast(pl.Int64))
     nrows = per_row.height
     counts = df.group_by("__rowid").len().sort("__rowid")["len"].to_numpy()
     row_ptr = np.zeros(nrows + 1, dtype=np.int64)
