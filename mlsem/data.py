@@ -277,7 +277,12 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
         # observation number within the innermost group, in row order: a stable
         # sort by the ids and the distance to the group's first row (about twice
         # as fast as a window expression over the ids on a million rows)
-        df = df.sort(level_cols, maintain_order=True)
+        rk = _radix_key(df, level_cols, 4 * df.height + 1024)
+        if rk is None or np.any(rk[0][1:] < rk[0][:-1]):
+            df = df.sort(level_cols, maintain_order=True)
+        # else: integer ids already in order (files written sorted by their ids,
+        # as the simulated ones): the stable sort would not move a row (3.6 s of
+        # 27 s of prepare on 10M rows at load 10)
         idx = np.arange(df.height, dtype=np.int64)
         same = np.ones(df.height, dtype=bool)      # same group as the row before
         for c in level_cols:
@@ -376,10 +381,13 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     # one int64 key (row * P + slot) instead of a two-column sort: the
     # two-column sort encodes rows of both keys and was the most expensive step
     # of prepare (0.78 of 2.5 s on 1.15M rows, a busy machine)
-    df = df.join(per_row, on=top, how="left")
+    # only the row number joins the observations, and the observation index
+    # (now in the slot table) leaves before the sort: fewer columns to reorder
+    # and to hold at the peak of memory
+    df = df.join(per_row.select(top, "__rowid"), on=top, how="left").drop("__obs")
     df = df.sort(pl.col("__rowid").cast(pl.Int64) * P + pl.col("__slot").cast(pl.Int64))
     nrows = per_row.height
-    counts = df.group_by("__rowid").len().sort("__rowid")["len"].to_numpy()
+    counts = np.bincount(df["__rowid"].to_numpy(), minlength=nrows)
     row_ptr = np.zeros(nrows + 1, dtype=np.int64)
     np.cumsum(counts, out=row_ptr[1:])
     pat_of_row = per_row["__pat"].to_numpy()
