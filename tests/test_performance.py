@@ -103,7 +103,13 @@ def test_stalled_lbfgsb_handed_to_newton_gives_the_same_fit(monkeypatch):
     letting the Newton polish finish) gives the fit of running it to its end."""
     path, formula = REF / "egsingle.parquet", "math ~ year + (1 | schoolid/childid)"
     _, m1 = build(path, formula)
+    # whether L-BFGS-B meets rounding before its own stopping rule depends on
+    # the last bits of the start values and the units (issue 12 changed both);
+    # a gain threshold of 1e-10 (relative) makes the rule fire near the optimum
+    # on this case whatever the rounding, so that the mechanism is what is tested
+    monkeypatch.setattr(estimate, "STALL_REL", 1e-10)
     o1 = estimate.optimize(m1)
+    monkeypatch.setattr(estimate, "STALL_REL", 1e-13)
     assert "stalled" in o1.message and o1.converged
     monkeypatch.setattr(estimate, "STALL_EVALS", 10**9)
     _, m2 = build(path, formula)
