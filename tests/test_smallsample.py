@@ -16,9 +16,6 @@ EXTRA = json.loads((REF / "extra" / "small_sample_extra.json").read_text())
 CASES = {"seed_balanced": "y ~ x + (1 | k/j)", "unbalanced": "y ~ x1 + z + (1 | k/j)",
          "pastes": "strength ~ 1 + (1 | batch/cask)",
          "sleepstudy": "Reaction ~ Days + (Days | Subject)"}
-SLEEP_REML = pytest.mark.xfail(
-    strict=False, reason="sleepstudy's REML does not converge yet (the outcome's scale, ms): "
-    "fixed by the perf branch; remove this mark after its merge")
 
 
 def _r(name):
@@ -37,12 +34,7 @@ def _check(res, ref):
         assert abs(row["p_value"] - p) <= max(1e-3 * p, 1e-8), n
 
 
-def _params(case, method):
-    marks = [SLEEP_REML] if case == "sleepstudy" and method == "reml" else []
-    return pytest.param(case, marks=marks)
-
-
-@pytest.mark.parametrize("case", [_params(c, "reml") for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("df,key", [("satterthwaite", "satterthwaite"),
                                     ("kenward-roger", "kenward_roger")])
 def test_reml_df_match_lmertest_pbkrtest(case, df, key):
