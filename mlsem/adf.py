@@ -273,10 +273,19 @@ class MultilevelMoments:
         one = np.ones((n, 1))
         from scipy.linalg import qr
         A = np.hstack([one, Zf])
-        _, R, piv = qr(A, mode="economic", pivoting=True)
-        dg = np.abs(np.diag(R))
-        keep = np.sort(piv[dg > 1e-10 * dg.max()])
-        keep = keep[keep != 0]
+        # constant columns (every slot's intercept, a covariate constant in the
+        # data) are linear in the intercept: drop them first, then choose a basis
+        # of the centred rest by pivoted QR (pivoting among tied constant columns
+        # would depend on rounding)
+        nz = np.flatnonzero(np.ptp(Zf, axis=0) > 0.0) if n else np.zeros(0, dtype=np.int64)
+        if len(nz):
+            Ac = Zf[:, nz] - Zf[:, nz].mean(axis=0)
+            Ac /= np.linalg.norm(Ac, axis=0)        # the rank decision is scale-free
+            _, R, piv = qr(Ac, mode="economic", pivoting=True)
+            dg = np.abs(np.diag(R))
+            keep = np.sort(nz[piv[dg > 1e-10 * dg.max()]] + 1)
+        else:
+            keep = np.zeros(0, dtype=np.int64)
         Xk = A[:, keep]
         B1 = np.hstack([one, Xk])
         Cmap, *_ = np.linalg.lstsq(B1, Zf, rcond=None)

@@ -1,0 +1,72 @@
+"""Review fixes of the ADF / GMM work (issue 16), against lavaan 0.6-14.
+
+Reference: extra/gmmfix.json (extra/make_gmmfix.sh: make_gmmfix.py writes the
+data, gmmfix_multilevel.parquet, and the wide forms; make_gmmfix.R fits them
+by lavaan with fixed.x = TRUE).
+"""
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+import mlsem
+from mlsem import MlsemError
+from conftest import REF, load_case
+
+FIX = json.load(open(REF / "extra" / "gmmfix.json"))
+GMM = json.load(open(REF / "extra" / "gmm.json"))
+HS_MODEL = GMM["hs_cfa"]["model"]
+FORMULAS = {"normal_x": "y ~ x + (1 | k/j)", "two_covariates": "y ~ x + x2 + (1 | k/j)",
+            "county_covariate": "y ~ x + z + (1 | k/j)", "six_slots": "y ~ x + (1 | k/j)"}
+LAV = {"var_k": "var(k)", "var_j": "var(j)", "var_Residual": "var(Residual)"}
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    d = pl.read_parquet(REF / "gmmfix_multilevel.parquet")
+    return {c: d.filter(pl.col("case") == c).drop("case") for c in FORMULAS}
+
+
+@pytest.fixture(scope="module")
+def hs():
+    return pl.read_parquet(REF / "hs_cfa.parquet")
+
+
+def _lav_name(lab):
+    return LAV.get(lab, lab[2:] if lab.startswith("b_") else None)
+
+
+# ---- 1: the covariate columns of the multilevel wide form -----------------------------------
+@pytest.mark.parametrize("case", list(FORMULAS))
+def test_multilevel_adf_covariates(cases, case):
+    """Normal x, a second covariate, a county-level covariate: the slot intercepts
+    (constant columns) are never kept as covariates; ADF = lavaan WLS."""
+    ref = FIX["multilevel"][case]["wls"]
+    res = mlsem.fit(cases[case], FORMULAS[case], method="adf", index="i")
+    assert res.converged
+    co, se = res.coef, dict(zip(res.names, res.std_err))
+    n = 0
+    for lab, v in ref["estimates"].items():
+        name = _lav_name(lab)
+        if name in co:
+            assert abs(co[name] - v) <= max(1e-5 * abs(v), 1e-6), name   # lavaan's convergence
+            assert rel(se[name], ref["std_errors"][lab]) < 1e-5, name
+            n += 1
+    assert n == res.nparams
+    ft = res.fit_test()
+    assert rel(ft["chi2"], ref["chisq"]) < 1e-6 and ft["df"] == ref["df"]
+
+
+@pytest.mark.parametrize("case", ["normal_x", "two_covariates", "county_covariate"])
+def test_multilevel_scaled_test_covariates(cases, case):
+    """The scaled test of a robust multilevel fit uses the same covariate layout."""
+    ref = FIX["multilevel"][case]["mlm"]
+    ft = mlsem.fit(cases[case], FORMULAS[case], vce="robust", index="i").fit_test()
+    assert rel(ft["chi2"], ref["chisq"]) < 1e-5 and ft["df"] == ref["df"]
+    assert rel(ft["chi2_scaled"], ref["chisq_scaled"]) < 1e-5
+    assert rel(ft["scaling_factor"], ref["scaling_factor"]) < 1e-5
