@@ -210,14 +210,15 @@ def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None =
         notes.append(f"{wd.dropped_rows} row(s) with no observed value were dropped")
     if wd.dropped_cells:
         notes.append(f"{wd.dropped_cells} observed value(s) dropped because a covariate of their mean is missing")
-    full = table.full_values(psi)
-    Vfull = table.T @ cov @ table.T.T
-    sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, rows_x)
-    defined = _defined(table, psi, cov)
     if vce_ in ("robust", "cluster") and info is not None and np.all(np.isfinite(info)):
         cov = _sem_sandwich(m, psi, info, wd, unit, vce_, cluster, notes, weights)
     elif vce_ in ("robust", "cluster"):
         notes.append("robust standard errors not computed: no information matrix")
+    # the parameter rows of summary() and the := parameters use the final covariance
+    full = table.full_values(psi)
+    Vfull = table.T @ cov @ table.T.T
+    sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, rows_x)
+    defined = _defined(table, psi, cov)
     vce_name = {"cluster": f"cluster({cluster})"}.get(vce_, vce_)
     timings = {"prepare": t1 - t0, "optimize": t2 - t1, "inference": time.perf_counter() - t2}
     res = FitResult(

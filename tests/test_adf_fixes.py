@@ -70,3 +70,47 @@ def test_multilevel_scaled_test_covariates(cases, case):
     assert rel(ft["chi2"], ref["chisq"]) < 1e-5 and ft["df"] == ref["df"]
     assert rel(ft["chi2_scaled"], ref["chisq_scaled"]) < 1e-5
     assert rel(ft["scaling_factor"], ref["scaling_factor"]) < 1e-5
+
+
+# ---- 2: summary() rows and := parameters carry the robust covariance ---------------------------
+@pytest.fixture(scope="module")
+def seed_wide():
+    seed = load_case("seed_balanced")
+    long = pl.read_parquet(REF / seed["data"])
+    return mlsem.to_wide(long, "y ~ x + (1 | k/j)", index="i").join(
+        pl.DataFrame(seed["inference"]["weights"]), on="k")
+
+
+MED_KW = {"robust": {"vce": "robust"}, "cluster": {"vce": ("cluster", "region")},
+          "weighted": {"weights": "w"}}
+
+
+@pytest.mark.parametrize("key", list(MED_KW))
+def test_sem_robust_summary_and_defined(seed_wide, key):
+    ref = FIX["mediation"][key]
+    res = mlsem.sem(FIX["mediation"]["model"], seed_wide, **MED_KW[key])
+    se = dict(zip(res.names, res.std_err))
+    rows = {r["label"]: r for r in res.sem_rows if r["label"]}
+    for lab in ("a", "b", "c"):
+        assert rel(se[lab], ref["std_errors"][lab]) < 1e-5, lab
+        assert rel(rows[lab]["se"], ref["std_errors"][lab]) < 1e-5, lab     # summary()'s rows
+    for d in res.defined:
+        assert rel(d["est"], ref["estimates"][d["label"]]) < 1e-5, d["label"]
+        assert rel(d["se"], ref["std_errors"][d["label"]]) < 1e-5, d["label"]
+    assert len(res.defined) == 2
+    text = res.summary()
+    assert f"{ref['std_errors']['ab']:.3f}" in text.split("Defined Parameters")[1].splitlines()[2]
+
+
+# ---- 9: an SEM fit with a variance at its bound --------------------------------------------------
+@pytest.mark.parametrize("vce", ["oim", "robust"])
+def test_sem_small_sample_bound(hs, vce):
+    """hs_cfa's first 50 rows: the optimiser's bound handling (once an
+    AttributeError on SemModel.free_plain) ends at lavaan's optimum."""
+    ref = FIX["hs_head50"]["ml"]
+    res = mlsem.sem(HS_MODEL, hs.head(50), vce=vce)
+    assert res.converged
+    assert abs(res.loglik - ref["loglik"]) < 1e-6
+    for row in res.params.iter_rows(named=True):
+        k = f"{row['lhs']}~1" if row["op"] == "~1" else f"{row['lhs']}{row['op']}{row['rhs']}"
+        assert abs(row["estimate"] - ref["estimates"][k]) < 1e-4, k

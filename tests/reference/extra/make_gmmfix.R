@@ -6,14 +6,16 @@
 ## * a mediation model with a defined parameter ab := a*b on the seed's wide
 ##   form: Huber-White ("robust"), cluster-robust by region ("cluster") and
 ##   sampling weights w ("weighted"), FIML, observed information;
-## * hs_cfa's last 50 rows by estimator = "MLM" (N = 50 < 54 moments).
+## * hs_cfa's last 50 rows by estimator = "MLM" (N = 50 < 54 moments);
+## * hs_cfa's first 50 rows by FIML (a variance estimate at its bound).
 ## Usage: python make_gmmfix.py <tmp>; Rscript make_gmmfix.R <tmp> <out_json>
 suppressPackageStartupMessages({ library(lavaan); library(jsonlite) })
 args <- commandArgs(trailingOnly = TRUE)
 tmp <- args[1]; out_json <- args[2]
 block <- function(fit) {
   pe <- parameterEstimates(fit)
-  key <- ifelse(pe$label != "", pe$label,
+  lab <- if (is.null(pe$label)) rep("", nrow(pe)) else pe$label
+  key <- ifelse(lab != "", lab,
                 ifelse(pe$op == "~1", paste0(pe$lhs, "~1"), paste0(pe$lhs, pe$op, pe$rhs)))
   first <- !duplicated(key)
   fm <- fitMeasures(fit)
@@ -51,4 +53,7 @@ out$mediation <- list(
 h <- read.csv(file.path(tmp, "hs_tail50.csv"))
 hs <- "visual =~ x1 + x2 + x3\n textual =~ x4 + x5 + x6\n speed =~ x7 + x8 + x9"
 out$hs_tail50 <- list(mlm = block(sem(hs, data = h, estimator = "MLM", fixed.x = TRUE)))
+h <- read.csv(file.path(tmp, "hs_head50.csv"))
+out$hs_head50 <- list(ml = block(sem(hs, data = h, missing = "ml", fixed.x = TRUE,
+                                     information = "observed")))
 writeLines(toJSON(out, auto_unbox = TRUE, digits = NA, pretty = TRUE, na = "null"), out_json)

@@ -54,6 +54,7 @@ def main(tmp):
         pl.DataFrame(seed["inference"]["weights"]), on="k")
     wide.write_csv(tmp / "seed_wide.csv")
     pl.read_parquet(REF / "hs_cfa.parquet").tail(50).write_csv(tmp / "hs_tail50.csv")
+    pl.read_parquet(REF / "hs_cfa.parquet").head(50).write_csv(tmp / "hs_head50.csv")
 
 
 if __name__ == "__main__":
