@@ -119,21 +119,34 @@ class Moments:
 
     @property
     def W(self):
-        """Gamma^-1 (ADF's weight matrix), or a clear error if Gamma is singular."""
+        """Gamma^-1 (ADF's weight matrix), or a clear error if Gamma is singular.
+        The test and the inverse use the correlation form D^-1/2 Gamma D^-1/2
+        (D = diag(Gamma)), as lavaan does, so they do not depend on the units of
+        the variables."""
         if self._W is None:
             G = self.Gamma
-            lam, V = np.linalg.eigh(G)
+            dg = np.diag(G).copy()
+            if np.any(dg <= 0.0) or not np.all(np.isfinite(dg)):
+                r = int(np.flatnonzero(~(dg > 0.0))[0])
+                raise MlsemError(
+                    "method='adf': the covariance of the sample moments (Gamma) is singular: the "
+                    f"moment {self.moment_names()[r]} does not vary across units, so the ADF weight "
+                    "matrix does not exist. Use method='ml'")
+            sd = np.sqrt(dg)
+            Gs = G / np.outer(sd, sd)
+            lam, V = np.linalg.eigh(Gs)
             if lam.min() <= 1e-12 * max(lam.max(), 1e-300):
                 k = int(np.argmin(lam))
                 v = np.abs(V[:, k])
                 r = int(np.argmax(v))
                 raise MlsemError(
                     "method='adf': the covariance of the sample moments (Gamma) is singular, so the "
-                    f"ADF weight matrix does not exist (smallest eigenvalue {lam.min():.3g}; the "
-                    f"moment most involved is {self.moment_names()[r]}): a variable is constant or "
-                    "a linear function of others. Use method='ml'")
-            self._W = V @ np.diag(1.0 / lam) @ V.T
-            self._W = 0.5 * (self._W + self._W.T)
+                    f"ADF weight matrix does not exist (smallest eigenvalue of its correlation form "
+                    f"{lam.min():.3g}; the moment most involved is {self.moment_names()[r]}): a "
+                    "variable is constant or a linear function of others. Use method='ml'")
+            Wi = (V / lam) @ V.T
+            W = Wi / np.outer(sd, sd)
+            self._W = 0.5 * (W + W.T)
         return self._W
 
     def moment_names(self):
@@ -354,6 +367,18 @@ class AdfObjective:
         Wd = self.W @ d
         return float(d @ Wd), -2.0 * D.T @ Wd, D
 
+    def decrement(self, g, D):
+        """The decrease of F that a Gauss-Newton step would still bring,
+        g' H^-1 g / 4 (H = Delta' W Delta): F is unit-free (W is the inverse of
+        the moments' covariance), and so is this, unlike the gradient, whose
+        entries scale with the parameters' units."""
+        H = D.T @ self.W @ D
+        try:
+            step = np.linalg.solve(H, g)
+        except np.linalg.LinAlgError:
+            step = np.linalg.lstsq(H, g, rcond=None)[0]
+        return abs(float(g @ step)) / 4.0
+
     def minimize(self, psi0, maxiter=500, tol=1e-12):
         """Gauss-Newton (the objective is a weighted sum of squares) with step
         halving; then, if it stalled, BFGS from there.  Returns (psi, F, info)."""
@@ -383,7 +408,7 @@ class AdfObjective:
             small = np.max(np.abs(t * step) / np.maximum(np.abs(psi), 1.0)) < 1e-10
             done = abs(f - fn) <= tol * max(1.0, abs(fn))
             f = fn
-            if small or (done and np.max(np.abs(g)) < 1e-6):
+            if small or (done and self.decrement(g, D) < 1e-10):
                 converged = True
                 break
         if not converged:
@@ -392,7 +417,7 @@ class AdfObjective:
                          options={"gtol": 1e-10, "maxiter": 10000})
             psi = r.x
             f, g, D = self.value_grad(psi)
-            converged = bool(r.success) or np.max(np.abs(g)) < 1e-6
+            converged = bool(r.success) or self.decrement(g, D) < 1e-10
         H = D.T @ self.W @ D
         return psi, f, {"iterations": it, "converged": converged, "grad": g, "info": H, "jacobian": D}
 

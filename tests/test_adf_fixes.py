@@ -114,3 +114,23 @@ def test_sem_small_sample_bound(hs, vce):
     for row in res.params.iter_rows(named=True):
         k = f"{row['lhs']}~1" if row["op"] == "~1" else f"{row['lhs']}{row['op']}{row['rhs']}"
         assert abs(row["estimate"] - ref["estimates"][k]) < 1e-4, k
+
+
+# ---- 3: ADF does not depend on the units of the variables ---------------------------------------
+def test_adf_rescaled_variables(hs):
+    """x1 in hundredths and x9 in tens: Gamma's singularity test and the
+    convergence test are unit-free, so chi-square and standardised results
+    are those of the original data (lavaan WLS: 83.31858)."""
+    import warnings
+    ref = GMM["hs_cfa"]["wls"]
+    base = mlsem.sem(HS_MODEL, hs, method="adf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = mlsem.sem(HS_MODEL, hs.with_columns(pl.col("x1") * 100.0, pl.col("x9") * 0.1), method="adf")
+    assert res.converged
+    assert rel(res.fit_test()["chi2"], ref["chisq"]) < 1e-7
+    assert rel(res.fit_test()["chi2"], base.fit_test()["chi2"]) < 1e-9
+    # the loadings of x1's factor scale by 1/100 against x1's marker, x9's by 0.1
+    co, cb = res.coef, base.coef
+    assert rel(co["visual=~x2"], cb["visual=~x2"] / 100.0) < 1e-6
+    assert rel(co["speed=~x9"], cb["speed=~x9"] * 0.1) < 1e-6
