@@ -75,7 +75,10 @@ class Moments:
     """The sample statistics of complete wide data (Y: n x P, X: n x q) and
     their ADF covariance Gamma (fixed.x)."""
 
-    def __init__(self, Y, X, names, unbiased=True):
+    def __init__(self, Y, X, names, unbiased=True, check=True, what="method='adf'"):
+        """``check``: refuse N <= number of moments (ADF inverts Gamma; the
+        scaled test needs only Gamma itself: check=False).  ``what`` names the
+        caller in the messages."""
         n, P = Y.shape
         q = X.shape[1]
         self.n, self.P, self.q = n, P, q
@@ -86,19 +89,22 @@ class Moments:
         keep = (a < P) | (b < P)
         self.pa, self.pb = a[keep], b[keep]
         self.nmom = P + int(keep.sum())
-        if n <= self.nmom:
+        self.what = what
+        if check and n <= self.nmom:
             raise MlsemError(
-                f"method='adf' needs more units than moments: {n} unit(s) for {self.nmom} sample "
+                f"{what} needs more units than moments: {n} unit(s) for {self.nmom} sample "
                 f"moments ({P} means, {self.nmom - P} variances and covariances of the "
                 f"{P} outcome(s) with each other and with the {q} covariate(s)); the ADF weight "
                 "matrix (the inverse of the moments' fourth-order covariance Gamma) is singular "
                 f"unless there are at least {self.nmom + 1} units. Use method='ml' (FIML)")
         const = [c for c in range(p) if np.ptp(Z[:, c]) == 0.0]
         if const:
+            adf = what == "method='adf'"
             raise MlsemError(
-                f"method='adf': column {self.names[const[0]]!r} is constant, so the ADF weight "
-                "matrix (the inverse of Gamma, the covariance of the sample moments) is singular; "
-                "drop it from the model or use method='ml'")
+                f"{what}: column {self.names[const[0]]!r} is constant, so "
+                + ("the ADF weight matrix (the inverse of Gamma, the covariance of the sample "
+                   "moments) is singular; drop it from the model or use method='ml'" if adf else
+                   "its moments have no variance; drop it from the model"))
         mean = Z.mean(axis=0)
         Zc = Z - mean
         S = Zc.T @ Zc / (n - 1 if unbiased else n)
@@ -251,14 +257,15 @@ class MultilevelMoments:
     others, e.g. a top-level covariate repeated in every slot, kept once), and
     the implied moments with analytic derivatives from the parameter table."""
 
-    def __init__(self, prep, table, unbiased=True, what="method='adf'"):
+    def __init__(self, prep, table, unbiased=True, what="method='adf'", check=True):
+        alt = "; use method='ml'" if what == "method='adf'" else ""
         if getattr(table, "theta_func", None) is not None:
             raise MlsemError(f"{what}: not available for a structured residual covariance "
                              "(residuals= ar1 or another correlation structure): its moments are not "
-                             "linear in the parameters; use method='ml'")
+                             f"linear in the parameters{alt}")
         if np.any(prep.load != 1.0):
             raise MlsemError(f"{what}: not available with random slopes (the wide form's covariance "
-                             "depends on each unit's covariates); use method='ml'")
+                             f"depends on each unit's covariates){alt}")
         n, P = prep.nrows, prep.nslots
         self.prep, self.table = prep, table
         rowid = np.repeat(np.arange(n), np.diff(prep.row_ptr))
@@ -308,7 +315,7 @@ class MultilevelMoments:
         self.xnames = [xn[k - 1] for k in keep]
         self.C3 = Cmap.reshape(1 + len(keep), P, qd)
         self.Y, self.X = Y, Xk
-        self.mom = Moments(Y, Xk, names + self.xnames, unbiased=unbiased)
+        self.mom = Moments(Y, Xk, names + self.xnames, unbiased=unbiased, check=check, what=what)
         M = prep.nlatent
         Lam = np.zeros((P, max(M, 1)))
         for k in range(prep.slot_lat.shape[1]):

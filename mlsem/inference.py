@@ -421,7 +421,7 @@ def fit_test(res, max_slots=200):
     if res.vce == "robust":
         def moments():
             from .adf import MultilevelMoments
-            mm = MultilevelMoments(prep, m.table, unbiased=False, what="the scaled test")
+            mm = MultilevelMoments(prep, m.table, unbiased=False, what="the scaled test", check=False)
             return mm(res.estimate)[1:], mm.mom
         _add_scaled(out, obs.all(), moments)
     elif res.vce.startswith("cluster"):
@@ -508,7 +508,8 @@ def _sem_fit_test(res):
     if res.vce == "robust":
         def moments():
             from .adf import Moments, sigma_and_jacobian
-            mom = Moments(Y, wd.X, t.observed + t.covariates, unbiased=False)
+            mom = Moments(Y, wd.X, t.observed + t.covariates, unbiased=False, check=False,
+                          what="the scaled test")
             _, D, C = sigma_and_jacobian(m, res.estimate, mom)
             return (D, C), mom
         _add_scaled(out, bool(obs.all()), moments)

@@ -134,3 +134,19 @@ def test_adf_rescaled_variables(hs):
     co, cb = res.coef, base.coef
     assert rel(co["visual=~x2"], cb["visual=~x2"] / 100.0) < 1e-6
     assert rel(co["speed=~x9"], cb["speed=~x9"] * 0.1) < 1e-6
+
+
+# ---- 4: the scaled test needs Gamma, not its inverse ----------------------------------------------
+def test_scaled_test_fewer_units_than_moments(hs, cases):
+    """hs_cfa's last 50 rows (54 moments): lavaan's MLM gives the scaled test."""
+    ref = FIX["hs_tail50"]["mlm"]
+    ft = mlsem.sem(HS_MODEL, hs.tail(50), vce="robust").fit_test()
+    assert rel(ft["chi2"], ref["chisq"]) < 1e-5 and ft["df"] == ref["df"]
+    assert rel(ft["chi2_scaled"], ref["chisq_scaled"]) < 1e-5
+    assert rel(ft["scaling_factor"], ref["scaling_factor"]) < 1e-5
+    assert "scaled_note" not in ft
+    # an ML fit whose scaled test is not available is not told to use method='ml'
+    ft = mlsem.fit(cases["normal_x"], FORMULAS["normal_x"], vce="robust", index="i",
+                   residuals={"correlation": "ar1"}).fit_test()
+    assert np.isnan(ft["chi2_scaled"])
+    assert "the scaled test" in ft["scaled_note"] and "method='ml'" not in ft["scaled_note"]
