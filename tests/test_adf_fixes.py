@@ -150,3 +150,23 @@ def test_scaled_test_fewer_units_than_moments(hs, cases):
                    residuals={"correlation": "ar1"}).fit_test()
     assert np.isnan(ft["chi2_scaled"])
     assert "the scaled test" in ft["scaled_note"] and "method='ml'" not in ft["scaled_note"]
+
+
+# ---- 5: fit_test() of a weighted SEM fit ----------------------------------------------------------
+def test_sem_weighted_fit_test(seed_wide, hs):
+    ref = FIX["mediation"]["weighted"]
+    res = mlsem.sem(FIX["mediation"]["model"], seed_wide, weights="w")
+    assert abs(res.loglik - ref["loglik"]) < 1e-6
+    ft = res.fit_test()
+    assert rel(ft["chi2"], ref["chisq"]) < 1e-6 and ft["df"] == ref["df"]
+    assert rel(ft["p_value"], ref["pvalue"]) < 1e-5
+    assert "sampling weights" in ft["test"] and "MLR" in ft["scaled_note"]
+    # the unweighted fits of the same model: lavaan's chisq too
+    for key in ("robust", "cluster"):
+        ft = mlsem.sem(FIX["mediation"]["model"], seed_wide, **MED_KW[key]).fit_test()
+        assert rel(ft["chi2"], FIX["mediation"][key]["chisq"]) < 1e-6
+    # missing cells with weights: refused clearly
+    hsm = pl.read_parquet(REF / "hs_cfa_missing.parquet").with_columns(
+        (1.0 + (pl.int_range(pl.len()) % 3)).alias("w"))
+    with pytest.raises(MlsemError, match="sampling weights.*complete data.*missing"):
+        mlsem.sem(HS_MODEL, hsm, weights="w").fit_test()
