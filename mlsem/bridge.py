@@ -243,18 +243,13 @@ def _unit_values(lf, weights, cluster, data):
     except Exception as exc:
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     if weights is not None:
-        if not df.schema[weights].is_numeric():
-            raise MlsemError(f"weights column {weights!r} must be numeric, but it is {df.schema[weights]}")
-        w = df[weights].cast(pl.Float64).to_numpy()
-        if np.isnan(w).any() or df[weights].null_count():
+        from .inference import check_weight_dtype, check_weights
+        check_weight_dtype(df, weights)
+        if df[weights].null_count():
             raise MlsemError(f"weights column {weights!r} has missing values")
-        if not np.all(np.isfinite(w)):
-            raise MlsemError(f"weights column {weights!r} has non-finite values")
-        if np.any(w < 0):
-            rows = ", ".join(str(int(i) + 1) for i in np.flatnonzero(w < 0)[:5])
-            raise MlsemError(f"weights column {weights!r} has negative values (rows {rows})")
-        if w.sum() <= 0:
-            raise MlsemError(f"weights column {weights!r} sums to 0")
+        w = df[weights].cast(pl.Float64).to_numpy()
+        check_weights(w, weights, lambda bad: "rows " + ", ".join(
+            str(int(i) + 1) for i in np.flatnonzero(bad)[:5]))
         out["weights"] = w
     if cluster is not None:
         if df[cluster].null_count():

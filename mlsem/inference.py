@@ -89,6 +89,24 @@ def _per_unit(df, top, col, prep, what):
     return order["__v"]
 
 
+def check_weight_dtype(df, col):
+    if not df.schema[col].is_numeric():
+        raise MlsemError(f"weights column {col!r} must be numeric, but it is {df.schema[col]}")
+
+
+def check_weights(w, col, where):
+    """Sampling weights: finite, not negative, positive sum, or a clear error;
+    ``where(mask)`` names the offending units (rows or top-level ids)."""
+    if np.isnan(w).any():
+        raise MlsemError(f"weights column {col!r} has missing values")
+    if not np.all(np.isfinite(w)):
+        raise MlsemError(f"weights column {col!r} has non-finite values")
+    if np.any(w < 0):
+        raise MlsemError(f"weights column {col!r} has negative values ({where(w < 0)})")
+    if w.sum() <= 0:
+        raise MlsemError(f"weights column {col!r} sums to 0")
+
+
 def unit_columns(df, top, prep, opts) -> dict:
     """Weights and cluster ids per top-level unit (CSR row order).  Sets the
     model's row weights to the sampling weights rescaled to sum to the number
@@ -96,17 +114,10 @@ def unit_columns(df, top, prep, opts) -> dict:
     out = {}
     if opts.weights is not None:
         col = opts.weights
-        if not (df.schema[col].is_numeric()):
-            raise MlsemError(f"weights column {col!r} must be numeric, but it is {df.schema[col]}")
+        check_weight_dtype(df, col)
         w = _per_unit(df, top, col, prep, "weights").cast(pl.Float64).to_numpy()
-        if not np.all(np.isfinite(w)):
-            raise MlsemError(f"weights column {col!r} has non-finite values")
-        if np.any(w < 0):
-            ids = prep.top_ids.filter(pl.Series(w < 0)).head(5).to_list()
-            raise MlsemError(f"weights column {col!r} has negative values ({top} = "
-                             f"{', '.join(map(str, ids))})")
-        if w.sum() <= 0:
-            raise MlsemError(f"weights column {col!r} sums to 0")
+        check_weights(w, col, lambda bad: f"{top} = " + ", ".join(
+            map(str, prep.top_ids.filter(pl.Series(bad)).head(5).to_list())))
         w = w * (len(w) / w.sum())
         prep.wrow = np.ascontiguousarray(w)
         out["weights"] = w

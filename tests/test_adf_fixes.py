@@ -170,3 +170,23 @@ def test_sem_weighted_fit_test(seed_wide, hs):
         (1.0 + (pl.int_range(pl.len()) % 3)).alias("w"))
     with pytest.raises(MlsemError, match="sampling weights.*complete data.*missing"):
         mlsem.sem(HS_MODEL, hsm, weights="w").fit_test()
+
+
+# ---- 6: one set of weight checks for mlsem.fit and mlsem.sem --------------------------------------
+def test_weight_checks_shared(seed_wide):
+    from mlsem.inference import check_weights
+    model = FIX["mediation"]["model"]
+    long = load_case("seed_balanced")
+    long = pl.read_parquet(REF / long["data"])
+    neg = seed_wide.with_columns(pl.when(pl.col("k") == 3).then(-1.0).otherwise(pl.col("w")).alias("w"))
+    with pytest.raises(MlsemError, match=r"weights column 'w' has negative values \(rows 3\)"):
+        mlsem.sem(model, neg, weights="w")
+    with pytest.raises(MlsemError, match=r"weights column 'w' has negative values \(k = 3\)"):
+        mlsem.fit(long.join(neg.select("k", "w"), on="k"), "y ~ x + (1 | k/j)", weights="w")
+    with pytest.raises(MlsemError, match="weights column 'w' has missing values"):
+        mlsem.sem(model, seed_wide.with_columns(pl.when(pl.col("k") == 2).then(None)
+                                                .otherwise(pl.col("w")).alias("w")), weights="w")
+    with pytest.raises(MlsemError, match="weights column 'w' sums to 0"):
+        mlsem.sem(model, seed_wide.with_columns(pl.lit(0.0).alias("w")), weights="w")
+    with pytest.raises(MlsemError, match="non-finite"):
+        check_weights(np.array([1.0, np.inf]), "w", str)
