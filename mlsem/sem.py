@@ -521,6 +521,8 @@ class SemModel:
         P, M, q = table.P, table.M, table.q
         self.P, self.M, self.q = P, M, q
         self.ntau = table.nparams
+        # tau = psi: every parameter is "plain" (mlsem.estimate's bound handling)
+        self.free_plain = np.arange(table.nparams)
         self.nevals = 0
         # index arrays per matrix: fixed base and free entries (both triangles of psi/theta)
         self.base = {m: np.zeros(_shape(m, P, M, q)) for m in MATRICES}
