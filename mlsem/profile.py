@@ -113,11 +113,13 @@ class Profiler:
         self.nfits += 1
         k = self._plain(target)
         if k is not None:
-            # a plain coordinate: held by equal bounds, L-BFGS-B on the rest
+            # a plain coordinate: held by equal bounds, L-BFGS-B on the rest (tau is
+            # psi in the parameter's unit, see Model.psi_to_tau)
+            xt = x / m._scale()[target.idx]
             b = list(self.bounds)
-            b[k] = (x, x)
+            b[k] = (xt, xt)
             t0 = np.array(tau0, dtype=float)
-            t0[k] = x
+            t0[k] = xt
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 r = optimize.minimize(self._f, t0, jac=True, method="L-BFGS-B", bounds=b,
