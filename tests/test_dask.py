@@ -285,9 +285,7 @@ def test_rebuilt_partition_with_other_data_stops_the_fit(client, tmp_path):
     assert killed
 
 
-@pytest.mark.skip(reason="hangs inside dask's client.retire_workers since the merge of the "
-                  "relaxation/CLI branches (seen 2026-11-25, 300 s timeout on a quiet machine); "
-                  "the SIGKILL recovery tests above cover a lost worker")
+@pytest.mark.timeout(300)   # it once hung inside dask's retire_workers (2026-11-25): fail, never stall
 def test_worker_retired_mid_fit(client):
     """A graceful retirement moves the partition (no rebuild); the pinned
     evaluations follow it.  Last in the file: the cluster keeps 1 worker."""

@@ -31,6 +31,18 @@ def test_compare_reads_digits_shown():
     assert compare("head\n...\nmid\n...\nend", "head\nx\ny\nend") is not None
 
 
+def test_compare_whole_numbers_exactly():
+    """A count, a degree of freedom or an exit code is not rounded: 'exit 2'
+    must not match a printed 'exit 1' (the one-unit slack is for rounded
+    decimals only)."""
+    assert compare("exit 2", "exit 1") is not None
+    assert compare("chi2(1) = 8.0164", "chi2(2) = 8.0164") is not None
+    assert compare("Number of obs = 400", "Number of obs = 401") is not None
+    assert compare("1,761 rows", "1,761 rows") is None
+    assert compare("p = 0.0046", "p = 0.0047") is None        # rounding in the last decimal shown
+    assert compare("2e-10", "3e-10") is None                  # an exponent is a rounded value
+
+
 def test_blocks_read_marks_and_outputs():
     page = ("<!-- doc: skip (needs R) -->\n```bash\nRscript x.R\n```\n\n"
             "```python\nprint(1)\n```\n```output\n1\n```\n")
