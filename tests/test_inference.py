@@ -40,7 +40,6 @@ LAV = {"c": "Intercept", "b_x": "x", "su": "var(k)", "sv": "var(j)", "se": "var(
 LAT = {"U": "k", "V1": "j[1]", "V2": "j[2]"}
 FIT_TEST = json.load(open(REF / "extra" / "lavaan_fit_test.json"))
 LME4_EXTRA = json.load(open(REF / "extra" / "lme4_extra.json"))
-ROBUST_UNBALANCED = json.load(open(REF / "extra" / "lavaan_robust_unbalanced.json"))
 
 
 def rel(a, b):
@@ -150,7 +149,7 @@ def test_robust_and_cluster_on_unbalanced():
     (extra/lavaan_robust_unbalanced.json, made by extra/make_robust_unbalanced.R,
     which first reproduces seed_balanced's robust and cluster references)."""
     case = load_case("unbalanced")
-    ref = ROBUST_UNBALANCED
+    ref = json.load(open(REF / "extra" / "lavaan_robust_unbalanced.json"))
     names = ref["labels"]                      # lavaan label -> mlsem parameter name
     d = pl.read_parquet(REF / case["data"]).with_columns(((pl.col("k") - 1) // 10).alias("region"))
     oim = mlsem.fit(d, case["formula"], vce="oim")
