@@ -6,7 +6,7 @@
               [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
     mlsem predict DATA --formula F [RELAX] --out EFFECTS.parquet
-    mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png
+    mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png|.pdf
     mlsem wide DATA --formula F --out WIDE.parquet [--syntax-out MODEL.lav]
 
 RELAX = [--effects LEVEL:KEY=VALUE[,...]]... [--residuals KEY=VALUE[,...]]
@@ -16,7 +16,8 @@ RELAX = [--effects LEVEL:KEY=VALUE[,...]]... [--residuals KEY=VALUE[,...]]
 Exit codes: 0 success; 1 the fit ran but did not converge or is not
 identified, or a ``--by`` group failed (results written and flagged); 2 bad
 input or usage (message on stderr, nothing written, earlier outputs intact);
-3 an internal error (a bug: traceback on stderr, nothing written).
+3 an internal error (a bug: traceback on stderr, nothing written); 130
+interrupted (Ctrl-C; nothing written).
 Outputs are written atomically (temporary file, then rename).  Progress goes
 to stderr (``--quiet`` silences it); tables for humans go to stdout.
 """
@@ -35,6 +36,7 @@ from . import __version__
 from .errors import ConvergenceWarning, MlsemError
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C: the shell convention 128 + SIGINT
 STATUS_COLUMNS = ("name", "estimate", "std_err", "z", "p_value", "ci_low", "ci_high")
 
 
@@ -763,7 +765,7 @@ def _cmd_example(args, argv) -> int:
     print("y = 2 x + U_k + V_jk + E_ijk (all sd 1); model y ~ x + (1 | k/j)\n")
     res = fit(data, "y ~ x + (1 | k/j)")
     print(res.summary())
-    return 0 if res.converged else 1
+    return EXIT_OK if res.converged else EXIT_FLAGGED
 
 
 # ---- parser ----------------------------------------------------------------------------
@@ -789,9 +791,15 @@ def relax_options(sp):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlsem", description="Multilevel models as SEMs, fitted by FIML.",
-                                epilog="exit codes: 0 success; 1 fitted but not converged / not "
-                                       "identified / a --by group failed (results flagged); 2 bad input")
+    p = argparse.ArgumentParser(
+        prog="mlsem",
+        description="Multilevel (nested) linear random-effects models fitted as structural equation models "
+                    "by full-information ML. Parquet or CSV in; a parameter table (Parquet) and a fit record "
+                    "(JSON) out. 'mlsem SUBCOMMAND --help' lists a subcommand's options.",
+        epilog="exit codes: 0 success; 1 fitted but not converged or not identified, or a --by group failed "
+               "(results written, each row flagged); 2 bad input or usage (message on stderr naming the "
+               "column/option/value, nothing written); 3 internal error, a bug (traceback on stderr, nothing "
+               "written); 130 interrupted (Ctrl-C, nothing written). Outputs are written atomically.")
     p.add_argument("--version", action="version", version=f"mlsem {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -814,8 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "information), robust (sandwich), cluster:COL (clusters of top-level units)")
     f.add_argument("--weights", metavar="COL", help="sampling weights of the top-level units (pseudo-ML)")
     f.add_argument("--method", choices=("ml", "reml", "adf", "gmm"), default="ml",
-                   help="ml (FIML), reml, or adf (= gmm: distribution-free weighted least squares, "
-                        "complete data)")
+                   help="ml: maximum likelihood, FIML (default); reml: restricted ML, as lme4's REML = TRUE; "
+                        "adf (= gmm): distribution-free weighted least squares, complete data only")
     f.add_argument("--df", choices=("satterthwaite", "kenward-roger"), default=None,
                    help="t tests of the fixed effects on small-sample df (kenward-roger: --method reml)")
     f.add_argument("--ci", choices=("profile", "bootstrap"), default=None,
@@ -829,41 +837,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dask: split the data into N partitions (default: one per worker)")
     f.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
     f.add_argument("--by", metavar="COL", help="fit one model per value of COL and stack the tables")
-    f.add_argument("--out", "-o", required=True, metavar="RESULTS.parquet")
+    f.add_argument("--out", "-o", required=True, metavar="RESULTS.parquet",
+                   help="the parameter table (name, estimate, std_err, z, p_value, ci_low, ci_high; with "
+                        "--by: the group value first and a status per row)")
     f.add_argument("--json", metavar="FIT.json", help="fit record: loglik, convergence, groups, tests, timings")
     f.set_defaults(func=_cmd_fit)
 
     s = sub.add_parser("simulate", help="simulate the seed's design (pupils in schools in counties)")
-    s.add_argument("--counties", type=int, default=100)
+    s.add_argument("--counties", type=int, default=100, help="number of counties (top-level units; default 100)")
     s.add_argument("--schools", default="2", help="schools per county: a count or a range such as 1-10")
     s.add_argument("--pupils", default="2", help="pupils per school: a count or a range such as 1-20")
-    s.add_argument("--sd-county", type=float, default=1.0)
-    s.add_argument("--sd-school", type=float, default=1.0)
-    s.add_argument("--sd-resid", type=float, default=1.0)
+    s.add_argument("--sd-county", type=float, default=1.0, help="standard deviation of the county effect U (default 1)")
+    s.add_argument("--sd-school", type=float, default=1.0, help="standard deviation of the school effect V (default 1)")
+    s.add_argument("--sd-resid", type=float, default=1.0, help="residual standard deviation (default 1)")
     s.add_argument("--school-cov", metavar='"1.5,0.6;0.6,1.0"',
                    help="covariance of the school effects by slot (replaces --sd-school)")
-    s.add_argument("--intercept", type=float, default=0.0)
-    s.add_argument("--slope", type=float, default=2.0, help="coefficient of x")
-    s.add_argument("--x", choices=("uniform", "normal"), default="uniform")
+    s.add_argument("--intercept", type=float, default=0.0, help="intercept of y (default 0)")
+    s.add_argument("--slope", type=float, default=2.0, help="coefficient of x (default 2)")
+    s.add_argument("--x", choices=("uniform", "normal"), default="uniform",
+                   help="distribution of x: uniform on (0, 1) (default) or standard normal")
     s.add_argument("--regions", type=int, help="add a column 'region' splitting the counties into N blocks")
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--out", "-o", required=True, metavar="DATA.parquet")
-    s.add_argument("--quiet", "-q", action="store_true")
+    s.add_argument("--seed", type=int, default=1, help="random seed: the same seed gives the same data (default 1)")
+    s.add_argument("--out", "-o", required=True, metavar="DATA.parquet",
+                   help="the long data: columns k, j, i, x, y (and region)")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     s.set_defaults(func=_cmd_simulate)
 
     pr = sub.add_parser("predict", help="empirical Bayes predictions (posterior mean, sd) of every random effect",
                         epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(pr)
     relax_options(pr)
-    pr.add_argument("--index", metavar="COL")
-    pr.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet")
+    pr.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
+    pr.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet",
+                    help="one row per unit and effect: level, effect, the unit's ids, latent, mean, sd")
     pr.set_defaults(func=_cmd_predict)
 
-    d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG through Graphviz)",
+    d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG/PDF through Graphviz)",
                        epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("data", metavar="DATA", nargs="?",
                    help="optional: fit the model on DATA and put the estimates on the paths")
-    d.add_argument("--formula", "-f", required=True)
+    d.add_argument("--formula", "-f", required=True, help='lme4 formula, e.g. "y ~ x + (1 | k/j)"')
     d.add_argument("--design", default="2x2",
                    help="without DATA: group sizes below the top level, e.g. 2x2 = 2 schools x 2 pupils")
     d.add_argument("--max-slots", type=int, default=8,
@@ -872,14 +885,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--index", metavar="COL",
                    help="the observation order (with DATA: a column; without: the name the template "
                         "design gives its 1, 2, ... observation numbers, for --residuals correlation=ar1)")
-    d.add_argument("--out", "-o", required=True, metavar="MODEL.dot|.svg|.png")
-    d.add_argument("--quiet", "-q", action="store_true")
+    d.add_argument("--out", "-o", required=True, metavar="MODEL.dot|.gv|.svg|.png|.pdf",
+                   help="the format from the extension: .dot/.gv (DOT text, needs nothing else); .svg, .png, "
+                        ".pdf (need Graphviz's dot program)")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     d.set_defaults(func=_cmd_diagram)
 
     w = sub.add_parser("wide", help="the wide form: one row per top-level unit, one column per slot")
     common(w)
-    w.add_argument("--index", metavar="COL")
-    w.add_argument("--out", "-o", required=True, metavar="WIDE.parquet")
+    w.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
+    w.add_argument("--out", "-o", required=True, metavar="WIDE.parquet",
+                   help="one row per top-level unit, columns y{slot} and x{slot} (the model's slots)")
     w.add_argument("--syntax-out", metavar="MODEL.lav",
                    help="also write the model in lavaan syntax on the wide columns (for fit --syntax)")
     w.set_defaults(func=_cmd_wide)
@@ -899,7 +915,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"mlsem {args.command}: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so, exit 3
         import traceback
         traceback.print_exc()
