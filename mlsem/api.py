@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import collect_columns, prepare
+from .data import prepare
+from .encode import load
 from .errors import ConvergenceWarning, MlsemError
 from .estimate import information, optimize, vcov_from_information
 from .formula import nest_levels, parse_formula
@@ -55,6 +56,17 @@ def _ols_loglik(y, X):
     return -0.5 * n * (math.log(2 * math.pi) + math.log(s2) + 1.0)
 
 
+def _effects(F) -> dict:
+    """{level position: random effect names} of a Formula."""
+    effects = {}
+    for rt in F.random:
+        d = len(rt.group) - 1
+        if d in effects:
+            raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
+        effects[d] = list(rt.effects)
+    return effects
+
+
 def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         weights: str | None = None, method: str = "ml",
         effects: dict | None = None, residuals: dict | None = None,
@@ -89,12 +101,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     F = parse_formula(formula)
     levels = nest_levels(F)
     level_cols = [lv[-1] for lv in levels]
-    effects = {}
-    for rt in F.random:
-        d = len(rt.group) - 1
-        if d in effects:
-            raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
-        effects[d] = list(rt.effects)
+    effects = _effects(F)
     if backend == "dask":
         if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml":
             raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML and no weights")
@@ -119,10 +126,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
             model.close()
     if client is not None or npartitions is not None:
         raise MlsemError("client= and npartitions= need backend='dask'")
-    cols = F.columns + ([index] if index else []) + [c for c in (opts.weights, opts.cluster)
-                                                      if c and c not in F.columns]
-    numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
-    df = collect_columns(data, cols, numeric, level_cols)
+    extra = ([index] if index else []) + [c for c in (opts.weights, opts.cluster) if c]
+    df, F, encoding = load(data, F, extra)
+    effects = _effects(F)
     design = coefficient_design(coefficients, F, levels)
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
                    design=design)
@@ -141,7 +147,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         if relaxed:
             raise MlsemError("method='reml' is not supported with effects=, residuals= or "
                              "coefficients= yet: fit the relaxed model by ML")
-        return fit_reml(model, opts, F, prep, t0, t1)
+        res = fit_reml(model, opts, F, prep, t0, t1)
+        res.encoding = encoding
+        return res
     start = None
     if table is not base_table and needs_warm_start(table):
         with warnings.catch_warnings():
@@ -153,6 +161,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
     res = _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+    res.encoding = encoding
     return apply_vce(res, opts, unit)
 
 

@@ -76,6 +76,7 @@ class FitResult:
     defined: list = field(default_factory=list)   # := parameters with delta-method SEs
     loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
     kernel: str = ""
+    encoding: object = field(default=None, repr=False)   # mlsem.encode.Encoding (predict on new data)
 
     # ---- standard verbs ----------------------------------------------------
     @property
