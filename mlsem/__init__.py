@@ -29,8 +29,8 @@ from .api import fit  # noqa: E402
 from .lrtest import lrtest  # noqa: E402
 from .simulate import simulate, example_data  # noqa: E402
 from .bridge import sem, multilevel, to_wide  # noqa: E402
-from .predict import predict  # noqa: E402
+from .predict import random_effects  # noqa: E402
 from .diagram import diagram  # noqa: E402
 
-__all__ = ["fit", "sem", "multilevel", "lrtest", "simulate", "example_data", "predict", "to_wide",
+__all__ = ["fit", "sem", "multilevel", "lrtest", "simulate", "example_data", "random_effects", "to_wide",
            "diagram", "MlsemError", "ConvergenceWarning", "__version__"]

@@ -12,7 +12,7 @@ from .data import prepare
 from .encode import load
 from .errors import ConvergenceWarning, MlsemError
 from .estimate import information, optimize, vcov_from_information
-from .formula import nest_levels, parse_formula
+from .formula import effects_of, nest_levels, parse_formula
 from .model import Model
 from .relax import coefficient_design, needs_warm_start, relax_table, warm_start
 from .results import FitResult, identification
@@ -56,17 +56,6 @@ def _ols_loglik(y, X):
     return -0.5 * n * (math.log(2 * math.pi) + math.log(s2) + 1.0)
 
 
-def _effects(F) -> dict:
-    """{level position: random effect names} of a Formula."""
-    effects = {}
-    for rt in F.random:
-        d = len(rt.group) - 1
-        if d in effects:
-            raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
-        effects[d] = list(rt.effects)
-    return effects
-
-
 def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         weights: str | None = None, method: str = "ml",
         effects: dict | None = None, residuals: dict | None = None,
@@ -101,7 +90,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     F = parse_formula(formula)
     levels = nest_levels(F)
     level_cols = [lv[-1] for lv in levels]
-    effects = _effects(F)
+    effects = effects_of(F)
     if backend == "dask":
         if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml":
             raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML and no weights")
@@ -128,7 +117,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         raise MlsemError("client= and npartitions= need backend='dask'")
     extra = ([index] if index else []) + [c for c in (opts.weights, opts.cluster) if c]
     df, F, encoding = load(data, F, extra)
-    effects = _effects(F)
+    effects = effects_of(F)
     design = coefficient_design(coefficients, F, levels)
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
                    design=design)

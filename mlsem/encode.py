@@ -141,6 +141,11 @@ class Encoding:
             self.factors = {c: factor_levels(sub[c]) for c in factors}
         if sub.height == 0:
             raise MlsemError(f"data: no observation has both {self.outcome!r} and the covariates observed")
+        for c, lv in self.factors.items():
+            if len(lv) < 2:
+                raise MlsemError(
+                    f"data: column {c!r} has one level ({', '.join(map(repr, lv))}) in the rows used for "
+                    "estimation: a factor needs two or more (as in R, contrasts need two levels)")
         pdf = self._pandas(sub)
         import formulaic
         with warnings.catch_warnings():
@@ -306,9 +311,10 @@ def encode(df: pl.DataFrame, F, levels: dict | None = None):
     return enc.apply(df), enc.resolve(F), enc
 
 
-def load(data, F, extra=(), numeric=()):
+def load(data, F, extra=(), numeric=(), encoding=None):
     """Read the formula's columns (and ``extra``) once and encode them: (frame,
-    resolved Formula, Encoding).  ``numeric``: extra columns that must be numeric."""
+    resolved Formula, Encoding).  ``numeric``: extra columns that must be numeric;
+    ``encoding``: apply this one (learned on other data) instead of learning one."""
     from .data import collect_columns
     cols = list(F.columns)
     for c in extra:
@@ -316,4 +322,6 @@ def load(data, F, extra=(), numeric=()):
             cols.append(c)
     ids = list(dict.fromkeys(c for rt in F.random for c in rt.group))
     df = collect_columns(data, cols, [F.outcome, *numeric], ids)
+    if encoding is not None:
+        return encoding.apply(df), encoding.resolve(F), encoding
     return encode(df, F)

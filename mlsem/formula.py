@@ -182,6 +182,17 @@ def parse_formula(text: str) -> Formula:
     return Formula(outcome, True, (), tuple(random), text, fixed_text, tuple(variables))
 
 
+def effects_of(formula: Formula) -> dict:
+    """{level position: random effect names} ("Intercept" or a slope's design column)."""
+    effects = {}
+    for rt in formula.random:
+        d = len(rt.group) - 1
+        if d in effects:
+            raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
+        effects[d] = list(rt.effects)
+    return effects
+
+
 def nest_levels(formula: Formula) -> list:
     """The chain of nested grouping factors, outermost first.
 
