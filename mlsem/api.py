@@ -107,8 +107,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
                 start = warm_start(model.table, model.base_table, base.final)
             opt = optimize(model, start=start, progress=progress)
             t2 = time.perf_counter()
-            res = _finish(model, opt, opts, F, model.prep,
+            res = _finish(model, opt, opts, model.formula, model.prep,
                           {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+            res.encoding = model.encoding
             res.notes += model.notes()
             return res
         finally:
