@@ -24,7 +24,7 @@ Layers (data flows top to bottom; no layer imports one above it):
 """
 __version__ = "0.1.0"
 
-from .errors import ConvergenceWarning, MlsemError  # noqa: E402
+from .errors import ConvergenceWarning, MlsemError, PerformanceWarning  # noqa: E402
 from .api import fit  # noqa: E402
 from .lrtest import lrtest  # noqa: E402
 from .simulate import simulate, example_data  # noqa: E402
@@ -33,4 +33,4 @@ from .predict import random_effects  # noqa: E402
 from .diagram import diagram  # noqa: E402
 
 __all__ = ["fit", "sem", "multilevel", "lrtest", "simulate", "example_data", "random_effects", "to_wide",
-           "diagram", "MlsemError", "ConvergenceWarning", "__version__"]
+           "diagram", "MlsemError", "ConvergenceWarning", "PerformanceWarning", "__version__"]

@@ -82,6 +82,18 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     ``effects``, ``residuals``, ``coefficients``: relaxations of the mixed
     model's constraints (mlsem.relax), e.g. ``effects={"j": {"variance": "slot"}}``,
     ``residuals={"correlation": "ar1"}``, ``coefficients={"x": "j"}``.
+    ``progress``: None (silent), or a callable ``progress(iteration, loglik)``
+    called after each optimiser iteration; if the object also has methods
+    ``prepared(prep)`` (called once the data are reshaped, with the prepared
+    layout: ``prep.nobs``, ``prep.nrows``, ``prep.nslots``, ``prep.npatterns``)
+    and ``stage(text)`` (called when a stage such as the standard errors
+    starts), they are called too.  The command line's progress lines on
+    stderr are such an object (mlsem.cli.Progress).
+    ``backend``: "auto" (the compiled kernel; the NumPy oracle with a
+    PerformanceWarning if it cannot be imported), "cython", "numpy" (the
+    readable oracle, ~100x slower) or "dask".  ``nthreads``: the kernel's
+    OpenMP threads (default: the CPUs this process may use, or
+    MLSEM_NUM_THREADS).
     """
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
     relax_effects = effects
@@ -201,4 +213,5 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         levels=prep.levels, opt=opt, outcome=F.outcome, identified=identified,
         confounded=confounded, lr_ols=lr, dropped_covariate=prep.dropped_covariate,
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
-        timings=timings, model=model, info=info, notes=notes)
+        timings=timings, model=model, info=info, notes=notes,
+        backend=getattr(model, "backend", ""))

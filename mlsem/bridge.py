@@ -191,7 +191,7 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
         confounded=confounded, npatterns=len(wd.pat_ptr) - 1, nslots=table.P, timings=timings,
         model=m, info=info, notes=notes, method="SEM", sem_rows=sem_rows,
         sem_labels=[_row_of(table, k) for k in table.free_full], defined=defined,
-        loglik_fixed_x=llx, kernel="factor" if m.factor_path else "dense")
+        loglik_fixed_x=llx, kernel="factor" if m.factor_path else "dense", backend=m.backend)
     return res
 
 

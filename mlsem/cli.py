@@ -84,6 +84,45 @@ def _check_out(path: str, option: str, suffixes=None) -> None:
         raise MlsemError(f"{option} {path!r} is a directory")
 
 
+# options that name files mlsem writes, and files or directories it reads
+_OUTPUTS = (("out", "--out"), ("json", "--json"), ("syntax_out", "--syntax-out"))
+_INPUTS = (("data", "DATA"), ("syntax", "--syntax"), ("newdata", "--newdata"))
+
+
+def _input_files(spec: str) -> list:
+    """The files an input argument reads: the file, a directory's files, a glob's matches."""
+    import glob
+    if os.path.isdir(spec):
+        return [os.path.join(dp, f) for dp, _, fs in os.walk(spec) for f in fs]
+    if any(ch in spec for ch in "*?["):
+        return glob.glob(spec, recursive=True)
+    return [spec]
+
+
+def _check_outputs_not_inputs(args) -> None:
+    """Refuse, before any work, an output path that is one of the inputs (or
+    lies in an input directory, or matches an input glob): writing it would
+    destroy the data being read."""
+    import fnmatch
+    outs = [(opt, getattr(args, a)) for a, opt in _OUTPUTS if getattr(args, a, None)]
+    ins = [(opt, getattr(args, a)) for a, opt in _INPUTS if isinstance(getattr(args, a, None), str)]
+    for opt, out in outs:
+        real = os.path.realpath(out)
+        for iopt, spec in ins:
+            clash = (os.path.isdir(spec) and real.startswith(os.path.realpath(spec) + os.sep)) or \
+                (any(ch in spec for ch in "*?[") and fnmatch.fnmatch(real, os.path.realpath(spec)))
+            clash = clash or any(os.path.realpath(f) == real for f in _input_files(spec))
+            if clash:
+                raise MlsemError(f"{opt} {out!r} is the input {iopt} {spec!r} (or inside it): "
+                                 "refusing to overwrite the data being read; choose another output path")
+    seen = {}
+    for opt, out in outs:
+        real = os.path.realpath(out)
+        if real in seen:
+            raise MlsemError(f"{opt} {out!r} and {seen[real]} name the same file")
+        seen[real] = opt
+
+
 def _write(path: str, option: str, write) -> None:
     from .results import atomic_write
     try:
@@ -818,6 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_outputs_not_inputs(args)
         return args.func(args, argv)
     except MlsemError as exc:
         print(f"mlsem {args.command}: error: {exc}", file=sys.stderr)

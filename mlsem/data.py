@@ -71,6 +71,20 @@ def scan(data) -> pl.LazyFrame:
         "DataFrame or LazyFrame, a pandas DataFrame or a pyarrow Table")
 
 
+def _check_has_values(lf: pl.LazyFrame, data, c: str) -> None:
+    """An empty data set, or a column with no values at all (a CSV reader
+    calls such a column text), is said as such rather than as a type error."""
+    try:
+        counts = lf.select(pl.len().alias("n"), pl.col(c).null_count().alias("nulls")).collect()
+    except Exception as exc:
+        raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
+    n, nulls = counts["n"][0], counts["nulls"][0]
+    if n == 0:
+        raise MlsemError("data: the data set is empty (0 rows)")
+    if nulls == n:
+        raise MlsemError(f"data: column {c!r} has no values (all {n:,} rows are empty)")
+
+
 def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFrame:
     """Project ``data`` on ``columns`` and collect once, checking names and types."""
     lf = scan(data)
@@ -86,6 +100,7 @@ def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFra
     for c in numeric:
         dt = schema[c]
         if not (dt.is_numeric() or dt == pl.Boolean):
+            _check_has_values(lf, data, c)
             raise MlsemError(f"data: column {c!r} must be numeric, but it is {dt}")
     try:
         df = lf.select(columns).collect()

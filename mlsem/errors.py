@@ -8,3 +8,8 @@ class MlsemError(ValueError):
 
 class ConvergenceWarning(UserWarning):
     """The optimiser stopped without meeting its convergence criteria."""
+
+
+class PerformanceWarning(UserWarning):
+    """mlsem runs a slower path than it could (e.g. the NumPy oracle because
+    the compiled kernel could not be imported)."""

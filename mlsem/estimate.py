@@ -438,9 +438,10 @@ def information(model, psi, opt: OptSummary | None = None) -> np.ndarray | None:
 def vcov_from_information(info, groups=None):
     """Inverse of the information; with ``groups`` (a list of index arrays) the
     inverse of each diagonal block alone (the mixed-model convention: cross
-    terms dropped).  Returns (vcov, rank)."""
+    terms dropped, i.e. zero covariance between the blocks).  Returns the
+    covariance matrix."""
     n = info.shape[0]
-    V = np.full((n, n), np.nan)
+    V = np.zeros((n, n))
     blocks = groups if groups is not None else [np.arange(n)]
     for idx in blocks:
         if len(idx) == 0:

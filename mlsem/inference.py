@@ -168,6 +168,9 @@ def fit_reml(model, opts, F, prep, t0, t1):
     cov, info = reml_vcov(obj, psi)
     names = model.table.names
     kinds = [p.kind for p in model.table.params]
+    fixed = np.array([k == "fixed" for k in kinds])
+    cov[np.ix_(fixed, ~fixed)] = 0.0     # the mixed-model convention: no cross terms
+    cov[np.ix_(~fixed, fixed)] = 0.0
     identified, confounded = (True, [])
     if info is not None:
         var_names = [n for n, k in zip(names, kinds) if k != "fixed"]
@@ -180,7 +183,7 @@ def fit_reml(model, opts, F, prep, t0, t1):
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
         timings={"prepare": t1 - t0, "optimize": t2 - t1,
                  "inference": time.perf_counter() - t2},
-        model=model, info=None, method="REML")
+        model=model, info=None, method="REML", backend=model.backend)
     res.notes.append(f"REML criterion = {-2.0 * opt.loglik:.6f} (lme4's; the log-likelihood "
                      "shown is the restricted one)")
     return res
@@ -289,6 +292,12 @@ def _wide(prep):
         Xc[rowid, prep.slot] = prep.X[:, c]
         cols.append(Xc)
     Z = np.hstack([np.ones((n, 1))] + cols)
+    if Z.shape[1] >= n:
+        raise MlsemError(
+            f"fit_test: the saturated model regresses every slot on every slot's covariates: "
+            f"{Z.shape[1]} regressors (an intercept and {Z.shape[1] - 1} slot covariates) for "
+            f"{n} top-level units, more parameters than the units can estimate, so there is no "
+            "saturated model to test against (compare nested models with mlsem.lrtest instead)")
     # drop covariate columns that are linear combinations of others (a
     # top-level covariate repeated in every slot)
     if Z.shape[1] > 1:

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from . import _oracle
-from .errors import MlsemError
+from .errors import MlsemError, PerformanceWarning
 
 # OpenMP threads that spin-wait between the kernel's parallel regions starve
 # each other (and everything else) on a busy machine: a 2k-row fit took 20x
@@ -26,16 +26,40 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     from . import _core
-except ImportError:  # the extension is not built: the NumPy oracle is the fallback
+    CORE_IMPORT_ERROR = None
+except ImportError as e:  # the extension is not built: the NumPy oracle is the fallback
     _core = None
+    CORE_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+_warned_fallback = False
+
+
+def _fallback_message() -> str:
+    import mlsem
+    where = os.path.dirname(os.path.abspath(mlsem.__file__))
+    return (f"mlsem: the compiled kernel mlsem._core could not be imported ({CORE_IMPORT_ERROR}); "
+            f"fitting with the NumPy oracle instead, about 100x slower. mlsem was imported from "
+            f"{where}: if that is a source checkout, build the extension there "
+            f"(pip install -e . or python setup.py build_ext --inplace) or start Python outside "
+            f"the source tree so that the installed package is found. Pass backend='numpy' to "
+            f"choose the oracle on purpose and silence this warning.")
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' -> the compiled kernel when built, else the NumPy oracle."""
+    """'auto' -> the compiled kernel when built, else the NumPy oracle, with a
+    PerformanceWarning (once per process) saying why and what to do."""
+    global _warned_fallback
     if backend == "auto":
-        return "cython" if _core is not None else "numpy"
+        if _core is not None:
+            return "cython"
+        if not _warned_fallback:
+            _warned_fallback = True
+            import warnings
+            warnings.warn(_fallback_message(), PerformanceWarning, stacklevel=3)
+        return "numpy"
     if backend == "cython" and _core is None:
-        raise MlsemError("backend='cython' but the compiled kernel mlsem._core is not built")
+        raise MlsemError("backend='cython' but the compiled kernel mlsem._core could not be "
+                         f"imported ({CORE_IMPORT_ERROR})")
     return backend
 
 

@@ -1,6 +1,7 @@
 """Results: labelled tables, tests and export.  Reads fitted state only."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,7 +26,13 @@ def atomic_write(path, write):
     a failure leaves neither a partial file nor a clobbered earlier one."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mlsem-", suffix=".tmp", dir=d)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path!r}: it is a directory", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mlsem-", suffix=".tmp", dir=d)
+    except OSError as exc:  # name the user's path, not the temporary file's
+        why = "its directory does not exist" if not os.path.isdir(d) else exc.strerror
+        raise type(exc)(exc.errno, f"cannot write {path!r}: {why}", path) from None
     os.close(fd)
     try:
         write(tmp)
@@ -34,6 +41,10 @@ def atomic_write(path, write):
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise type(exc)(exc.errno, f"cannot write {path!r}: {exc.strerror or exc}", path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -77,6 +88,7 @@ class FitResult:
     loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
     kernel: str = ""
     encoding: object = field(default=None, repr=False)   # mlsem.encode.Encoding (predict on new data)
+    backend: str = ""               # the kernel that fitted: "cython", "numpy" (the oracle) or "dask"
 
     # ---- standard verbs ----------------------------------------------------
     @property
@@ -119,6 +131,14 @@ class FitResult:
 
     @property
     def vcov(self) -> pl.DataFrame:
+        """The labelled covariance matrix of the estimates (a ``name`` column,
+        then one column per parameter), under the fit's ``vce``.  With the
+        default ``vce="mixed"`` (lme4's and Stata's mixed-model convention)
+        the fixed effects' block is (X'V^-1X)^-1 and the variance components'
+        block the inverse of their own observed information; the covariances
+        between the two blocks are 0 by that convention (the blocks are
+        asymptotically independent under ML).  ``vce="oim"`` gives the full
+        inverse observed information instead."""
         return pl.DataFrame({"name": self.names,
                              **{n: self.cov[:, i] for i, n in enumerate(self.names)}})
 
@@ -174,14 +194,15 @@ class FitResult:
         title = "Mixed-effects ML regression" if self.method == "ML" else "Mixed-effects REML regression"
         out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
         if self.levels:
+            wg = max([15] + [len(lv.name) for lv in self.levels])
             out.append("")
-            out.append("-" * 62)
-            out.append(f"{'':>16}|     No. of       Observations per Group")
-            out.append(f"{'Group Variable':>15} |     Groups    Minimum    Average    Maximum")
-            out.append("-" * 16 + "+" + "-" * 45)
+            out.append("-" * (wg + 47))
+            out.append(f"{'':>{wg + 1}}|     No. of       Observations per Group")
+            out.append(f"{'Group Variable':>{wg}} |     Groups    Minimum    Average    Maximum")
+            out.append("-" * (wg + 1) + "+" + "-" * 45)
             for lv in self.levels:
-                out.append(f"{lv.name:>15} | {lv.ngroups:>10,} {lv.min_obs:>10,} {lv.mean_obs:>10.1f} {lv.max_obs:>10,}")
-            out.append("-" * 62)
+                out.append(f"{lv.name:>{wg}} | {lv.ngroups:>10,} {lv.min_obs:>10,} {lv.mean_obs:>10.1f} {lv.max_obs:>10,}")
+            out.append("-" * (wg + 47))
         w = self.wald_fixed()
         out.append("")
         out.append(f"{'':<48}Wald chi2({w['df']}){'':<6}= {w['chi2']:>10.2f}")
@@ -192,24 +213,29 @@ class FitResult:
             if self.vce == "mixed" else self.vce)
         out.append(f"Std. errors: {conv}")
         tab = self.params
-        line = "-" * 78
+        fixed = {n for n, k in zip(self.names, self.kinds) if k == "fixed"}
+        # the name columns grow to fit the longest name (formula terms such as
+        # schgend[T.girls]:standLRT); 12 and 28 characters as in Stata's layout
+        wf = max([12, len(self.outcome)] + [len(n) for n in fixed])
+        wr = max([28] + [len(n) for n in self.names if n not in fixed])
+        line = "-" * (wf + 66)
         out.append(line)
-        out.append(f"{self.outcome[:12]:>12} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
-        out.append("-" * 13 + "+" + "-" * 64)
+        out.append(f"{self.outcome:>{wf}} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
+        out.append("-" * (wf + 1) + "+" + "-" * 64)
         for r in tab.iter_rows(named=True):
-            if r["name"] in [n for n, k in zip(self.names, self.kinds) if k == "fixed"]:
-                out.append(f"{r['name'][:12]:>12} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+            if r["name"] in fixed:
+                out.append(f"{r['name']:>{wf}} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
         out.append(line)
         out.append("")
+        line = "-" * (wr + 50)
         out.append(line)
-        out.append(f"{'Random-effects Parameters':>28} |   Estimate   Std. Err.     [95% Conf. Interval]")
-        out.append("-" * 29 + "+" + "-" * 48)
-        fixed = {n for n, k in zip(self.names, self.kinds) if k == "fixed"}
+        out.append(f"{'Random-effects Parameters':>{wr}} |   Estimate   Std. Err.     [95% Conf. Interval]")
+        out.append("-" * (wr + 1) + "+" + "-" * 48)
         for r in tab.iter_rows(named=True):
             if r["name"] in fixed:
                 continue
             est = "0 (boundary)" if r["estimate"] == 0.0 else f"{r['estimate']:.6g}"
-            out.append(f"{r['name'][:28]:>28} | {est:>10} {r['std_err']:>10.6g}     {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+            out.append(f"{r['name']:>{wr}} | {est:>10} {r['std_err']:>10.6g}     {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
         out.append(line)
         if self.lr_ols:
             lr = self.lr_ols
@@ -230,6 +256,7 @@ class FitResult:
                        "of many equally good solutions and have no standard errors.")
         for n in self.notes:
             out.append(f"Note: {n}")
+        out.extend(_backend_footer(self))
         return "\n".join(out)
 
     def random_effects(self) -> pl.DataFrame:
@@ -322,15 +349,18 @@ def _sem_summary(res) -> str:
            f"  {'Kernel':<40}{res.kernel:>12}",
            "",
            "Standard errors: observed information matrix (OIM)" if res.vce == "oim" else f"Standard errors: {res.vce}"]
-    head = f"{'':<22}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
+    # the label column grows to fit the longest "name (label)" (18 as lavaan's)
+    wl = max([18] + [len(r["lhs"]) + 1 + len(r["label"] or "") + 3 for r in res.sem_rows]
+             + [len(r["rhs"]) + len(r["label"] or "") + 3 for r in res.sem_rows])
+    head = f"{'':<{wl + 4}}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
 
     def fmt(r, name):
         est = f"{r['est']:>10.3f}"
         if r.get("free", True) and np.isfinite(r["se"]):
             z = r["est"] / r["se"] if r["se"] > 0 else float("nan")
             p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
-            return f"    {name:<18}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
-        return f"    {name:<18}{est}"
+            return f"    {name:<{wl}}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
+        return f"    {name:<{wl}}{est}"
     rows = [r for r in res.sem_rows if r.get("matrix") != "x"]
     for key, title in _SECTIONS:
         if key == "cov":
@@ -352,11 +382,11 @@ def _sem_summary(res) -> str:
             elif r["lhs"] != last:
                 out.append(f"  {r['lhs']} {r['op']}")
                 last = r["lhs"]
-            out.append(fmt(r, lab[:18]))
+            out.append(fmt(r, lab))
     if res.defined:
         out += ["", "Defined Parameters:", head]
         for d in res.defined:
-            out.append(fmt(dict(d, free=True), f"{d['lhs']}"[:18]))
+            out.append(fmt(dict(d, free=True), f"{d['lhs']}"))
     if not res.converged:
         out.append(f"WARNING: the fit did NOT converge ({res.opt.message}); the estimates are not reliable.")
     if not res.identified:
@@ -364,7 +394,15 @@ def _sem_summary(res) -> str:
                    f"confounded parameters: {', '.join(res.confounded)}.")
     for n in res.notes:
         out.append(f"Note: {n}")
+    out.extend(_backend_footer(res))
     return "\n".join(out)
+
+
+def _backend_footer(res) -> list:
+    """A line when the fit did not run on the compiled kernel (it is ~100x slower)."""
+    if res.backend == "numpy":
+        return ["Note: fitted with the NumPy oracle (backend='numpy'), not the compiled kernel."]
+    return []
 
 
 def _json_default(o):

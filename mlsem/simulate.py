@@ -90,7 +90,39 @@ def _within(sizes) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts + 1
 
 
-def example_data() -> pl.DataFrame:
-    """The embedded example: the seed's design, 100 counties x 2 schools x 2
-    pupils, y = 2x + U + V + E (all sd 1)."""
-    return simulate(100, 2, 2, intercept=0.0, slope=2.0, seed=20240101)
+# Data sets shipped with the package (mlsem/datasets/*.parquet): copies of the
+# reference cases the tests compare against, so that every documented example
+# runs on data a fresh install has.  name -> one line of description.
+DATASETS = {
+    "seed_balanced": "the seed's design simulated: 100 counties x 2 schools x 2 pupils (k, j, i, x, y)",
+    "unbalanced": "300 counties, 1-4 schools, 1-6 pupils; z a county-level covariate (k, j, i, x1, z, y)",
+    "hetero_corr": "400 counties, 2 school types whose effects have unequal variances and a correlation",
+    "pastes": "lme4's Pastes: strength of paste from 10 batches x 3 casks x 2 assays (batch, cask, strength)",
+    "sleepstudy": "lme4's sleepstudy: reaction times (ms) of 18 subjects over 10 days (Reaction, Days, Subject)",
+    "exam_factors": "mlmRev's Exam: 4,059 pupils in 65 schools, factor covariates sex, schgend, vr",
+    "egsingle": "mlmRev's egsingle: yearly maths scores of 1,721 children in 60 Chicago schools",
+    "hs_cfa": "Holzinger-Swineford x1-x9 (lavaan's example data), complete",
+    "hs_cfa_missing": "the same with 10% of the cells missing at random",
+    "iv_endogenous": "y, x endogenous, z an instrument (lavaan-style example)",
+    "multivariate": "two outcomes y1, y2 of pupils in schools in counties; 10% of y2 missing",
+    "unbalanced_weighted": "unbalanced with integer conditional weights w_k, w_j, w_i",
+}
+
+
+def example_data(name: str | None = None) -> pl.DataFrame:
+    """The embedded example data.
+
+    Without a name: the seed's design, 100 counties x 2 schools x 2 pupils,
+    y = 2x + U + V + E (all sd 1), simulated with a fixed seed.  With a name:
+    a shipped data set, one of ``mlsem.simulate.DATASETS`` (the reference
+    cases whose lme4/lavaan estimates the tests compare against), e.g.
+    ``mlsem.example_data("sleepstudy")``.
+    """
+    if name is None:
+        return simulate(100, 2, 2, intercept=0.0, slope=2.0, seed=20240101)
+    if name not in DATASETS:
+        raise MlsemError(f"example_data: no data set {name!r}; the shipped ones are "
+                         + ", ".join(sorted(DATASETS)))
+    from importlib import resources
+    with resources.as_file(resources.files("mlsem") / "datasets" / f"{name}.parquet") as path:
+        return pl.read_parquet(path)

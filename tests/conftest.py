@@ -14,3 +14,14 @@ def load_case(name):
 @pytest.fixture(scope="session")
 def ref_dir():
     return REF
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The count of executed documentation blocks (README and docs/), in the test output."""
+    import sys
+    mod = sys.modules.get("test_docs")
+    if mod is not None and mod.COUNTS["pages"]:
+        c = mod.COUNTS
+        terminalreporter.write_line(
+            f"documentation: {c['executed']} code blocks executed on {c['pages']} pages, "
+            f"{c['compared']} outputs compared, {c['skipped']} blocks skipped (marked with a reason)")
