@@ -103,12 +103,48 @@ def _expand_group(g: str, term: str) -> list:
     return [tuple(_check_name(x, term) for x in g.split(":"))]
 
 
+_BUILTIN_NAMES = {"True", "False", "None"}
+
+
+def _names_read(expr: str) -> list:
+    """The variables a Python expression reads: names that are neither called
+    (``log`` in ``log(x)``) nor the base of an attribute (``contr`` in
+    ``contr.treatment(...)``)."""
+    import ast
+    tree = ast.parse(expr, mode="eval")
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            skip.add(id(node.func))
+        if isinstance(node, ast.Attribute):
+            skip.add(id(node.value))
+    out = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Name) and id(node) not in skip and node.id not in _BUILTIN_NAMES
+                and node.id not in out):
+            out.append(node.id)
+    return out
+
+
 def _variables(expr: str, where: str) -> list:
-    """The data columns a formulaic expression reads."""
+    """The data columns a formulaic expression reads, in order of appearance.
+    (formulaic's own ``required_variables`` leaves out the arguments of stateful
+    transforms such as ``poly(x, 2)``.)"""
     from formulaic import Formula as _FFormula
     try:
-        return sorted(_FFormula(expr).required_variables)
-    except Exception as exc:  # formulaic's parse errors
+        terms = list(_FFormula(expr))
+        out = []
+        for t in terms:
+            for fa in t.factors:
+                if fa.eval_method.value == "lookup":
+                    names = [fa.expr]
+                elif fa.eval_method.value == "literal":
+                    names = []
+                else:
+                    names = _names_read(fa.expr)
+                out += [n for n in names if n not in out]
+        return out
+    except Exception as exc:  # formulaic's (or Python's) parse errors
         raise MlsemError(f"formula: cannot read {expr!r} in {where!r}: {exc}") from None
 
 
@@ -174,9 +210,7 @@ def parse_formula(text: str) -> Formula:
         else:
             fixed_text += (" + " if fixed_text else "") + t
     fixed_text = fixed_text or "1"
-    for v in _variables(fixed_text, text):
-        if v not in variables:
-            variables.append(v)
+    variables = list(dict.fromkeys(_variables(fixed_text, text) + variables))
     if outcome in variables:
         raise MlsemError(f"formula: the outcome {outcome!r} is also a covariate in {text!r}")
     return Formula(outcome, True, (), tuple(random), text, fixed_text, tuple(variables))

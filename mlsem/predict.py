@@ -53,11 +53,11 @@ def _pattern_posterior(Phi_m, Lam, Theta_o, R):
     return mean, 0.5 * (cov + cov.T)
 
 
-def _model_of(res, what):
+def _model_of(res, what, need_data=True):
     model = getattr(res, "model", None)
     if model is None:
         raise MlsemError(f"{what}: the result carries no model (was it loaded from a file?)")
-    if "frame" not in getattr(model.prep, "meta", {}):
+    if need_data and "frame" not in getattr(model.prep, "meta", {}):
         raise MlsemError(f"{what}: the data of a backend='dask' fit stay on the workers; fit in "
                          "process (the default backend) for predictions")
     return model
@@ -226,10 +226,10 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
     a level the fit has not seen is an error naming the column and the level."""
     if not isinstance(random, bool) or not isinstance(se, bool):
         raise MlsemError(f"predict: random= and se= take True or False, got {random!r}, {se!r}")
-    model = _model_of(res, "predict")
+    model = _model_of(res, "predict", need_data=newdata is None or random)
     prep = model.prep
     psi = np.asarray(res.estimate, dtype=float)
-    beta = model.matrices(psi)[0]
+    beta = psi[np.asarray(model.table.beta_param, dtype=np.int64)]
     if newdata is None:
         xb = prep.y - model.residuals(psi)
         vals = {"predicted": xb + _posterior(res)[1] if random else xb}
@@ -283,7 +283,8 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
                 pred = pred + (m if e == "Intercept" else m * S[e])
     full = np.full(df.height, np.nan)
     full[rows] = pred
-    out = df.select(ids).with_columns(pl.Series("predicted", full, nan_to_null=True))
+    pred_col = pl.Series("predicted", full, nan_to_null=True)
+    out = df.select(ids).with_columns(pred_col) if ids else pl.DataFrame(pred_col)
     if se:
         v = np.full(df.height, np.nan)
         v[rows] = _se(X, *_fixed_cov(res, model))
