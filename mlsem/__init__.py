@@ -15,11 +15,13 @@ Layers (data flows top to bottom; no layer imports one above it):
                                 formula + relaxations / lavaan syntax -> parameter table
                                 (single source of truth)
     data       mlsem.data       Polars: read, validate, nested -> slots, patterns
+               mlsem.encode     the formula's fixed part and random slopes -> design
+                                columns (formulaic, R's contrasts), kept for predict
     model      mlsem.model      parameter table -> matrices, chain rule
                mlsem.sem        the same for general SEMs (LISREL matrices, lavaan defaults)
     kernel     mlsem._core      Cython per-pattern FIML (oracle: mlsem._oracle)
     estimate   mlsem.estimate   start values, L-BFGS-B, Newton polish, information
-    results    mlsem.results, mlsem.lrtest
+    results    mlsem.results, mlsem.lrtest, mlsem.predict
                                 tables, tests, export; reads fitted state only
 """
 __version__ = "0.1.0"

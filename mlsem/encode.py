@@ -130,6 +130,9 @@ class Encoding:
         """Learn the encoding on the estimation rows of ``df`` (outcome and every
         covariate observed).  ``levels``: {column: levels} computed elsewhere (on
         the whole data set, for data spread over Dask workers)."""
+        for c in self.variables:      # (a CSV reader types an empty column as text)
+            if df.height and not df.schema[c].is_numeric() and df[c].null_count() == df.height:
+                raise MlsemError(f"data: column {c!r} has no values (all {df.height:,} rows are empty)")
         factors, numeric = self._types(df.schema)
         self.numeric = numeric
         self._check_finite(df)
@@ -207,7 +210,9 @@ class Encoding:
             return pl.Series(np.ones(df.height, dtype=bool))
         return df.select(pl.all_horizontal([pl.col(c).is_not_null() for c in cols])).to_series()
 
-    def _pandas(self, sub: pl.DataFrame, check_levels: bool = False):
+    def _pandas(self, sub: pl.DataFrame, rows=None):
+        """``sub`` as the pandas frame formulaic reads; ``rows``: the row numbers
+        of ``sub`` in the user's data (for messages)."""
         import pandas as pd
         data = {}
         for c in self.variables:
@@ -229,10 +234,10 @@ class Encoding:
                 bad = np.flatnonzero(codes < 0)
                 if len(bad):
                     unseen = list(dict.fromkeys(s.gather(bad[:20]).to_list()))
+                    at = bad if rows is None else np.asarray(rows)[bad]
                     raise MlsemError(
                         f"data: column {c!r} has the level {unseen[0]!r}, which the model was not fitted "
-                        f"with (levels: {', '.join(map(repr, levels))}), rows {_rows_text(bad)} of the "
-                        "rows with every covariate observed")
+                        f"with (levels: {', '.join(map(repr, levels))}), rows {_rows_text(at)}")
                 data[c] = pd.Categorical.from_codes(codes, categories=levels)
             else:
                 if not s.dtype.is_numeric():
@@ -256,7 +261,8 @@ class Encoding:
         self._check_finite(df)
         rows = self._complete(df, with_outcome)
         sub = df.filter(rows)
-        pdf = self._pandas(sub)
+        idx = np.flatnonzero(rows.to_numpy())
+        pdf = self._pandas(sub, idx)
         X = np.asarray(self._matrix(self.spec, pdf, f"the fixed part {self.fixed_text!r}"),
                        dtype=np.float64)
         if list(map(str, self.spec.column_names)) != self.names:  # pragma: no cover - defensive
@@ -268,7 +274,6 @@ class Encoding:
                                      dtype=np.float64)[:, 0]
             else:
                 S[name] = sub[e].cast(pl.Float64).to_numpy()
-        idx = np.flatnonzero(rows.to_numpy())
         for j, n in enumerate(self.names):
             bad = np.flatnonzero(~np.isfinite(X[:, j]))
             if len(bad):

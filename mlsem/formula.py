@@ -38,8 +38,8 @@ class RandomTerm:
 @dataclass(frozen=True)
 class Formula:
     outcome: str
-    intercept: bool         # after encoding: the design has an intercept column
-    fixed: tuple            # after encoding: the design column names, in order
+    intercept: bool         # the design has an intercept column (known before encoding
+    fixed: tuple            # for plain column names only); the design column names
     random: tuple           # RandomTerm, in order
     text: str = field(default="", compare=False)
     fixed_text: str = "1"   # the fixed part in formulaic's grammar
@@ -213,7 +213,22 @@ def parse_formula(text: str) -> Formula:
     variables = list(dict.fromkeys(_variables(fixed_text, text) + variables))
     if outcome in variables:
         raise MlsemError(f"formula: the outcome {outcome!r} is also a covariate in {text!r}")
-    return Formula(outcome, True, (), tuple(random), text, fixed_text, tuple(variables))
+    # a fixed part of plain column names (the grammar before formulaic) is known
+    # without the data: fill it in for callers that prepare numeric columns themselves
+    intercept, plain = True, []
+    for t in fixed_parts:
+        body = t.lstrip("-").strip()
+        if body in ("1", "0"):
+            intercept = (body == "1") != t.startswith("-")
+        elif _NAME.match(body) and not t.startswith("-"):
+            if body not in plain:
+                plain.append(body)
+        else:
+            plain = None
+            break
+    if plain is None:
+        plain, intercept = [], True
+    return Formula(outcome, intercept, tuple(plain), tuple(random), text, fixed_text, tuple(variables))
 
 
 def effects_of(formula: Formula) -> dict:

@@ -224,7 +224,7 @@ FAILURES = [
     (["nothere.parquet", "-f", FORMULA], "'nothere.parquet' does not exist"),
     (["sim.parquet", "-f", "y ~ w + (1 | k/j)"], "column 'w' is not in the data"),
     (["sim.parquet", "-f", "y ~ x + (1 | k/j"], "formula: unbalanced '('"),
-    (["sim.parquet", "-f", "y ~ x + nosuchfn(x) + (1 | k/j)"], "column 'nosuchfn' is not in the data"),
+    (["sim.parquet", "-f", "y ~ x + nosuchfn(x) + (1 | k/j)"], "cannot encode the fixed part 'x + nosuchfn(x)'"),
     (["sim.parquet", "-f", FORMULA, "--by", "county"], "column 'county' is not in the data"),
     (["sim.parquet", "-f", FORMULA, "--vce", "bogus"], "--vce 'bogus'"),
     (["sim.parquet", "-f", FORMULA, "--index", "nope"], "column 'nope'"),
