@@ -57,6 +57,9 @@ def _model_of(res, what, need_data=True):
     model = getattr(res, "model", None)
     if model is None:
         raise MlsemError(f"{what}: the result carries no model (was it loaded from a file?)")
+    if getattr(res, "sem_labels", None) is not None:
+        raise MlsemError(f"{what}: predictions are for multilevel fits (mlsem.fit), not for SEMs "
+                         "in lavaan syntax (mlsem.sem)")
     if need_data and "frame" not in getattr(model.prep, "meta", {}):
         raise MlsemError(f"{what}: the data of a backend='dask' fit stay on the workers; fit in "
                          "process (the default backend) for predictions")
