@@ -19,6 +19,8 @@ Layers (data flows top to bottom; no layer imports one above it):
                                 columns (formulaic, R's contrasts), kept for predict
     model      mlsem.model      parameter table -> matrices, chain rule
                mlsem.sem        the same for general SEMs (LISREL matrices, lavaan defaults)
+               mlsem.adf        ADF / GMM: sample moments, Gamma, implied moments and their
+                                Jacobian, the Satorra-Bentler scaling; mlsem.semscores: SEM scores
     kernel     mlsem._core      Cython per-pattern FIML (oracle: mlsem._oracle)
     estimate   mlsem.estimate   start values, L-BFGS-B, Newton polish, information
     results    mlsem.results, mlsem.lrtest, mlsem.predict

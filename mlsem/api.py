@@ -73,7 +73,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     sandwich, scores per top-level unit) or ("cluster", column) (clusters of
     top-level units).  ``weights``: a column of sampling weights of the
     top-level units (pseudo-ML, rescaled to sum to the number of units;
-    sandwich standard errors).  ``method``: "ml" or "reml" (lme4's default).
+    sandwich standard errors).  ``method``: "ml", "reml" (lme4's default) or
+    "adf" (= "gmm": distribution-free weighted least squares on the moments of
+    the wide form, complete data only; mlsem.adf).
     See mlsem.inference.
     ``backend="dask"`` with ``client=`` (a dask.distributed.Client or a
     scheduler address): the data are read, split by the top-level id into
@@ -145,6 +147,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
             f"data: {prep.nobs} observation(s) for {table.nparams} parameters "
             f"({', '.join(table.names)}): too few to estimate the model")
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
+    if opts.method == "adf":
+        from .bridge import multilevel_adf
+        return multilevel_adf(model, opts, F, prep, t0, t1)
     if opts.method == "reml":
         if relaxed:
             raise MlsemError("method='reml' is not supported with effects=, residuals= or "

@@ -20,12 +20,14 @@ import numpy as np
 import polars as pl
 
 from .data import prepare, scan
-from .errors import MlsemError
+from .errors import ConvergenceWarning, MlsemError
 from .estimate import information, optimize, vcov_from_information
 from .encode import load
 from .formula import effects_of, nest_levels, parse_formula
 from .results import FitResult, identification
 from .sem import SemModel, build_table, count_moments, prepare_wide
+from .adf import ADF_NAMES
+from .inference import check_inference_options
 from .lavaan import parse
 from .spec import multilevel_table
 
@@ -91,18 +93,38 @@ def _fixed_x_loglik(X: np.ndarray) -> float:
     return -0.5 * n * (q * LOG2PI + logdet + q)
 
 
-def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: int | None = None,
-        start=None, progress=None) -> FitResult:
+def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None = None,
+        backend: str = "auto", nthreads: int | None = None, start=None, progress=None) -> FitResult:
     """Fit a structural equation model written in lavaan syntax by FIML.
 
     Defaults are lavaan's ``sem(missing = "ml", fixed.x = TRUE)``: residual
     variances and observed intercepts free, exogenous latent variables
     covary, observed exogenous covariates (that only predict) are conditioned
     on.  ``data``: anything :func:`mlsem.fit` accepts, one row per unit.
-    Standard errors from the observed information matrix (``vce="oim"``).
+    Standard errors from the observed information matrix (``vce="oim"``), or
+    the Huber-White sandwich (``vce="robust"``, lavaan's se =
+    "robust.huber.white"), clustered (``vce=("cluster", column)``, lavaan's
+    ``cluster =``); ``weights``: a column of sampling weights (lavaan's
+    ``sampling.weights =``, normalised to sum to the number of rows; the
+    standard errors are then the sandwich's, and vce="oim" is refused).
+    ``method="adf"`` (or "gmm"): asymptotically distribution-free weighted
+    least squares (lavaan's estimator = "WLS"; mlsem.adf) on complete data.
     """
-    if vce != "oim":
-        raise MlsemError(f"vce={vce!r}: SEM fits support vce='oim' (the observed information matrix)")
+    if isinstance(method, str) and method.lower() in ADF_NAMES:
+        method = "adf"
+        if vce not in (None, "oim") or weights is not None:
+            raise MlsemError(f"method='adf' has its own standard errors ((Delta' W Delta)^-1 / (N - 1), "
+                             f"already distribution-free): vce={vce!r} and weights= are not available with it")
+        vce_, cluster = "adf", None
+    else:
+        if vce is None:   # the default: OIM, or the sandwich under sampling weights
+            vce = "mixed" if weights is not None else "oim"
+        elif vce == "mixed":
+            raise MlsemError("vce='mixed' is the multilevel convention; SEM fits take 'oim', 'robust' "
+                             "or ('cluster', column)")
+        vce_, cluster, weights, method = check_inference_options(vce, weights, method)
+        if method != "ml":
+            raise MlsemError(f"method={method!r}: SEM fits support method='ml' (FIML) and 'adf' (GMM)")
     if backend not in ("auto", "cython", "numpy"):
         raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
     t0 = time.perf_counter()
@@ -113,7 +135,14 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
     except Exception as exc:
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     table = build_table(stmts, columns)
+    for c in (weights, cluster):
+        if c is not None and c not in columns:
+            raise MlsemError(f"data: column {c!r} (given as {'weights' if c == weights else 'cluster'}) "
+                             "is not in the data")
     Y, X = _wide_arrays(lf, table.observed, table.covariates, data)
+    if method == "adf":
+        return _sem_adf(model, table, Y, X, start, t0)
+    unit = _unit_values(lf, weights, cluster, data)
     nmom = count_moments(table)
     if table.nparams > nmom:
         raise MlsemError(f"the model has {table.nparams} free parameters but the data have only "
@@ -121,6 +150,9 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
     wd = prepare_wide(table, Y, X)
     if wd.nrows == 0:
         raise MlsemError("data: no row has an observed value of the model's variables")
+    if unit.get("weights") is not None:
+        w = unit["weights"][wd.data_row]
+        wd.wrow = np.ascontiguousarray(w * (len(w) / w.sum()))
     m = SemModel(table, wd, backend=backend, nthreads=nthreads, Y=Y)
     t1 = time.perf_counter()
     psi0 = m.start_values() if start is None else np.asarray(start, dtype=float)
@@ -183,15 +215,178 @@ def sem(model: str, data, *, vce: str = "oim", backend: str = "auto", nthreads: 
     Vfull = table.T @ cov @ table.T.T
     sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, rows_x)
     defined = _defined(table, psi, cov)
+    if vce_ in ("robust", "cluster") and info is not None and np.all(np.isfinite(info)):
+        cov = _sem_sandwich(m, psi, info, wd, unit, vce_, cluster, notes, weights)
+    elif vce_ in ("robust", "cluster"):
+        notes.append("robust standard errors not computed: no information matrix")
+    vce_name = {"cluster": f"cluster({cluster})"}.get(vce_, vce_)
     timings = {"prepare": t1 - t0, "optimize": t2 - t1, "inference": time.perf_counter() - t2}
     res = FitResult(
         formula=model, names=names, kinds=[p.kind for p in table.params], estimate=psi.copy(),
-        cov=cov, loglik=float(opt.loglik), converged=opt.converged, nobs=wd.nrows, vce=vce,
+        cov=cov, loglik=float(opt.loglik), converged=opt.converged, nobs=wd.nrows, vce=vce_name,
         levels=[], opt=opt, outcome=", ".join(table.observed), identified=identified,
         confounded=confounded, npatterns=len(wd.pat_ptr) - 1, nslots=table.P, timings=timings,
         model=m, info=info, notes=notes, method="SEM", sem_rows=sem_rows,
         sem_labels=[_row_of(table, k) for k in table.free_full], defined=defined,
         loglik_fixed_x=llx, kernel="factor" if m.factor_path else "dense", backend=m.backend)
+    return res
+
+
+def _unit_values(lf, weights, cluster, data):
+    """Sampling weights (float) and cluster codes per data row (or None)."""
+    out = {}
+    if weights is None and cluster is None:
+        return out
+    cols = [c for c in (weights, cluster) if c is not None]
+    try:
+        df = lf.select(cols).collect()
+    except Exception as exc:
+        raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
+    if weights is not None:
+        if not df.schema[weights].is_numeric():
+            raise MlsemError(f"weights column {weights!r} must be numeric, but it is {df.schema[weights]}")
+        w = df[weights].cast(pl.Float64).to_numpy()
+        if np.isnan(w).any() or df[weights].null_count():
+            raise MlsemError(f"weights column {weights!r} has missing values")
+        if not np.all(np.isfinite(w)):
+            raise MlsemError(f"weights column {weights!r} has non-finite values")
+        if np.any(w < 0):
+            rows = ", ".join(str(int(i) + 1) for i in np.flatnonzero(w < 0)[:5])
+            raise MlsemError(f"weights column {weights!r} has negative values (rows {rows})")
+        if w.sum() <= 0:
+            raise MlsemError(f"weights column {weights!r} sums to 0")
+        out["weights"] = w
+    if cluster is not None:
+        if df[cluster].null_count():
+            raise MlsemError(f"cluster column {cluster!r} has {df[cluster].null_count()} missing value(s)")
+        out["cluster"] = df[cluster].rank("dense").cast(pl.Int64).to_numpy() - 1
+    return out
+
+
+def _sem_sandwich(m, psi, info, wd, unit, vce, cluster, notes, weights):
+    """Huber-White / cluster-robust covariance of an SEM fit (mlsem.inference's
+    definitions, with the rows of the wide data as units)."""
+    from .inference import sandwich
+    from .semscores import sem_row_scores
+    with _one_blas_thread():
+        S = sem_row_scores(m, psi)
+    cl = unit.get("cluster")
+    cl = None if cl is None else np.unique(cl[wd.data_row], return_inverse=True)[1].ravel()
+    w = wd.wrow if weights is not None else None
+    cov, _ = sandwich(m, psi, info, w, cl, scores=S)
+    if vce == "cluster":
+        notes.append(f"Std. errors adjusted for {int(cl.max()) + 1} clusters in {cluster} "
+                     "(sandwich, observed-information bread, G/(G-1))")
+    else:
+        notes.append("Std. errors: Huber-White sandwich (lavaan's robust.huber.white), scores per "
+                     "row, observed-information bread")
+    if weights is not None:
+        notes.append(f"sampling weights {weights!r}, rescaled to sum to the number of rows "
+                     "(pseudo-likelihood)")
+    return cov
+
+
+def _sem_adf(model, table, Y, X, start, t0) -> FitResult:
+    """method='adf': ADF / GMM (mlsem.adf) on complete wide data."""
+    from .adf import AdfObjective, Moments, check_complete
+    check_complete(Y, X, table.observed + table.covariates)
+    mom = Moments(Y, X, table.observed + table.covariates, unbiased=True)
+    if table.nparams > mom.nmom:
+        raise MlsemError(f"the model has {table.nparams} free parameters but the data have only "
+                         f"{mom.nmom} moments (means, variances, covariances): it is not identified")
+    mom.W  # a singular Gamma is an error before anything else runs
+    wd = prepare_wide(table, Y, X)
+    m = SemModel(table, wd, backend="numpy", Y=Y)
+    psi0 = m.start_values() if start is None else np.asarray(start, dtype=float)
+    if len(psi0) != table.nparams:
+        raise MlsemError(f"start: {len(psi0)} values for {table.nparams} free parameters ({', '.join(table.names)})")
+    obj = AdfObjective.for_sem(m, mom)
+    t1 = time.perf_counter()
+    with _one_blas_thread():
+        psi, fmin, info = obj.minimize(psi0)
+    t2 = time.perf_counter()
+    res = _adf_result(model, table, psi, psi0, fmin, info, mom, obj, t0, t1, t2)
+    full = table.full_values(psi)
+    Vfull = table.T @ res.cov @ table.T.T
+    res.sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, X, ddof=1)
+    res.sem_labels = [_row_of(table, k) for k in table.free_full]
+    res.defined = _defined(table, psi, res.cov)
+    res.outcome = ", ".join(table.observed)
+    res.nslots = table.P
+    res.model = m
+    res.adf["objective"] = obj
+    return res
+
+
+def multilevel_adf(model, opts, F, prep, t0, t1) -> FitResult:
+    """mlsem.fit(method='adf'): ADF on the moments of the wide form (one row per
+    top-level unit, slots as variables, every slot's covariates as fixed x),
+    with the multilevel parameter table (relaxations included)."""
+    from .adf import AdfObjective, MultilevelMoments
+    from .estimate import start_values
+    table = model.table
+    mm = MultilevelMoments(prep, table, unbiased=True)
+    mom = mm.mom
+    if table.nparams > mom.nmom:
+        raise MlsemError(f"the model has {table.nparams} free parameters but the wide form has only "
+                         f"{mom.nmom} moments: it is not identified")
+    mom.W
+    obj = AdfObjective(mm, mom)
+    psi0 = start_values(model)
+    t1b = time.perf_counter()
+    with _one_blas_thread():
+        psi, fmin, info = obj.minimize(psi0)
+    t2 = time.perf_counter()
+    res = _adf_result(opts.formula, table, psi, psi0, fmin, info, mom, obj, t0, t1b, t2)
+    res.levels = prep.levels
+    res.outcome = F.outcome
+    res.npatterns = prep.npatterns
+    res.nslots = prep.nslots
+    res.sem_rows = None
+    res.sem_labels = None
+    res.model = model
+    res.adf["objective"] = obj
+    res.notes.append(f"the wide form: {prep.nrows} top-level units, {prep.nslots} slots, "
+                     f"{mom.q} covariate column(s) of the slots as fixed x")
+    return res
+
+
+def _adf_result(formula, table, psi, psi0, fmin, info, mom, obj, t0, t1, t2) -> FitResult:
+    from .adf import chi2_pvalue
+    from .estimate import OptSummary
+    names = table.names
+    n = mom.n
+    H = info["info"]
+    identified, confounded = identification(H, names)
+    cov = (np.linalg.inv(H) if identified else np.linalg.pinv(H)) / (n - 1)
+    cov = 0.5 * (cov + cov.T)
+    if not identified:
+        bad = [names.index(c) for c in confounded]
+        cov[bad, :] = np.nan
+        cov[:, bad] = np.nan
+    df = mom.nmom - table.nparams
+    chi2 = (n - 1) * fmin
+    gmax = float(np.max(np.abs(info["grad"]))) if len(psi) else 0.0
+    opt = OptSummary(start=np.asarray(psi0, dtype=float).copy(), final=psi.copy(), loglik=float("nan"),
+                     converged=info["converged"], iterations=info["iterations"],
+                     evaluations=obj.nevals, gradient_norm=gmax, seconds=t2 - t1,
+                     message="Gauss-Newton on the ADF objective" if info["converged"] else
+                     "the ADF objective did not converge")
+    notes = [f"ADF (GMM) with the distribution-free weight matrix W = Gamma^-1 (fourth-order "
+             f"moments; lavaan's estimator = \"WLS\"): {n} units, {mom.nmom} sample moments, "
+             f"F_min = {fmin:.6g}; standard errors (Delta' W Delta)^-1 / (N - 1)"]
+    if not info["converged"]:
+        warnings.warn(f"the ADF fit did not converge (largest gradient {gmax:.3g})", ConvergenceWarning,
+                      stacklevel=3)
+    timings = {"prepare": t1 - t0, "optimize": t2 - t1, "inference": time.perf_counter() - t2}
+    res = FitResult(
+        formula=formula, names=names, kinds=[p.kind for p in table.params], estimate=psi.copy(),
+        cov=cov, loglik=float("nan"), converged=info["converged"], nobs=n, vce="adf",
+        levels=[], opt=opt, outcome="", identified=identified, confounded=confounded,
+        npatterns=1, nslots=mom.P, timings=timings, model=obj, info=H, notes=notes, method="ADF",
+        kernel="adf")
+    res.adf = {"fmin": float(fmin), "chi2": float(chi2), "df": int(df), "p_value": chi2_pvalue(chi2, df),
+               "nmom": mom.nmom, "moments": mom}
     return res
 
 
@@ -223,8 +418,9 @@ def _sem_rows(table, full, Vfull):
     return rows
 
 
-def _fixed_x_rows(names, X):
-    """lavaan's fixed.x rows: the covariates' sample (co)variances and means, fixed."""
+def _fixed_x_rows(names, X, ddof=0):
+    """lavaan's fixed.x rows: the covariates' sample (co)variances and means, fixed
+    (divisor N for ML, N - 1 for ADF: ``ddof``)."""
     rows = []
     q = len(names)
     if q == 0:
@@ -232,14 +428,15 @@ def _fixed_x_rows(names, X):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # an all-empty covariate column
         mean = np.nanmean(X, axis=0)
-        var = np.nanvar(X, axis=0)
+        var = np.nanvar(X, axis=0, ddof=ddof)
     for a in range(q):
         for b in range(a, q if q <= 10 else a + 1):
             if a == b:
                 c = float(var[a])
             else:
                 ok = ~np.isnan(X[:, a]) & ~np.isnan(X[:, b])
-                c = float(np.mean((X[ok, a] - X[ok, a].mean()) * (X[ok, b] - X[ok, b].mean()))) if ok.any() else float("nan")
+                c = (float(np.sum((X[ok, a] - X[ok, a].mean()) * (X[ok, b] - X[ok, b].mean())))
+                     / (ok.sum() - ddof)) if ok.sum() > ddof else float("nan")
             rows.append({"lhs": names[a], "op": "~~", "rhs": names[b], "label": "", "est": c,
                          "se": float("nan"), "free": False, "matrix": "x"})
     for a in range(q):

@@ -1,7 +1,7 @@
 """Command line (``mlsem`` and ``python -m mlsem``).
 
     mlsem fit DATA (--formula F [RELAX] | --syntax MODEL.lav) [--vce mixed|oim|robust|cluster:COL]
-              [--weights COL] [--method ml|reml] [--dask ADDRESS [--partitions N]]
+              [--weights COL] [--method ml|reml|adf] [--dask ADDRESS [--partitions N]]
               [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
     mlsem ranef DATA --formula F [RELAX] --out EFFECTS.parquet
@@ -163,6 +163,8 @@ def _fit_record(res) -> dict:
     d = res.to_dict()
     d["tests"] = {"lr_vs_linear_regression": d.get("lr_test_vs_linear_regression", {}),
                   "wald_fixed_effects": d.get("wald_fixed", {})}
+    if res.method == "ADF":
+        d["tests"]["adf_vs_saturated"] = res.fit_test()
     d["status"] = _status(res)
     return d
 
@@ -369,7 +371,10 @@ def _read_syntax(args, prog):
     if args.by and args.by in used:
         raise MlsemError(f"--by {args.by!r} is a variable of the --syntax model; give another column")
     prog.say(f"reading {args.data}")
-    df = collect_columns(args.data, used + ([args.by] if args.by else []), used, [])
+    vce = parse_vce(args.vce) if args.vce is not None else None
+    extra = [c for c in (args.by, args.weights, vce[1] if isinstance(vce, tuple) else None)
+             if c and c not in used]
+    df = collect_columns(args.data, used + list(dict.fromkeys(extra)), used, [])
     prog.say(f"read {df.height:,} rows, {len(used)} columns of the model")
     return text, df
 
@@ -385,16 +390,20 @@ def _fit_options(args):
     vce = parse_vce(args.vce) if args.vce is not None else None
     if args.syntax:
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
-                                ("--coefficients", args.coefficients), ("--weights", args.weights),
+                                ("--coefficients", args.coefficients),
                                 ("--index", args.index), ("--dask", args.dask)) if v]
-        if args.method != "ml":
+        if args.method == "reml":
             given.append(f"--method {args.method}")
         if given:
             raise MlsemError(f"--syntax: {given[0]} applies to --formula models only (write the "
                              "structure into the syntax instead)")
-        if vce not in (None, "oim"):
-            raise MlsemError(f"--vce {args.vce}: --syntax models support --vce oim only")
-        return {"vce": "oim"}
+        if vce == "mixed":
+            raise MlsemError(f"--vce {args.vce}: --syntax models support --vce oim, robust or cluster:COL")
+        cluster = vce[1] if isinstance(vce, tuple) else None
+        for opt, col in (("--weights", args.weights), ("--vce cluster:", cluster)):
+            if args.by and col == args.by:
+                raise MlsemError(f"--by {args.by!r} is also the {opt} column; give another column")
+        return {"vce": vce, "cluster": cluster}
     from .formula import parse_formula
     F = parse_formula(args.formula)
     effects, residuals, coefficients = _relax_options(args, F)
@@ -443,7 +452,8 @@ def _cmd_fit(args, argv) -> int:
             text, df = _read_syntax(args, prog)
 
             def fitter(data):
-                return sem(text, data, vce="oim", progress=prog)
+                return sem(text, data, vce=o["vce"], method=args.method, weights=args.weights,
+                           progress=prog)
         else:
             if args.dask:
                 from .distributed import connect
@@ -535,7 +545,7 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
               "data": args.data, "formula": args.formula, "syntax": args.syntax,
               "effects": _parsed(args, "effects"), "residuals": _parsed(args, "residuals"),
               "coefficients": _parsed(args, "coefficients"),
-              "vce": args.vce or ("oim" if args.syntax else "mixed"), "weights": args.weights,
+              "vce": args.vce or (("robust" if args.weights else "oim") if args.syntax else "mixed"), "weights": args.weights,
               "method": args.method, "index": args.index, "dask": args.dask,
               "partitions": args.partitions, "exit_code": code}
     if args.by:
@@ -775,7 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standard errors: mixed (lme4/xtmixed convention, default), oim (observed "
                         "information), robust (sandwich), cluster:COL (clusters of top-level units)")
     f.add_argument("--weights", metavar="COL", help="sampling weights of the top-level units (pseudo-ML)")
-    f.add_argument("--method", choices=("ml", "reml"), default="ml")
+    f.add_argument("--method", choices=("ml", "reml", "adf", "gmm"), default="ml",
+                   help="ml (FIML), reml, or adf (= gmm: distribution-free weighted least squares, "
+                        "complete data)")
     f.add_argument("--dask", metavar="ADDRESS", help="fit on a Dask cluster, e.g. tcp://host:8786")
     f.add_argument("--partitions", type=int, metavar="N",
                    help="with --dask: split the data into N partitions (default: one per worker)")

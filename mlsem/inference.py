@@ -48,9 +48,15 @@ def check_inference_options(vce, weights, method):
         raise MlsemError(f"vce={vce!r} is not one of 'mixed', 'oim', 'robust', ('cluster', column)")
     if weights is not None and not isinstance(weights, str):
         raise MlsemError(f"weights={weights!r} must be a column name")
-    if not isinstance(method, str) or method.lower() not in ("ml", "reml"):
-        raise MlsemError(f"method={method!r} is not one of 'ml', 'reml'")
+    if not isinstance(method, str) or method.lower() not in ("ml", "reml", "adf", "gmm"):
+        raise MlsemError(f"method={method!r} is not one of 'ml', 'reml', 'adf' (or 'gmm')")
     method = method.lower()
+    if method in ("adf", "gmm"):
+        if vce not in ("mixed", "oim") or weights is not None:
+            raise MlsemError(f"method='adf' has its own distribution-free standard errors "
+                             f"((Delta' W Delta)^-1 / (N - 1)): vce={vce!r}"
+                             f"{' and weights=' if weights is not None else ''} cannot be combined with it")
+        return "adf", None, None, "adf"
     if weights is not None:
         if vce == "mixed":
             vce = "robust"          # pseudo-ML: only the sandwich is valid
@@ -112,9 +118,11 @@ def unit_columns(df, top, prep, opts) -> dict:
 
 
 # ---- covariance -------------------------------------------------------------
-def sandwich(model, psi, info, weights=None, cluster=None):
-    """A^-1 B A^-1 (see the module docstring).  Returns (vcov, meat)."""
-    S = row_scores(model, psi)
+def sandwich(model, psi, info, weights=None, cluster=None, scores=None):
+    """A^-1 B A^-1 (see the module docstring).  Returns (vcov, meat).
+    ``scores``: per-unit scores when the model is not a multilevel Model
+    (mlsem.semscores for SEM fits)."""
+    S = row_scores(model, psi) if scores is None else scores
     if weights is not None:
         S = S * weights[:, None]
     adj = 1.0
@@ -366,6 +374,10 @@ def fit_test(res, max_slots=200):
     exogenous x of lavaan/Stata's sem with fixed.x) and an unrestricted
     residual covariance; fitted by EM where cells are missing.  As lavaan's
     ``chisq`` and Stata's ``LR test of model vs. saturated``."""
+    if res.method == "ADF":
+        return _adf_fit_test(res)
+    if res.method == "SEM":
+        return _sem_fit_test(res)
     m = res.model
     prep = m.prep
     if res.method != "ML":
@@ -402,7 +414,104 @@ def fit_test(res, max_slots=200):
     ll_sat, _, _, iters = saturated_em(Y, Z)
     df = nsat - res.nparams
     chi2 = max(0.0, 2.0 * (ll_sat - res.loglik))
-    return {"test": "LR test of model vs. saturated", "chi2": float(chi2), "df": int(df),
-            "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
-            "loglik": float(res.loglik), "loglik_saturated": float(ll_sat), "npar": res.nparams,
-            "npar_saturated": nsat, "em_iterations": iters}
+    out = {"test": "LR test of model vs. saturated", "chi2": float(chi2), "df": int(df),
+           "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
+           "loglik": float(res.loglik), "loglik_saturated": float(ll_sat), "npar": res.nparams,
+           "npar_saturated": nsat, "em_iterations": iters}
+    if res.vce == "robust":
+        def moments():
+            from .adf import MultilevelMoments
+            mm = MultilevelMoments(prep, m.table, unbiased=False, what="the scaled test")
+            return mm(res.estimate)[1:], mm.mom
+        _add_scaled(out, obs.all(), moments)
+    elif res.vce.startswith("cluster"):
+        out["scaled_note"] = _CLUSTER_NOTE
+    return out
+
+
+# ---- scaled test (Satorra-Bentler), ADF and SEM tests (mlsem.adf) ------------------
+_CLUSTER_NOTE = ("no scaled test statistic for a cluster-robust fit: the Satorra-Bentler statistic "
+                 "(lavaan's MLM) treats the rows as independent; fit with vce='robust' for it")
+
+
+def _add_scaled(out, complete, moments):
+    """chi2_scaled and scaling_factor (lavaan's MLM) on complete data; on data with
+    missing cells say that none is available (lavaan's MLR, the Yuan-Bentler
+    statistic, is not implemented)."""
+    from .adf import satorra_bentler
+    if not complete:
+        out["chi2_scaled"] = out["scaling_factor"] = out["p_value_scaled"] = float("nan")
+        out["scaled_note"] = ("no scaled test statistic: the data have missing cells, where the "
+                              "Satorra-Bentler statistic does not apply and the Yuan-Bentler "
+                              "statistic (lavaan's MLR) is not implemented")
+        return
+    try:
+        (D, C), mom = moments()
+    except MlsemError as exc:
+        out["chi2_scaled"] = out["scaling_factor"] = out["p_value_scaled"] = float("nan")
+        out["scaled_note"] = f"no scaled test statistic: {exc}"
+        return
+    if mom.nmom - out["npar"] != out["df"]:  # pragma: no cover - the two counts agree by construction
+        raise MlsemError("fit_test: internal error: moment count differs from the saturated model's")
+    chi2s, c = satorra_bentler(C, D, mom, out["chi2"], out["df"])
+    out["chi2_scaled"] = float(chi2s)
+    out["scaling_factor"] = float(c)
+    out["p_value_scaled"] = float(stats.chi2.sf(chi2s, out["df"])) if out["df"] > 0 else float("nan")
+    out["scaled_test"] = ("Satorra-Bentler (lavaan's MLM: expected information, ADF Gamma with "
+                          "fixed covariates); the standard errors of this fit are Huber-White "
+                          "(vce='robust'), not MLM's robust.sem")
+
+
+def _adf_fit_test(res):
+    a = res.adf
+    return {"test": "ADF (GMM) test of model vs. saturated: (N - 1) F_min", "chi2": a["chi2"],
+            "df": a["df"], "p_value": a["p_value"], "fmin": a["fmin"], "npar": res.nparams,
+            "nmoments": a["nmom"], "nobs": res.nobs}
+
+
+def _sem_fit_test(res):
+    """lavaan's chisq of an SEM fit by ML (FIML): against the saturated model (every
+    observed variable's mean an unrestricted regression on the fixed covariates,
+    unrestricted residual covariance), by EM where cells are missing."""
+    m = res.model
+    wd = m.prep
+    t = m.table
+    if np.any(wd.wrow != 1.0):
+        raise MlsemError("fit_test: not available with sampling weights (the pseudo-likelihood "
+                         "ratio is not chi-squared)")
+    if res.nparams and not res.converged:
+        raise MlsemError("fit_test: the fit did not converge")
+    P, q = t.P, t.q
+    if P > 200:
+        raise MlsemError(f"fit_test: {P} observed variables: the saturated model is too large to fit "
+                         "(limit 200)")
+    Y = np.full((wd.nrows, P), np.nan)
+    Y[wd.obs_row, wd.slot] = wd.y
+    if q and wd.dropped_cells:
+        raise MlsemError("fit_test: values were dropped because a covariate is missing: the saturated "
+                         "model of lavaan's fixed.x needs complete covariates")
+    Z = np.hstack([np.ones((wd.nrows, 1)), wd.X])
+    obs = ~np.isnan(Y)
+    nsat = P * (1 + q) + P * (P + 1) // 2
+    together = obs.T.astype(float) @ obs.astype(float)
+    if together.min() < 1:
+        s, u = np.unravel_index(int(np.argmin(together)), together.shape)
+        raise MlsemError(f"fit_test: {t.observed[s]} and {t.observed[u]} are never observed together: "
+                         "their covariance in the saturated model is not identified")
+    ll_sat, _, _, iters = saturated_em(Y, Z)
+    df = nsat - res.nparams
+    chi2 = max(0.0, 2.0 * (ll_sat - res.loglik))
+    out = {"test": "LR test of model vs. saturated", "chi2": float(chi2), "df": int(df),
+           "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
+           "loglik": float(res.loglik), "loglik_saturated": float(ll_sat), "npar": res.nparams,
+           "npar_saturated": nsat, "em_iterations": iters}
+    if res.vce == "robust":
+        def moments():
+            from .adf import Moments, sigma_and_jacobian
+            mom = Moments(Y, wd.X, t.observed + t.covariates, unbiased=False)
+            _, D, C = sigma_and_jacobian(m, res.estimate, mom)
+            return (D, C), mom
+        _add_scaled(out, bool(obs.all()), moments)
+    elif res.vce.startswith("cluster"):
+        out["scaled_note"] = _CLUSTER_NOTE
+    return out

@@ -71,6 +71,10 @@ def lrtest(restricted, relaxed, tol: float = 1e-6) -> LRTest:
     """LR test of ``restricted`` against ``relaxed`` (either order: the fit with
     fewer parameters is the restricted one).  Both must be fits of the same
     outcome on the same observations."""
+    for r in (restricted, relaxed):
+        if r.method == "ADF":
+            raise MlsemError("lrtest: an ADF (GMM) fit has no likelihood; compare ADF fits by the "
+                             "difference of their fit_test() chi-squares, or fit both by ML")
     if restricted.nparams > relaxed.nparams:
         restricted, relaxed = relaxed, restricted
     df = relaxed.nparams - restricted.nparams

@@ -89,6 +89,7 @@ class FitResult:
     kernel: str = ""
     encoding: object = field(default=None, repr=False)   # mlsem.encode.Encoding (predict on new data)
     backend: str = ""               # the kernel that fitted: "cython", "numpy" (the oracle) or "dask"
+    adf: dict = field(default=None, repr=False)   # method="adf": F_min, chi2, df, the moments
 
     # ---- standard verbs ----------------------------------------------------
     @property
@@ -191,7 +192,8 @@ class FitResult:
         if self.sem_rows is not None:
             return _sem_summary(self)
         out = []
-        title = "Mixed-effects ML regression" if self.method == "ML" else "Mixed-effects REML regression"
+        title = {"ML": "Mixed-effects ML regression", "ADF": "Mixed-effects ADF (GMM) regression"}.get(
+            self.method, "Mixed-effects REML regression")
         out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
         if self.levels:
             wg = max([15] + [len(lv.name) for lv in self.levels])
@@ -206,7 +208,11 @@ class FitResult:
         w = self.wald_fixed()
         out.append("")
         out.append(f"{'':<48}Wald chi2({w['df']}){'':<6}= {w['chi2']:>10.2f}")
-        out.append(f"Log likelihood = {self.loglik:<31.5f}Prob > chi2       = {w['p_value']:>10.4f}")
+        if self.adf is not None:
+            fm = f"ADF F_min = {self.adf['fmin']:.6g}"
+            out.append(f"{fm:<48}Prob > chi2       = {w['p_value']:>10.4f}")
+        else:
+            out.append(f"Log likelihood = {self.loglik:<31.5f}Prob > chi2       = {w['p_value']:>10.4f}")
         out.append("")
         conv = "observed information matrix (OIM)" if self.vce == "oim" else (
             "mixed-model convention: fixed effects (X'V^-1X)^-1, variance components from their own observed information"
@@ -317,6 +323,8 @@ class FitResult:
             "timings": self.timings,
             "params": self.params.to_dicts(),
             "notes": list(self.notes),
+            **({"adf": {k: self.adf[k] for k in ("fmin", "chi2", "df", "p_value", "nmom")}}
+               if self.adf is not None else {}),
         }
 
     def to_json(self, path) -> None:
@@ -338,17 +346,31 @@ _SECTIONS = (("=~", "Latent Variables"), ("~", "Regressions"), ("cov", "Covarian
 
 def _sem_summary(res) -> str:
     """lavaan's summary layout: header, then the parameter table by section."""
-    out = [f"mlsem {__version__}: structural equation model, ML (FIML over missing patterns)",
-           "",
-           f"  {'Number of observations':<40}{res.nobs:>12,}",
-           f"  {'Number of missing patterns':<40}{res.npatterns:>12,}",
-           f"  {'Number of free parameters':<40}{res.nparams:>12,}",
-           f"  {'Log-likelihood':<40}{res.loglik:>12.3f}",
-           f"  {'Akaike (AIC)':<40}{res.aic:>12.3f}",
-           f"  {'Bayesian (BIC)':<40}{res.bic:>12.3f}",
-           f"  {'Kernel':<40}{res.kernel:>12}",
-           "",
-           "Standard errors: observed information matrix (OIM)" if res.vce == "oim" else f"Standard errors: {res.vce}"]
+    if res.adf is not None:
+        a = res.adf
+        out = [f"mlsem {__version__}: structural equation model, ADF (GMM: distribution-free weighted least squares)",
+               "",
+               f"  {'Number of observations':<40}{res.nobs:>12,}",
+               f"  {'Number of sample moments':<40}{a['nmom']:>12,}",
+               f"  {'Number of free parameters':<40}{res.nparams:>12,}",
+               f"  {'Minimum of the ADF objective (F_min)':<40}{a['fmin']:>12.6f}",
+               f"  {'Test statistic (N - 1) F_min':<40}{a['chi2']:>12.3f}",
+               f"  {'Degrees of freedom':<40}{a['df']:>12,}",
+               f"  {'P-value (Chi-square)':<40}{a['p_value']:>12.3f}",
+               ""]
+    else:
+        out = [f"mlsem {__version__}: structural equation model, ML (FIML over missing patterns)",
+               "",
+               f"  {'Number of observations':<40}{res.nobs:>12,}",
+               f"  {'Number of missing patterns':<40}{res.npatterns:>12,}",
+               f"  {'Number of free parameters':<40}{res.nparams:>12,}",
+               f"  {'Log-likelihood':<40}{res.loglik:>12.3f}",
+               f"  {'Akaike (AIC)':<40}{res.aic:>12.3f}",
+               f"  {'Bayesian (BIC)':<40}{res.bic:>12.3f}",
+               f"  {'Kernel':<40}{res.kernel:>12}",
+               ""]
+    out += ["Standard errors: observed information matrix (OIM)" if res.vce == "oim" else (
+        "Standard errors: ADF, (Delta' W Delta)^-1 / (N - 1)" if res.vce == "adf" else f"Standard errors: {res.vce}")]
     # the label column grows to fit the longest "name (label)" (18 as lavaan's)
     wl = max([18] + [len(r["lhs"]) + 1 + len(r["label"] or "") + 3 for r in res.sem_rows]
              + [len(r["rhs"]) + len(r["label"] or "") + 3 for r in res.sem_rows])

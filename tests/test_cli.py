@@ -525,7 +525,9 @@ def test_fit_syntax_with_by(small):
                           ([], "exactly one of --formula and --syntax"),
                           (["--syntax", "m.lav", "--effects", "j:variance=slot"],
                            "--syntax: --effects applies to --formula models only"),
-                          (["--syntax", "m.lav", "--vce", "robust"], "--vce robust: --syntax models support --vce oim only"),
+                          (["--syntax", "m.lav", "--vce", "mixed"],
+                           "--vce mixed: --syntax models support --vce oim, robust or cluster:COL"),
+                          (["--syntax", "m.lav", "--method", "reml"], "--syntax: --method reml applies to --formula"),
                           (["--syntax", "nope.lav"], "--syntax 'nope.lav': cannot read"),
                           (["--syntax", "m.lav", "--by", "y1_1"], "--by 'y1_1' is a variable of the --syntax model")]:
         rc, _, err = run_here("fit", "wr.parquet", *args, "--out", "bad.parquet", "-q", cwd=d)
