@@ -86,6 +86,7 @@ class Encoding:
         self.slope_specs: dict = {}
         self.names: list = []
         self.slope_names: dict = {}
+        self.plain = False   # every design column is a numeric data column (nothing to compute)
 
     # ---- state -----------------------------------------------------------------
     @property
@@ -149,26 +150,37 @@ class Encoding:
                 raise MlsemError(
                     f"data: column {c!r} has one level ({', '.join(map(repr, lv))}) in the rows used for "
                     "estimation: a factor needs two or more (as in R, contrasts need two levels)")
-        pdf = self._pandas(sub)
         import formulaic
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                mm = formulaic.model_matrix(self.fixed_text, pdf, na_action="ignore")
-            except MlsemError:
-                raise
-            except Exception as exc:
-                raise MlsemError(f"formula: cannot encode the fixed part {self.fixed_text!r}: "
-                                 f"{type(exc).__name__}: {exc}") from None
+
+        def learn_on(rows):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    return formulaic.model_matrix(self.fixed_text, self._pandas(rows), na_action="ignore")
+                except MlsemError:
+                    raise
+                except Exception as exc:
+                    raise MlsemError(f"formula: cannot encode the fixed part {self.fixed_text!r}: "
+                                     f"{type(exc).__name__}: {exc}") from None
+        # numeric columns read as they are have no state to learn: the spec of a
+        # few rows is the spec, and the data columns are the design (no copy)
+        mm = learn_on(sub.head(64)) if not factors else None
+        self.plain = (mm is not None and not (getattr(mm.model_spec, "transform_state", None) or {})
+                      and all(n in numeric for n in mm.columns if n != "Intercept"))
+        if not self.plain:
+            mm = learn_on(sub)
         self.spec = mm.model_spec
         self.names = [str(c) for c in mm.columns]
         if "Intercept" in self.names and self.names[0] != "Intercept":
             raise MlsemError(f"internal: formulaic put the intercept at column "
                              f"{self.names.index('Intercept')} of {self.fixed_text!r}")
+        pdf = None
         for e in self.slopes:
             if _PLAIN.match(e) and e in numeric:
                 self.slope_names[e] = e
                 continue
+            if pdf is None:
+                pdf = self._pandas(sub)
             try:
                 smm = formulaic.model_matrix("0 + " + e, pdf, na_action="ignore")
             except Exception as exc:
@@ -290,6 +302,9 @@ class Encoding:
         """``df`` with the design columns added (numeric covariates read as they
         are).  A row with a null covariate gets nulls; with ``with_outcome`` a row
         whose outcome is null (a missing cell) is not encoded and gets zeros."""
+        if getattr(self, "plain", False) and not self.slope_specs:
+            self._check_finite(df)       # the design is the data's own numeric columns
+            return df
         rows, X, S = self.design(df, with_outcome)
         n = df.height
         incomplete = ~self._complete(df, False).to_numpy()
