@@ -87,6 +87,12 @@ class Encoding:
         self.names: list = []
         self.slope_names: dict = {}
         self.plain = False   # every design column is a numeric data column (nothing to compute)
+        self._learned = None  # (frame, X, slopes) of the rows learned on, for the apply() after learn()
+
+    def __getstate__(self):   # (sent to Dask workers: not the learned matrices)
+        d = dict(self.__dict__)
+        d["_learned"] = None
+        return d
 
     # ---- state -----------------------------------------------------------------
     @property
@@ -175,6 +181,7 @@ class Encoding:
             raise MlsemError(f"internal: formulaic put the intercept at column "
                              f"{self.names.index('Intercept')} of {self.fixed_text!r}")
         pdf = None
+        learned_S = {}
         for e in self.slopes:
             if _PLAIN.match(e) and e in numeric:
                 self.slope_names[e] = e
@@ -193,6 +200,10 @@ class Encoding:
                     "column or transform")
             self.slope_specs[e] = smm.model_spec
             self.slope_names[e] = str(smm.columns[0])
+            learned_S[self.slope_names[e]] = np.asarray(smm, dtype=np.float64)[:, 0]
+        if not self.plain:
+            # the matrices just built are the design of these rows: apply(df) reuses them
+            self._learned = (df, np.asarray(mm, dtype=np.float64), learned_S)
         taken = set(df.columns) - set(numeric)
         for n in self.fixed + list(self.slope_names.values()):
             if n in taken:
@@ -274,13 +285,20 @@ class Encoding:
         rows = self._complete(df, with_outcome)
         sub = df.filter(rows)
         idx = np.flatnonzero(rows.to_numpy())
-        pdf = self._pandas(sub, idx)
-        X = np.asarray(self._matrix(self.spec, pdf, f"the fixed part {self.fixed_text!r}"),
-                       dtype=np.float64)
-        if list(map(str, self.spec.column_names)) != self.names:  # pragma: no cover - defensive
-            raise MlsemError("internal: the encoding's column names changed")
-        S = {}
+        learned, self._learned = self._learned, None
+        if learned is not None and learned[0] is df and with_outcome:
+            X, S = learned[1], dict(learned[2])
+            pdf = None
+        else:
+            pdf = self._pandas(sub, idx)
+            X = np.asarray(self._matrix(self.spec, pdf, f"the fixed part {self.fixed_text!r}"),
+                           dtype=np.float64)
+            if list(map(str, self.spec.column_names)) != self.names:  # pragma: no cover - defensive
+                raise MlsemError("internal: the encoding's column names changed")
+            S = {}
         for e, name in self.slope_names.items():
+            if name in S:
+                continue
             if e in self.slope_specs:
                 S[name] = np.asarray(self._matrix(self.slope_specs[e], pdf, f"the random slope {e!r}"),
                                      dtype=np.float64)[:, 0]
