@@ -50,6 +50,22 @@ def _rows_text(rows, limit: int = 5) -> str:
     return s
 
 
+def _plain(fixed_text: str):
+    """(intercept, names) when the fixed part is plain column names, 1, 0 and
+    '- 1' only (nothing for formulaic to compute); else None."""
+    if not re.fullmatch(r"[A-Za-z0-9_.+\-\s]*", fixed_text):
+        return None
+    intercept, names = True, []
+    for sign, term in re.findall(r"([+-]?)\s*([^+\-\s]+)", fixed_text):
+        if term in ("1", "0"):
+            intercept = (term == "1") != (sign == "-")
+        elif _PLAIN.match(term) and sign != "-":
+            names += [term] if term not in names else []
+        else:
+            return None
+    return intercept, names
+
+
 def _is_factor_type(dt) -> bool:
     return dt == pl.Boolean or dt == pl.String or isinstance(dt, (pl.Categorical, pl.Enum))
 
@@ -106,7 +122,7 @@ class Encoding:
     @property
     def stateful(self) -> list:
         """Transforms whose state is learned from the data (center, scale, poly)."""
-        out = list(getattr(self.spec, "transform_state", {}) or {})
+        out = list(getattr(self.spec, "transform_state", None) or {})
         for sp in self.slope_specs.values():
             out += list(getattr(sp, "transform_state", {}) or {})
         return out
@@ -156,6 +172,16 @@ class Encoding:
                 raise MlsemError(
                     f"data: column {c!r} has one level ({', '.join(map(repr, lv))}) in the rows used for "
                     "estimation: a factor needs two or more (as in R, contrasts need two levels)")
+        plain = _plain(self.fixed_text)
+        if (plain is not None and all(c in numeric for c in plain[1])
+                and all(_PLAIN.match(e) and e in numeric for e in self.slopes)):
+            # numeric columns read as they are: the design is the data's own columns,
+            # nothing to learn (formulaic is not needed)
+            self.plain = True
+            self.spec = None
+            self.names = (["Intercept"] if plain[0] else []) + plain[1]
+            self.slope_names = {e: e for e in self.slopes}
+            return self
         import formulaic
 
         def learn_on(rows):
@@ -286,7 +312,12 @@ class Encoding:
         sub = df.filter(rows)
         idx = np.flatnonzero(rows.to_numpy())
         learned, self._learned = self._learned, None
-        if learned is not None and learned[0] is df and with_outcome:
+        if self.spec is None:      # plain numeric columns
+            X = np.empty((sub.height, len(self.names)))
+            for j, n in enumerate(self.names):
+                X[:, j] = 1.0 if n == "Intercept" else sub[n].cast(pl.Float64).to_numpy()
+            S, pdf = {}, None
+        elif learned is not None and learned[0] is df and with_outcome:
             X, S = learned[1], dict(learned[2])
             pdf = None
         else:

@@ -148,6 +148,22 @@ def _variables(expr: str, where: str) -> list:
         raise MlsemError(f"formula: cannot read {expr!r} in {where!r}: {exc}") from None
 
 
+def _plain_terms(parts):
+    """(intercept, column names) when the fixed terms are plain column names,
+    ``1``, ``0`` or ``- 1``; else None (formulaic reads them)."""
+    intercept, names = True, []
+    for t in parts:
+        body = t.lstrip("-").strip()
+        if body in ("1", "0"):
+            intercept = (body == "1") != t.startswith("-")
+        elif _NAME.match(body) and not t.startswith("-"):
+            if body not in names:
+                names.append(body)
+        else:
+            return None
+    return intercept, names
+
+
 def parse_formula(text: str) -> Formula:
     if not isinstance(text, str) or "~" not in text:
         raise MlsemError(f"formula: expected 'outcome ~ terms', got {text!r}")
@@ -210,25 +226,15 @@ def parse_formula(text: str) -> Formula:
         else:
             fixed_text += (" + " if fixed_text else "") + t
     fixed_text = fixed_text or "1"
-    variables = list(dict.fromkeys(_variables(fixed_text, text) + variables))
+    plain = _plain_terms(fixed_parts)
+    fixed_vars = plain[1] if plain is not None else _variables(fixed_text, text)
+    variables = list(dict.fromkeys(fixed_vars + variables))
     if outcome in variables:
         raise MlsemError(f"formula: the outcome {outcome!r} is also a covariate in {text!r}")
     # a fixed part of plain column names (the grammar before formulaic) is known
     # without the data: fill it in for callers that prepare numeric columns themselves
-    intercept, plain = True, []
-    for t in fixed_parts:
-        body = t.lstrip("-").strip()
-        if body in ("1", "0"):
-            intercept = (body == "1") != t.startswith("-")
-        elif _NAME.match(body) and not t.startswith("-"):
-            if body not in plain:
-                plain.append(body)
-        else:
-            plain = None
-            break
-    if plain is None:
-        plain, intercept = [], True
-    return Formula(outcome, intercept, tuple(plain), tuple(random), text, fixed_text, tuple(variables))
+    intercept, names = plain if plain is not None else (True, [])
+    return Formula(outcome, intercept, tuple(names), tuple(random), text, fixed_text, tuple(variables))
 
 
 def effects_of(formula: Formula) -> dict:

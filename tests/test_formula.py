@@ -442,3 +442,15 @@ def test_cli_fit_and_predict_with_formulas(sim, tmp_path):
     assert main(["predict", str(tmp_path / "d.parquet"), "-f", f, "--newdata", str(tmp_path / "bad.parquet"),
                  "--out", str(tmp_path / "b.parquet"), "-q"]) == 2
     assert not (tmp_path / "b.parquet").exists()
+
+
+def test_plain_numeric_formula_needs_no_formulaic():
+    """A fixed part of numeric columns is the data's own columns: formulaic (and
+    pandas) are not even imported, so the first fit pays nothing for them."""
+    import subprocess
+    import sys
+    code = ("import sys, mlsem; r = mlsem.fit(mlsem.example_data(), 'y ~ x + (1 + x | k) + (1 | k:j)'); "
+            "r.predict(mlsem.example_data().head(3), se=True); "
+            "print('formulaic' in sys.modules, 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
