@@ -194,13 +194,7 @@ class Encoding:
                 except Exception as exc:
                     raise MlsemError(f"formula: cannot encode the fixed part {self.fixed_text!r}: "
                                      f"{type(exc).__name__}: {exc}") from None
-        # numeric columns read as they are have no state to learn: the spec of a
-        # few rows is the spec, and the data columns are the design (no copy)
-        mm = learn_on(sub.head(64)) if not factors else None
-        self.plain = (mm is not None and not (getattr(mm.model_spec, "transform_state", None) or {})
-                      and all(n in numeric for n in mm.columns if n != "Intercept"))
-        if not self.plain:
-            mm = learn_on(sub)
+        mm = learn_on(sub)
         self.spec = mm.model_spec
         self.names = [str(c) for c in mm.columns]
         if "Intercept" in self.names and self.names[0] != "Intercept":
@@ -227,9 +221,8 @@ class Encoding:
             self.slope_specs[e] = smm.model_spec
             self.slope_names[e] = str(smm.columns[0])
             learned_S[self.slope_names[e]] = np.asarray(smm, dtype=np.float64)[:, 0]
-        if not self.plain:
-            # the matrices just built are the design of these rows: apply(df) reuses them
-            self._learned = (df, np.asarray(mm, dtype=np.float64), learned_S)
+        # the matrices just built are the design of these rows: apply(df) reuses them
+        self._learned = (df, np.asarray(mm, dtype=np.float64), learned_S)
         taken = set(df.columns) - set(numeric)
         for n in self.fixed + list(self.slope_names.values()):
             if n in taken:
@@ -351,7 +344,7 @@ class Encoding:
         """``df`` with the design columns added (numeric covariates read as they
         are).  A row with a null covariate gets nulls; with ``with_outcome`` a row
         whose outcome is null (a missing cell) is not encoded and gets zeros."""
-        if getattr(self, "plain", False) and not self.slope_specs:
+        if self.plain:
             self._check_finite(df)       # the design is the data's own numeric columns
             return df
         rows, X, S = self.design(df, with_outcome)
