@@ -1,9 +1,10 @@
-"""mlsem benchmark suite: mlsem against lme4, statsmodels MixedLM, OpenMx and lavaan.
+"""mlsem benchmark suite: mlsem against lme4, statsmodels MixedLM, mixedlm, OpenMx and lavaan.
 
     python benchmarks/run.py                     # 10k, 100k, 1M rows + the wide case
     python benchmarks/run.py --size 250000       # add a size of your own
     python benchmarks/run.py --parquet my.parquet --formula "score ~ ses + (1 | district/school)"
     python benchmarks/run.py --quick --no-peers  # a few seconds: the harness itself
+    python benchmarks/run.py --issue14           # + medium, 1.15M and 10M rows, the load test
 
 Every fit runs in a fresh process, so its peak resident memory (from wait4) is
 its own; the runs of one case are interleaved across tools (mlsem, lme4, ...,
@@ -11,7 +12,9 @@ mlsem, lme4, ...) so that a busy machine slows all of them alike.  A tool's
 time is the median over the repeats.  What is timed: mlsem end to end from
 the Parquet file to its results object (reading, preparation, optimisation,
 standard errors); lme4 the ``lmer()`` call; statsmodels model construction and
-``fit()``; OpenMx ``mxRun``; lavaan ``sem()``.  Interpreter start, package
+``fit()``; mixedlm (``pip install mixedlm``, lme4's algorithm with a Rust core;
+skipped with a line where not installed) ``lmer(REML=False)`` and ``vcov()``;
+OpenMx ``mxRun``; lavaan ``sem()``.  Interpreter start, package
 loading and (for the peers) reading the data are not timed.
 
 Data: ``mlsem.simulate`` with fixed seeds, the design of the reference case
@@ -54,6 +57,8 @@ ROWS_PER_COUNTY = 57.75          # E[schools] * E[pupils] = 5.5 * 10.5
 SEED = 20240104
 WIDE_CASE = os.path.join(ROOT, "tests", "reference", "unbalanced.parquet")
 WIDE_FORMULA = "y ~ x1 + z + (1 | k/j)"
+MEDIUM_CASE = os.path.join(ROOT, "tests", "reference", "medium.parquet")
+ISSUE14_COUNTIES = (20_000, 174_000)      # 1.15M and 10M rows of the medium design
 
 
 def log(msg):
@@ -161,6 +166,13 @@ def available_peers(wanted):
                 have.append(tool)
             except ImportError:
                 skipped.append("skipped statsmodels: the Python package statsmodels is not installed")
+        elif tool == "mixedlm":
+            try:
+                import mixedlm  # noqa: F401
+                have.append(tool)
+            except ImportError:
+                skipped.append("skipped mixedlm: the Python package mixedlm is not installed "
+                               "(pip install mixedlm)")
     return have, skipped
 
 
@@ -220,6 +232,8 @@ def command(tool, case, threads):
         return [py, w, "mlsem", case["path"], case["formula"]] + ([str(threads)] if threads else [])
     if tool == "statsmodels":
         return [py, w, "statsmodels", case["path"], case["formula"]]
+    if tool == "mixedlm":
+        return [py, w, "mixedlm", case["path"], case["formula"]]
     if tool == "mlsem-sem":
         return [py, w, "mlsem-sem", case["wide_csv"], case["lav"]]
     if tool == "lme4":
@@ -257,6 +271,11 @@ def main(argv=None):
     ap.add_argument("--no-relaxed", action="store_true",
                     help="skip the relaxed-against-standard fits on the largest case")
     ap.add_argument("--quick", action="store_true", help="2,000 rows, one repeat, no wide case")
+    ap.add_argument("--issue14", action="store_true",
+                    help="add issue 14's cases: the reference case medium, the medium design "
+                         "simulated with 20,000 counties (1.15M rows) and 174,000 counties (10M "
+                         "rows, generated here, not committed), and the load benchmark "
+                         "(benchmarks/load.py on medium); print the issue's ratios")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args(argv)
 
@@ -264,13 +283,17 @@ def main(argv=None):
     if a.quick:
         sizes, a.repeats, a.no_wide = [2_000], 1, True
     sizes = sorted(set(sizes + a.size))
+    if a.issue14 and not a.quick:
+        a.counties = sorted(set(a.counties + list(ISSUE14_COUNTIES)))
+        if os.path.exists(MEDIUM_CASE) and MEDIUM_CASE not in a.parquet:
+            a.parquet.append(MEDIUM_CASE)
     os.makedirs(a.out, exist_ok=True)
     datadir = os.path.join(a.out, "data")
     os.makedirs(datadir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="mlsem_bench_")
 
-    peers_long = [] if a.no_peers else ["lme4", "statsmodels"]
-    peers_wide = [] if a.no_peers else ["lme4", "statsmodels", "OpenMx", "lavaan"]
+    peers_long = [] if a.no_peers else ["lme4", "statsmodels", "mixedlm"]
+    peers_wide = [] if a.no_peers else ["lme4", "statsmodels", "mixedlm", "OpenMx", "lavaan"]
     have, skipped = available_peers(sorted(set(peers_long + peers_wide)))
     for s in skipped:
         print(s)
@@ -380,9 +403,10 @@ def main(argv=None):
                 print("\n".join(lines[2:-1]))
             else:
                 print(f"relaxed fits failed: {r.stderr.strip()[-300:]}")
+    issue = issue14_report(summary, a) if a.issue14 and not a.quick else None
     payload = {"machine": machine(), "command": sys.argv, "repeats": a.repeats,
                "skipped": skipped, "summary": summary, "thread_scaling": scaling,
-               "relaxed": relaxed, "runs": runs}
+               "relaxed": relaxed, "issue14": issue, "runs": runs}
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)
     with open(os.path.join(a.out, "results.md"), "w") as f:
@@ -390,6 +414,49 @@ def main(argv=None):
     plot(summary, os.path.join(a.out, "times.png"))
     shutil.rmtree(tmp, ignore_errors=True)
     return payload
+
+
+def issue14_report(summary, a):
+    """Issue 14's numbers from this run: per case mlsem's median seconds, its
+    ratios to mixedlm and lme4 and its peak memory; the 1.15M -> 10M time ratio;
+    the load benchmark on medium."""
+    med = {(s["case"], s["tool"]): s for s in summary}
+    out = {"cases": {}}
+    names = {"medium": os.path.basename(MEDIUM_CASE)}
+    names.update({f"{n:,} counties": f"simulated {n:,} counties" for n in ISSUE14_COUNTIES})
+    print("\nissue 14:")
+    for label, case in names.items():
+        m = med.get((case, "mlsem"))
+        if m is None:
+            continue
+        row = {"rows": m["rows"], "mlsem_s": m["median_seconds"], "peak_mb": m.get("peak_mb")}
+        for t in ("mixedlm", "lme4", "statsmodels"):
+            p = med.get((case, t))
+            if p is not None:
+                row[f"ratio_to_{t}"] = m["median_seconds"] / p["median_seconds"]
+        out["cases"][label] = row
+        ratios = ", ".join(f"{k[9:]} {v:.3f}" for k, v in row.items() if k.startswith("ratio_to_"))
+        peak = f", peak {row['peak_mb']:.0f} MB" if row.get("peak_mb") else ""
+        print(f"  {label} ({row['rows']:,} rows): mlsem {row['mlsem_s']:.3f} s{peak}"
+              + (f"; mlsem / {ratios}" if ratios else ""))
+    small, big = (out["cases"].get(f"{n:,} counties") for n in ISSUE14_COUNTIES)
+    if small and big:
+        out["scaling_1M_to_10M"] = big["mlsem_s"] / small["mlsem_s"]
+        print(f"  1.15M -> 10M rows: time ratio {out['scaling_1M_to_10M']:.2f} "
+              f"(rows ratio {big['rows'] / small['rows']:.2f})")
+    if os.path.exists(MEDIUM_CASE):
+        log("  load benchmark on medium")
+        r = subprocess.run([sys.executable, os.path.join(HERE, "load.py"), MEDIUM_CASE,
+                            "--repeats", str(max(a.repeats, 3)),
+                            "--json", os.path.join(a.out, "load.json")],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            with open(os.path.join(a.out, "load.json")) as f:
+                out["load"] = json.load(f)
+            print("  " + r.stdout.strip().splitlines()[0])
+        else:
+            print(f"  load benchmark failed: {r.stderr.strip()[-300:]}")
+    return out
 
 
 def summarise(runs, cases):

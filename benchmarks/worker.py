@@ -2,6 +2,7 @@
 
     python benchmarks/worker.py mlsem <data.parquet> <formula> [threads]
     python benchmarks/worker.py statsmodels <data.parquet> <formula>
+    python benchmarks/worker.py mixedlm <data.parquet> <formula>
     python benchmarks/worker.py mlsem-sem <wide.csv> <model.lav>
 
 Prints one JSON object: seconds, loglik, program (and, for mlsem, the
@@ -62,12 +63,33 @@ def run_statsmodels(path, formula):
             "program": f"statsmodels {statsmodels.__version__} MixedLM (ML)"}
 
 
+def run_mixedlm(path, formula):
+    """mixedlm (pip install mixedlm: lme4's algorithm with a Rust core), ML,
+    from an in-memory pandas frame (reading not timed, as statsmodels), standard
+    errors of the fixed effects (vcov) included."""
+    import polars as pl
+    import mixedlm
+    df = pl.read_parquet(path).to_pandas()
+    t0 = time.perf_counter()
+    res = mixedlm.lmer(formula, df, REML=False)
+    se = res.vcov()
+    sec = time.perf_counter() - t0
+    ll = res.logLik()
+    ll = float(getattr(ll, "value", ll))
+    del se
+    return {"seconds": sec, "loglik": ll,
+            "program": f"mixedlm {getattr(mixedlm, '__version__', '?')} lmer (ML)",
+            "evaluations": int(getattr(res, "function_evals", 0) or 0)}
+
+
 if __name__ == "__main__":
     tool, path, formula = sys.argv[1:4]
     if tool == "mlsem":
         out = run_mlsem(path, formula, int(sys.argv[4]) if len(sys.argv) > 4 else None)
     elif tool == "statsmodels":
         out = run_statsmodels(path, formula)
+    elif tool == "mixedlm":
+        out = run_mixedlm(path, formula)
     elif tool == "mlsem-sem":
         out = run_mlsem_sem(path, formula)
     else:

@@ -24,6 +24,7 @@ non-positive residual variance or a failed factorisation sets ``status`` != 0 so
 that the optimiser backs off; no NaN is produced.
 """
 from cython.parallel cimport prange, parallel, threadid
+import numpy as np
 from libc.math cimport log, sqrt
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -127,6 +128,60 @@ cdef void grad_tail(int m, const int* glob, const double* S, const double* U, do
         gth[slot[o0 + t]] += 0.5 * W2[t] - 0.5 * wsum * sinv[t]
     if hphi != NULL:
         hess_accum(m, glob, S, U, wsum, hidx, M, hphi, nh, ent, R)
+
+
+def _check_layout(const long long[::1] pat_ptr, const long long[::1] row_ptr,
+                  const int[::1] slot, Py_ssize_t nobs, Py_ssize_t nrows_w, int P,
+                  const int[:, ::1] slot_lat, int nl, int M, int maxn, int same_slots):
+    """The CSR layout the kernels index without bounds checks (issue 13): pattern
+    and row pointers nondecreasing and inside their arrays, every row of a pattern
+    with the pattern's number of observations (and, when ``same_slots``, its
+    slots), at most ``maxn`` of them, slots in [0, P) and in slot_lat, slot_lat
+    entries in [-1, M).  Raises ValueError naming what is wrong; O(observations)."""
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, nrows = row_ptr.shape[0] - 1, p, r, t
+    cdef long long o0, o, n, n0
+    cdef int s, k, g
+    if npat < 0 or nrows < 0:
+        raise ValueError("pat_ptr and row_ptr need at least one entry")
+    if npat == 0:
+        return
+    if pat_ptr[0] < 0 or pat_ptr[npat] > nrows:
+        raise ValueError(f"pat_ptr spans rows {pat_ptr[0]}..{pat_ptr[npat]}, outside the "
+                         f"{nrows} rows of row_ptr")
+    if nrows_w < pat_ptr[npat]:
+        raise ValueError(f"wrow has {nrows_w} entries for rows up to {pat_ptr[npat]}")
+    if slot_lat.shape[1] < nl:
+        raise ValueError(f"slot_lat has {slot_lat.shape[1]} columns, load {nl}")
+    for s in range(slot_lat.shape[0]):
+        for k in range(slot_lat.shape[1]):
+            g = slot_lat[s, k]
+            if g < -1 or g >= M:
+                raise ValueError(f"slot_lat[{s}, {k}] = {g} is not a latent index in [-1, {M})")
+    for p in range(npat):
+        if pat_ptr[p + 1] < pat_ptr[p]:
+            raise ValueError(f"pat_ptr decreases at pattern {p}")
+        if pat_ptr[p + 1] == pat_ptr[p]:
+            continue
+        r = pat_ptr[p]
+        o0 = row_ptr[r]
+        n0 = row_ptr[r + 1] - o0
+        if n0 > maxn:
+            raise ValueError(f"row {r} has {n0} observations, more than maxn = {maxn}")
+        for r in range(pat_ptr[p], pat_ptr[p + 1]):
+            o = row_ptr[r]
+            n = row_ptr[r + 1] - o
+            if o < 0 or n < 0 or row_ptr[r + 1] > nobs:
+                raise ValueError(f"row_ptr[{r}:{r + 2}] = ({o}, {row_ptr[r + 1]}) is not a "
+                                 f"range of the {nobs} observations")
+            if n != n0:
+                raise ValueError(f"row {r} has {n} observations, its pattern {p} {n0}")
+            for t in range(n):
+                s = slot[o + t]
+                if s < 0 or s >= P or s >= slot_lat.shape[0]:
+                    raise ValueError(f"slot[{o + t}] = {s} is not a slot index in [0, "
+                                     f"{min(P, slot_lat.shape[0])})")
+                if same_slots and s != slot[o0 + t]:
+                    raise ValueError(f"row {r} does not have the slots of its pattern {p}")
 
 
 cdef int USE_ARROWHEAD = 1
@@ -633,6 +688,37 @@ cdef int factor_pattern(
     return status
 
 
+cdef enum:
+    ALLOC_FAIL = 9
+
+ALLOC_FAILED = ALLOC_FAIL     # status_t value of a thread whose scratch allocation failed
+
+
+def _raise_alloc(const int[::1] status_t, Py_ssize_t nbytes):
+    cdef Py_ssize_t i
+    for i in range(status_t.shape[0]):
+        if status_t[i] == ALLOC_FAIL:
+            raise MemoryError(f"mlsem kernel: a thread's scratch of about {nbytes} bytes could "
+                              "not be allocated (maxn / maxm / maxc too large for this machine)")
+
+
+def _check_outputs(Py_ssize_t nres, Py_ssize_t nload, Py_ssize_t nw, Py_ssize_t nslot,
+                   Py_ssize_t nll, Py_ssize_t ngphi, Py_ssize_t gphi_w, Py_ssize_t ngth,
+                   Py_ssize_t gth_w, Py_ssize_t nstatus, int nthreads, int M, Py_ssize_t gth_need,
+                   int need_grad):
+    """Per-observation arrays of one length; per-thread outputs with a row per thread
+    and room for M * M (dl/dPhi) and ``gth_need`` (dl/dTheta) entries."""
+    if not (nres == nload == nw == nslot):
+        raise ValueError(f"per-observation arrays differ in length: resid {nres}, load {nload}, "
+                         f"w_out {nw}, slot {nslot}")
+    if nll < nthreads or nstatus < nthreads or ngphi < nthreads or ngth < nthreads:
+        raise ValueError(f"per-thread outputs need {nthreads} rows: ll_t {nll}, status_t "
+                         f"{nstatus}, gphi_t {ngphi}, gth_t {ngth}")
+    if need_grad and (gphi_w < <Py_ssize_t>M * M or gth_w < gth_need):
+        raise ValueError(f"gphi_t rows need M * M = {M * M} entries (have {gphi_w}), gth_t rows "
+                         f"{gth_need} (have {gth_w})")
+
+
 def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                   const int[::1] slot, double[::1] resid,
                   const double[:, ::1] load, const int[:, ::1] slot_lat,
@@ -643,7 +729,8 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                   int maxn, int maxm, int maxc, int nthreads, int need_grad,
                   const double[::1] y=None, const double[:, ::1] X=None,
                   const double[::1] beta=None, double[:, ::1] gbeta_t=None,
-                  const int[::1] hidx=None, double[:, ::1] hphi_t=None, bint unit_load=False):
+                  const int[::1] hidx=None, double[:, ::1] hphi_t=None, bint unit_load=False,
+                  bint validate=True):
     """Factor (Woodbury) path. Per-thread outputs: ll_t[nt], gphi_t[nt, M*M],
     gth_t[nt, P] (dl/dtheta per slot), status_t[nt]; w_out[nobs] (weighted w).
 
@@ -660,7 +747,13 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
 
     ``unit_load``: every loading of a present latent is 1 (random intercepts); the
     row loops of the arrowhead and single-latent paths then do not read ``load``
-    (16 bytes less memory traffic per observation)."""
+    (16 bytes less memory traffic per observation).
+
+    ``validate`` (default): check the shapes of every array against each other
+    and the CSR layout (``_check_layout``, one pass over the observations) and
+    raise ValueError instead of reading or writing out of bounds; a caller that
+    evaluates the same layout many times checks it once.  A per-thread scratch
+    allocation that fails raises MemoryError (not a non-positive-definite status)."""
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
     cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
     cdef int fused = y is not None, q = 0
@@ -692,16 +785,32 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
             if hidx[i] >= nh:
                 raise ValueError(f"Hessian mode: hidx[{i}] = {hidx[i]} is not below nh = {nh}")
         hidx_p = &hidx[0]
-    cdef int mm = maxm if maxm > 0 else 1
-    cdef int cc = maxc if maxc > 0 else 1
-    cdef int nn = maxn if maxn > 0 else 1
-    cdef int big = mm if mm > cc else cc
+    cdef Py_ssize_t mm = maxm if maxm > 0 else 1
+    cdef Py_ssize_t cc = maxc if maxc > 0 else 1
+    cdef Py_ssize_t nn = maxn if maxn > 0 else 1
+    cdef Py_ssize_t big = mm if mm > cc else cc
     cdef Py_ssize_t nd = 4 * nn + mm * cc * 2 + cc * cc + cc * mm + 4 * mm * mm + big * big + 3 * mm
     if nthreads < 1:
         nthreads = 1
     if not MLSEM_HAVE_OPENMP:
         nthreads = 1
     cdef Py_ssize_t P = theta.shape[0], s
+    if validate:
+        _check_outputs(resid.shape[0], load.shape[0], w_out.shape[0], slot.shape[0],
+                       ll_t.shape[0], gphi_t.shape[0], gphi_t.shape[1], gth_t.shape[0],
+                       gth_t.shape[1], status_t.shape[0], nthreads, M, P, need_grad)
+        if F.shape[1] != M or blk_start.shape[0] < M or blk_end.shape[0] < M:
+            raise ValueError(f"F must be square (M = {M}) and blk_start, blk_end have M entries")
+        for i in range(M):
+            if blk_start[i] < 0 or blk_end[i] > M or blk_start[i] > i or blk_end[i] <= i:
+                raise ValueError(f"latent {i}: block [{blk_start[i]}, {blk_end[i]}) does not hold it")
+        if maxm < (M if M < maxn * nl else maxn * nl) or maxc < M:
+            raise ValueError(f"maxm = {maxm} and maxc = {maxc}: scratch for min(M, maxn * nl) "
+                             f"latents and M = {M} factor columns is needed")
+        if fused and gbeta_t.shape[0] < nthreads:
+            raise ValueError(f"gbeta_t has {gbeta_t.shape[0]} rows for {nthreads} threads")
+        _check_layout(pat_ptr, row_ptr, slot, resid.shape[0], wrow.shape[0], <int>P, slot_lat,
+                      nl, M, maxn, 1)
     cdef double* thinfo = <double*>malloc((2 * P + 1) * sizeof(double))
     if thinfo == NULL:
         raise MemoryError()
@@ -716,6 +825,7 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         tid = threadid()
         loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 4 + 3 * mm * mm) * sizeof(int))
         dbuf = <double*>malloc((nd + 16 + q + 2 * mm * mm) * sizeof(double))
+        # (sizes in Py_ssize_t: maxm = 50,000 overflowed an int)
         if loc != NULL and dbuf != NULL:
             colloc = loc + M
             ibuf = colloc + M
@@ -767,10 +877,11 @@ def factor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
             for c in range(q):
                 gbeta_t[tid, c] = gb[c]
         else:
-            status_t[tid] = 9
+            status_t[tid] = ALLOC_FAIL
         free(loc)
         free(dbuf)
     free(thinfo)
+    _raise_alloc(status_t, (nd + 16 + q + 2 * mm * mm) * sizeof(double))
     return 0
 
 
@@ -779,6 +890,9 @@ def residuals(const double[::1] y, const double[:, ::1] X, const double[::1] bet
     """out = y - X beta, one parallel pass (no temporaries)."""
     cdef Py_ssize_t n = y.shape[0], i
     cdef int q = X.shape[1], c
+    if X.shape[0] != n or out.shape[0] != n or beta.shape[0] != q:
+        raise ValueError(f"residuals: y {n}, X {X.shape[0]} x {q}, beta {beta.shape[0]}, "
+                         f"out {out.shape[0]} do not agree")
     cdef double acc
     if nthreads < 1 or not MLSEM_HAVE_OPENMP:
         nthreads = 1
@@ -791,13 +905,25 @@ def residuals(const double[::1] y, const double[:, ::1] X, const double[::1] bet
     return 0
 
 
-def xt_w(const double[:, ::1] X, const double[::1] w, double[:, ::1] out_t, int nthreads):
+def xt_w(const double[:, ::1] X, const double[::1] w, double[:, ::1] out_t, int nthreads,
+         int[::1] status=None):
     """out_t[ch] = X' w over the ch-th of out_t.shape[0] chunks of rows (the caller
-    sums the rows)."""
+    sums the rows).  ``status[ch]`` (if given, one entry per chunk) is set to
+    ALLOC_FAILED where a chunk's accumulator could not be allocated, 0 otherwise;
+    either way a failed allocation raises MemoryError (no unwritten row is
+    left to be summed)."""
     cdef Py_ssize_t n = X.shape[0], i, lo, hi, chunk, ch
     cdef Py_ssize_t nch = out_t.shape[0]
     cdef int q = X.shape[1], c
     cdef double* acc
+    if w.shape[0] != n:
+        raise ValueError(f"xt_w: w has {w.shape[0]} entries, X {n} rows")
+    if out_t.shape[1] < q or nch < 1:
+        raise ValueError(f"xt_w: out_t ({out_t.shape[0]} x {out_t.shape[1]}) needs at least one "
+                         f"row of {q} entries")
+    cdef int[::1] st = status if status is not None else np.zeros(nch, dtype=np.int32)
+    if st.shape[0] < nch:
+        raise ValueError(f"xt_w: status has {st.shape[0]} entries for {nch} chunks")
     if nthreads < 1 or not MLSEM_HAVE_OPENMP:
         nthreads = 1
     chunk = (n + nch - 1) // nch
@@ -817,6 +943,10 @@ def xt_w(const double[:, ::1] X, const double[::1] w, double[:, ::1] out_t, int 
                 for c in range(q):
                     out_t[ch, c] = acc[c]
                 free(acc)
+                st[ch] = 0
+            else:
+                st[ch] = ALLOC_FAIL
+    _raise_alloc(st, (q + 1) * sizeof(double))
     return 0
 
 
@@ -912,15 +1042,26 @@ def dense_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                  const double[::1] wrow,
                  double[::1] w_out, double[::1] ll_t, double[:, ::1] gphi_t,
                  double[:, ::1] gth_t, int[::1] status_t,
-                 int maxn, int nthreads, int need_grad):
+                 int maxn, int nthreads, int need_grad, bint validate=True):
     """Dense path. Per-thread outputs: ll_t[nt], gphi_t[nt, M*M],
-    gth_t[nt, P*P] (dl/dTheta), status_t[nt]; w_out[nobs] (weighted w)."""
+    gth_t[nt, P*P] (dl/dTheta), status_t[nt]; w_out[nobs] (weighted w).
+    ``validate``: as factor_loglik's (shapes and layout checked, ValueError);
+    a failed scratch allocation raises MemoryError."""
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
     cdef int M = Phi.shape[0], P = Theta.shape[0], tid, st
-    cdef int nn = maxn if maxn > 0 else 1
+    cdef Py_ssize_t nn = maxn if maxn > 0 else 1
     cdef double* buf
     if nthreads < 1 or not MLSEM_HAVE_OPENMP:
         nthreads = 1
+    if validate:
+        _check_outputs(resid.shape[0], load.shape[0], w_out.shape[0], slot.shape[0],
+                       ll_t.shape[0], gphi_t.shape[0], gphi_t.shape[1], gth_t.shape[0],
+                       gth_t.shape[1], status_t.shape[0], nthreads, M, <Py_ssize_t>P * P, need_grad)
+        if Phi.shape[1] != M or Theta.shape[1] != P:
+            raise ValueError(f"Phi ({Phi.shape[0]} x {Phi.shape[1]}) and Theta ({Theta.shape[0]} "
+                             f"x {Theta.shape[1]}) must be square")
+        _check_layout(pat_ptr, row_ptr, slot, resid.shape[0], wrow.shape[0], P, slot_lat,
+                      load.shape[1], M, maxn, 1)
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
         buf = <double*>malloc((3 * nn * nn + nn + 8) * sizeof(double))
@@ -934,6 +1075,7 @@ def dense_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                     if st != 0:
                         status_t[tid] = st
         else:
-            status_t[tid] = 9
+            status_t[tid] = ALLOC_FAIL
         free(buf)
+    _raise_alloc(status_t, (3 * nn * nn + nn + 8) * sizeof(double))
     return 0

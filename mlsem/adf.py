@@ -75,7 +75,10 @@ class Moments:
     """The sample statistics of complete wide data (Y: n x P, X: n x q) and
     their ADF covariance Gamma (fixed.x)."""
 
-    def __init__(self, Y, X, names, unbiased=True):
+    def __init__(self, Y, X, names, unbiased=True, check=True, what="method='adf'"):
+        """``check``: refuse N <= number of moments (ADF inverts Gamma; the
+        scaled test needs only Gamma itself: check=False).  ``what`` names the
+        caller in the messages."""
         n, P = Y.shape
         q = X.shape[1]
         self.n, self.P, self.q = n, P, q
@@ -86,19 +89,22 @@ class Moments:
         keep = (a < P) | (b < P)
         self.pa, self.pb = a[keep], b[keep]
         self.nmom = P + int(keep.sum())
-        if n <= self.nmom:
+        self.what = what
+        if check and n <= self.nmom:
             raise MlsemError(
-                f"method='adf' needs more units than moments: {n} unit(s) for {self.nmom} sample "
+                f"{what} needs more units than moments: {n} unit(s) for {self.nmom} sample "
                 f"moments ({P} means, {self.nmom - P} variances and covariances of the "
                 f"{P} outcome(s) with each other and with the {q} covariate(s)); the ADF weight "
                 "matrix (the inverse of the moments' fourth-order covariance Gamma) is singular "
                 f"unless there are at least {self.nmom + 1} units. Use method='ml' (FIML)")
         const = [c for c in range(p) if np.ptp(Z[:, c]) == 0.0]
         if const:
+            adf = what == "method='adf'"
             raise MlsemError(
-                f"method='adf': column {self.names[const[0]]!r} is constant, so the ADF weight "
-                "matrix (the inverse of Gamma, the covariance of the sample moments) is singular; "
-                "drop it from the model or use method='ml'")
+                f"{what}: column {self.names[const[0]]!r} is constant, so "
+                + ("the ADF weight matrix (the inverse of Gamma, the covariance of the sample "
+                   "moments) is singular; drop it from the model or use method='ml'" if adf else
+                   "its moments have no variance; drop it from the model"))
         mean = Z.mean(axis=0)
         Zc = Z - mean
         S = Zc.T @ Zc / (n - 1 if unbiased else n)
@@ -119,21 +125,34 @@ class Moments:
 
     @property
     def W(self):
-        """Gamma^-1 (ADF's weight matrix), or a clear error if Gamma is singular."""
+        """Gamma^-1 (ADF's weight matrix), or a clear error if Gamma is singular.
+        The test and the inverse use the correlation form D^-1/2 Gamma D^-1/2
+        (D = diag(Gamma)), as lavaan does, so they do not depend on the units of
+        the variables."""
         if self._W is None:
             G = self.Gamma
-            lam, V = np.linalg.eigh(G)
+            dg = np.diag(G).copy()
+            if np.any(dg <= 0.0) or not np.all(np.isfinite(dg)):
+                r = int(np.flatnonzero(~(dg > 0.0))[0])
+                raise MlsemError(
+                    "method='adf': the covariance of the sample moments (Gamma) is singular: the "
+                    f"moment {self.moment_names()[r]} does not vary across units, so the ADF weight "
+                    "matrix does not exist. Use method='ml'")
+            sd = np.sqrt(dg)
+            Gs = G / np.outer(sd, sd)
+            lam, V = np.linalg.eigh(Gs)
             if lam.min() <= 1e-12 * max(lam.max(), 1e-300):
                 k = int(np.argmin(lam))
                 v = np.abs(V[:, k])
                 r = int(np.argmax(v))
                 raise MlsemError(
                     "method='adf': the covariance of the sample moments (Gamma) is singular, so the "
-                    f"ADF weight matrix does not exist (smallest eigenvalue {lam.min():.3g}; the "
-                    f"moment most involved is {self.moment_names()[r]}): a variable is constant or "
-                    "a linear function of others. Use method='ml'")
-            self._W = V @ np.diag(1.0 / lam) @ V.T
-            self._W = 0.5 * (self._W + self._W.T)
+                    f"ADF weight matrix does not exist (smallest eigenvalue of its correlation form "
+                    f"{lam.min():.3g}; the moment most involved is {self.moment_names()[r]}): a "
+                    "variable is constant or a linear function of others. Use method='ml'")
+            Wi = (V / lam) @ V.T
+            W = Wi / np.outer(sd, sd)
+            self._W = 0.5 * (W + W.T)
         return self._W
 
     def moment_names(self):
@@ -238,14 +257,15 @@ class MultilevelMoments:
     others, e.g. a top-level covariate repeated in every slot, kept once), and
     the implied moments with analytic derivatives from the parameter table."""
 
-    def __init__(self, prep, table, unbiased=True, what="method='adf'"):
+    def __init__(self, prep, table, unbiased=True, what="method='adf'", check=True):
+        alt = "; use method='ml'" if what == "method='adf'" else ""
         if getattr(table, "theta_func", None) is not None:
             raise MlsemError(f"{what}: not available for a structured residual covariance "
                              "(residuals= ar1 or another correlation structure): its moments are not "
-                             "linear in the parameters; use method='ml'")
+                             f"linear in the parameters{alt}")
         if np.any(prep.load != 1.0):
             raise MlsemError(f"{what}: not available with random slopes (the wide form's covariance "
-                             "depends on each unit's covariates); use method='ml'")
+                             f"depends on each unit's covariates){alt}")
         n, P = prep.nrows, prep.nslots
         self.prep, self.table = prep, table
         rowid = np.repeat(np.arange(n), np.diff(prep.row_ptr))
@@ -273,10 +293,19 @@ class MultilevelMoments:
         one = np.ones((n, 1))
         from scipy.linalg import qr
         A = np.hstack([one, Zf])
-        _, R, piv = qr(A, mode="economic", pivoting=True)
-        dg = np.abs(np.diag(R))
-        keep = np.sort(piv[dg > 1e-10 * dg.max()])
-        keep = keep[keep != 0]
+        # constant columns (every slot's intercept, a covariate constant in the
+        # data) are linear in the intercept: drop them first, then choose a basis
+        # of the centred rest by pivoted QR (pivoting among tied constant columns
+        # would depend on rounding)
+        nz = np.flatnonzero(np.ptp(Zf, axis=0) > 0.0) if n else np.zeros(0, dtype=np.int64)
+        if len(nz):
+            Ac = Zf[:, nz] - Zf[:, nz].mean(axis=0)
+            Ac /= np.linalg.norm(Ac, axis=0)        # the rank decision is scale-free
+            _, R, piv = qr(Ac, mode="economic", pivoting=True)
+            dg = np.abs(np.diag(R))
+            keep = np.sort(nz[piv[dg > 1e-10 * dg.max()]] + 1)
+        else:
+            keep = np.zeros(0, dtype=np.int64)
         Xk = A[:, keep]
         B1 = np.hstack([one, Xk])
         Cmap, *_ = np.linalg.lstsq(B1, Zf, rcond=None)
@@ -286,7 +315,7 @@ class MultilevelMoments:
         self.xnames = [xn[k - 1] for k in keep]
         self.C3 = Cmap.reshape(1 + len(keep), P, qd)
         self.Y, self.X = Y, Xk
-        self.mom = Moments(Y, Xk, names + self.xnames, unbiased=unbiased)
+        self.mom = Moments(Y, Xk, names + self.xnames, unbiased=unbiased, check=check, what=what)
         M = prep.nlatent
         Lam = np.zeros((P, max(M, 1)))
         for k in range(prep.slot_lat.shape[1]):
@@ -345,6 +374,18 @@ class AdfObjective:
         Wd = self.W @ d
         return float(d @ Wd), -2.0 * D.T @ Wd, D
 
+    def decrement(self, g, D):
+        """The decrease of F that a Gauss-Newton step would still bring,
+        g' H^-1 g / 4 (H = Delta' W Delta): F is unit-free (W is the inverse of
+        the moments' covariance), and so is this, unlike the gradient, whose
+        entries scale with the parameters' units."""
+        H = D.T @ self.W @ D
+        try:
+            step = np.linalg.solve(H, g)
+        except np.linalg.LinAlgError:
+            step = np.linalg.lstsq(H, g, rcond=None)[0]
+        return abs(float(g @ step)) / 4.0
+
     def minimize(self, psi0, maxiter=500, tol=1e-12):
         """Gauss-Newton (the objective is a weighted sum of squares) with step
         halving; then, if it stalled, BFGS from there.  Returns (psi, F, info)."""
@@ -374,7 +415,7 @@ class AdfObjective:
             small = np.max(np.abs(t * step) / np.maximum(np.abs(psi), 1.0)) < 1e-10
             done = abs(f - fn) <= tol * max(1.0, abs(fn))
             f = fn
-            if small or (done and np.max(np.abs(g)) < 1e-6):
+            if small or (done and self.decrement(g, D) < 1e-10):
                 converged = True
                 break
         if not converged:
@@ -383,7 +424,7 @@ class AdfObjective:
                          options={"gtol": 1e-10, "maxiter": 10000})
             psi = r.x
             f, g, D = self.value_grad(psi)
-            converged = bool(r.success) or np.max(np.abs(g)) < 1e-6
+            converged = bool(r.success) or self.decrement(g, D) < 1e-10
         H = D.T @ self.W @ D
         return psi, f, {"iterations": it, "converged": converged, "grad": g, "info": H, "jacobian": D}
 

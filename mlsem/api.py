@@ -59,7 +59,7 @@ def _ols_loglik(y, X):
 def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         weights: str | None = None, method: str = "ml",
         effects: dict | None = None, residuals: dict | None = None,
-        coefficients: dict | None = None,
+        coefficients: dict | None = None, df: str | None = None,
         backend: str = "auto", nthreads: int | None = None, progress=None,
         client=None, npartitions: int | None = None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
@@ -84,6 +84,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     ``effects``, ``residuals``, ``coefficients``: relaxations of the mixed
     model's constraints (mlsem.relax), e.g. ``effects={"j": {"variance": "slot"}}``,
     ``residuals={"correlation": "ar1"}``, ``coefficients={"x": "j"}``.
+    ``df``: None (normal-theory z tests), "satterthwaite" (lmerTest's; ML or
+    REML) or "kenward-roger" (pbkrtest's; REML only): t tests of the fixed
+    effects on small-sample df (mlsem.smallsample).
     ``progress``: None (silent), or a callable ``progress(iteration, loglik)``
     called after each optimiser iteration; if the object also has methods
     ``prepared(prep)`` (called once the data are reshaped, with the prepared
@@ -98,6 +101,14 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     MLSEM_NUM_THREADS).
     """
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
+    from .smallsample import apply_df, check_df_option
+    df_method = check_df_option(df, opts.method)
+    if df_method is not None:
+        if backend == "dask":
+            raise MlsemError("df= is not available with backend='dask'")
+        if opts.vce != "mixed" or opts.weights:
+            raise MlsemError(f"df={df!r} needs vce='mixed' and no weights (small-sample df "
+                             "refer to the model-based covariance of the fixed effects)")
     relax_effects = effects
     relaxed = bool(effects or residuals or coefficients)
     t0 = time.perf_counter()
@@ -149,13 +160,19 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     if opts.method == "adf":
         from .bridge import multilevel_adf
-        return multilevel_adf(model, opts, F, prep, t0, t1)
+        res = multilevel_adf(model, opts, F, prep, t0, t1)
+        res.encoding = encoding
+        return res
     if opts.method == "reml":
         if relaxed:
             raise MlsemError("method='reml' is not supported with effects=, residuals= or "
                              "coefficients= yet: fit the relaxed model by ML")
         res = fit_reml(model, opts, F, prep, t0, t1)
         res.encoding = encoding
+        if df_method is not None:
+            t3 = time.perf_counter()
+            res = apply_df(res, df_method, res.reml_info)
+            res.timings["df"] = time.perf_counter() - t3
         return res
     start = None
     if table is not base_table and needs_warm_start(table):
@@ -169,7 +186,12 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     t2 = time.perf_counter()
     res = _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
     res.encoding = encoding
-    return apply_vce(res, opts, unit)
+    res = apply_vce(res, opts, unit)
+    if df_method is not None:
+        t3 = time.perf_counter()
+        res = apply_df(res, df_method)
+        res.timings["df"] = time.perf_counter() - t3
+    return res
 
 
 def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:

@@ -211,14 +211,15 @@ def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None =
         notes.append(f"{wd.dropped_rows} row(s) with no observed value were dropped")
     if wd.dropped_cells:
         notes.append(f"{wd.dropped_cells} observed value(s) dropped because a covariate of their mean is missing")
-    full = table.full_values(psi)
-    Vfull = table.T @ cov @ table.T.T
-    sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, rows_x)
-    defined = _defined(table, psi, cov)
     if vce_ in ("robust", "cluster") and info is not None and np.all(np.isfinite(info)):
         cov = _sem_sandwich(m, psi, info, wd, unit, vce_, cluster, notes, weights)
     elif vce_ in ("robust", "cluster"):
         notes.append("robust standard errors not computed: no information matrix")
+    # the parameter rows of summary() and the := parameters use the final covariance
+    full = table.full_values(psi)
+    Vfull = table.T @ cov @ table.T.T
+    sem_rows = _sem_rows(table, full, Vfull) + _fixed_x_rows(table.covariates, rows_x)
+    defined = _defined(table, psi, cov)
     vce_name = {"cluster": f"cluster({cluster})"}.get(vce_, vce_)
     timings = {"prepare": t1 - t0, "optimize": t2 - t1, "inference": time.perf_counter() - t2}
     res = FitResult(
@@ -243,18 +244,13 @@ def _unit_values(lf, weights, cluster, data):
     except Exception as exc:
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     if weights is not None:
-        if not df.schema[weights].is_numeric():
-            raise MlsemError(f"weights column {weights!r} must be numeric, but it is {df.schema[weights]}")
-        w = df[weights].cast(pl.Float64).to_numpy()
-        if np.isnan(w).any() or df[weights].null_count():
+        from .inference import check_weight_dtype, check_weights
+        check_weight_dtype(df, weights)
+        if df[weights].null_count():
             raise MlsemError(f"weights column {weights!r} has missing values")
-        if not np.all(np.isfinite(w)):
-            raise MlsemError(f"weights column {weights!r} has non-finite values")
-        if np.any(w < 0):
-            rows = ", ".join(str(int(i) + 1) for i in np.flatnonzero(w < 0)[:5])
-            raise MlsemError(f"weights column {weights!r} has negative values (rows {rows})")
-        if w.sum() <= 0:
-            raise MlsemError(f"weights column {weights!r} sums to 0")
+        w = df[weights].cast(pl.Float64).to_numpy()
+        check_weights(w, weights, lambda bad: "rows " + ", ".join(
+            str(int(i) + 1) for i in np.flatnonzero(bad)[:5]))
         out["weights"] = w
     if cluster is not None:
         if df[cluster].null_count():

@@ -3,10 +3,11 @@
     mlsem fit DATA (--formula F [RELAX] | --syntax MODEL.lav) [--vce mixed|oim|robust|cluster:COL]
               [--weights COL] [--method ml|reml|adf] [--dask ADDRESS [--partitions N]]
               [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
+              [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
     mlsem ranef DATA --formula F [RELAX] --out EFFECTS.parquet
     mlsem predict DATA --formula F [RELAX] [--newdata FILE] [--population] [--se] --out PRED.parquet
-    mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png
+    mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png|.pdf
     mlsem wide DATA --formula F --out WIDE.parquet [--syntax-out MODEL.lav]
 
 RELAX = [--effects LEVEL:KEY=VALUE[,...]]... [--residuals KEY=VALUE[,...]]
@@ -16,7 +17,8 @@ RELAX = [--effects LEVEL:KEY=VALUE[,...]]... [--residuals KEY=VALUE[,...]]
 Exit codes: 0 success; 1 the fit ran but did not converge or is not
 identified, or a ``--by`` group failed (results written and flagged); 2 bad
 input or usage (message on stderr, nothing written, earlier outputs intact);
-3 an internal error (a bug: traceback on stderr, nothing written).
+3 an internal error (a bug: traceback on stderr, nothing written); 130
+interrupted (Ctrl-C; nothing written).
 Outputs are written atomically (temporary file, then rename).  Progress goes
 to stderr (``--quiet`` silences it); tables for humans go to stdout.
 """
@@ -35,6 +37,7 @@ from . import __version__
 from .errors import ConvergenceWarning, MlsemError
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C: the shell convention 128 + SIGINT
 STATUS_COLUMNS = ("name", "estimate", "std_err", "z", "p_value", "ci_low", "ci_high")
 
 
@@ -391,7 +394,9 @@ def _fit_options(args):
     if args.syntax:
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
                                 ("--coefficients", args.coefficients),
-                                ("--index", args.index), ("--dask", args.dask)) if v]
+                                ("--index", args.index), ("--dask", args.dask),
+                                ("--df", args.df), ("--ci", args.ci),
+                                ("--bootstrap", args.bootstrap)) if v]
         if args.method == "reml":
             given.append(f"--method {args.method}")
         if given:
@@ -415,7 +420,53 @@ def _fit_options(args):
         if args.by and col == args.by:
             raise MlsemError(f"--by {args.by!r} is also the {opt} column; give another column")
     args.parsed = {"effects": effects, "residuals": residuals, "coefficients": coefficients}
+    _check_small_sample(args)
     return {"F": F, "vce": vce, "cluster": cluster, **args.parsed}
+
+
+def _check_small_sample(args):
+    """--df, --ci, --bootstrap, --seed: combinations refused before any work."""
+    ci, nb = getattr(args, "ci", None), getattr(args, "bootstrap", None)
+    if nb is not None and nb < 2:
+        raise MlsemError(f"--bootstrap {nb}: the number of bootstrap refits must be at least 2")
+    if ci == "bootstrap" and nb is None:
+        raise MlsemError("--ci bootstrap needs --bootstrap N (the number of refits)")
+    if ci == "profile" and args.method != "ml":
+        raise MlsemError("--ci profile needs --method ml (profile likelihood of the ML fit)")
+    if args.df == "kenward-roger" and args.method != "reml":
+        raise MlsemError("--df kenward-roger needs --method reml")
+    if (ci or nb) and args.dask:
+        raise MlsemError("--ci/--bootstrap refit the model many times: not with --dask")
+    if args.df and (args.dask or args.weights):
+        raise MlsemError("--df: not with --dask or --weights")
+
+
+def _intervals(args, res, prog):
+    """The bootstrap and the interval kind asked for, into the fit (and its table)."""
+    if getattr(args, "bootstrap", None):
+        prog.say(f"parametric bootstrap: {args.bootstrap} refits")
+        res.bootstrap(n=args.bootstrap, seed=args.seed, progress=not args.quiet)
+    if getattr(args, "ci", None):
+        prog.say(f"confidence intervals: {args.ci}")
+        res.confint(method=args.ci)
+
+
+def _table(res):
+    """The parameter table with the chosen intervals (profile or bootstrap) in
+    ci_low/ci_high, ``ci_kind`` saying which, bootstrap std. errors beside."""
+    import polars as pl
+    tab = res.params
+    if res.ci_table is not None:
+        ci = res.ci_table.rename({"lower": "ci_low", "upper": "ci_high"})
+        tab = tab.drop("ci_low", "ci_high").join(ci, on="name", how="full", coalesce=True,
+                                                   maintain_order="left")
+    if res.ci_kind != "wald":
+        tab = tab.with_columns(pl.lit(res.ci_kind).alias("ci_kind"))
+    if res.boot is not None:
+        se = res.boot.std_err
+        tab = tab.with_columns(pl.col("name").replace_strict(se, default=None,
+                                                              return_dtype=pl.Float64).alias("boot_se"))
+    return tab
 
 
 def _parsed(args, name):
@@ -467,7 +518,8 @@ def _cmd_fit(args, argv) -> int:
             def fitter(data):
                 with _option_names():
                         return fit(data, args.formula, index=args.index, vce=o["vce"],
-                               weights=args.weights, method=args.method, effects=o["effects"],
+                               weights=args.weights, method=args.method, df=args.df,
+                               effects=o["effects"],
                                residuals=o["residuals"], coefficients=o["coefficients"],
                                progress=prog,
                                **({"backend": "dask", "client": client, "npartitions": args.partitions}
@@ -500,6 +552,8 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 res = fitter(gdf)
+                if not args.syntax:
+                    _intervals(args, res, prog)
         except Exception as exc:  # noqa: BLE001 - one failing group must not lose the others
             if not args.by:
                 raise
@@ -517,7 +571,7 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
         any_bad |= st != "ok"
         prog.say(f"loglik {res.loglik:.6f}, {res.opt.iterations} iterations, {st} "
                  f"({sum(res.timings.values()):.2f}s)")
-        tab = res.params.with_columns(pl.lit(st).alias("status"))
+        tab = (_table(res) if not args.syntax else res.params).with_columns(pl.lit(st).alias("status"))
         tables.append(tab)
         rec = _fit_record(res)
         if args.by:
@@ -532,7 +586,7 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
     if args.by and errors and len(errors) == len(keys):
         # every group refused the same way: bad input, not a partial result
         raise errors[0]
-    out = pl.concat(tables, how="vertical")
+    out = pl.concat(tables, how="diagonal_relaxed")
     if args.by:
         byvals = [k[0] for k in keys]
         lens = [t.height for t in tables]
@@ -546,7 +600,8 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
               "effects": _parsed(args, "effects"), "residuals": _parsed(args, "residuals"),
               "coefficients": _parsed(args, "coefficients"),
               "vce": args.vce or (("robust" if args.weights else "oim") if args.syntax else "mixed"), "weights": args.weights,
-              "method": args.method, "index": args.index, "dask": args.dask,
+              "method": args.method, "df": args.df, "ci": args.ci, "bootstrap": args.bootstrap,
+              "seed": args.seed, "index": args.index, "dask": args.dask,
               "partitions": args.partitions, "exit_code": code}
     if args.by:
         record.update({"by": args.by, "ngroups": len(keys),
@@ -735,7 +790,7 @@ def _cmd_example(args, argv) -> int:
     print("y = 2 x + U_k + V_jk + E_ijk (all sd 1); model y ~ x + (1 | k/j)\n")
     res = fit(data, "y ~ x + (1 | k/j)")
     print(res.summary())
-    return 0 if res.converged else 1
+    return EXIT_OK if res.converged else EXIT_FLAGGED
 
 
 # ---- parser ----------------------------------------------------------------------------
@@ -761,9 +816,15 @@ def relax_options(sp):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlsem", description="Multilevel models as SEMs, fitted by FIML.",
-                                epilog="exit codes: 0 success; 1 fitted but not converged / not "
-                                       "identified / a --by group failed (results flagged); 2 bad input")
+    p = argparse.ArgumentParser(
+        prog="mlsem",
+        description="Multilevel (nested) linear random-effects models fitted as structural equation models "
+                    "by full-information ML. Parquet or CSV in; a parameter table (Parquet) and a fit record "
+                    "(JSON) out. 'mlsem SUBCOMMAND --help' lists a subcommand's options.",
+        epilog="exit codes: 0 success; 1 fitted but not converged or not identified, or a --by group failed "
+               "(results written, each row flagged); 2 bad input or usage (message on stderr naming the "
+               "column/option/value, nothing written); 3 internal error, a bug (traceback on stderr, nothing "
+               "written); 130 interrupted (Ctrl-C, nothing written). Outputs are written atomically.")
     p.add_argument("--version", action="version", version=f"mlsem {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -786,41 +847,54 @@ def build_parser() -> argparse.ArgumentParser:
                         "information), robust (sandwich), cluster:COL (clusters of top-level units)")
     f.add_argument("--weights", metavar="COL", help="sampling weights of the top-level units (pseudo-ML)")
     f.add_argument("--method", choices=("ml", "reml", "adf", "gmm"), default="ml",
-                   help="ml (FIML), reml, or adf (= gmm: distribution-free weighted least squares, "
-                        "complete data)")
+                   help="ml: maximum likelihood, FIML (default); reml: restricted ML, as lme4's REML = TRUE; "
+                        "adf (= gmm): distribution-free weighted least squares, complete data only")
+    f.add_argument("--df", choices=("satterthwaite", "kenward-roger"), default=None,
+                   help="t tests of the fixed effects on small-sample df (kenward-roger: --method reml)")
+    f.add_argument("--ci", choices=("profile", "bootstrap"), default=None,
+                   help="confidence intervals: profile likelihood (ML) or bootstrap percentile "
+                        "(with --bootstrap N); default Wald")
+    f.add_argument("--bootstrap", type=int, metavar="N", default=None,
+                   help="parametric bootstrap with N refits (bootstrap std. errors, boot_se)")
+    f.add_argument("--seed", type=int, default=None, help="seed of the bootstrap")
     f.add_argument("--dask", metavar="ADDRESS", help="fit on a Dask cluster, e.g. tcp://host:8786")
     f.add_argument("--partitions", type=int, metavar="N",
                    help="with --dask: split the data into N partitions (default: one per worker)")
     f.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
     f.add_argument("--by", metavar="COL", help="fit one model per value of COL and stack the tables")
-    f.add_argument("--out", "-o", required=True, metavar="RESULTS.parquet")
+    f.add_argument("--out", "-o", required=True, metavar="RESULTS.parquet",
+                   help="the parameter table (name, estimate, std_err, z, p_value, ci_low, ci_high; with "
+                        "--by: the group value first and a status per row)")
     f.add_argument("--json", metavar="FIT.json", help="fit record: loglik, convergence, groups, tests, timings")
     f.set_defaults(func=_cmd_fit)
 
     s = sub.add_parser("simulate", help="simulate the seed's design (pupils in schools in counties)")
-    s.add_argument("--counties", type=int, default=100)
+    s.add_argument("--counties", type=int, default=100, help="number of counties (top-level units; default 100)")
     s.add_argument("--schools", default="2", help="schools per county: a count or a range such as 1-10")
     s.add_argument("--pupils", default="2", help="pupils per school: a count or a range such as 1-20")
-    s.add_argument("--sd-county", type=float, default=1.0)
-    s.add_argument("--sd-school", type=float, default=1.0)
-    s.add_argument("--sd-resid", type=float, default=1.0)
+    s.add_argument("--sd-county", type=float, default=1.0, help="standard deviation of the county effect U (default 1)")
+    s.add_argument("--sd-school", type=float, default=1.0, help="standard deviation of the school effect V (default 1)")
+    s.add_argument("--sd-resid", type=float, default=1.0, help="residual standard deviation (default 1)")
     s.add_argument("--school-cov", metavar='"1.5,0.6;0.6,1.0"',
                    help="covariance of the school effects by slot (replaces --sd-school)")
-    s.add_argument("--intercept", type=float, default=0.0)
-    s.add_argument("--slope", type=float, default=2.0, help="coefficient of x")
-    s.add_argument("--x", choices=("uniform", "normal"), default="uniform")
+    s.add_argument("--intercept", type=float, default=0.0, help="intercept of y (default 0)")
+    s.add_argument("--slope", type=float, default=2.0, help="coefficient of x (default 2)")
+    s.add_argument("--x", choices=("uniform", "normal"), default="uniform",
+                   help="distribution of x: uniform on (0, 1) (default) or standard normal")
     s.add_argument("--regions", type=int, help="add a column 'region' splitting the counties into N blocks")
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--out", "-o", required=True, metavar="DATA.parquet")
-    s.add_argument("--quiet", "-q", action="store_true")
+    s.add_argument("--seed", type=int, default=1, help="random seed: the same seed gives the same data (default 1)")
+    s.add_argument("--out", "-o", required=True, metavar="DATA.parquet",
+                   help="the long data: columns k, j, i, x, y (and region)")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     s.set_defaults(func=_cmd_simulate)
 
     re_ = sub.add_parser("ranef", help="empirical Bayes predictions (BLUP, conditional sd) of every random effect",
                          epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(re_)
     relax_options(re_)
-    re_.add_argument("--index", metavar="COL")
-    re_.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet")
+    re_.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
+    re_.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet",
+                     help="one row per unit and effect: level, effect, the unit's ids, latent, mean, sd")
     re_.set_defaults(func=_cmd_ranef)
 
     pr = sub.add_parser("predict", help="predicted outcome x'beta + z'b (BLUPs of known groups), on the "
@@ -828,19 +902,20 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(pr)
     relax_options(pr)
-    pr.add_argument("--index", metavar="COL")
+    pr.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
     pr.add_argument("--newdata", metavar="FILE", help="predict on the rows of FILE (Parquet or CSV)")
     pr.add_argument("--population", action="store_true",
                     help="population level x'beta (no random effects)")
     pr.add_argument("--se", action="store_true", help="add the standard error of x'beta")
-    pr.add_argument("--out", "-o", required=True, metavar="PREDICTIONS.parquet")
+    pr.add_argument("--out", "-o", required=True, metavar="PREDICTIONS.parquet",
+                    help="the id columns, row (without --newdata), predicted (and se)")
     pr.set_defaults(func=_cmd_predict)
 
-    d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG through Graphviz)",
+    d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG/PDF through Graphviz)",
                        epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("data", metavar="DATA", nargs="?",
                    help="optional: fit the model on DATA and put the estimates on the paths")
-    d.add_argument("--formula", "-f", required=True)
+    d.add_argument("--formula", "-f", required=True, help='lme4 formula, e.g. "y ~ x + (1 | k/j)"')
     d.add_argument("--design", default="2x2",
                    help="without DATA: group sizes below the top level, e.g. 2x2 = 2 schools x 2 pupils")
     d.add_argument("--max-slots", type=int, default=8,
@@ -849,14 +924,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--index", metavar="COL",
                    help="the observation order (with DATA: a column; without: the name the template "
                         "design gives its 1, 2, ... observation numbers, for --residuals correlation=ar1)")
-    d.add_argument("--out", "-o", required=True, metavar="MODEL.dot|.svg|.png")
-    d.add_argument("--quiet", "-q", action="store_true")
+    d.add_argument("--out", "-o", required=True, metavar="MODEL.dot|.gv|.svg|.png|.pdf",
+                   help="the format from the extension: .dot/.gv (DOT text, needs nothing else); .svg, .png, "
+                        ".pdf (need Graphviz's dot program)")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     d.set_defaults(func=_cmd_diagram)
 
     w = sub.add_parser("wide", help="the wide form: one row per top-level unit, one column per slot")
     common(w)
-    w.add_argument("--index", metavar="COL")
-    w.add_argument("--out", "-o", required=True, metavar="WIDE.parquet")
+    w.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
+    w.add_argument("--out", "-o", required=True, metavar="WIDE.parquet",
+                   help="one row per top-level unit, columns y{slot} and x{slot} (the model's slots)")
     w.add_argument("--syntax-out", metavar="MODEL.lav",
                    help="also write the model in lavaan syntax on the wide columns (for fit --syntax)")
     w.set_defaults(func=_cmd_wide)
@@ -876,7 +954,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"mlsem {args.command}: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so, exit 3
         import traceback
         traceback.print_exc()

@@ -89,6 +89,24 @@ def _per_unit(df, top, col, prep, what):
     return order["__v"]
 
 
+def check_weight_dtype(df, col):
+    if not df.schema[col].is_numeric():
+        raise MlsemError(f"weights column {col!r} must be numeric, but it is {df.schema[col]}")
+
+
+def check_weights(w, col, where):
+    """Sampling weights: finite, not negative, positive sum, or a clear error;
+    ``where(mask)`` names the offending units (rows or top-level ids)."""
+    if np.isnan(w).any():
+        raise MlsemError(f"weights column {col!r} has missing values")
+    if not np.all(np.isfinite(w)):
+        raise MlsemError(f"weights column {col!r} has non-finite values")
+    if np.any(w < 0):
+        raise MlsemError(f"weights column {col!r} has negative values ({where(w < 0)})")
+    if w.sum() <= 0:
+        raise MlsemError(f"weights column {col!r} sums to 0")
+
+
 def unit_columns(df, top, prep, opts) -> dict:
     """Weights and cluster ids per top-level unit (CSR row order).  Sets the
     model's row weights to the sampling weights rescaled to sum to the number
@@ -96,17 +114,10 @@ def unit_columns(df, top, prep, opts) -> dict:
     out = {}
     if opts.weights is not None:
         col = opts.weights
-        if not (df.schema[col].is_numeric()):
-            raise MlsemError(f"weights column {col!r} must be numeric, but it is {df.schema[col]}")
+        check_weight_dtype(df, col)
         w = _per_unit(df, top, col, prep, "weights").cast(pl.Float64).to_numpy()
-        if not np.all(np.isfinite(w)):
-            raise MlsemError(f"weights column {col!r} has non-finite values")
-        if np.any(w < 0):
-            ids = prep.top_ids.filter(pl.Series(w < 0)).head(5).to_list()
-            raise MlsemError(f"weights column {col!r} has negative values ({top} = "
-                             f"{', '.join(map(str, ids))})")
-        if w.sum() <= 0:
-            raise MlsemError(f"weights column {col!r} sums to 0")
+        check_weights(w, col, lambda bad: f"{top} = " + ", ".join(
+            map(str, prep.top_ids.filter(pl.Series(bad)).head(5).to_list())))
         w = w * (len(w) / w.sum())
         prep.wrow = np.ascontiguousarray(w)
         out["weights"] = w
@@ -191,7 +202,7 @@ def fit_reml(model, opts, F, prep, t0, t1):
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
         timings={"prepare": t1 - t0, "optimize": t2 - t1,
                  "inference": time.perf_counter() - t2},
-        model=model, info=None, method="REML", backend=model.backend)
+        model=model, info=None, method="REML", backend=model.backend, reml_info=info)
     res.notes.append(f"REML criterion = {-2.0 * opt.loglik:.6f} (lme4's; the log-likelihood "
                      "shown is the restricted one)")
     return res
@@ -275,13 +286,25 @@ def wald(res, restrictions):
     if np.linalg.matrix_rank(R) < R.shape[0]:
         raise MlsemError(f"wald: the restrictions {list(restrictions)!r} are linearly dependent")
     d = R @ res.estimate - r
-    RVR = R @ res.cov @ R.T
+    used = np.flatnonzero(np.any(R != 0, axis=0))     # REML: no cross-block covariances
+    RVR = R[:, used] @ res.cov[np.ix_(used, used)] @ R[:, used].T
     if not np.all(np.isfinite(RVR)):
         raise MlsemError("wald: the covariance of the estimates is not available")
     chi2 = float(d @ np.linalg.solve(RVR, d))
     df = R.shape[0]
-    return {"restrictions": list(restrictions), "chi2": chi2, "df": df,
-            "p_value": float(stats.chi2.sf(chi2, df)), "vce": res.vce}
+    out = {"restrictions": list(restrictions), "chi2": chi2, "df": df,
+           "p_value": float(stats.chi2.sf(chi2, df)), "vce": res.vce}
+    small = getattr(res, "small", None)
+    if small is not None:
+        # small-sample df (mlsem.smallsample): the F test with its denominator df
+        other = np.ones(R.shape[1], dtype=bool)
+        other[small.fixed] = False
+        if np.any(R[:, other]):
+            raise MlsemError(f"wald: {res.df_method} F tests restrict fixed effects only; "
+                             f"{list(restrictions)!r} involves a variance parameter")
+        out = {"restrictions": list(restrictions), **small.ftest(R[:, small.fixed], r),
+               "vce": res.vce}
+    return out
 
 
 # ---- test against the saturated model -------------------------------------------
@@ -397,35 +420,71 @@ def fit_test(res, max_slots=200):
     obs = ~np.isnan(Y)
     kz = Z.shape[1]
     nsat = P * kz + P * (P + 1) // 2
+    out = _saturated_lr(res, Y, Z, nsat, lambda s: f"slot {s}", "top-level units")
+    if res.vce == "robust":
+        def moments():
+            from .adf import MultilevelMoments
+            mm = MultilevelMoments(prep, m.table, unbiased=False, what="the scaled test", check=False)
+            return mm(res.estimate)[1:], mm.mom
+        _add_scaled(out, obs.all(), moments)
+    elif res.vce.startswith("cluster"):
+        out["scaled_note"] = _CLUSTER_NOTE
+    return out
+
+
+def saturated_weighted(Y, Z, w):
+    """The saturated multivariate regression of complete Y on Z with sampling
+    weights w (summing to the number of rows): weighted least squares and the
+    weighted residual covariance, the maximiser of the weighted
+    pseudo-log-likelihood sum_i w_i log N(y_i; B'z_i, Sigma).  Returns it."""
+    n, P = Y.shape
+    Zw = Z * w[:, None]
+    B = np.linalg.solve(Z.T @ Zw, Zw.T @ Y)
+    E = Y - Z @ B
+    Sigma = (E * w[:, None]).T @ E / w.sum()
+    sign, logdet = np.linalg.slogdet(Sigma)
+    if sign <= 0:
+        raise MlsemError("fit_test: the saturated model's weighted residual covariance is singular")
+    return -0.5 * float(w.sum()) * (P * math.log(2 * math.pi) + logdet + P)
+
+
+def _saturated_lr(res, Y, Z, nsat, name, units, weights=None):
+    """LR test of a fit against the saturated regression of the wide outcomes Y
+    (NaN = missing) on Z: by EM over the missing cells, or in closed form with
+    sampling weights (complete data only).  ``name(s)`` names outcome s in
+    messages, ``units`` the rows of Y."""
+    obs = ~np.isnan(Y)
+    kz = Z.shape[1]
     if nsat >= obs.sum():
         raise MlsemError(f"fit_test: the saturated model has {nsat} parameters for {int(obs.sum())} "
                          "observed outcomes: too large to fit")
-    per_slot = obs.sum(axis=0)
-    if per_slot.min() <= kz:
-        s = int(np.argmin(per_slot))
-        raise MlsemError(f"fit_test: slot {s} is observed in {int(per_slot[s])} top-level units, "
-                         f"not more than its {kz} regression coefficients: the saturated model "
-                         "is not identified")
+    per = obs.sum(axis=0)
+    if per.min() <= kz:
+        s = int(np.argmin(per))
+        raise MlsemError(f"fit_test: {name(s)} is observed in {int(per[s])} {units}, not more than "
+                         f"its {kz} regression coefficients: the saturated model is not identified")
     together = obs.T.astype(float) @ obs.astype(float)
     if together.min() < 1:
         s, u = np.unravel_index(int(np.argmin(together)), together.shape)
-        raise MlsemError(f"fit_test: slots {s} and {u} are never observed in the same top-level "
-                         "unit: their covariance in the saturated model is not identified")
-    ll_sat, _, _, iters = saturated_em(Y, Z)
+        raise MlsemError(f"fit_test: {name(s)} and {name(u)} are never observed together (in the same "
+                         f"one of the {units}): their covariance in the saturated model is not identified")
+    if weights is not None:
+        if not obs.all():
+            raise MlsemError("fit_test: with sampling weights the saturated model is fitted in closed "
+                             f"form, which needs complete data, but {int((~obs).sum())} value(s) are "
+                             "missing (a weighted EM is not implemented); the test is not available")
+        ll_sat, iters = saturated_weighted(Y, Z, weights), 0
+    else:
+        ll_sat, _, _, iters = saturated_em(Y, Z)
     df = nsat - res.nparams
     chi2 = max(0.0, 2.0 * (ll_sat - res.loglik))
     out = {"test": "LR test of model vs. saturated", "chi2": float(chi2), "df": int(df),
            "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
            "loglik": float(res.loglik), "loglik_saturated": float(ll_sat), "npar": res.nparams,
            "npar_saturated": nsat, "em_iterations": iters}
-    if res.vce == "robust":
-        def moments():
-            from .adf import MultilevelMoments
-            mm = MultilevelMoments(prep, m.table, unbiased=False, what="the scaled test")
-            return mm(res.estimate)[1:], mm.mom
-        _add_scaled(out, obs.all(), moments)
-    elif res.vce.startswith("cluster"):
-        out["scaled_note"] = _CLUSTER_NOTE
+    if weights is not None:
+        out["test"] = ("LR test of model vs. saturated, sampling weights (pseudo-likelihood ratio, "
+                       "as lavaan's chisq with sampling.weights)")
     return out
 
 
@@ -476,9 +535,6 @@ def _sem_fit_test(res):
     m = res.model
     wd = m.prep
     t = m.table
-    if np.any(wd.wrow != 1.0):
-        raise MlsemError("fit_test: not available with sampling weights (the pseudo-likelihood "
-                         "ratio is not chi-squared)")
     if res.nparams and not res.converged:
         raise MlsemError("fit_test: the fit did not converge")
     P, q = t.P, t.q
@@ -493,22 +549,18 @@ def _sem_fit_test(res):
     Z = np.hstack([np.ones((wd.nrows, 1)), wd.X])
     obs = ~np.isnan(Y)
     nsat = P * (1 + q) + P * (P + 1) // 2
-    together = obs.T.astype(float) @ obs.astype(float)
-    if together.min() < 1:
-        s, u = np.unravel_index(int(np.argmin(together)), together.shape)
-        raise MlsemError(f"fit_test: {t.observed[s]} and {t.observed[u]} are never observed together: "
-                         "their covariance in the saturated model is not identified")
-    ll_sat, _, _, iters = saturated_em(Y, Z)
-    df = nsat - res.nparams
-    chi2 = max(0.0, 2.0 * (ll_sat - res.loglik))
-    out = {"test": "LR test of model vs. saturated", "chi2": float(chi2), "df": int(df),
-           "p_value": float(stats.chi2.sf(chi2, df)) if df > 0 else float("nan"),
-           "loglik": float(res.loglik), "loglik_saturated": float(ll_sat), "npar": res.nparams,
-           "npar_saturated": nsat, "em_iterations": iters}
+    weighted = bool(np.any(wd.wrow != 1.0))
+    out = _saturated_lr(res, Y, Z, nsat, lambda s: t.observed[s], "rows",
+                        weights=wd.wrow if weighted else None)
+    if weighted:
+        out["scaled_note"] = ("no scaled test statistic for a weighted fit: lavaan's MLR statistic "
+                              "(Yuan-Bentler) is not implemented")
+        return out
     if res.vce == "robust":
         def moments():
             from .adf import Moments, sigma_and_jacobian
-            mom = Moments(Y, wd.X, t.observed + t.covariates, unbiased=False)
+            mom = Moments(Y, wd.X, t.observed + t.covariates, unbiased=False, check=False,
+                          what="the scaled test")
             _, D, C = sigma_and_jacobian(m, res.estimate, mom)
             return (D, C), mom
         _add_scaled(out, bool(obs.all()), moments)

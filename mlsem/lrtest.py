@@ -31,6 +31,8 @@ class LRTest:
     loglik_restricted: float
     loglik_relaxed: float
     new_params: tuple
+    p_value_bootstrap: float = float("nan")   # parametric bootstrap (bootstrap=n), else nan
+    bootstrap: dict = None                    # n, failed, seed, draws of the LR statistic
 
     @property
     def note(self) -> str:
@@ -47,13 +49,20 @@ class LRTest:
             s += "\n  freed: " + ", ".join(self.new_params)
         if self.boundary:
             s += "\n  Note: " + self.note
+        if self.bootstrap is not None:
+            b = self.bootstrap
+            s += (f"\n  Parametric bootstrap ({b['n']} simulations from the restricted fit"
+                  + (f", {b['failed']} failed refits left out" if b["failed"] else "")
+                  + f"): p = {self.p_value_bootstrap:.4g}")
         return s
 
     def to_dict(self) -> dict:
         return {"chi2": self.chi2, "df": self.df, "p_value": self.p_value,
                 "boundary": self.boundary, "p_value_boundary": self.p_value_boundary,
                 "loglik_restricted": self.loglik_restricted, "loglik_relaxed": self.loglik_relaxed,
-                "note": self.note}
+                "note": self.note, "p_value_bootstrap": self.p_value_bootstrap,
+                "bootstrap": None if self.bootstrap is None else {
+                    k: v for k, v in self.bootstrap.items() if k not in ("draws", "converged")}}
 
 
 _VAR = re.compile(r"^var\(([^\[\]:()]+)(?:\[[^\]]*\])?(?::([^()]+))?\)$")
@@ -67,10 +76,13 @@ def _variance_key(name):
     return m.group(1), m.group(2) or "Intercept"
 
 
-def lrtest(restricted, relaxed, tol: float = 1e-6) -> LRTest:
+def lrtest(restricted, relaxed, tol: float = 1e-6, *, bootstrap: int | None = None,
+           seed=None, parallel=None, progress: bool = True) -> LRTest:
     """LR test of ``restricted`` against ``relaxed`` (either order: the fit with
     fewer parameters is the restricted one).  Both must be fits of the same
-    outcome on the same observations."""
+    outcome on the same observations.  ``bootstrap=n``: also the parametric
+    bootstrap p-value (n data sets simulated from the restricted fit, both
+    models refitted; mlsem.bootstrap.lr_bootstrap), reproducible with ``seed``."""
     for r in (restricted, relaxed):
         if r.method == "ADF":
             raise MlsemError("lrtest: an ADF (GMM) fit has no likelihood; compare ADF fits by the "
@@ -106,5 +118,12 @@ def lrtest(restricted, relaxed, tol: float = 1e-6) -> LRTest:
     if boundary:
         pb = 0.5 * float(stats.chi2.sf(chi2, df)) + (
             0.5 * float(stats.chi2.sf(chi2, df - 1)) if df > 1 else (0.5 if chi2 <= 0 else 0.0))
+    pboot, boot = float("nan"), None
+    if bootstrap is not None:
+        from .bootstrap import lr_bootstrap
+        boot = lr_bootstrap(restricted, relaxed, chi2, bootstrap, seed=seed, parallel=parallel,
+                            progress=progress)
+        pboot = boot["p_value"]
     return LRTest(chi2=chi2, df=df, p_value=p, boundary=boundary, p_value_boundary=pb,
-                  loglik_restricted=restricted.loglik, loglik_relaxed=relaxed.loglik, new_params=new)
+                  loglik_restricted=restricted.loglik, loglik_relaxed=relaxed.loglik, new_params=new,
+                  p_value_bootstrap=pboot, bootstrap=boot)

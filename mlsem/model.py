@@ -98,6 +98,77 @@ def chain_rule(table, psi, gphi, gth, xtw=None) -> np.ndarray:
     return g
 
 
+def ols_fit(prep):
+    """(beta, mean squared residual) of the outcome's least-squares fit on the
+    design, by the normal equations (O(n q^2), no n x q temporaries; the start
+    values' and the units' scale); beta None without a design or if X'X is singular."""
+    y = np.asarray(prep.y, dtype=float)
+    X = prep.X
+    if X.shape[1] == 0 or y.size == 0:
+        return None, float(np.var(y)) if y.size else 1.0
+    try:
+        b = np.linalg.solve(X.T @ X, X.T @ y)
+    except np.linalg.LinAlgError:
+        return None, float(np.var(y))
+    r = y - X @ b
+    return b, float(r @ r) / y.size
+
+
+def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
+    """The unit of each parameter, from the data: s the root mean square
+    residual of the outcome's least-squares fit on the design (the outcome's sd
+    without a design), a design column's sd (its root mean square if constant), a
+    latent's root mean square loading.  A coefficient's unit is s / sd(x), a
+    (co)variance of latents a, b s^2 / (rms_a rms_b), a residual variance s^2,
+    a correlation 1.  Multiplying y or a covariate by c multiplies the matching
+    units by the same powers of c as the estimates, so that the optimiser, which
+    works on psi / pscale (``Model.psi_to_tau``), sees the same problem in any
+    units (issue 12)."""
+    d = np.ones(table.nparams)
+    y = np.asarray(prep.y, dtype=float)
+    if y.size == 0:
+        return d
+    X = prep.X
+    _, s2 = ols if ols is not None else ols_fit(prep)
+    s = float(np.sqrt(s2)) if s2 > 0 else 0.0
+    if not (s > 0 and np.isfinite(s)):
+        s = float(np.std(y))
+    if not (s > 0 and np.isfinite(s)):
+        s = float(np.sqrt(np.mean(y * y))) or 1.0
+    if not np.isfinite(s) or s <= 0:
+        s = 1.0
+    for c, prm in enumerate(np.asarray(table.beta_param)):
+        col = X[:, c]
+        sx = float(np.std(col))
+        if not (sx > 0):
+            sx = float(np.sqrt(np.mean(col * col)))
+        d[prm] = s / sx if sx > 0 and np.isfinite(sx) else s
+    if len(table.phi_param) and unit_load:       # every loading 1 (random intercepts)
+        for p, a, b in zip(table.phi_param, table.phi_row, table.phi_col):
+            d[p] = s * s
+    elif len(table.phi_param):
+        lat = np.asarray(prep.slot_lat)[np.asarray(prep.slot)]       # (nobs, nl)
+        ok = lat >= 0
+        M = max(table.nlatent, 1)
+        load = np.asarray(prep.load, dtype=float)
+        ss = np.bincount(lat[ok], weights=(load[ok] ** 2), minlength=M)
+        cnt = np.bincount(lat[ok], minlength=M)
+        rms = np.ones(M)
+        has = (cnt > 0) & (ss > 0)
+        rms[has] = np.sqrt(ss[has] / cnt[has])
+        seen = set()
+        for p, a, b in zip(table.phi_param, table.phi_row, table.phi_col):
+            if p in seen:
+                continue
+            seen.add(p)
+            d[p] = s * s / (rms[a] * rms[b])
+    kinds = [prm.kind for prm in table.params]
+    for p in set(np.asarray(table.theta_param).tolist()):
+        if kinds[p] != "corr":
+            d[p] = s * s
+    return d
+
+
 class Model:
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
         self.prep = prep
@@ -143,6 +214,8 @@ class Model:
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
         # random intercepts only: the kernel's row loops need not read the loadings
         self._unit_load = bool(np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
+        self.ols = ols_fit(prep)
+        self.pscale = param_scales(table, prep, self._unit_load, self.ols)
         self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
         self._resid = np.empty(prep.nobs)
         self._xtw = np.zeros((max(nt, 1) * 4, self.q))
@@ -152,6 +225,10 @@ class Model:
         self._maxm = int(min(self.M, self._maxn * nl))
         self._maxc = int(self.M)
         self.nevals = 0
+        # the kernel checks the arrays' shapes and the CSR layout (one pass over the
+        # observations) on the first call only: they do not change between calls
+        self._layout_ok = False
+        self._xtw_status = np.zeros(self._xtw.shape[0], dtype=np.int32)
         # an evaluation is parallel over patterns (OpenMP); a multithreaded BLAS
         # inside it (LAPACK per pattern on the dense path, X @ beta) only
         # oversubscribes the cores: 0.9 s instead of 3 ms per dense evaluation,
@@ -243,28 +320,40 @@ class Model:
             F[G[:, :, None], G[:, None, :]] = Fb[None, :, :]
         return F
 
+    def _scale(self):
+        """Each parameter's unit (``pscale``; ones where the model has none)."""
+        d = getattr(self, "pscale", None)
+        return np.ones(self.table.nparams) if d is None else d
+
     def tau_to_psi(self, tau):
+        """tau is dimensionless: a plain parameter is psi / pscale; a block's
+        entries are the Cholesky factor of the block divided by the square
+        roots of its variances' units (the optimiser then sees the same problem
+        whatever the units of y, the covariates and the loadings)."""
+        d = self._scale()
         psi = np.zeros(self.table.nparams)
         n0 = len(self.free_plain)
-        psi[self.free_plain] = tau[:n0]
+        psi[self.free_plain] = tau[:n0] * d[self.free_plain]
         pos = n0
         for blk in self._chol:
             b = blk.pidx.shape[0]
             L = np.zeros((b, b))
             L[np.tril_indices(b)] = tau[pos: pos + b * (b + 1) // 2]
             pos += b * (b + 1) // 2
-            S = L @ L.T
-            psi[blk.pidx] = S
+            sq = np.sqrt(d[np.diag(blk.pidx)])
+            psi[blk.pidx] = (L @ L.T) * np.outer(sq, sq)
         return psi
 
     def psi_to_tau(self, psi):
+        d = self._scale()
         tau = np.zeros(self.ntau)
         n0 = len(self.free_plain)
-        tau[:n0] = psi[self.free_plain]
+        tau[:n0] = psi[self.free_plain] / d[self.free_plain]
         pos = n0
         for blk in self._chol:
             b = blk.pidx.shape[0]
-            S = psi[blk.pidx]
+            sq = np.sqrt(d[np.diag(blk.pidx)])
+            S = psi[blk.pidx] / np.outer(sq, sq)
             try:
                 L = np.linalg.cholesky(S)
             except np.linalg.LinAlgError:
@@ -274,26 +363,29 @@ class Model:
         return tau
 
     def grad_tau(self, tau, gpsi):
+        d = self._scale()
         g = np.zeros(self.ntau)
         n0 = len(self.free_plain)
-        g[:n0] = gpsi[self.free_plain]
+        g[:n0] = gpsi[self.free_plain] * d[self.free_plain]
         pos = n0
         for blk in self._chol:
             b = blk.pidx.shape[0]
             L = np.zeros((b, b))
             idx = np.tril_indices(b)
             L[idx] = tau[pos: pos + b * (b + 1) // 2]
+            sq = np.sqrt(d[np.diag(blk.pidx)])
             G = gpsi[blk.pidx] / 2.0
             G[np.diag_indices(b)] *= 2.0
-            dL = 2.0 * G @ L
+            dL = 2.0 * (G * np.outer(sq, sq)) @ L
             g[pos: pos + b * (b + 1) // 2] = dL[idx]
             pos += b * (b + 1) // 2
         return g
 
     def tau_bounds(self):
         params = self.table.params
-        bounds = [(p.lower if np.isfinite(p.lower) else None, None)
-                  for p in (params[i] for i in self.free_plain)]
+        d = self._scale()
+        bounds = [(p.lower / d[i] if np.isfinite(p.lower) else None, None)
+                  for i, p in ((i, params[i]) for i in self.free_plain)]
         for blk in self._chol:
             b = blk.pidx.shape[0]
             for i, j in zip(*np.tril_indices(b)):
@@ -354,7 +446,8 @@ class Model:
                 _core.dense_loglik(prep.pat_ptr, prep.row_ptr, self._slot, resid, self._load,
                                    self._slot_lat, Phi, Theta, prep.wrow, self._w, self._ll,
                                    self._gphi, self._gth, self._status, self._maxn, self._nt,
-                                   int(need_grad))
+                                   int(need_grad), validate=not self._layout_ok)
+                self._layout_ok = True
             else:
                 if np.any(Theta <= 0):
                     return fail
@@ -372,7 +465,8 @@ class Model:
                                     beta=np.ascontiguousarray(beta, dtype=float),
                                     gbeta_t=self._gbeta,
                                     hidx=self._hidx if hess else None, hphi_t=hphi,
-                                    unit_load=self._unit_load)
+                                    unit_load=self._unit_load, validate=not self._layout_ok)
+                self._layout_ok = True
                 if hess:
                     hblock = hphi.sum(axis=0).reshape(nh, nh)
             if self._status.any():
@@ -384,7 +478,7 @@ class Model:
             gth = self._gth.sum(axis=0)
             w = self._w
             if self.q and self.dense:
-                _core.xt_w(self._X, w, self._xtw, self._nt)
+                _core.xt_w(self._X, w, self._xtw, self._nt, self._xtw_status)
                 xtw = self._xtw.sum(axis=0)
             elif self.q:
                 xtw = self._gbeta[:, :self.q].sum(axis=0)

@@ -26,7 +26,10 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .errors import ConvergenceWarning, MlsemError
-from .estimate import OptSummary, damped_step, start_values
+from types import SimpleNamespace
+
+from .estimate import (STALL_EVALS, STALL_REL, OptSummary, _Stalled, damped_step, param_scale,
+                       start_values)
 from .scores import chain, kernel_eval
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -97,9 +100,10 @@ class RemlObjective:
         """d2 l_R / dpsi2 over the variance parameters (central differences)."""
         idx = np.flatnonzero(~self.fixed)
         lo = np.array([p.lower for p in self.model.table.params])
+        unit = param_scale(self.model)
         H = np.zeros((len(idx), len(idx)))
         for c, i in enumerate(idx):
-            h = step * max(abs(psi[i]), 0.1)
+            h = step * max(abs(psi[i]), 0.1 * unit[i])
             up, dn = psi.copy(), psi.copy()
             up[i] += h
             dn[i] -= h
@@ -124,17 +128,44 @@ def optimize_reml(model, maxiter=5000):
     tau0 = model.psi_to_tau(psi0)
     N = max(model.prep.nobs, 1)
     lo = np.array([p.lower for p in model.table.params])
+    unit = param_scale(model)
+    ref = []     # the first finite l_R: the objective is measured from it (units shift l_R)
+    best = [-np.inf]
+    stall = {"since": 0, "x": tau0, "it": 0}
+
+    def cb(tau):
+        stall["it"] += 1
 
     def f(tau):
         psi = model.tau_to_psi(tau)
         lr, g, _ = obj.value(psi)
         if lr is None or not np.isfinite(lr):
-            return 1e300, np.zeros_like(tau)
-        return -lr / N, -model.grad_tau(tau, g) / N
+            # a finite penalty above the best value so far (as estimate._lbfgsb):
+            # 1e300 overflows the line search's interpolation and ends the run
+            # at the start (seen on pastes, a first step to a zero residual variance)
+            return (-(best[0] - ref[0]) / N if ref else 0.0) + 1e4, np.zeros_like(tau)
+        if not ref:
+            ref.append(lr)
+        # the stall rule of estimate._lbfgsb: evaluations that gain nothing
+        # beyond rounding at a point whose gradient passes the convergence rule
+        # are the line search fighting rounding (20 wasted evaluations seen on
+        # unbalanced in other units); the Newton polish finishes
+        stall["since"] = 0 if lr > best[0] + STALL_REL * abs(lr) else stall["since"] + 1
+        if lr > best[0]:
+            best[0], stall["x"] = lr, tau.copy()
+        gt = model.grad_tau(tau, g)
+        if stall["since"] >= STALL_EVALS and np.max(np.abs(gt), initial=0.0) < 1e-3 * max(1.0, N ** 0.5):
+            raise _Stalled
+        return -(lr - ref[0]) / N, -gt / N
 
-    res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(),
-                   options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-15,
-                            "gtol": 1e-10, "maxcor": 20})
+    try:
+        res = minimize(f, tau0, jac=True, method="L-BFGS-B", bounds=model.tau_bounds(), callback=cb,
+                       options={"maxiter": maxiter, "maxfun": 4 * maxiter, "ftol": 1e-15,
+                                "gtol": 1e-10, "maxcor": 20})
+    except _Stalled:
+        res = SimpleNamespace(x=stall["x"], nit=stall["it"], success=True,
+                              message="L-BFGS-B stalled at rounding level near the optimum; "
+                                      "Newton steps finish")
     psi = model.tau_to_psi(res.x)
     lr, g, psi = obj.value(psi)
     # Newton polish on the interior variance parameters
@@ -143,8 +174,8 @@ def optimize_reml(model, maxiter=5000):
     for _ in range(8):
         if lr is None:
             break
-        free = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), 1.0)]
-        if len(free) == 0 or np.max(np.abs(g[free])) < 1e-9 * N ** 0.5:
+        free = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), unit[idx])]
+        if len(free) == 0 or np.max(np.abs(g[free] * unit[free])) < 1e-9 * N ** 0.5:
             break
         H = obj.hessian(psi)
         if H is None:
@@ -161,8 +192,9 @@ def optimize_reml(model, maxiter=5000):
         steps += 1
         if not accepted:
             break
-    interior = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), 1.0)]
-    gnorm = float(np.max(np.abs(g[interior]), initial=0.0)) if g is not None else np.inf
+    interior = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), unit[idx])]
+    gnorm = (float(np.max(np.abs(g[interior] * unit[interior]), initial=0.0))
+             if g is not None else np.inf)
     converged = bool(lr is not None and gnorm < 1e-3 * max(1.0, N ** 0.5))
     msg = res.message if isinstance(res.message, str) else str(res.message)
     if not converged:

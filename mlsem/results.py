@@ -13,6 +13,7 @@ import polars as pl
 from scipy import stats
 
 from . import __version__
+from .errors import MlsemError
 
 Z975 = 1.959963984540054
 
@@ -88,6 +89,15 @@ class FitResult:
     loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
     kernel: str = ""
     encoding: object = field(default=None, repr=False)   # mlsem.encode.Encoding (predict on new data)
+    # small-sample inference (mlsem.smallsample): the df method, df per parameter
+    # (nan but for the fixed effects), and the REML information of the variance parameters
+    df_method: str = None
+    df: np.ndarray = field(default=None, repr=False)
+    small: object = field(default=None, repr=False)
+    reml_info: np.ndarray = field(default=None, repr=False)
+    ci_kind: str = "wald"          # the interval kind the summary shows
+    ci_table: object = field(default=None, repr=False)
+    boot: object = field(default=None, repr=False)      # mlsem.bootstrap.Bootstrap
     backend: str = ""               # the kernel that fitted: "cython", "numpy" (the oracle) or "dask"
     adf: dict = field(default=None, repr=False)   # method="adf": F_min, chi2, df, the moments
 
@@ -100,8 +110,14 @@ class FitResult:
     def params(self) -> pl.DataFrame:
         est, se = self.estimate, self.std_err
         rows = []
-        for n, k, b, s in zip(self.names, self.kinds, est, se):
-            if k in ("var", "resid"):
+        dfs = self.df if self.df is not None else np.full(len(self.names), np.nan)
+        for n, k, b, s, dfi in zip(self.names, self.kinds, est, se, dfs):
+            if np.isfinite(dfi):         # t(df) for the fixed effects (small-sample df)
+                z = b / s if s > 0 else float("nan")
+                p = 2.0 * stats.t.sf(abs(z), dfi) if np.isfinite(z) else float("nan")
+                tq = float(stats.t.ppf(0.975, dfi))
+                lo, hi = b - tq * s, b + tq * s
+            elif k in ("var", "resid"):
                 z = p = float("nan")
                 if b > 0 and np.isfinite(s) and s > 0:
                     r = Z975 * s / b            # huge for a non-identified variance
@@ -116,6 +132,12 @@ class FitResult:
             rows.append((n, float(b), float(s), float(z), float(p), float(lo), float(hi)))
         schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
                   "p_value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64}
+        if self.df is not None:
+            # t statistics on df (nan df: a variance parameter, no test)
+            rows = [(r[0], r[1], r[2], r[3], float(d), r[4], r[5], r[6]) for r, d in zip(rows, dfs)]
+            schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64,
+                      "t": pl.Float64, "df": pl.Float64, "p_value": pl.Float64,
+                      "ci_low": pl.Float64, "ci_high": pl.Float64}
         if self.sem_labels is not None:
             rows = [r + tuple(lab) for r, lab in zip(rows, self.sem_labels)]
             for d in self.defined:
@@ -187,6 +209,44 @@ class FitResult:
         from .inference import fit_test
         return fit_test(self)
 
+    # ---- intervals and the bootstrap (mlsem.profile, mlsem.bootstrap) ---------------
+    def confint(self, method: str = "wald", level: float = 0.95, parm=None, **kw) -> pl.DataFrame:
+        """Confidence intervals, a Polars frame name, lower, upper.
+
+        ``method``: "wald" (the table's: normal or t(df) for coefficients,
+        log scale for variances), "profile" (profile likelihood, ML fits; as
+        lme4's confint) or "bootstrap" (percentile intervals of the draws of
+        :meth:`bootstrap`; ``n=``, ``seed=`` run it if it has not run).  The
+        summary then shows this kind."""
+        if method == "wald":
+            tab = _wald_ci(self, level)
+        elif method == "profile":
+            from .profile import profile_confint
+            tab = profile_confint(self, level, parm)
+        elif method == "bootstrap":
+            from .bootstrap import percentile_ci
+            tab = percentile_ci(self, level, **kw)
+        else:
+            raise MlsemError(f"confint: method={method!r} is not one of 'wald', 'profile', 'bootstrap'")
+        if method != "bootstrap" and kw:
+            raise MlsemError(f"confint(method={method!r}) takes no {', '.join(kw)}")
+        if parm is not None and method != "profile":
+            names = [parm] if isinstance(parm, str) else list(parm)
+            tab = tab.filter(pl.col("name").is_in(names))
+        self.ci_kind = {"wald": "wald", "profile": f"profile likelihood ({level:.0%})",
+                        "bootstrap": f"parametric bootstrap, percentile ({level:.0%})"}[method]
+        self.ci_table = None if method == "wald" else tab
+        return tab
+
+    def bootstrap(self, n: int = 1000, seed=None, parallel=None, progress=True) -> pl.DataFrame:
+        """Parametric bootstrap: ``n`` data sets simulated from the fitted
+        model, each refitted (warm-started at the estimates); the draws as a
+        Polars frame (one column per parameter, plus ``replicate`` and
+        ``converged``).  Failed refits are counted and reported
+        (``self.boot.failed``), never dropped silently.  See mlsem.bootstrap."""
+        from .bootstrap import bootstrap
+        return bootstrap(self, n=n, seed=seed, parallel=parallel, progress=progress).draws
+
     # ---- printing ----------------------------------------------------------
     def summary(self) -> str:
         if self.sem_rows is not None:
@@ -218,19 +278,32 @@ class FitResult:
             "mixed-model convention: fixed effects (X'V^-1X)^-1, variance components from their own observed information"
             if self.vce == "mixed" else self.vce)
         out.append(f"Std. errors: {conv}")
+        if self.df_method:
+            out.append(f"Fixed effects: t tests on {self.df_method} df"
+                       + (" (Kenward-Roger adjusted std. errors)" if self.df_method == "Kenward-Roger" else ""))
         tab = self.params
+        ci = _ci_override(self, tab)
+        if self.ci_kind != "wald":
+            out.append(f"Confidence intervals: {self.ci_kind}")
         fixed = {n for n, k in zip(self.names, self.kinds) if k == "fixed"}
         # the name columns grow to fit the longest name (formula terms such as
         # schgend[T.girls]:standLRT); 12 and 28 characters as in Stata's layout
         wf = max([12, len(self.outcome)] + [len(n) for n in fixed])
-        wr = max([28] + [len(n) for n in self.names if n not in fixed])
+        wr = max([28] + [len(n) for n in self.names if n not in fixed] + [len(n) for n in ci])
         line = "-" * (wf + 66)
         out.append(line)
-        out.append(f"{self.outcome:>{wf}} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
+        if self.df_method:
+            out.append(f"{self.outcome:>{wf}} |      Coef.   Std. Err.      t       df  P>|t|  [95% Conf. Interval]")
+        else:
+            out.append(f"{self.outcome:>{wf}} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
         out.append("-" * (wf + 1) + "+" + "-" * 64)
         for r in tab.iter_rows(named=True):
+            lo, hi = ci.get(r["name"], (r["ci_low"], r["ci_high"]))
             if r["name"] in fixed:
-                out.append(f"{r['name']:>{wf}} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+                if self.df_method:
+                    out.append(f"{r['name']:>{wf}} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['t']:>6.2f} {r['df']:>8.2f} {r['p_value']:>6.3f} {lo:>10.6g} {hi:>10.6g}")
+                else:
+                    out.append(f"{r['name']:>{wf}} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {lo:>10.6g} {hi:>10.6g}")
         out.append(line)
         out.append("")
         line = "-" * (wr + 50)
@@ -241,7 +314,11 @@ class FitResult:
             if r["name"] in fixed:
                 continue
             est = "0 (boundary)" if r["estimate"] == 0.0 else f"{r['estimate']:.6g}"
-            out.append(f"{r['name']:>{wr}} | {est:>10} {r['std_err']:>10.6g}     {r['ci_low']:>10.6g} {r['ci_high']:>10.6g}")
+            lo, hi = ci.get(r["name"], (r["ci_low"], r["ci_high"]))
+            out.append(f"{r['name']:>{wr}} | {est:>10} {r['std_err']:>10.6g}     {lo:>10.6g} {hi:>10.6g}")
+        for n, (lo, hi) in ci.items():        # profile rows beyond the parameters (correlations)
+            if n not in self.names:
+                out.append(f"{n:>{wr}} | {'':>10} {'':>10}     {lo:>10.6g} {hi:>10.6g}")
         out.append(line)
         if self.lr_ols:
             lr = self.lr_ols
@@ -418,6 +495,39 @@ def _sem_summary(res) -> str:
         out.append(f"Note: {n}")
     out.extend(_backend_footer(res))
     return "\n".join(out)
+
+
+def _wald_ci(res, level) -> pl.DataFrame:
+    """The table's intervals at ``level``."""
+    if not (0.0 < level < 1.0):
+        raise MlsemError(f"confint: level={level!r} must be between 0 and 1")
+    zq = float(stats.norm.ppf(0.5 + level / 2))
+    dfs = res.df if res.df is not None else np.full(len(res.names), np.nan)
+    rows = []
+    for n, k, b, s, d in zip(res.names, res.kinds, res.estimate, res.std_err, dfs):
+        if np.isfinite(d):
+            q = float(stats.t.ppf(0.5 + level / 2, d))
+            lo, hi = b - q * s, b + q * s
+        elif k in ("var", "resid"):
+            if b > 0 and np.isfinite(s) and s > 0:
+                r = zq * s / b
+                f = math.exp(r) if r < 700.0 else math.inf
+                lo, hi = b / f, b * f
+            else:
+                lo = hi = float("nan")
+        else:
+            lo, hi = b - zq * s, b + zq * s
+        rows.append((n, float(lo), float(hi)))
+    return pl.DataFrame(rows, schema={"name": pl.String, "lower": pl.Float64, "upper": pl.Float64},
+                        orient="row")
+
+
+def _ci_override(res, tab) -> dict:
+    """name -> (lower, upper) of the interval kind the summary shows (profile or
+    bootstrap intervals stored by confint); empty for Wald."""
+    if res.ci_kind == "wald" or res.ci_table is None:
+        return {}
+    return {r["name"]: (r["lower"], r["upper"]) for r in res.ci_table.iter_rows(named=True)}
 
 
 def _backend_footer(res) -> list:

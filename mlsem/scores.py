@@ -39,6 +39,7 @@ def kernel_eval(model, resid, Phi, Theta, *, wrow=None, pat_ptr=None, dense=None
     if dense and Theta.ndim == 1:
         Theta = np.diag(Theta)
     wrow = prep.wrow if wrow is None else wrow
+    subset = pat_ptr is not None
     pat_ptr = prep.pat_ptr if pat_ptr is None else np.ascontiguousarray(pat_ptr, dtype=np.int64)
     load = model._load if load is None else np.ascontiguousarray(load, dtype=np.float64)
     resid = np.ascontiguousarray(resid, dtype=np.float64)
@@ -58,13 +59,16 @@ def kernel_eval(model, resid, Phi, Theta, *, wrow=None, pat_ptr=None, dense=None
     w = np.zeros(prep.nobs)
     ll = np.zeros(1)
     status = np.zeros(1, dtype=np.int32)
+    # the model's own layout is checked by the kernel once (Model._layout_ok);
+    # a pattern subset is checked every time (O(its observations))
+    validate = subset or not getattr(model, "_layout_ok", False)
     gphi = np.zeros((1, M * M))
     Phi = np.ascontiguousarray(Phi, dtype=np.float64)
     if dense:
         gth = np.zeros((1, P * P))
         _core.dense_loglik(pat_ptr, prep.row_ptr, model._slot, resid, load, model._slot_lat,
                            Phi, np.ascontiguousarray(Theta, dtype=np.float64), wrow, w, ll,
-                           gphi, gth, status, model._maxn, 1, int(need_grad))
+                           gphi, gth, status, model._maxn, 1, int(need_grad), validate=validate)
         gth = gth.reshape(P, P)
     else:
         if np.any(Theta <= 0):
@@ -76,7 +80,7 @@ def kernel_eval(model, resid, Phi, Theta, *, wrow=None, pat_ptr=None, dense=None
         _core.factor_loglik(pat_ptr, prep.row_ptr, model._slot, resid, load, model._slot_lat,
                             F, model.blk_start, model.blk_end, np.ascontiguousarray(Theta),
                             wrow, w, ll, gphi, gth, status, model._maxn, model._maxm,
-                            model._maxc, 1, int(need_grad))
+                            model._maxc, 1, int(need_grad), validate=validate)
         gth = gth[0]
     if status.any():
         return None

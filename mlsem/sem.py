@@ -521,6 +521,8 @@ class SemModel:
         P, M, q = table.P, table.M, table.q
         self.P, self.M, self.q = P, M, q
         self.ntau = table.nparams
+        # tau = psi: every parameter is "plain" (mlsem.estimate's bound handling)
+        self.free_plain = np.arange(table.nparams)
         self.nevals = 0
         # index arrays per matrix: fixed base and free entries (both triangles of psi/theta)
         self.base = {m: np.zeros(_shape(m, P, M, q)) for m in MATRICES}
@@ -549,6 +551,7 @@ class SemModel:
         self._w = np.zeros(d.nobs)
         self._ll = np.zeros(nt)
         self._status = np.zeros(nt, dtype=np.int32)
+        self._checked = [False, False]      # factor, dense layout checked by the kernel
         # structure (what can be nonzero), fixed for the fit
         nz = {mname: np.zeros(_shape(mname, P, M, q), dtype=bool) for mname in ("lambda", "beta", "psi", "gy", "geta")}
         for e in table.entries:
@@ -878,7 +881,8 @@ class SemModel:
                                     self._slot_lat, self._F, self._blk_start, self._blk_end, theta,
                                     d.wrow, self._w, self._ll, self._gphi, self._gth,
                                     self._status, int(d.max_row_obs), self._maxm, self._Mt,
-                                    self._nt, int(need_grad))
+                                    self._nt, int(need_grad), validate=not self._checked[0])
+                self._checked[0] = True     # the layout is checked by the kernel once
             else:
                 self.kernel_calls["dense"] += 1
                 Sigma = Lt @ m["psi"] @ Lt.T + m["theta"]
@@ -889,7 +893,9 @@ class SemModel:
                 _core.dense_loglik(d.pat_ptr, d.row_ptr, self._slot, resid, self._dense_load,
                                    self._dense_slot_lat, self._Phi0, np.ascontiguousarray(Sigma), d.wrow,
                                    self._w, self._ll, self._dense_gphi, self._dense_gth, self._status,
-                                   int(d.max_row_obs), self._nt, int(need_grad))
+                                   int(d.max_row_obs), self._nt, int(need_grad),
+                                   validate=not self._checked[1])
+                self._checked[1] = True
             if self._status.any():
                 return None, None
             ll = float(self._ll.sum())

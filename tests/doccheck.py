@@ -7,7 +7,8 @@ Conventions (docs/contributing.md):
   with this interpreter's scripts (``mlsem``) first on PATH.
 * A code block followed directly by an ```output block: the block's stdout is
   compared with it, numbers to the digits shown (one unit in the last digit
-  shown of slack, for rounding), everything else token by token.
+  shown of slack, for rounding; whole numbers such as counts and exit codes
+  exactly), everything else token by token.
 * A line that is just ``...`` in an output block stands for any number of
   printed lines.
 * ``<!-- doc: skip (reason) -->`` on the line before a block: not run (it
@@ -73,9 +74,13 @@ def _num(tok: str):
 
 
 def _decimals(tok: str) -> float:
-    """One unit in the last digit shown."""
+    """One unit in the last digit shown: the slack for a rounded number.  A
+    whole number without an exponent (a count, a degree of freedom, an exit
+    code) is not a rounded value: it gets no slack."""
     t = tok.rstrip("%").replace(",", "")
     mant, _, exp = t.lower().partition("e")
+    if "." not in mant and not exp:
+        return 0.0
     d = len(mant.split(".")[1]) if "." in mant else 0
     return 10.0 ** (-d + (int(exp) if exp else 0))
 

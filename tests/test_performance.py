@@ -81,7 +81,7 @@ def test_fused_kernel_threads_agree():
     """1 and 2 threads (fused residuals and X'w) give the same log-likelihood
     and gradient up to summation order."""
     if _core is None or not _core.HAVE_OPENMP:
-        return
+        pytest.skip("the compiled kernel has no OpenMP here: one thread only, nothing to compare")
     _, m1 = build(REF / "medium.parquet", "y ~ x + (1 | k/j)", nthreads=1)
     _, m2 = build(REF / "medium.parquet", "y ~ x + (1 | k/j)", nthreads=2)
     psi = estimate.start_values(m1)
@@ -103,7 +103,13 @@ def test_stalled_lbfgsb_handed_to_newton_gives_the_same_fit(monkeypatch):
     letting the Newton polish finish) gives the fit of running it to its end."""
     path, formula = REF / "egsingle.parquet", "math ~ year + (1 | schoolid/childid)"
     _, m1 = build(path, formula)
+    # whether L-BFGS-B meets rounding before its own stopping rule depends on
+    # the last bits of the start values and the units (issue 12 changed both);
+    # a gain threshold of 1e-10 (relative) makes the rule fire near the optimum
+    # on this case whatever the rounding, so that the mechanism is what is tested
+    monkeypatch.setattr(estimate, "STALL_REL", 1e-10)
     o1 = estimate.optimize(m1)
+    monkeypatch.setattr(estimate, "STALL_REL", 1e-13)
     assert "stalled" in o1.message and o1.converged
     monkeypatch.setattr(estimate, "STALL_EVALS", 10**9)
     _, m2 = build(path, formula)

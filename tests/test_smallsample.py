@@ -1,0 +1,130 @@
+"""Small-sample df of the fixed effects against lmerTest 3.1 / pbkrtest 0.5
+(tests/reference/small_sample.json, copied from the shared references, and
+tests/reference/extra/small_sample_extra.json, made by make_small_sample.sh)."""
+import json
+
+import numpy as np
+import pytest
+
+import mlsem
+from mlsem.errors import MlsemError
+
+from conftest import REF
+
+SS = json.loads((REF / "small_sample.json").read_text())
+EXTRA = json.loads((REF / "extra" / "small_sample_extra.json").read_text())
+CASES = {"seed_balanced": "y ~ x + (1 | k/j)", "unbalanced": "y ~ x1 + z + (1 | k/j)",
+         "pastes": "strength ~ 1 + (1 | batch/cask)",
+         "sleepstudy": "Reaction ~ Days + (Days | Subject)"}
+
+
+def _r(name):
+    return "(Intercept)" if name == "Intercept" else name
+
+
+def _check(res, ref):
+    tab = res.params.filter(res.params["df"].is_not_nan())
+    assert tab.height == len(ref["df"])
+    for row in tab.iter_rows(named=True):
+        n = _r(row["name"])
+        assert row["df"] == pytest.approx(ref["df"][n], rel=1e-3), n
+        assert row["std_err"] == pytest.approx(ref["std_err"][n], rel=1e-3), n
+        assert row["estimate"] == pytest.approx(ref["estimate"][n], rel=1e-4, abs=1e-6), n
+        p = ref["p_value"][n]
+        assert abs(row["p_value"] - p) <= max(1e-3 * p, 1e-8), n
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("df,key", [("satterthwaite", "satterthwaite"),
+                                    ("kenward-roger", "kenward_roger")])
+def test_reml_df_match_lmertest_pbkrtest(case, df, key):
+    res = mlsem.fit(REF / f"{case}.parquet", CASES[case], method="reml", df=df)
+    assert res.converged
+    _check(res, SS[case][key])
+    assert res.df_method == {"satterthwaite": "Satterthwaite", "kenward-roger": "Kenward-Roger"}[df]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ml_satterthwaite_matches_lmertest(case):
+    res = mlsem.fit(REF / f"{case}.parquet", CASES[case], df="satterthwaite")
+    _check(res, EXTRA["ml_satterthwaite"][case])
+
+
+def test_t_intervals_use_df():
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml", df="satterthwaite")
+    from scipy import stats
+    row = res.params.row(0, named=True)
+    tq = stats.t.ppf(0.975, row["df"])
+    assert row["ci_high"] - row["estimate"] == pytest.approx(tq * row["std_err"], rel=1e-12)
+    assert tq > 2.2          # 9 df: far from 1.96
+    assert "Satterthwaite" in res.summary()
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_wald_f_tests_match(method):
+    key = f"ftests_unbalanced_{method}"
+    kinds = [("satterthwaite", "satterthwaite")] + (
+        [("kenward-roger", "kenward_roger")] if method == "reml" else [])
+    for df, k2 in kinds:
+        res = mlsem.fit(REF / "unbalanced.parquet", CASES["unbalanced"], method=method, df=df)
+        for name, t in EXTRA[key].items():
+            w = res.wald(t["restrictions"])
+            ref = t[k2]
+            assert w["df_num"] == ref["df_num"]
+            assert w["df_den"] == pytest.approx(ref["df_den"], rel=1e-3), (df, name)
+            assert w["F"] == pytest.approx(ref["F"], rel=1e-4), (df, name)
+            assert abs(w["p_value"] - ref["p_value"]) <= max(1e-3 * ref["p_value"], 1e-8)
+            if "F_scaling" in ref:
+                assert w["F_scaling"] == pytest.approx(ref["F_scaling"], rel=1e-4)
+
+
+def test_options_refused():
+    with pytest.raises(MlsemError, match="kenward-roger.*method='reml'"):
+        mlsem.fit(REF / "pastes.parquet", CASES["pastes"], df="kenward-roger")
+    with pytest.raises(MlsemError, match="df="):
+        mlsem.fit(REF / "pastes.parquet", CASES["pastes"], df="containment")
+    with pytest.raises(MlsemError, match="vce='mixed'"):
+        mlsem.fit(REF / "pastes.parquet", CASES["pastes"], df="satterthwaite", vce="oim")
+    res = mlsem.fit(REF / "unbalanced.parquet", CASES["unbalanced"], method="reml",
+                    df="satterthwaite")
+    with pytest.raises(MlsemError, match="fixed effects only"):
+        res.wald("var(k) = 1")
+
+
+def test_p_blocks_are_derivatives_of_the_fixed_effects_covariance():
+    """dPhi/dpsi_i = Phi P_i Phi (analytic) against central differences of (X'V^-1X)^-1."""
+    from mlsem.smallsample import _Blocks
+    res = mlsem.fit(REF / "sleepstudy.parquet", CASES["sleepstudy"])
+    m, psi = res.model, res.estimate
+    b = _Blocks(m, psi)
+    for c, i in enumerate(b.var):
+        h = 1e-5 * max(abs(psi[i]), 1.0)
+        up, dn = psi.copy(), psi.copy()
+        up[i] += h
+        dn[i] -= h
+        num = (_Blocks(m, up).V - _Blocks(m, dn).V) / (2 * h)
+        ana = b.V @ b.P[c] @ b.V
+        assert np.abs(ana - num).max() <= 1e-6 * np.abs(ana).max()
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_satterthwaite_with_a_variance_at_zero(method):
+    """lme4's singular fit: var(j) = 0 drops out of the df, as lmerTest's theta = 0."""
+    data = mlsem.simulate(30, 2, 3, sd_school=0.0, seed=1)
+    res = mlsem.fit(data, "y ~ x + (1 | k/j)", method=method, df="satterthwaite")
+    assert res.coef["var(j)"] == 0.0
+    _check(res, EXTRA["boundary"][f"{method}_satterthwaite"])
+    assert any("var(j) estimated at 0" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("case", ["sleepstudy", "unbalanced"])
+def test_kr_low_rank_pieces_equal_the_dense_oracle(case):
+    """Kenward-Roger's traces and Q_ij from the low-rank per-pattern formulas equal
+    the dense G_i V^-1 products (random slopes; nested intercepts)."""
+    from mlsem.smallsample import _Blocks
+    res = mlsem.fit(REF / f"{case}.parquet", CASES[case])
+    b = _Blocks(res.model, res.estimate)
+    K1, Q1 = b.kr_pieces()
+    K2, Q2 = b._kr_pieces_dense()
+    assert np.abs(K1 - K2).max() <= 1e-10 * np.abs(K2).max()
+    assert np.abs(Q1 - Q2).max() <= 1e-10 * np.abs(Q2).max()
