@@ -8,8 +8,9 @@ References:
   exam_factors): an interaction with a poly() term and a random slope on a
   transform, with lme4's fitted(), predict(newdata, allow.new.levels = TRUE),
   predict(re.form = NA) and sqrt(x' vcov x);
-- real/*.json (extra/make_real.R: lme4 on Chem97, Oats): I() and an
-  interaction on 31k rows, a factor that is also a grouping level;
+- real/*.json (extra/make_real.R: lme4 on Chem97, Oats, Hsb82, Oxboys): I()
+  and an interaction on 31k rows, a factor that is also a grouping level,
+  factors with a random slope, poly();
 - direct constructions: the same model with the dummy and transformed columns
   made by hand with Polars and fitted with plain column names must give the
   same design matrix and log-likelihood.
@@ -59,7 +60,7 @@ def check_lme4(res, block, factors, vc_names, *, reml=False):
     if isinstance(vcs, dict):   # column form
         vcs = [dict(zip(vcs, row)) for row in zip(*vcs.values())]
     for row in vcs:
-        key = (row["grp"], row["var1"] or "", row["var2"] or "")
+        key = (row["grp"], row["var1"] or "", row["var2"] if isinstance(row.get("var2"), str) else "")
         name = vc_names[key]
         assert abs(coef[name] - row["vcov"]) <= 1e-3 * max(abs(row["vcov"]), 1e-2), name
 
@@ -88,12 +89,7 @@ SLEEP_VC = {("Subject", "(Intercept)", ""): "var(Subject:Intercept)",
             ("Residual", "", ""): "var(Residual)"}
 
 
-@pytest.mark.parametrize("method", [
-    "ml",
-    pytest.param("reml", marks=pytest.mark.xfail(
-        strict=False, reason="REML on sleepstudy's scale (residual variance ~650) does not converge "
-                             "until the scale-free optimiser (issue 12 part 2) is merged")),
-])
+@pytest.mark.parametrize("method", ["ml", "reml"])
 def test_sleepstudy_through_the_formula_path(method):
     case = load_case("sleepstudy")
     data = pl.read_parquet(REF / "sleepstudy.parquet")
@@ -154,21 +150,36 @@ def test_lme4_interaction_poly_slope_transform_and_predictions(exam, case):
     assert np.max(np.abs(se / np.array(ref["se_fixed_first12"]) - 1)) < 1e-3
 
 
-@pytest.mark.parametrize("name, method", [("chem97", "ml"), ("oats", "ml"), ("oats", "reml")])
+REAL = {"chem97": ["gender"], "oats": ["Variety"], "hsb82": ["sector", "sx", "minrty"],
+        "oxboys": []}
+
+
+@pytest.mark.parametrize("name, method", [(n, m) for n in REAL for m in ("ml", "reml")])
 def test_real_data_factors_interactions(name, method):
     """Chem97: I() and a factor-by-numeric interaction on 31k rows; Oats:
-    Variety is a fixed factor and the inner grouping level."""
+    Variety is a fixed factor and the inner grouping level; Hsb82: three factors,
+    a numeric interaction and a correlated random slope; Oxboys: poly(age, 2)
+    with a random slope on age."""
     case = json.loads((REF / "real" / f"{name}.json").read_text())
     data = pl.read_parquet(REF / "real" / f"{name}.parquet")
     res = mlsem.fit(data, case["formula"], method=method)
     assert res.converged
     block = case[method]
-    factors = ["gender"] if name == "chem97" else ["Variety"]
+    block = dict(block, fixef={k.replace("poly(age, 2)1", "poly(age, 2)[1]").replace("poly(age, 2)2", "poly(age, 2)[2]"): v
+                               for k, v in block["fixef"].items()},
+                 se={k.replace("poly(age, 2)1", "poly(age, 2)[1]").replace("poly(age, 2)2", "poly(age, 2)[2]"): v
+                     for k, v in block["se"].items()})
     levels = case["levels"] if isinstance(case["levels"], list) else [case["levels"]]
-    vc = {("Residual", "", ""): "var(Residual)", (levels[0], "(Intercept)", ""): f"var({levels[0]})"}
+    top = levels[0]
+    vc = {("Residual", "", ""): "var(Residual)", (top, "(Intercept)", ""): f"var({top})"}
     if len(levels) > 1:
-        vc[(f"{levels[1]}:{levels[0]}", "(Intercept)", "")] = f"var({levels[1]})"
-    check_lme4(res, block, factors, vc, reml=method == "reml")
+        vc[(f"{levels[1]}:{top}", "(Intercept)", "")] = f"var({levels[1]})"
+    slope = {"hsb82": "cses", "oxboys": "age"}.get(name)
+    if slope:
+        vc.update({(top, "(Intercept)", ""): f"var({top}:Intercept)",
+                   (top, slope, ""): f"var({top}:{slope})",
+                   (top, "(Intercept)", slope): f"cov({top}:Intercept,{top}:{slope})"})
+    check_lme4(res, block, REAL[name], vc, reml=method == "reml")
 
 
 # ---- direct constructions (no R needed) ------------------------------------------------
