@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import collect_columns, prepare
+from .data import prepare
+from .encode import load
 from .errors import ConvergenceWarning, MlsemError
 from .estimate import information, optimize, vcov_from_information
-from .formula import nest_levels, parse_formula
+from .formula import effects_of, nest_levels, parse_formula
 from .model import Model
 from .relax import coefficient_design, needs_warm_start, relax_table, warm_start
 from .results import FitResult, identification
@@ -114,12 +115,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     F = parse_formula(formula)
     levels = nest_levels(F)
     level_cols = [lv[-1] for lv in levels]
-    effects = {}
-    for rt in F.random:
-        d = len(rt.group) - 1
-        if d in effects:
-            raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
-        effects[d] = list(rt.effects)
+    effects = effects_of(F)
     if backend == "dask":
         if opts.vce not in ("mixed", "oim") or opts.weights or opts.method != "ml":
             raise MlsemError("backend='dask' supports vce='mixed' or 'oim', ML and no weights")
@@ -136,18 +132,18 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
                 start = warm_start(model.table, model.base_table, base.final)
             opt = optimize(model, start=start, progress=progress)
             t2 = time.perf_counter()
-            res = _finish(model, opt, opts, F, model.prep,
+            res = _finish(model, opt, opts, model.formula, model.prep,
                           {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+            res.encoding = model.encoding
             res.notes += model.notes()
             return res
         finally:
             model.close()
     if client is not None or npartitions is not None:
         raise MlsemError("client= and npartitions= need backend='dask'")
-    cols = F.columns + ([index] if index else []) + [c for c in (opts.weights, opts.cluster)
-                                                      if c and c not in F.columns]
-    numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
-    df = collect_columns(data, cols, numeric, level_cols)
+    extra = ([index] if index else []) + [c for c in (opts.weights, opts.cluster) if c]
+    df, F, encoding = load(data, F, extra)
+    effects = effects_of(F)
     design = coefficient_design(coefficients, F, levels)
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
                    design=design)
@@ -164,12 +160,15 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     if opts.method == "adf":
         from .bridge import multilevel_adf
-        return multilevel_adf(model, opts, F, prep, t0, t1)
+        res = multilevel_adf(model, opts, F, prep, t0, t1)
+        res.encoding = encoding
+        return res
     if opts.method == "reml":
         if relaxed:
             raise MlsemError("method='reml' is not supported with effects=, residuals= or "
                              "coefficients= yet: fit the relaxed model by ML")
         res = fit_reml(model, opts, F, prep, t0, t1)
+        res.encoding = encoding
         if df_method is not None:
             t3 = time.perf_counter()
             res = apply_df(res, df_method, res.reml_info)
@@ -186,6 +185,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
     res = _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+    res.encoding = encoding
     res = apply_vce(res, opts, unit)
     if df_method is not None:
         t3 = time.perf_counter()

@@ -19,10 +19,11 @@ import warnings
 import numpy as np
 import polars as pl
 
-from .data import collect_columns, prepare, scan
+from .data import prepare, scan
 from .errors import ConvergenceWarning, MlsemError
 from .estimate import information, optimize, vcov_from_information
-from .formula import nest_levels, parse_formula
+from .encode import load
+from .formula import effects_of, nest_levels, parse_formula
 from .results import FitResult, identification
 from .sem import SemModel, build_table, count_moments, prepare_wide
 from .adf import ADF_NAMES
@@ -531,7 +532,8 @@ class MultilevelSpec:
         (``y{j}_{i}``), then each covariate per slot (``x{j}_{i}``); null where the
         slot is empty.  ``data`` defaults to the data the spec was built from;
         another data set is laid out on this spec's slots."""
-        prep = self.prep if data is None else _prep_for(self.formula, data, self.index)[0]
+        prep = self.prep if data is None else _prep_for(self.formula, data, self.index,
+                                                         self.prep.meta.get("encoding"))[0]
         if data is not None and prep.nslots != self.prep.nslots:
             raise MlsemError("data: its slots differ from the spec's; build the spec from this data")
         nr, P = prep.nrows, prep.nslots
@@ -597,17 +599,14 @@ class MultilevelSpec:
         return self.labels[name]
 
 
-def _prep_for(formula, data, index=None):
+def _prep_for(formula, data, index=None, encoding=None):
+    """The prepared data of ``formula`` on ``data``; with ``encoding`` (a spec's),
+    the fixed part is encoded as it was for the spec (same factor levels)."""
     F = parse_formula(formula)
     levels = nest_levels(F)
-    level_cols = [lv[-1] for lv in levels]
-    effects = {}
-    for rt in F.random:
-        effects[len(rt.group) - 1] = list(rt.effects)
-    numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
-    cols = F.columns + ([index] if index and index not in F.columns else [])
-    df = collect_columns(data, cols, numeric, level_cols)
-    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index)
+    df, F, encoding = load(data, F, [index] if index else [], encoding=encoding)
+    prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects_of(F), index=index)
+    prep.meta["encoding"] = encoding
     return prep, F, levels
 
 

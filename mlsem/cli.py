@@ -5,7 +5,8 @@
               [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
               [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
-    mlsem predict DATA --formula F [RELAX] --out EFFECTS.parquet
+    mlsem ranef DATA --formula F [RELAX] --out EFFECTS.parquet
+    mlsem predict DATA --formula F [RELAX] [--newdata FILE] [--population] [--se] --out PRED.parquet
     mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png|.pdf
     mlsem wide DATA --formula F --out WIDE.parquet [--syntax-out MODEL.lav]
 
@@ -327,7 +328,9 @@ def _relax_options(args, F):
     """Parse --effects/--residuals/--coefficients against the formula's levels."""
     from .formula import nest_levels
     below = [lv[-1] for lv in nest_levels(F)][1:]
-    terms = (["Intercept"] if F.intercept else []) + list(F.fixed)
+    # the design's column names are known once the data are encoded (mlsem.encode);
+    # before that, fit() checks --coefficients against them
+    terms = ((["Intercept"] if F.intercept else []) + list(F.fixed)) if F.encoded else None
     return (parse_effects(getattr(args, "effects", None), below),
             parse_residuals(getattr(args, "residuals", None), below, getattr(args, "index", None)),
             parse_coefficients(getattr(args, "coefficients", None), below, terms))
@@ -336,18 +339,18 @@ def _relax_options(args, F):
 # ---- fit --------------------------------------------------------------------------
 def _read(args, extra_cols, prog, formula=None):
     """Read the formula's columns (and ``extra_cols``) once, checking names."""
-    from .data import collect_columns
+    from .encode import load
     from .formula import parse_formula
     F = parse_formula(formula or args.formula)
     cols = list(F.columns)
     for c in extra_cols:
         if c and c not in cols:
             cols.append(c)
-    numeric = [F.outcome, *F.fixed] + [e for rt in F.random for e in rt.effects if e != "Intercept"]
-    ids = list(dict.fromkeys(c for rt in F.random for c in rt.group))
     prog.say(f"reading {args.data}")
-    # types, null ids and infinite values are checked once on the whole data
-    df = collect_columns(args.data, cols, numeric, ids)
+    # types, null ids and infinite values are checked once on the whole data; the
+    # fixed part is encoded (mlsem.encode) to check it, and fit() encodes again
+    df, F, _ = load(args.data, F, extra_cols)
+    df = df.select(cols)
     prog.say(f"read {df.height:,} rows, columns {', '.join(cols)}")
     return F, df
 
@@ -663,30 +666,52 @@ def _cmd_simulate(args, argv) -> int:
     return EXIT_OK
 
 
-# ---- predict ----------------------------------------------------------------------
-def _cmd_predict(args, argv) -> int:
+# ---- ranef, predict ------------------------------------------------------------------
+def _fit_for(args, prog):
     from .api import fit
-    from .predict import predict
-    prog = Progress(args.quiet)
-    _check_out(args.out, "--out", (".parquet", ".pq"))
     from .formula import parse_formula
+    _check_out(args.out, "--out", (".parquet", ".pq"))
     effects, residuals, coefficients = _relax_options(args, parse_formula(args.formula))
     F, df = _read(args, [args.index], prog)
     with warnings.catch_warnings(), _option_names():
         warnings.simplefilter("ignore", ConvergenceWarning)
         res = fit(df, args.formula, index=args.index, effects=effects, residuals=residuals,
                   coefficients=coefficients, progress=prog)
-    st = _status(res)
-    prog.say(f"loglik {res.loglik:.6f}, {st}; predicting the random effects")
-    eff = predict(res)
-    _write_parquet(eff, args.out, "--out")
-    prog.say(f"wrote {args.out} ({eff.height:,} rows)")
+    return res
+
+
+def _write_table(args, prog, res, table, what) -> int:
+    _write_parquet(table, args.out, "--out")
+    prog.say(f"wrote {args.out} ({table.height:,} rows)")
     if not args.quiet:
-        print(eff)
+        print(table)
+    st = _status(res)
     if st != "ok":
-        print(f"mlsem predict: the fit is {st}; predictions written but flagged", file=sys.stderr)
+        print(f"mlsem {args.command}: the fit is {st}; {what} written but flagged", file=sys.stderr)
         return EXIT_FLAGGED
     return EXIT_OK
+
+
+def _cmd_ranef(args, argv) -> int:
+    from .predict import random_effects
+    prog = Progress(args.quiet)
+    res = _fit_for(args, prog)
+    prog.say(f"loglik {res.loglik:.6f}, {_status(res)}; predicting the random effects")
+    return _write_table(args, prog, res, random_effects(res), "random effects")
+
+
+def _cmd_predict(args, argv) -> int:
+    from .predict import predict
+    prog = Progress(args.quiet)
+    if args.newdata is not None:
+        from .data import scan
+        scan(args.newdata)            # a missing or unreadable file fails before the fit
+    res = _fit_for(args, prog)
+    where = f"the rows of {args.newdata}" if args.newdata else "the estimation rows"
+    prog.say(f"loglik {res.loglik:.6f}, {_status(res)}; predicting {args.formula.split('~')[0].strip()} "
+             f"on {where}")
+    table = predict(res, args.newdata, random=not args.population, se=args.se)
+    return _write_table(args, prog, res, table, "predictions")
 
 
 # ---- diagram ----------------------------------------------------------------------
@@ -863,13 +888,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     s.set_defaults(func=_cmd_simulate)
 
-    pr = sub.add_parser("predict", help="empirical Bayes predictions (posterior mean, sd) of every random effect",
+    re_ = sub.add_parser("ranef", help="empirical Bayes predictions (BLUP, conditional sd) of every random effect",
+                         epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(re_)
+    relax_options(re_)
+    re_.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
+    re_.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet",
+                     help="one row per unit and effect: level, effect, the unit's ids, latent, mean, sd")
+    re_.set_defaults(func=_cmd_ranef)
+
+    pr = sub.add_parser("predict", help="predicted outcome x'beta + z'b (BLUPs of known groups), on the "
+                                        "estimation rows or on --newdata",
                         epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(pr)
     relax_options(pr)
     pr.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
-    pr.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet",
-                    help="one row per unit and effect: level, effect, the unit's ids, latent, mean, sd")
+    pr.add_argument("--newdata", metavar="FILE", help="predict on the rows of FILE (Parquet or CSV)")
+    pr.add_argument("--population", action="store_true",
+                    help="population level x'beta (no random effects)")
+    pr.add_argument("--se", action="store_true", help="add the standard error of x'beta")
+    pr.add_argument("--out", "-o", required=True, metavar="PREDICTIONS.parquet",
+                    help="the id columns, row (without --newdata), predicted (and se)")
     pr.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG/PDF through Graphviz)",

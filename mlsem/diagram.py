@@ -87,7 +87,8 @@ def from_formula(formula: str, design=(2, 2), *, effects=None, residuals=None,
     :func:`mlsem.fit` does (``index`` names the template's observation
     numbers, for residual correlations that need an order)."""
     from .data import prepare
-    from .formula import nest_levels, parse_formula
+    from .encode import encode
+    from .formula import effects_of, nest_levels, parse_formula
     from .relax import coefficient_design, relax_table
     from .spec import multilevel_table
     effects_relax = effects
@@ -110,11 +111,12 @@ def from_formula(formula: str, design=(2, 2), *, effects=None, residuals=None,
     for rt in F.random:
         effects[len(rt.group) - 1] = list(rt.effects)
     for c in F.columns:
-        if c not in data:
-            data[c] = rng.standard_normal(n)
+        if c not in data:   # positive, so that log() and sqrt() of a template covariate exist
+            data[c] = rng.uniform(1.0, 2.0, n)
     if index is not None:
         data[index] = cells["__obs"].astype(np.int64)
-    df = pl.DataFrame(data)
+    df, F, _ = encode(pl.DataFrame(data), F)
+    effects = effects_of(F)
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects, index=index,
                    design=coefficient_design(coefficients, F, levels))
     table = relax_table(multilevel_table(prep, F, levels), prep, effects_relax, residuals, index)

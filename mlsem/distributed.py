@@ -45,6 +45,8 @@ import numpy as np
 import polars as pl
 
 from .data import collect_columns, label_mode, prepare, scan, LevelInfo
+from .encode import Encoding, factor_levels
+from .formula import effects_of
 from .errors import MlsemError
 from .estimate import variance_starts
 from .model import Model
@@ -181,9 +183,42 @@ def _id_stats(raw, level_cols):
     return raw.height, out
 
 
+def _factor_pass(raw, enc):
+    """Per factor column: its levels in this share's estimation rows and its
+    type; and the number of those rows (mlsem.encode learns on the largest share)."""
+    if raw.height == 0:
+        return 0, {}
+    factors, _ = enc._types(raw.schema)
+    sub = raw.filter(enc._complete(raw, with_outcome=True))
+    return sub.height, {c: (factor_levels(sub[c]), raw.schema[c]) for c in factors}
+
+
+def _learn_encoding(raw, enc, levels):
+    return enc.learn(raw, levels)
+
+
+def _merge_levels(passes) -> dict:
+    """The levels of every factor over the whole data set, ordered as
+    mlsem.encode.factor_levels orders one column's."""
+    out = {}
+    cols = {c for _, f in passes for c in f}
+    for c in cols:
+        seen, dtype = [], None
+        for _, f in passes:
+            if c in f:
+                lv, dtype = f[c]
+                seen += [v for v in lv if v not in seen]
+        if isinstance(dtype, pl.Enum):
+            out[c] = [v for v in dtype.categories.to_list() if v in seen]
+        else:
+            out[c] = sorted(seen)
+    return out
+
+
 def _slot_keys(raw, args, modes):
     if raw.height == 0:
         return None
+    raw = args["encoding"].apply(raw)
     try:
         return prepare(raw, *args["prepare"], index=args["index"], label_modes=modes, keys_only=True)
     except MlsemError as exc:
@@ -277,6 +312,7 @@ def _prepare_share(raw, args, modes, slots):
     """Prepare one partition against the global slot table."""
     if raw.height == 0:
         return None
+    raw = args["encoding"].apply(raw)
     try:
         prep = prepare(raw, *args["prepare"], index=args["index"], label_modes=modes, slots=slots,
                        design=args.get("design"))
@@ -587,7 +623,7 @@ def _build(data, client, F, levels, effects, index, npartitions, backend, nthrea
     level_cols = [lv[-1] for lv in levels]
     top = level_cols[0]
     cols = F.columns + ([index] if index else [])
-    numeric = [F.outcome] + list(F.fixed) + [e for v in effects.values() for e in v if e != "Intercept"]
+    numeric = [F.outcome]       # the covariates' types are checked by the encoding (mlsem.encode)
     srcs = sources(data)
     tag = uuid.uuid4().hex[:8]
     clock = [time.perf_counter()]
@@ -624,7 +660,26 @@ def _build(data, client, F, levels, effects, index, npartitions, backend, nthrea
             n_id = pl.concat([s[1][d - 1][0] for s in stats]).n_unique()
             modes.append(label_mode(n_id, sum(s[1][d - 1][1] for s in stats),
                                     sum(s[1][d - 1][2] for s in stats)))
-        args = {"prepare": (F.outcome, list(F.fixed), F.intercept, levels, effects), "index": index}
+        # the fixed part's encoding: the levels of every factor over the whole data
+        # set, then formulaic's ModelSpec learned once (on the largest share) and
+        # applied by every partition alike
+        enc = Encoding(F.fixed_text, [e for rt in F.random for e in rt.effects], F.variables, F.outcome)
+        passes = client.gather([sub(_factor_pass, r, enc, key=f"mlsem-factors-{tag}-{p}", at=p)
+                                for p, r in enumerate(raws)])
+        best = int(np.argmax([n for n, _ in passes]))
+        if passes[best][0] == 0:
+            raise MlsemError(f"data: no observation has both {F.outcome!r} and the covariates observed")
+        enc = client.gather(sub(_learn_encoding, raws[best], enc, _merge_levels(passes),
+                                key=f"mlsem-encoding-{tag}", at=best))
+        if enc.stateful:
+            raise MlsemError(
+                f"backend='dask': the transform(s) {', '.join(enc.stateful)} learn their state (a mean, a "
+                "standard deviation, polynomial coefficients) from the data, which the partitions hold "
+                "in pieces; make the column before fitting, or fit in process")
+        F = enc.resolve(F)
+        effects = effects_of(F)
+        args = {"prepare": (F.outcome, list(F.fixed), F.intercept, levels, effects), "index": index,
+                "encoding": enc}
         # the global slot table: the union of every share's slot keys
         keys = client.gather([sub(_slot_keys, r, args, modes, key=f"mlsem-keys-{tag}-{p}", at=p)
                               for p, r in enumerate(raws)])
@@ -682,4 +737,6 @@ def _build(data, client, F, levels, effects, index, npartitions, backend, nthrea
     del raws, preps, splits
     model = DaskModel(client, parts, dd, table, [f[0] for f in first], [f[1] for f in first])
     model.base_table = base_arg
+    model.formula = F
+    model.encoding = enc
     return model

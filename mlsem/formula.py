@@ -1,10 +1,20 @@
 """lme4-style formula parsing (spec layer, first half).
 
-``y ~ x + z + (1 | k/j)`` becomes a :class:`Formula`: the outcome, the fixed
-terms, and the random terms with their grouping factors.  Grouping factors are
+``y ~ x + sex + (1 | k/j)`` becomes a :class:`Formula`: the outcome, the fixed
+part, and the random terms with their grouping factors.  Grouping factors are
 tuples of id columns, outermost first: ``k/j`` is ``(k,)`` and ``(k, j)``;
 ``k:j`` is ``(k, j)``.  The parser only reads the text; whether the columns
-exist is checked against the data later (mlsem.data).
+exist is checked against the data later (mlsem.data, mlsem.encode).
+
+The fixed part is formulaic's grammar (factors, interactions ``a*b``, ``a:b``,
+transforms ``log(x)``, ``I(x**2)``, ``poly(x, 2)``, ``center(x)``,
+``scale(x)``, ``C(x, contr.treatment(base=...))``, ``0 +`` / ``- 1``): it is
+kept as text (``fixed_text``) and encoded into design columns by
+:mod:`mlsem.encode`, which returns the Formula with ``fixed`` (the design
+column names, formulaic's: ``sex[T.M]``), ``intercept`` and the random
+slopes' names filled in (``encoded=True``).  The random part is mlsem's own
+grammar; a random slope is a numeric column or a transform of one
+(``(1 + log(x) | k)``).
 """
 from __future__ import annotations
 
@@ -28,16 +38,20 @@ class RandomTerm:
 @dataclass(frozen=True)
 class Formula:
     outcome: str
-    intercept: bool
-    fixed: tuple            # covariate names, in order
+    intercept: bool         # the design has an intercept column (known before encoding
+    fixed: tuple            # for plain column names only); the design column names
     random: tuple           # RandomTerm, in order
     text: str = field(default="", compare=False)
+    fixed_text: str = "1"   # the fixed part in formulaic's grammar
+    variables: tuple = ()   # data columns the fixed part and the random slopes read
+    encoded: bool = False   # fixed/intercept/slope names are the design's (mlsem.encode)
 
     @property
     def columns(self) -> list:
-        cols = [self.outcome, *self.fixed]
+        """The data columns the model reads: outcome, covariates, ids."""
+        cols = [self.outcome, *self.variables]
         for rt in self.random:
-            cols += [e for e in rt.effects if e != "Intercept"] + list(rt.group)
+            cols += list(rt.group)
         out = []
         for c in cols:
             if c not in out:
@@ -89,6 +103,67 @@ def _expand_group(g: str, term: str) -> list:
     return [tuple(_check_name(x, term) for x in g.split(":"))]
 
 
+_BUILTIN_NAMES = {"True", "False", "None"}
+
+
+def _names_read(expr: str) -> list:
+    """The variables a Python expression reads: names that are neither called
+    (``log`` in ``log(x)``) nor the base of an attribute (``contr`` in
+    ``contr.treatment(...)``)."""
+    import ast
+    tree = ast.parse(expr, mode="eval")
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            skip.add(id(node.func))
+        if isinstance(node, ast.Attribute):
+            skip.add(id(node.value))
+    out = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Name) and id(node) not in skip and node.id not in _BUILTIN_NAMES
+                and node.id not in out):
+            out.append(node.id)
+    return out
+
+
+def _variables(expr: str, where: str) -> list:
+    """The data columns a formulaic expression reads, in order of appearance.
+    (formulaic's own ``required_variables`` leaves out the arguments of stateful
+    transforms such as ``poly(x, 2)``.)"""
+    from formulaic import Formula as _FFormula
+    try:
+        terms = list(_FFormula(expr))
+        out = []
+        for t in terms:
+            for fa in t.factors:
+                if fa.eval_method.value == "lookup":
+                    names = [fa.expr]
+                elif fa.eval_method.value == "literal":
+                    names = []
+                else:
+                    names = _names_read(fa.expr)
+                out += [n for n in names if n not in out]
+        return out
+    except Exception as exc:  # formulaic's (or Python's) parse errors
+        raise MlsemError(f"formula: cannot read {expr!r} in {where!r}: {exc}") from None
+
+
+def _plain_terms(parts):
+    """(intercept, column names) when the fixed terms are plain column names,
+    ``1``, ``0`` or ``- 1``; else None (formulaic reads them)."""
+    intercept, names = True, []
+    for t in parts:
+        body = t.lstrip("-").strip()
+        if body in ("1", "0"):
+            intercept = (body == "1") != t.startswith("-")
+        elif _NAME.match(body) and not t.startswith("-"):
+            if body not in names:
+                names.append(body)
+        else:
+            return None
+    return intercept, names
+
+
 def parse_formula(text: str) -> Formula:
     if not isinstance(text, str) or "~" not in text:
         raise MlsemError(f"formula: expected 'outcome ~ terms', got {text!r}")
@@ -96,14 +171,14 @@ def parse_formula(text: str) -> Formula:
     if "~" in rhs:
         raise MlsemError(f"formula: more than one '~' in {text!r}")
     outcome = _check_name(lhs, text)
-    intercept = True
-    fixed, random = [], []
+    fixed_parts, random = [], []
+    variables = []
     for term in _split_top(rhs):
         neg = term.startswith("-")
         body = term[1:].strip() if neg else term
-        if body.startswith("("):
-            if neg or not body.endswith(")"):
-                raise MlsemError(f"formula: cannot read the term {term!r}")
+        if body.startswith("(") and body.endswith(")") and "|" in body:
+            if neg:
+                raise MlsemError(f"formula: cannot remove the random term {term!r}")
             inner = body[1:-1]
             if "||" in inner:
                 eff, _, grp = inner.partition("||")
@@ -111,7 +186,7 @@ def parse_formula(text: str) -> Formula:
             elif "|" in inner:
                 eff, _, grp = inner.partition("|")
                 correlated = True
-            else:
+            else:  # pragma: no cover - guarded above
                 raise MlsemError(f"formula: parenthesised term {term!r} has no '|'")
             effects, eff_int = [], True
             for e in _split_top(eff):
@@ -119,8 +194,18 @@ def parse_formula(text: str) -> Formula:
                     eff_int = True
                 elif e in ("0", "-1"):
                     eff_int = False
+                elif e.startswith("-"):
+                    raise MlsemError(f"formula: cannot remove {e!r} in the random term {term!r}")
                 else:
-                    effects.append(_check_name(e, term))
+                    e = e.strip()
+                    if not _NAME.match(e):
+                        for v in _variables(e, term):
+                            if v not in variables:
+                                variables.append(v)
+                    elif e not in variables:
+                        variables.append(e)
+                    if e not in effects:
+                        effects.append(e)
             if eff_int:
                 effects.insert(0, "Intercept")
             if not effects:
@@ -128,24 +213,39 @@ def parse_formula(text: str) -> Formula:
             for grp_cols in _expand_group(grp, term):
                 random.append(RandomTerm(tuple(effects), grp_cols, correlated, term))
             continue
-        if body in ("1",):
-            intercept = not neg
-            continue
-        if body == "0":
-            intercept = False
-            continue
-        if neg:
-            raise MlsemError(f"formula: cannot remove the term {term!r}")
-        if any(op in body for op in ("*", ":", "^", "(", ")", "|", "/")):
-            raise MlsemError(
-                f"formula: the fixed term {body!r} is not supported: use a column name "
-                "(make interactions and transformations as columns first)")
-        name = _check_name(body, text)
-        if name not in fixed:
-            fixed.append(name)
+        if "|" in body:
+            raise MlsemError(f"formula: cannot read the term {term!r} (a random term is "
+                             "written '(effects | group)')")
+        fixed_parts.append(term)
     if not random:
         raise MlsemError(f"formula: {text!r} has no random term such as (1 | k/j)")
-    return Formula(outcome, intercept, tuple(fixed), tuple(random), text)
+    fixed_text = ""
+    for t in fixed_parts:
+        if t.startswith("-"):
+            fixed_text += (" - " if fixed_text else "-") + t[1:].strip()
+        else:
+            fixed_text += (" + " if fixed_text else "") + t
+    fixed_text = fixed_text or "1"
+    plain = _plain_terms(fixed_parts)
+    fixed_vars = plain[1] if plain is not None else _variables(fixed_text, text)
+    variables = list(dict.fromkeys(fixed_vars + variables))
+    if outcome in variables:
+        raise MlsemError(f"formula: the outcome {outcome!r} is also a covariate in {text!r}")
+    # a fixed part of plain column names (the grammar before formulaic) is known
+    # without the data: fill it in for callers that prepare numeric columns themselves
+    intercept, names = plain if plain is not None else (True, [])
+    return Formula(outcome, intercept, tuple(names), tuple(random), text, fixed_text, tuple(variables))
+
+
+def effects_of(formula: Formula) -> dict:
+    """{level position: random effect names} ("Intercept" or a slope's design column)."""
+    effects = {}
+    for rt in formula.random:
+        d = len(rt.group) - 1
+        if d in effects:
+            raise MlsemError(f"formula: two random terms for the level {':'.join(rt.group)!r}")
+        effects[d] = list(rt.effects)
+    return effects
 
 
 def nest_levels(formula: Formula) -> list:

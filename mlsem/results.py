@@ -88,6 +88,7 @@ class FitResult:
     defined: list = field(default_factory=list)   # := parameters with delta-method SEs
     loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
     kernel: str = ""
+    encoding: object = field(default=None, repr=False)   # mlsem.encode.Encoding (predict on new data)
     # small-sample inference (mlsem.smallsample): the df method, df per parameter
     # (nan but for the fixed effects), and the REML information of the variance parameters
     df_method: str = None
@@ -341,11 +342,28 @@ class FitResult:
         out.extend(_backend_footer(self))
         return "\n".join(out)
 
-    def predict(self) -> pl.DataFrame:
-        """Empirical Bayes predictions (posterior mean, sd) of every random
-        effect per unit; see :func:`mlsem.predict.predict`."""
+    def random_effects(self) -> pl.DataFrame:
+        """Empirical Bayes predictions (posterior mean = BLUP, conditional sd) of
+        every random effect per unit; see :func:`mlsem.predict.random_effects`."""
+        from .predict import random_effects
+        return random_effects(self)
+
+    def predict(self, newdata=None, random: bool = True, se: bool = False) -> pl.DataFrame:
+        """Predicted outcome x'beta + z'b (``random=False``: x'beta), on the
+        estimation rows or on ``newdata``; see :func:`mlsem.predict.predict`."""
         from .predict import predict
-        return predict(self)
+        return predict(self, newdata, random=random, se=se)
+
+    def fitted(self) -> pl.DataFrame:
+        """Conditional fitted values of the estimation rows (lme4's ``fitted()``)."""
+        from .predict import fitted
+        return fitted(self)
+
+    def residuals(self, kind: str = "conditional") -> pl.DataFrame:
+        """Residuals of the estimation rows: y - x'beta - z'b (``"conditional"``)
+        or y - x'beta (``"marginal"``)."""
+        from .predict import residuals
+        return residuals(self, kind)
 
     def __repr__(self) -> str:
         return f"<mlsem FitResult {self.formula!r}: loglik {self.loglik:.6f}, {self.nobs} obs, converged={self.converged}>"

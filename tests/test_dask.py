@@ -76,6 +76,39 @@ RELAXED = [
 ]
 
 
+def test_formula_with_factors_equals_in_process(client, tmp_path):
+    """Factors, an interaction and a transform: the levels of every factor are
+    computed over the whole data set and one encoding is applied by every
+    partition, also when a level is absent from some files (a file per county
+    block; level "d" only in the last counties)."""
+    _two_workers(client)
+    d = load_case("unbalanced")
+    data = pl.read_parquet(REF / d["data"])
+    n = data.height
+    rng = np.random.default_rng(11)
+    g = rng.choice(["a", "b", "c"], n)
+    kmax = data["k"].max()
+    g = np.where(data["k"].to_numpy() > kmax - 20, "d", g)
+    data = data.with_columns(pl.Series("g", g), pl.Series("x2", rng.uniform(1, 3, n)))
+    data = data.with_columns((pl.col("y") + 0.5 * (pl.col("g") == "b") - 0.3 * (pl.col("g") == "d")).alias("y"))
+    block = data.with_columns((pl.col("k") * 4 // (kmax + 1)).alias("__b"))
+    for i, part in enumerate(block.partition_by("__b", maintain_order=True)):
+        part.drop("__b").write_parquet(tmp_path / f"part{i}.parquet")
+    f = "y ~ x1*g + log(x2) + z + (1 | k/j)"
+    r0 = mlsem.fit(data, f)
+    r1 = mlsem.fit(str(tmp_path / "*.parquet"), f, backend="dask", client=client)
+    assert "g[T.d]" in r1.names and "x1:g[T.d]" in r1.names
+    assert_same_fit(r0, r1)
+    # the encoding comes back with the result: predictions on new data work alike
+    nd = data.head(20)
+    np.testing.assert_allclose(r1.predict(nd, random=False)["predicted"].to_numpy(),
+                               r0.predict(nd, random=False)["predicted"].to_numpy(), rtol=1e-8)
+    with pytest.raises(mlsem.MlsemError, match="stay on the workers"):
+        r1.predict(nd)
+    with pytest.raises(mlsem.MlsemError, match=r"backend='dask': the transform\(s\) center\(x2\)"):
+        mlsem.fit(str(tmp_path / "*.parquet"), "y ~ center(x2) + (1 | k/j)", backend="dask", client=client)
+
+
 def test_group_specific_coefficients_equal_in_process(client, tmp_path):
     """coefficients=: every partition gets one column per label of the whole data
     set, even a partition where a label does not occur."""
@@ -305,3 +338,4 @@ def test_worker_retired_mid_fit(client):
     r1 = mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask", client=client, progress=progress)
     assert done and len(client.ncores()) == 1
     assert_same_fit(r0, r1)
+

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 import mlsem
-from mlsem.predict import predict
+from mlsem.predict import random_effects
 from conftest import REF, load_case
 
 EXTRA = json.loads((REF / "extra" / "lme4_extra.json").read_text())
@@ -24,7 +24,7 @@ CASES = ["seed_balanced", "unbalanced", "pastes"]
 def predicted(request):
     case = load_case(request.param)
     res = mlsem.fit(REF / case["data"], case["formula"])
-    return request.param, res, predict(res)
+    return request.param, res, random_effects(res)
 
 
 def test_matches_lme4_ranef(predicted):
@@ -55,8 +55,9 @@ def test_shape_and_method(predicted):
     assert pred.columns == ["level", "effect", top, inner, "latent", "mean", "sd"]
     assert pred.filter(pl.col("level") == top)[inner].null_count() == pred.filter(pl.col("level") == top).height
     assert pred.filter(pl.col("level") == inner)[inner].null_count() == 0
-    assert res.predict().equals(pred)
-    assert mlsem.predict(res).equals(pred)
+    assert res.random_effects().equals(pred)
+    assert mlsem.random_effects(res).equals(pred)
+    assert not callable(getattr(mlsem, "predict", None))  # no module-level predict returning BLUPs
 
 
 def brute_force(res, pred, r):
@@ -90,7 +91,7 @@ def brute_force(res, pred, r):
 def test_against_brute_force_random_slopes():
     """Random slopes: each row its own pattern."""
     res = mlsem.fit(REF / "unbalanced.parquet", "y ~ x1 + z + (1 + x1 || k) + (1 | k:j)")
-    pred = predict(res)
+    pred = random_effects(res)
     for r in (0, 5, 77):
         got = brute_force(res, pred, r)
         assert set(got["effect"]) == {"Intercept", "x1"}
@@ -110,7 +111,7 @@ def test_three_levels_and_global_ids():
     u = rng.normal(size=40)
     d = d.with_columns((pl.col("x") + pl.Series(u[d["k"].to_numpy()]) + pl.Series(rng.normal(size=d.height))).alias("y"))
     res = mlsem.fit(d, "y ~ x + (1 | k/j/h)")
-    pred = predict(res)
+    pred = random_effects(res)
     counts = dict(pred.group_by("level").len().iter_rows())
     assert counts == {"k": 40, "j": d.select("k", "j").n_unique(), "h": d.select("k", "j", "h").n_unique()}
     units = pred.filter(pl.col("level") == "h").select("k", "j", "h").sort("k", "j", "h")
