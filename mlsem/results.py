@@ -94,6 +94,7 @@ class FitResult:
     df: np.ndarray = field(default=None, repr=False)
     small: object = field(default=None, repr=False)
     reml_info: np.ndarray = field(default=None, repr=False)
+    reml_info_params: np.ndarray = field(default=None, repr=False)   # the parameters reml_info is over
     ci_kind: str = "wald"          # the interval kind the summary shows
     ci_table: object = field(default=None, repr=False)
     boot: object = field(default=None, repr=False)      # mlsem.bootstrap.Bootstrap

@@ -128,3 +128,65 @@ def test_kr_low_rank_pieces_equal_the_dense_oracle(case):
     K2, Q2 = b._kr_pieces_dense()
     assert np.abs(K1 - K2).max() <= 1e-10 * np.abs(K2).max()
     assert np.abs(Q1 - Q2).max() <= 1e-10 * np.abs(Q2).max()
+
+
+# ---- review fixes (smallfix): units of y, singular random slopes --------------
+SF = json.loads((REF / "extra" / "smallfix.json").read_text())     # make_smallfix.sh (lmerTest 3.1.3)
+
+
+def _check_tab(res, tab):
+    assert res.converged
+    for row in res.params.filter(res.params["df"].is_not_nan()).iter_rows(named=True):
+        est, se, df = tab[_r(row["name"])]
+        assert row["estimate"] == pytest.approx(est, rel=1e-4, abs=1e-6 * se), row["name"]
+        assert row["std_err"] == pytest.approx(se, rel=1e-3), row["name"]
+        assert row["df"] == pytest.approx(df, rel=1e-3), row["name"]
+
+
+@pytest.mark.parametrize("scale", [0.01, 1e-4])
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_satterthwaite_df_do_not_depend_on_units_of_y(scale, method):
+    """lmerTest's df are unit-free; before: 2235 vs 2169 (y/100, steps with an
+    absolute floor) and var(j), var(Residual) declared 0 (y*1e-4, an absolute
+    zero test)."""
+    import polars as pl
+    d = pl.read_parquet(REF / "unbalanced.parquet").with_columns(pl.col("y") * scale)
+    res = mlsem.fit(d, CASES["unbalanced"], method=method, df="satterthwaite")
+    _check_tab(res, SF[f"unb_{scale:g}_{method}"]["tab"])
+    assert res.small.dropped == []
+    assert not any("left out" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("method", ["ml", "reml"])
+def test_satterthwaite_singular_random_slope(method):
+    """A correlation of +-1 (lme4's singular fit, theta_3 = 0): the df in the
+    Cholesky parameters with the one at 0 left out, as lmerTest.  Before: ML
+    df 8.82 / 6.02 (lmerTest 10.64 / 57.07), REML refused."""
+    import polars as pl
+    d = pl.read_csv(REF / "smallfix_sing.csv")
+    ref = SF[f"sing_{method}"]
+    assert ref["singular"] and ref["theta"][2] == 0.0
+    res = mlsem.fit(d, "y ~ day + (day | s)", method=method, df="satterthwaite")
+    _check_tab(res, ref["tab"])
+    assert any("singular random-effects covariance" in n for n in res.notes)
+    # the Wald F test (one direction per restriction) agrees with the t tests
+    w = res.wald(["day = 0"])
+    assert w["df_den"] == pytest.approx(ref["tab"]["day"][2], rel=1e-3)
+
+
+def test_df_on_a_fit_that_did_not_converge_carry_a_note():
+    import warnings
+    from mlsem.smallsample import apply_df
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
+    res.converged = False                 # as a fit stopped early reports itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_df(res, "satterthwaite", res.reml_info, res.reml_info_params)
+    assert any("did not converge" in n for n in res.notes)
+
+
+def test_reml_information_must_be_over_the_variance_parameters():
+    from mlsem.smallsample import apply_df
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
+    with pytest.raises(MlsemError, match="not over the variance parameters"):
+        apply_df(res, "satterthwaite", res.reml_info, res.reml_info_params[:-1])
