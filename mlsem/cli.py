@@ -426,8 +426,6 @@ def _check_small_sample(args):
         raise MlsemError(f"--bootstrap {nb}: the number of bootstrap refits must be at least 2")
     if ci == "bootstrap" and nb is None:
         raise MlsemError("--ci bootstrap needs --bootstrap N (the number of refits)")
-    if ci == "profile" and args.method != "ml":
-        raise MlsemError("--ci profile needs --method ml (profile likelihood of the ML fit)")
     if args.df == "kenward-roger" and args.method != "reml":
         raise MlsemError("--df kenward-roger needs --method reml")
     if (ci or nb) and args.dask:

@@ -214,8 +214,8 @@ class FitResult:
         """Confidence intervals, a Polars frame name, lower, upper.
 
         ``method``: "wald" (the table's: normal or t(df) for coefficients,
-        log scale for variances), "profile" (profile likelihood, ML fits; as
-        lme4's confint) or "bootstrap" (percentile intervals of the draws of
+        log scale for variances), "profile" (profile likelihood; as lme4's
+        confint, a REML fit is refitted by ML first, with a note) or "bootstrap" (percentile intervals of the draws of
         :meth:`bootstrap`; ``n=``, ``seed=`` run it if it has not run).  The
         summary then shows this kind."""
         if method == "wald":
