@@ -120,11 +120,12 @@ class RemlObjective:
         return 0.5 * (H + H.T)
 
 
-def optimize_reml(model, maxiter=5000):
-    """Maximise l_R over the variance parameters.  Returns (OptSummary, obj)."""
+def optimize_reml(model, maxiter=5000, start=None):
+    """Maximise l_R over the variance parameters, from ``start`` (psi; the
+    default start values when None).  Returns (OptSummary, obj)."""
     t0 = time.perf_counter()
     obj = RemlObjective(model)
-    psi0 = start_values(model)
+    psi0 = start_values(model) if start is None else np.asarray(start, dtype=float)
     tau0 = model.psi_to_tau(psi0)
     N = max(model.prep.nobs, 1)
     lo = np.array([p.lower for p in model.table.params])

@@ -190,3 +190,69 @@ def test_reml_bootstrap_warm_refits_are_reml_estimates():
     opt, _ = optimize_reml(B.with_outcome(res.model, y))
     got = draws.filter(pl.col("replicate") == 1).select(res.names).row(0)
     assert np.allclose(got, opt.final, rtol=1e-4, atol=1e-6)
+
+
+def test_reml_bootstrap_near_the_boundary_has_no_failed_refits():
+    """A school variance of 0: replicates whose REML optimum is on or near
+    the bound (before: 2 of 200 refits failed, the warm start stalled)."""
+    import warnings
+    d = mlsem.simulate(5, 2, 2, sd_school=0.0, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsem.fit(d, "y ~ x + (1 | k/j)", method="reml")
+    res.bootstrap(n=200, seed=1, progress=False)
+    assert res.boot.failed == 0
+
+
+def test_bootstrap_refit_retries_before_failing(monkeypatch):
+    """A REML refit that does not converge from the warm start is retried
+    from the ML estimates (and from the smallest variance at 0)."""
+    import dataclasses
+    import mlsem.bootstrap as B
+    import mlsem.reml as R
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
+    real = R.optimize_reml
+    starts = []
+
+    def first_fails(model, maxiter=5000, start=None):
+        opt, obj = real(model, maxiter=maxiter, start=start)
+        starts.append(start)
+        if len(starts) == 1:
+            opt = dataclasses.replace(opt, converged=False)
+        return opt, obj
+    monkeypatch.setattr(R, "optimize_reml", first_fails)
+    y = B.simulate_y(res.model, res.estimate, np.random.default_rng(4))
+    psi, ll, conv = B.refit(res.model, y, res.estimate, "REML")
+    assert conv and len(starts) == 2
+    assert not np.allclose(starts[1], res.estimate)          # the ML estimates
+    opt, _ = real(B.with_outcome(res.model, y))
+    assert np.allclose(psi, opt.final, rtol=1e-4, atol=1e-6)
+    z = B._smallest_variance_at_zero(res.model, res.estimate)
+    assert np.sum(z == 0.0) == 1 and z[np.argmin(res.estimate[1:3]) + 1] == 0.0
+
+
+def test_bootstrap_counts_numerical_errors(monkeypatch):
+    """A LinAlgError in one refit is counted with the failures, not raised."""
+    import mlsem.bootstrap as B
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
+    real = B.refit
+    calls = {"n": 0}
+
+    def singular(model, y, start, method):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise np.linalg.LinAlgError("Singular matrix")
+        return real(model, y, start, method)
+    monkeypatch.setattr(B, "refit", singular)
+    draws = res.bootstrap(n=6, seed=1, progress=False)
+    assert res.boot.failed == 1 and res.boot.errors == ["LinAlgError: Singular matrix"]
+    assert draws.filter(~pl.col("converged")).height == 1
+    assert "LinAlgError" in res.summary()
+    assert B._STATE == {}
+
+
+def test_bootstrap_refuses_parallel_zero():
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(MlsemError, match="parallel="):
+            res.bootstrap(n=4, seed=1, parallel=bad, progress=False)
