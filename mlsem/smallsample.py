@@ -198,56 +198,6 @@ class _Blocks:
             Q += np.einsum("ixp,jxq->ijpq", O2, VO2, optimize=True)
         return K, Q
 
-    def _kr_pieces_dense(self):
-        """(Ktrace, Q): Ktrace_ij = sum_r tr(V^-1G_iV^-1G_j), Q_ij = sum_r
-        X'V^-1G_iV^-1G_jV^-1X, one dense V^-1 per missing pattern."""
-        m, t, prep = self.model, self.model.table, self.model.prep
-        q, M = m.q, m.M
-        nv = len(self.var)
-        pos = np.full(t.nparams, -1, dtype=np.int64)
-        pos[self.var] = np.arange(nv)
-        D = np.zeros((nv, M, M))                     # dPhi/dpsi_i
-        if len(t.phi_param):
-            np.add.at(D, (pos[t.phi_param], t.phi_row, t.phi_col), 1.0)
-        tp = np.full(m.P, -1, dtype=np.int64)
-        tp[t.theta_row] = pos[t.theta_param]
-        K = np.zeros((nv, nv))
-        Q = np.zeros((nv, nv, q, q))
-        Phi, Theta = self.Phi_re, self.Theta
-        nl = prep.slot_lat.shape[1]
-        for pt in range(prep.npatterns):
-            r0, r1 = int(prep.pat_ptr[pt]), int(prep.pat_ptr[pt + 1])
-            o0, o1 = int(prep.row_ptr[r0]), int(prep.row_ptr[r0 + 1])
-            s = prep.slot[o0:o1]
-            n = o1 - o0
-            lam = np.zeros((n, M))
-            for k in range(nl):
-                g = prep.slot_lat[s, k]
-                ok = g >= 0
-                lam[np.flatnonzero(ok), g[ok]] += prep.load[o0:o1, k][ok]
-            used = np.flatnonzero(np.any(lam != 0, axis=0))
-            lam = lam[:, used]
-            Vp = lam @ Phi[np.ix_(used, used)] @ lam.T + np.diag(Theta[s])
-            Vi = np.linalg.inv(Vp)
-            Vi = 0.5 * (Vi + Vi.T)
-            G = np.empty((nv, n, n))
-            for i in range(nv):
-                G[i] = lam @ D[i][np.ix_(used, used)] @ lam.T
-                G[i][np.diag_indices(n)] += (tp[s] == i)
-            H = G @ Vi                                 # G_i V^-1
-            nr = r1 - r0
-            Hf = H.reshape(nv, -1)
-            K += nr * (Hf @ np.transpose(H, (0, 2, 1)).reshape(nv, -1).T)
-            # rows of the pattern: V^-1 X_r stacked, (nr, n, q)
-            o_end = int(prep.row_ptr[r1])
-            WXp = self.WX[o0:o_end].reshape(nr, n, q)
-            O = np.matmul(G[None, :, :, :], WXp[:, None, :, :])         # G_i V^-1 X_r
-            VO = np.matmul(Vi, O)                                        # V^-1 G_j V^-1 X_r
-            O2 = np.transpose(O, (1, 0, 2, 3)).reshape(nv, nr * n, q)
-            VO2 = np.transpose(VO, (1, 0, 2, 3)).reshape(nv, nr * n, q)
-            Q += np.einsum("ixp,jxq->ijpq", O2, VO2, optimize=True)
-        return K, Q
-
 
 # ---- the df ---------------------------------------------------------------------
 KR_RCOND = 1e-10          # relative: below it the expected information is treated as singular
@@ -308,8 +258,6 @@ class SmallSample:
         self.names = [res.names[i] for i in b.fixed]
         self.beta = psi[b.fixed]
         self.V = b.V
-        t = m.table
-        lo = np.array([p.lower for p in t.params])
         self.notes = []
         if method == "satterthwaite":
             self.P_df = b.P

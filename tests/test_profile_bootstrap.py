@@ -256,3 +256,24 @@ def test_bootstrap_refuses_parallel_zero():
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(MlsemError, match="parallel="):
             res.bootstrap(n=4, seed=1, parallel=bad, progress=False)
+
+
+def test_summary_labels_only_the_listed_intervals():
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
+    res.confint(method="profile", parm="var(batch)")
+    s = res.summary()
+    assert "profile likelihood (95%) for var(batch); Wald for the others" in s
+    from mlsem.cli import _table
+    kinds = dict(zip(*_table(res).select("name", "ci_kind").to_dict(as_series=False).values()))
+    assert kinds["var(batch)"].startswith("profile") and kinds["Intercept"] == "wald"
+    res.confint(method="profile")
+    assert "Confidence intervals: profile likelihood (95%)\n" in res.summary()
+
+
+def test_params_intervals_are_wald_ci():
+    for df in (None, "satterthwaite"):
+        res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml", df=df)
+        from mlsem.results import _wald_ci
+        ci, tab = _wald_ci(res, 0.95), res.params
+        assert ci["lower"].equals(tab["ci_low"].alias("lower"))
+        assert ci["upper"].equals(tab["ci_high"].alias("upper"))
