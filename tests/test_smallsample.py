@@ -242,3 +242,25 @@ def test_reml_information_must_be_over_the_variance_parameters():
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
     with pytest.raises(MlsemError, match="not over the variance parameters"):
         apply_df(res, "satterthwaite", res.reml_info, res.reml_info_params[:-1])
+
+
+def test_kr_singular_information_threshold_is_relative_and_announced(monkeypatch):
+    """The switch to the pseudo-inverse of the expected information is on the
+    ratio of its eigenvalues (unit-free) and says so in a note."""
+    import polars as pl
+    import mlsem.smallsample as S
+    d = pl.read_parquet(REF / "pastes.parquet")
+    base = mlsem.fit(d, CASES["pastes"], method="reml", df="kenward-roger")
+    assert not any("pseudo-inverse" in n for n in base.notes)
+    W = base.small.W
+    ev = np.abs(np.linalg.eigvalsh(W))
+    ratio = ev.min() / ev.max()                  # that of IE = 2 W^-1
+    for scale in (1.0, 1e-4):                    # the same decision in other units of y
+        ds = d.with_columns(pl.col("strength") * scale)
+        monkeypatch.setattr(S, "KR_RCOND", 0.5 * ratio)
+        r = mlsem.fit(ds, CASES["pastes"], method="reml", df="kenward-roger")
+        assert not any("pseudo-inverse" in n for n in r.notes)
+        monkeypatch.setattr(S, "KR_RCOND", 2.0 * ratio)
+        r = mlsem.fit(ds, CASES["pastes"], method="reml", df="kenward-roger")
+        assert any("Kenward-Roger: the expected information" in n and "pseudo-inverse" in n
+                   for n in r.notes)
