@@ -171,7 +171,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         res.encoding = encoding
         if df_method is not None:
             t3 = time.perf_counter()
-            res = apply_df(res, df_method, res.reml_info)
+            res = apply_df(res, df_method, res.reml_info, res.reml_info_params)
             res.timings["df"] = time.perf_counter() - t3
         return res
     start = None

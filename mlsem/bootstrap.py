@@ -45,6 +45,7 @@ class Bootstrap:
     failed: int
     seconds: float
     names: list
+    errors: list = dataclasses.field(default_factory=list)   # the refits that raised, "Type: message"
 
     def ok(self) -> pl.DataFrame:
         return self.draws.filter(pl.col("converged"))
@@ -59,6 +60,8 @@ class Bootstrap:
         if self.failed:
             s += (f"; {self.failed} failed or did not converge and are left out of the "
                   "intervals and standard errors")
+        if self.errors:
+            s += f" ({len(self.errors)} raised an error, e.g. {self.errors[0]})"
         return s
 
 
@@ -107,48 +110,68 @@ def with_outcome(model, y):
 
 
 def refit(model, y, start, method):
-    """(psi, loglik, converged) of the model refitted to y."""
+    """(psi, loglik, converged) of the model refitted to y, warm-started at
+    ``start``.  A refit that does not converge is retried before it is
+    reported as failed: (REML) from the ML estimates, then (both) from
+    ``start`` with its smallest variance at 0 (near-boundary replicates, where
+    the optimiser stalls a hair inside the bound)."""
     m = with_outcome(model, y)
+    from .estimate import optimize
+    from .reml import optimize_reml
+
+    def run(s0):
+        if method == "REML":
+            opt, _ = optimize_reml(m, start=s0)
+        else:
+            opt = optimize(m, start=s0)
+        return opt
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        best = run(start)
+        if best.converged:
+            return best.final, float(best.loglik), True
+        starts = []
         if method == "REML":
-            out = _reml_warm(m, start)
-            if out is not None:
-                return out
-            from .reml import optimize_reml
-            opt, _ = optimize_reml(m)      # the full REML driver when the warm start stalls
-        else:
-            from .estimate import optimize
-            opt = optimize(m, start=start)
-    return opt.final, float(opt.loglik), bool(opt.converged)
+            ml = optimize(m, start=start)
+            if ml.converged:
+                starts.append(ml.final)
+        z = _smallest_variance_at_zero(m, start)
+        if z is not None:
+            starts.append(z)
+        for s0 in starts:
+            opt = run(s0)
+            if opt.converged:
+                return opt.final, float(opt.loglik), True
+            if np.isfinite(opt.loglik) and not (opt.loglik <= best.loglik):
+                best = opt
+    return best.final, float(best.loglik), False
 
 
-def _reml_warm(m, start):
-    """REML refit by L-BFGS-B from ``start`` (optimize_reml starts from OLS);
-    None unless it meets optimize_reml's gradient rule on the interior parameters."""
-    from scipy.optimize import minimize
-    from .reml import RemlObjective
-    obj = RemlObjective(m)
-    N = max(m.prep.nobs, 1)
-    lo = np.array([p.lower for p in m.table.params])
-
-    def f(tau):
-        lr, g, _ = obj.value(m.tau_to_psi(tau))
-        if lr is None or not np.isfinite(lr):
-            return 1e300, np.zeros_like(tau)
-        return -lr / N, -m.grad_tau(tau, g) / N
-
-    r = minimize(f, m.psi_to_tau(start), jac=True, method="L-BFGS-B", bounds=m.tau_bounds(),
-                 options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10, "maxcor": 20})
-    lr, g, psi = obj.value(m.tau_to_psi(r.x))
-    if lr is None:
+def _smallest_variance_at_zero(model, psi):
+    """psi with its smallest random-effect variance (relative to its unit)
+    at 0 and that variance's covariances at 0; None without one."""
+    from .estimate import param_scale
+    t = model.table
+    unit = param_scale(model)
+    var = [i for i, p in enumerate(t.params) if p.kind == "var"]
+    if not var:
         return None
-    idx = np.flatnonzero(~obj.fixed)
-    interior = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), 1.0)]
-    gnorm = float(np.max(np.abs(g[interior]), initial=0.0))
-    if gnorm >= 1e-3 * max(1.0, N ** 0.5):
-        return None
-    return psi, float(lr), True
+    i = min(var, key=lambda k: psi[k] / unit[k])
+    out = np.asarray(psi, dtype=float).copy()
+    out[i] = 0.0
+    for blk in t.chol_blocks:
+        w = np.argwhere(blk.pidx == i)
+        if len(w):
+            r = int(w[0][0])
+            for c in range(blk.pidx.shape[0]):
+                if c != r and blk.pidx[r, c] >= 0:
+                    out[blk.pidx[r, c]] = 0.0
+    return out
+
+
+# numerical failures of one refit (a singular matrix, overflow): counted, the run goes on
+REFIT_ERRORS = (MlsemError, np.linalg.LinAlgError, ArithmeticError, ValueError)
 
 
 # ---- running replicates -------------------------------------------------------------
@@ -206,10 +229,15 @@ def _map(task, n, parallel, progress, label, model=None):
     out = [None] * n
     failed = 0
     try:
-        nproc = 1 if parallel in (None, False, 1) else (
-            os.cpu_count() or 1 if parallel is True else int(parallel))
-        if nproc < 1:
-            raise MlsemError(f"bootstrap: parallel={parallel!r} must be a positive number of processes")
+        if parallel is None or parallel is False:
+            nproc = 1
+        elif parallel is True:
+            nproc = os.cpu_count() or 1
+        elif isinstance(parallel, (int, np.integer)) and parallel >= 1:
+            nproc = int(parallel)
+        else:           # parallel=0 included (0 == False, but not a number of processes)
+            raise MlsemError(f"bootstrap: parallel={parallel!r} must be None, True, False or a "
+                             "positive number of processes")
         if nproc > 1:
             import multiprocessing as mp
             try:
@@ -237,8 +265,8 @@ def _map(task, n, parallel, progress, label, model=None):
                         out[i] = r
                         failed += not r[2]
                     prog.update(len(futs[f]), failed)
-            _STATE.clear()
     finally:
+        _STATE.clear()
         prog.close()
     return out
 
@@ -261,20 +289,21 @@ def bootstrap(res, n=1000, seed=None, parallel=None, progress=True) -> Bootstrap
             y = simulate_y(model, psi, rng)
             est, ll, conv = refit(model, y, psi, res.method)
             return est, ll, conv
-        except MlsemError:
-            return np.full(len(psi), np.nan), float("nan"), False
+        except REFIT_ERRORS as e:
+            return np.full(len(psi), np.nan), float("nan"), False, f"{type(e).__name__}: {e}"
 
     t0 = time.perf_counter()
     out = _map(task, n, parallel, progress, "bootstrap", model)
     E = np.vstack([o[0] for o in out])
     conv = np.array([o[2] for o in out])
+    errors = [o[3] for o in out if len(o) > 3]
     cols = {"replicate": np.arange(n), "converged": conv}
     for j, nm in enumerate(res.names):
         cols[nm] = E[:, j]
     draws = pl.DataFrame(cols)
     b = Bootstrap(draws=draws, n=n, seed=ss.entropy if seed is None else seed,
                   failed=int((~conv).sum()), seconds=time.perf_counter() - t0,
-                  names=list(res.names))
+                  names=list(res.names), errors=errors)
     res.boot = b
     res.notes[:] = [x for x in res.notes if not x.startswith("parametric bootstrap:")]
     res.notes.append(b.note())
@@ -335,16 +364,18 @@ def lr_bootstrap(restricted, relaxed, chi2, n, seed=None, parallel=None, progres
             _, l0, c0 = refit(m0, y, psi0, "ML")
             _, l1, c1 = refit(m1, y[p], psi1, "ML")
             return max(0.0, 2.0 * (l1 - l0)), None, bool(c0 and c1)
-        except MlsemError:
-            return float("nan"), None, False
+        except REFIT_ERRORS as e:
+            return float("nan"), None, False, f"{type(e).__name__}: {e}"
 
     t0 = time.perf_counter()
     out = _map(task, n, parallel, progress, "bootstrap LR", m0)
     lr = np.array([o[0] for o in out])
     ok = np.array([o[2] for o in out])
     k = int(ok.sum())
+    errors = [o[3] for o in out if len(o) > 3]
     if k == 0:
-        raise MlsemError("lrtest(bootstrap=): no refit converged")
+        raise MlsemError("lrtest(bootstrap=): no refit converged"
+                         + (f" ({errors[0]})" if errors else ""))
     pb = (1.0 + float(np.sum(lr[ok] >= chi2 - 1e-10))) / (1.0 + k)
     return {"p_value": pb, "n": n, "failed": int(n - k), "seed": seed,
-            "draws": lr, "converged": ok, "seconds": time.perf_counter() - t0}
+            "draws": lr, "converged": ok, "errors": errors, "seconds": time.perf_counter() - t0}

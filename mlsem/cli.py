@@ -431,8 +431,6 @@ def _check_small_sample(args):
         raise MlsemError(f"--bootstrap {nb}: the number of bootstrap refits must be at least 2")
     if ci == "bootstrap" and nb is None:
         raise MlsemError("--ci bootstrap needs --bootstrap N (the number of refits)")
-    if ci == "profile" and args.method != "ml":
-        raise MlsemError("--ci profile needs --method ml (profile likelihood of the ML fit)")
     if args.df == "kenward-roger" and args.method != "reml":
         raise MlsemError("--df kenward-roger needs --method reml")
     if (ci or nb) and args.dask:
@@ -461,7 +459,9 @@ def _table(res):
         tab = tab.drop("ci_low", "ci_high").join(ci, on="name", how="full", coalesce=True,
                                                    maintain_order="left")
     if res.ci_kind != "wald":
-        tab = tab.with_columns(pl.lit(res.ci_kind).alias("ci_kind"))
+        listed = res.ci_table["name"] if res.ci_table is not None else tab["name"]
+        tab = tab.with_columns(pl.when(pl.col("name").is_in(listed.implode()))
+                               .then(pl.lit(res.ci_kind)).otherwise(pl.lit("wald")).alias("ci_kind"))
     if res.boot is not None:
         se = res.boot.std_err
         tab = tab.with_columns(pl.col("name").replace_strict(se, default=None,

@@ -122,6 +122,34 @@ def param_scale(model) -> np.ndarray:
     return np.ones(model.table.nparams) if d is None else np.asarray(d, dtype=float)
 
 
+# a covariance block is rank-deficient (a correlation of +-1, lme4's singular
+# fit) when a diagonal of its Cholesky factor, squared, is below this share of
+# the variance it belongs to
+SINGULAR_BLOCK = 1e-4
+
+
+def singular_block_params(model, psi, share=SINGULAR_BLOCK):
+    """The parameters of the covariance blocks (of the optimiser's Cholesky
+    coordinates) that are rank-deficient at psi; an empty array if none."""
+    out = []
+    chol = getattr(model, "_chol", [])
+    if not chol:
+        return np.zeros(0, dtype=np.int64)
+    tau = model.psi_to_tau(psi)
+    d = param_scale(model)
+    pos = len(model.free_plain)
+    for blk in chol:
+        k = blk.pidx.shape[0]
+        r, c = np.tril_indices(k)
+        L = tau[pos: pos + len(r)]
+        pos += len(r)
+        on = r == c
+        v = blk.pidx[r[on], c[on]]
+        if np.any(L[on] ** 2 * d[v] <= share * np.abs(psi[v])):
+            out.extend(np.unique(blk.pidx).tolist())
+    return np.array(sorted(set(out)), dtype=np.int64)
+
+
 def _at_bound(model, psi, rel=1e-7):
     lo = np.array([p.lower for p in model.table.params])
     scale = np.maximum(np.abs(psi), param_scale(model))

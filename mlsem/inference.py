@@ -202,7 +202,8 @@ def fit_reml(model, opts, F, prep, t0, t1):
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
         timings={"prepare": t1 - t0, "optimize": t2 - t1,
                  "inference": time.perf_counter() - t2},
-        model=model, info=None, method="REML", backend=model.backend, reml_info=info)
+        model=model, info=None, method="REML", backend=model.backend, reml_info=info,
+        reml_info_params=np.flatnonzero(~obj.fixed))
     res.notes.append(f"REML criterion = {-2.0 * opt.loglik:.6f} (lme4's; the log-likelihood "
                      "shown is the restricted one)")
     return res

@@ -1,5 +1,6 @@
 """Profile-likelihood confidence intervals (results layer), as lme4's
-``confint(method = "profile")`` on an ML fit.
+``confint(method = "profile")``: on an ML fit, or on a REML fit refitted by
+ML first (lme4 does the same: its devfun2 calls refitML), with a note.
 
 For a parameter h(psi) (a fixed effect, a variance, a covariance, or the
 correlation of two random effects of one block), the profile log-likelihood
@@ -239,12 +240,39 @@ class Profiler:
         return float("nan")
 
 
+def _refit_ml(res):
+    """The ML fit of a REML fit's model (warm-started at the REML estimates),
+    as lme4's profile of a REML fit (devfun2 calls refitML)."""
+    import copy
+
+    from .estimate import information, optimize, vcov_from_information
+    if res.sem_rows is not None or res.model is None:
+        raise MlsemError("confint(method='profile') is available for multilevel fits (mlsem.fit)")
+    m = res.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimize(m, start=res.estimate)
+    if not opt.converged:
+        raise MlsemError("confint(method='profile'): the ML refit of the REML fit did not converge")
+    info = information(m, opt.final, opt)
+    if info is None:
+        raise MlsemError("confint(method='profile'): no observed information at the ML refit")
+    fit = copy.copy(res)
+    fit.method, fit.estimate, fit.loglik = "ML", opt.final.copy(), float(opt.loglik)
+    fit.converged, fit.info, fit.cov = True, info, vcov_from_information(info)
+    fit.notes = []
+    return fit
+
+
 def profile_confint(res, level=0.95, parm=None) -> pl.DataFrame:
     """Profile intervals of every parameter (and correlations of random
     effects of one block): a Polars frame name, lower, upper."""
     if not (0.0 < level < 1.0):
         raise MlsemError(f"confint: level={level!r} must be between 0 and 1")
-    pr = Profiler(res)
+    fit = res
+    if res.method == "REML":
+        fit = _refit_ml(res)
+    pr = Profiler(fit)
     crit = float(stats.chi2.ppf(level, 1))
     targets = _targets(res)
     if parm is not None:
@@ -254,7 +282,7 @@ def profile_confint(res, level=0.95, parm=None) -> pl.DataFrame:
             raise MlsemError(f"confint: unknown parameter(s) {unknown} (parameters: "
                              f"{', '.join(t.name for t in targets)})")
         targets = [t for t in targets if t.name in names]
-    se = res.std_err
+    se = fit.std_err
     rows = []
     for t in targets:
         s = se[t.idx] if t.kind != "cor" else float("nan")
@@ -262,6 +290,12 @@ def profile_confint(res, level=0.95, parm=None) -> pl.DataFrame:
             s = 0.25
         lo, hi = pr.interval(t, crit, s)
         rows.append((t.name, lo, hi))
+    if fit is not res:
+        note = ("profile: the REML fit was refitted by ML first (as lme4's confint(profile)); "
+                "the intervals are those of the ML fit (log-likelihood "
+                f"{fit.loglik:.6f})")
+        res.notes[:] = [x for x in res.notes if not x.startswith("profile: the REML fit")]
+        res.notes.append(note)
     if pr.failed:
         res.notes.append(f"profile: {len(pr.failed)} constrained refit(s) failed "
                          f"({', '.join(sorted({n for n, _ in pr.failed}))}); their points were skipped")

@@ -29,7 +29,7 @@ from .errors import ConvergenceWarning, MlsemError
 from types import SimpleNamespace
 
 from .estimate import (STALL_EVALS, STALL_REL, OptSummary, _Stalled, damped_step, param_scale,
-                       start_values)
+                       singular_block_params, start_values)
 from .scores import chain, kernel_eval
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -120,11 +120,12 @@ class RemlObjective:
         return 0.5 * (H + H.T)
 
 
-def optimize_reml(model, maxiter=5000):
-    """Maximise l_R over the variance parameters.  Returns (OptSummary, obj)."""
+def optimize_reml(model, maxiter=5000, start=None):
+    """Maximise l_R over the variance parameters, from ``start`` (psi; the
+    default start values when None).  Returns (OptSummary, obj)."""
     t0 = time.perf_counter()
     obj = RemlObjective(model)
-    psi0 = start_values(model)
+    psi0 = start_values(model) if start is None else np.asarray(start, dtype=float)
     tau0 = model.psi_to_tau(psi0)
     N = max(model.prep.nobs, 1)
     lo = np.array([p.lower for p in model.table.params])
@@ -168,13 +169,17 @@ def optimize_reml(model, maxiter=5000):
                                       "Newton steps finish")
     psi = model.tau_to_psi(res.x)
     lr, g, psi = obj.value(psi)
-    # Newton polish on the interior variance parameters
+    # Newton polish on the interior variance parameters (not those of a
+    # rank-deficient covariance block: a Newton step in psi leaves the
+    # positive semi-definite cone there)
     steps = 0
     idx = np.flatnonzero(~obj.fixed)
+    sing = singular_block_params(model, psi) if lr is not None else np.zeros(0, dtype=np.int64)
     for _ in range(8):
         if lr is None:
             break
-        free = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), unit[idx])]
+        free = idx[(psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), unit[idx]))
+                   & ~np.isin(idx, sing)]
         if len(free) == 0 or np.max(np.abs(g[free] * unit[free])) < 1e-9 * N ** 0.5:
             break
         H = obj.hessian(psi)
@@ -195,6 +200,18 @@ def optimize_reml(model, maxiter=5000):
     interior = idx[psi[idx] - lo[idx] > 1e-7 * np.maximum(np.abs(psi[idx]), unit[idx])]
     gnorm = (float(np.max(np.abs(g[interior] * unit[interior]), initial=0.0))
              if g is not None else np.inf)
+    if g is not None and len(sing):
+        # a singular block's psi gradient is not 0 at its optimum (on the
+        # cone's boundary): judged in its Cholesky coordinates, as estimate._judge
+        tau = model.psi_to_tau(psi)
+        gt = model.grad_tau(tau, g)
+        lo_t = np.array([-np.inf if b[0] is None else b[0] for b in model.tau_bounds()])
+        at_t = np.isfinite(lo_t) & (tau - lo_t <= 1e-7 * np.maximum(np.abs(tau), 1.0))
+        plain = ~np.isin(idx, sing)
+        gnorm = max(float(np.max(np.abs(g[interior[np.isin(interior, idx[plain])]]
+                                        * unit[interior[np.isin(interior, idx[plain])]]), initial=0.0)),
+                    float(np.max(np.abs(gt[len(model.free_plain):][~at_t[len(model.free_plain):]]),
+                                 initial=0.0)))
     converged = bool(lr is not None and gnorm < 1e-3 * max(1.0, N ** 0.5))
     msg = res.message if isinstance(res.message, str) else str(res.message)
     if not converged:

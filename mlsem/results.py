@@ -95,6 +95,7 @@ class FitResult:
     df: np.ndarray = field(default=None, repr=False)
     small: object = field(default=None, repr=False)
     reml_info: np.ndarray = field(default=None, repr=False)
+    reml_info_params: np.ndarray = field(default=None, repr=False)   # the parameters reml_info is over
     ci_kind: str = "wald"          # the interval kind the summary shows
     ci_table: object = field(default=None, repr=False)
     boot: object = field(default=None, repr=False)      # mlsem.bootstrap.Bootstrap
@@ -111,24 +112,17 @@ class FitResult:
         est, se = self.estimate, self.std_err
         rows = []
         dfs = self.df if self.df is not None else np.full(len(self.names), np.nan)
-        for n, k, b, s, dfi in zip(self.names, self.kinds, est, se, dfs):
-            if np.isfinite(dfi):         # t(df) for the fixed effects (small-sample df)
+        ci = _wald_ci(self, 0.95)
+        for n, k, b, s, dfi, lo, hi in zip(self.names, self.kinds, est, se, dfs,
+                                           ci["lower"], ci["upper"]):
+            if k in ("var", "resid") and not np.isfinite(dfi):
+                z = p = float("nan")
+            elif np.isfinite(dfi):       # t(df) for the fixed effects (small-sample df)
                 z = b / s if s > 0 else float("nan")
                 p = 2.0 * stats.t.sf(abs(z), dfi) if np.isfinite(z) else float("nan")
-                tq = float(stats.t.ppf(0.975, dfi))
-                lo, hi = b - tq * s, b + tq * s
-            elif k in ("var", "resid"):
-                z = p = float("nan")
-                if b > 0 and np.isfinite(s) and s > 0:
-                    r = Z975 * s / b            # huge for a non-identified variance
-                    f = math.exp(r) if r < 700.0 else math.inf
-                    lo, hi = b / f, b * f
-                else:
-                    lo = hi = float("nan")
             else:
                 z = b / s if s > 0 else float("nan")
                 p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
-                lo, hi = b - Z975 * s, b + Z975 * s
             rows.append((n, float(b), float(s), float(z), float(p), float(lo), float(hi)))
         schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
                   "p_value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64}
@@ -214,8 +208,8 @@ class FitResult:
         """Confidence intervals, a Polars frame name, lower, upper.
 
         ``method``: "wald" (the table's: normal or t(df) for coefficients,
-        log scale for variances), "profile" (profile likelihood, ML fits; as
-        lme4's confint) or "bootstrap" (percentile intervals of the draws of
+        log scale for variances), "profile" (profile likelihood; as lme4's
+        confint, a REML fit is refitted by ML first, with a note) or "bootstrap" (percentile intervals of the draws of
         :meth:`bootstrap`; ``n=``, ``seed=`` run it if it has not run).  The
         summary then shows this kind."""
         if method == "wald":
@@ -284,7 +278,12 @@ class FitResult:
         tab = self.params
         ci = _ci_override(self, tab)
         if self.ci_kind != "wald":
-            out.append(f"Confidence intervals: {self.ci_kind}")
+            rest = [n for n in self.names if n not in ci]
+            if rest:          # confint(parm=...): the others keep the table's (Wald) intervals
+                out.append(f"Confidence intervals: {self.ci_kind} for {', '.join(ci)}; "
+                           f"Wald for the others")
+            else:
+                out.append(f"Confidence intervals: {self.ci_kind}")
         fixed = {n for n, k in zip(self.names, self.kinds) if k == "fixed"}
         # the name columns grow to fit the longest name (formula terms such as
         # schgend[T.girls]:standLRT); 12 and 28 characters as in Stata's layout

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import stats
 
 from .errors import MlsemError
+from .estimate import SINGULAR_BLOCK, singular_block_params
 from .scores import kernel_eval
 
 METHODS = {"satterthwaite": "Satterthwaite", "kenward-roger": "Kenward-Roger"}
@@ -197,62 +198,57 @@ class _Blocks:
             Q += np.einsum("ixp,jxq->ijpq", O2, VO2, optimize=True)
         return K, Q
 
-    def _kr_pieces_dense(self):
-        """(Ktrace, Q): Ktrace_ij = sum_r tr(V^-1G_iV^-1G_j), Q_ij = sum_r
-        X'V^-1G_iV^-1G_jV^-1X, one dense V^-1 per missing pattern."""
-        m, t, prep = self.model, self.model.table, self.model.prep
-        q, M = m.q, m.M
-        nv = len(self.var)
-        pos = np.full(t.nparams, -1, dtype=np.int64)
-        pos[self.var] = np.arange(nv)
-        D = np.zeros((nv, M, M))                     # dPhi/dpsi_i
-        if len(t.phi_param):
-            np.add.at(D, (pos[t.phi_param], t.phi_row, t.phi_col), 1.0)
-        tp = np.full(m.P, -1, dtype=np.int64)
-        tp[t.theta_row] = pos[t.theta_param]
-        K = np.zeros((nv, nv))
-        Q = np.zeros((nv, nv, q, q))
-        Phi, Theta = self.Phi_re, self.Theta
-        nl = prep.slot_lat.shape[1]
-        for pt in range(prep.npatterns):
-            r0, r1 = int(prep.pat_ptr[pt]), int(prep.pat_ptr[pt + 1])
-            o0, o1 = int(prep.row_ptr[r0]), int(prep.row_ptr[r0 + 1])
-            s = prep.slot[o0:o1]
-            n = o1 - o0
-            lam = np.zeros((n, M))
-            for k in range(nl):
-                g = prep.slot_lat[s, k]
-                ok = g >= 0
-                lam[np.flatnonzero(ok), g[ok]] += prep.load[o0:o1, k][ok]
-            used = np.flatnonzero(np.any(lam != 0, axis=0))
-            lam = lam[:, used]
-            Vp = lam @ Phi[np.ix_(used, used)] @ lam.T + np.diag(Theta[s])
-            Vi = np.linalg.inv(Vp)
-            Vi = 0.5 * (Vi + Vi.T)
-            G = np.empty((nv, n, n))
-            for i in range(nv):
-                G[i] = lam @ D[i][np.ix_(used, used)] @ lam.T
-                G[i][np.diag_indices(n)] += (tp[s] == i)
-            H = G @ Vi                                 # G_i V^-1
-            nr = r1 - r0
-            Hf = H.reshape(nv, -1)
-            K += nr * (Hf @ np.transpose(H, (0, 2, 1)).reshape(nv, -1).T)
-            # rows of the pattern: V^-1 X_r stacked, (nr, n, q)
-            o_end = int(prep.row_ptr[r1])
-            WXp = self.WX[o0:o_end].reshape(nr, n, q)
-            O = np.matmul(G[None, :, :, :], WXp[:, None, :, :])         # G_i V^-1 X_r
-            VO = np.matmul(Vi, O)                                        # V^-1 G_j V^-1 X_r
-            O2 = np.transpose(O, (1, 0, 2, 3)).reshape(nv, nr * n, q)
-            VO2 = np.transpose(VO, (1, 0, 2, 3)).reshape(nv, nr * n, q)
-            Q += np.einsum("ixp,jxq->ijpq", O2, VO2, optimize=True)
-        return K, Q
-
 
 # ---- the df ---------------------------------------------------------------------
+KR_RCOND = 1e-10          # relative: below it the expected information is treated as singular
+
+
+def _psd_chol(S):
+    """Lower Cholesky factor of a positive semi-definite S, a column 0 where
+    its pivot is 0 up to rounding (lme4's theta of a singular fit)."""
+    k = S.shape[0]
+    L = np.zeros((k, k))
+    tol = 1e-12 * max(np.max(np.abs(np.diag(S))), 1e-300)
+    for j in range(k):
+        d = S[j, j] - L[j, :j] @ L[j, :j]
+        if d <= tol:
+            continue
+        L[j, j] = math.sqrt(d)
+        L[j + 1:, j] = (S[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / L[j, j]
+    return L
+
+
+def _tau_psd(model, psi):
+    """model.psi_to_tau for a positive semi-definite block too (no jitter)."""
+    d = model._scale()
+    tau = np.zeros(model.ntau)
+    n0 = len(model.free_plain)
+    tau[:n0] = psi[model.free_plain] / d[model.free_plain]
+    pos = n0
+    for blk in model._chol:
+        k = blk.pidx.shape[0]
+        sq = np.sqrt(d[np.diag(blk.pidx)])
+        L = _psd_chol(psi[blk.pidx] / np.outer(sq, sq))
+        tau[pos: pos + k * (k + 1) // 2] = L[np.tril_indices(k)]
+        pos += k * (k + 1) // 2
+    return tau
+
+
+def _pinv_sub(info, keep):
+    """The inverse of info over the kept parameters (zeros elsewhere), by its
+    eigen-decomposition (as lmerTest's Moore-Penrose inverse of the Hessian)."""
+    A = np.zeros(info.shape)
+    sub = info[np.ix_(keep, keep)]
+    lam, Qv = np.linalg.eigh(0.5 * (sub + sub.T))
+    pos = lam > 1e-8 * max(lam.max(initial=0.0), 1e-300)
+    A[np.ix_(keep, keep)] = (Qv[:, pos] / lam[pos]) @ Qv[:, pos].T
+    return A
+
+
 class SmallSample:
     """Denominator df of the fixed effects of a fit (``res.small``)."""
 
-    def __init__(self, res, method, reml_info=None):
+    def __init__(self, res, method, reml_info=None, reml_params=None):
         self.method = method
         m = res.model
         psi = res.estimate
@@ -262,39 +258,19 @@ class SmallSample:
         self.names = [res.names[i] for i in b.fixed]
         self.beta = psi[b.fixed]
         self.V = b.V
-        t = m.table
-        lo = np.array([p.lower for p in t.params])
+        self.notes = []
         if method == "satterthwaite":
-            if res.method == "REML":
-                idx = np.flatnonzero(~np.isin(np.arange(t.nparams), b.fixed))
-                if reml_info is not None and np.shape(reml_info) != (len(idx), len(idx)):
-                    reml_info = None        # not the psi-space information: compute it here
-                if reml_info is None:
-                    from .reml import RemlObjective
-                    H = RemlObjective(m).hessian(psi)
-                    if H is None:
-                        raise MlsemError("Satterthwaite df: the REML Hessian could not be computed")
-                    reml_info = -H
-                info_v = reml_info
-            else:
-                if res.info is None or not np.all(np.isfinite(res.info)):
-                    raise MlsemError("Satterthwaite df: no observed information at the estimates")
-                idx = b.var
-                I = res.info
-                Ibb = I[np.ix_(b.fixed, b.fixed)]
-                Ivb = I[np.ix_(idx, b.fixed)]
-                info_v = I[np.ix_(idx, idx)] - Ivb @ np.linalg.solve(Ibb, Ivb.T)
-            if not np.array_equal(idx, b.var):
-                raise MlsemError("internal: variance parameters out of order")
-            # a variance at its bound 0 drops out (lmerTest's theta = 0)
-            keep = ~((lo[idx] == 0.0) & (psi[idx] - lo[idx] <= 1e-8 * np.maximum(1.0, np.abs(psi[idx]))))
-            self.dropped = [res.names[i] for i in idx[~keep]]
-            A = np.zeros((len(idx), len(idx)))
-            sub = info_v[np.ix_(keep, keep)]
-            lam, Qv = np.linalg.eigh(0.5 * (sub + sub.T))
-            pos = lam > 1e-8 * max(lam.max(), 1e-300)
-            A[np.ix_(keep, keep)] = (Qv[:, pos] / lam[pos]) @ Qv[:, pos].T
-            self.A = A
+            self.P_df = b.P
+            done = False
+            if not len(singular_block_params(m, psi)):
+                done = self._satterthwaite_psi(res, b, reml_info, reml_params)
+            if not done:
+                # a rank-deficient covariance block (correlation +-1): V is not
+                # positive definite on one side of psi, and the psi derivatives
+                # of the deviance are one-sided there; lmerTest's theta (a
+                # Cholesky factor) has the singular direction at 0, where the
+                # deviance and cov(beta) are even in it: it drops out
+                self._satterthwaite_tau(res, b)
             self.Vadj = self.V
         else:
             with m._one_blas_thread():     # many small matrices: one BLAS thread is faster
@@ -307,8 +283,14 @@ class SmallSample:
                     IE[i, j] = (K[i, j] - 2.0 * np.sum(Phi * Q[i, j])
                                 + np.sum((Phi @ P[i]) * (P[j] @ Phi)))
             IE = 0.5 * (IE + IE.T)
-            ev = np.linalg.eigvalsh(IE)
-            W = 2.0 * (np.linalg.inv(IE) if np.min(np.abs(ev)) > 1e-10 else np.linalg.pinv(IE))
+            ev = np.abs(np.linalg.eigvalsh(IE))
+            if ev.min() > KR_RCOND * ev.max():
+                W = 2.0 * np.linalg.inv(IE)
+            else:
+                W = 2.0 * np.linalg.pinv(IE, rcond=KR_RCOND, hermitian=True)
+                self.notes.append(f"Kenward-Roger: the expected information of the variance "
+                                  f"parameters is singular (smallest/largest eigenvalue "
+                                  f"{ev.min() / ev.max():.2g}); its pseudo-inverse is used")
             U = np.zeros_like(Phi)
             for i in range(nv):
                 for j in range(nv):
@@ -319,13 +301,131 @@ class SmallSample:
             self.dropped = []
         self.df = np.array([self._df1(np.eye(len(self.fixed))[a]) for a in range(len(self.fixed))])
 
+
+    def _satterthwaite_psi(self, res, b, reml_info, reml_params):
+        """A = the inverse information of the variance parameters psi; False
+        when the REML Hessian in psi cannot be computed."""
+        m, psi, t = res.model, res.estimate, res.model.table
+        lo = np.array([p.lower for p in t.params])
+        idx = b.var
+        if res.method == "REML":
+            if reml_info is not None and (reml_params is None
+                                          or not np.array_equal(np.asarray(reml_params), idx)):
+                raise MlsemError("internal: the REML information is not over the variance "
+                                 "parameters of the model")
+            if reml_info is None:
+                from .reml import RemlObjective
+                H = RemlObjective(m).hessian(psi)
+                if H is None:
+                    return False
+                reml_info = -H
+            info_v = reml_info
+        else:
+            if res.info is None or not np.all(np.isfinite(res.info)):
+                raise MlsemError("Satterthwaite df: no observed information at the estimates")
+            I = res.info
+            Ibb = I[np.ix_(b.fixed, b.fixed)]
+            Ivb = I[np.ix_(idx, b.fixed)]
+            info_v = I[np.ix_(idx, idx)] - Ivb @ np.linalg.solve(Ibb, Ivb.T)
+        # a variance at its bound 0 (where the optimiser put it) drops out
+        # (lmerTest's theta = 0); the test is relative to the parameter's unit
+        from .estimate import _at_bound
+        keep = ~((lo[idx] == 0.0) & _at_bound(m, psi)[idx])
+        self.dropped = [res.names[i] for i in idx[~keep]]
+        self.A = _pinv_sub(info_v, keep)
+        return True
+
+    def _satterthwaite_tau(self, res, b):
+        """A and the P blocks in the optimiser's coordinates tau (lme4's
+        Cholesky parameters of each covariance block, up to units), with the
+        Cholesky diagonals at 0 and the variances at their bound left out."""
+        m, psi, t = res.model, res.estimate, res.model.table
+        tau = _tau_psd(m, psi)
+        nt, n0 = m.ntau, len(m.free_plain)
+        owner = np.empty(nt, dtype=np.int64)
+        owner[:n0] = m.free_plain
+        diag = np.zeros(nt, dtype=bool)
+        pos = n0
+        for blk in m._chol:
+            k = blk.pidx.shape[0]
+            r, c = np.tril_indices(k)
+            owner[pos: pos + len(r)] = blk.pidx[r, c]
+            diag[pos: pos + len(r)] = r == c
+            pos += len(r)
+        unit = m._scale()
+        if np.any(np.abs(m.tau_to_psi(tau) - psi) > 1e-8 * np.maximum(np.abs(psi), unit)):
+            raise MlsemError("internal: Satterthwaite df: the estimates are not in the "
+                             "optimiser's coordinates")
+        fixed_t = np.isin(owner, b.fixed)
+        lo_t = np.array([-np.inf if bd[0] is None else bd[0] for bd in m.tau_bounds()])
+        plain = np.arange(nt) < n0
+        # dpsi/dtau: tau_to_psi is linear or quadratic in each entry
+        J = np.empty((t.nparams, nt))
+        for k in range(nt):
+            e = 1e-3 * max(1.0, abs(tau[k]))
+            up, dn = tau.copy(), tau.copy()
+            up[k] += e
+            dn[k] -= e
+            J[:, k] = (m.tau_to_psi(up) - m.tau_to_psi(dn)) / (2.0 * e)
+        if res.method == "REML":
+            from .reml import RemlObjective
+            obj = RemlObjective(m)
+            grad = lambda x: obj.value(m.tau_to_psi(x))[1]
+            cols = np.flatnonzero(~fixed_t)
+        else:
+            grad = lambda x: m.evaluate(m.tau_to_psi(x))[1]
+            cols = np.arange(nt)
+
+        def gtau(x):
+            g = grad(x)
+            if g is None:
+                raise MlsemError("Satterthwaite df: the deviance cannot be evaluated near the "
+                                 "estimates (V not positive definite)")
+            return m.grad_tau(x, g)
+
+        H = np.zeros((len(cols), len(cols)))
+        g0 = None
+        for c, k in enumerate(cols):
+            h = 1e-4 * max(abs(tau[k]), 0.1)        # tau is unit-free
+            up, dn = tau.copy(), tau.copy()
+            up[k] += h
+            dn[k] -= h
+            if plain[k] and np.isfinite(lo_t[k]) and dn[k] < lo_t[k]:
+                if g0 is None:
+                    g0 = gtau(tau)
+                H[:, c] = (gtau(up)[cols] - g0[cols]) / h
+            else:
+                H[:, c] = (gtau(up)[cols] - gtau(dn)[cols]) / (2.0 * h)
+        info = -0.5 * (H + H.T)
+        if res.method != "REML":
+            fb = np.flatnonzero(fixed_t)
+            vv = np.flatnonzero(~fixed_t)
+            Ivb = info[np.ix_(vv, fb)]
+            info = info[np.ix_(vv, vv)] - Ivb @ np.linalg.solve(info[np.ix_(fb, fb)], Ivb.T)
+        vt = np.flatnonzero(~fixed_t)
+        at_lo = np.isfinite(lo_t[vt]) & (tau[vt] - lo_t[vt] <= 1e-7 * np.maximum(np.abs(tau[vt]), 1.0))
+        # a Cholesky diagonal at 0 up to the optimiser's rounding (its square,
+        # relative to the variance it belongs to, below SINGULAR_BLOCK)
+        tiny = diag[vt] & (tau[vt] ** 2 * m._scale()[owner[vt]] <= SINGULAR_BLOCK * np.abs(psi[owner[vt]]))
+        keep = ~(at_lo | tiny)
+        self.dropped = [res.names[owner[k]] for k in vt[at_lo & plain[vt]]]
+        if np.any(~keep & ~plain[vt]):
+            blk_names = [res.names[owner[k]] for k in vt[~keep & ~plain[vt]]]
+            self.notes.append("Satterthwaite df: a singular random-effects covariance (correlation "
+                              "+-1); computed in its Cholesky parameters (lmerTest's theta), the one "
+                              f"at 0 (for {', '.join(blk_names)}) left out")
+        self.A = _pinv_sub(info, keep)
+        # dPhi_beta/dtau_k = sum_i dpsi_i/dtau_k dPhi_beta/dpsi_i
+        Jv = J[np.ix_(b.var, vt)]
+        self.P_df = np.einsum("ik,iab->kab", Jv, b.P)
+
     # one contrast
     def _df1(self, c):
         b = self.blocks
         if self.method == "satterthwaite":
             v = float(c @ self.V @ c)
             Vc = self.V @ c
-            g = np.array([Vc @ Pi @ Vc for Pi in b.P])
+            g = np.array([Vc @ Pi @ Vc for Pi in self.P_df])
             den = float(g @ self.A @ g)
             return 2.0 * v * v / den if den > 0 else math.inf
         return self._kr_ddf(c[None, :])
@@ -398,13 +498,13 @@ class SmallSample:
                 "df_method": METHODS[self.method]}
 
 
-def apply_df(res, method, reml_info=None):
+def apply_df(res, method, reml_info=None, reml_params=None):
     """Attach the df (and, for Kenward-Roger, the adjusted covariance of the
     fixed effects) to a fit."""
     if res.vce != "mixed":
         raise MlsemError(f"df={method!r} needs the mixed-model standard errors (vce='mixed'), "
                          f"not vce={res.vce!r}")
-    s = SmallSample(res, method, reml_info)
+    s = SmallSample(res, method, reml_info, reml_params)
     res.small = s
     res.df_method = METHODS[method]
     df = np.full(len(res.names), np.nan)
@@ -421,4 +521,8 @@ def apply_df(res, method, reml_info=None):
                          f"variance parameters' covariance from the observed {what} information")
     if s.dropped:
         res.notes.append(f"Satterthwaite df: {', '.join(s.dropped)} estimated at 0, left out")
+    res.notes.extend(s.notes)
+    if not res.converged:
+        res.notes.append(f"{METHODS[method]} df computed at estimates that did not converge: "
+                         "the df (which need the optimum) are not reliable")
     return res

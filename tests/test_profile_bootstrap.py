@@ -63,10 +63,21 @@ def test_profile_intervals_match_lme4(case):
     assert set(res.params["name"]) <= set(got)
 
 
-def test_profile_refuses_reml():
+def test_profile_of_a_reml_fit_is_the_ml_profile():
+    """lme4's confint(profile) on a REML fit refits by ML first (devfun2 calls
+    refitML): the intervals of the ML fit, with a note."""
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
-    with pytest.raises(MlsemError, match="ML fit"):
-        res.confint(method="profile")
+    ml = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
+    est = res.estimate.copy()
+    got = res.confint(method="profile", parm=["Intercept", "var(batch)"])
+    ref = ml.confint(method="profile", parm=["Intercept", "var(batch)"])
+    assert np.allclose(got["lower"], ref["lower"], rtol=1e-5, atol=1e-8)
+    assert np.allclose(got["upper"], ref["upper"], rtol=1e-5)
+    pr = SS["pastes"]["profile_ci"]          # lme4's confint(profile) (of the ML fit)
+    assert got["upper"][1] == pytest.approx(pr["upper"][1] ** 2, rel=1e-3)
+    assert any("refitted by ML" in n for n in res.notes)
+    assert res.method == "REML" and np.array_equal(res.estimate, est)     # the fit is untouched
+    assert list(got["name"]) == ["Intercept", "var(batch)"]
     with pytest.raises(MlsemError, match="method="):
         res.confint(method="exact")
 
@@ -110,7 +121,7 @@ def test_bootstrap_reproducible():
     assert a.equals(b)
     assert not a.equals(c)
     d = res.bootstrap(n=20, seed=7, parallel=2, progress=False)   # same draws in workers
-    assert np.allclose(a.drop("converged").to_numpy(), d.drop("converged").to_numpy())
+    assert a.equals(d)
 
 
 def test_bootstrap_counts_failed_refits(monkeypatch):
@@ -159,7 +170,6 @@ def test_command_line_df_ci_bootstrap(tmp_path, capsys):
     rec = json.loads(js.read_text())
     assert rec["df"] == "satterthwaite" and rec["bootstrap"] == 20 and rec["seed"] == 3
     for bad, msg in ((["--ci", "bootstrap"], "--bootstrap N"),
-                     (["--ci", "profile", "--method", "reml"], "--method ml"),
                      (["--df", "kenward-roger"], "--method reml")):
         capsys.readouterr()
         rc = cli.main(["fit", str(REF / "pastes.parquet"), "-f", CASES["pastes"], *bad,
@@ -180,3 +190,90 @@ def test_reml_bootstrap_warm_refits_are_reml_estimates():
     opt, _ = optimize_reml(B.with_outcome(res.model, y))
     got = draws.filter(pl.col("replicate") == 1).select(res.names).row(0)
     assert np.allclose(got, opt.final, rtol=1e-4, atol=1e-6)
+
+
+def test_reml_bootstrap_near_the_boundary_has_no_failed_refits():
+    """A school variance of 0: replicates whose REML optimum is on or near
+    the bound (before: 2 of 200 refits failed, the warm start stalled)."""
+    import warnings
+    d = mlsem.simulate(5, 2, 2, sd_school=0.0, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mlsem.fit(d, "y ~ x + (1 | k/j)", method="reml")
+    res.bootstrap(n=200, seed=1, progress=False)
+    assert res.boot.failed == 0
+
+
+def test_bootstrap_refit_retries_before_failing(monkeypatch):
+    """A REML refit that does not converge from the warm start is retried
+    from the ML estimates (and from the smallest variance at 0)."""
+    import dataclasses
+    import mlsem.bootstrap as B
+    import mlsem.reml as R
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
+    real = R.optimize_reml
+    starts = []
+
+    def first_fails(model, maxiter=5000, start=None):
+        opt, obj = real(model, maxiter=maxiter, start=start)
+        starts.append(start)
+        if len(starts) == 1:
+            opt = dataclasses.replace(opt, converged=False)
+        return opt, obj
+    monkeypatch.setattr(R, "optimize_reml", first_fails)
+    y = B.simulate_y(res.model, res.estimate, np.random.default_rng(4))
+    psi, ll, conv = B.refit(res.model, y, res.estimate, "REML")
+    assert conv and len(starts) == 2
+    assert not np.allclose(starts[1], res.estimate)          # the ML estimates
+    opt, _ = real(B.with_outcome(res.model, y))
+    assert np.allclose(psi, opt.final, rtol=1e-4, atol=1e-6)
+    z = B._smallest_variance_at_zero(res.model, res.estimate)
+    assert np.sum(z == 0.0) == 1 and z[np.argmin(res.estimate[1:3]) + 1] == 0.0
+
+
+def test_bootstrap_counts_numerical_errors(monkeypatch):
+    """A LinAlgError in one refit is counted with the failures, not raised."""
+    import mlsem.bootstrap as B
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
+    real = B.refit
+    calls = {"n": 0}
+
+    def singular(model, y, start, method):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise np.linalg.LinAlgError("Singular matrix")
+        return real(model, y, start, method)
+    monkeypatch.setattr(B, "refit", singular)
+    draws = res.bootstrap(n=6, seed=1, progress=False)
+    assert res.boot.failed == 1 and res.boot.errors == ["LinAlgError: Singular matrix"]
+    assert draws.filter(~pl.col("converged")).height == 1
+    assert "LinAlgError" in res.summary()
+    assert B._STATE == {}
+
+
+def test_bootstrap_refuses_parallel_zero():
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(MlsemError, match="parallel="):
+            res.bootstrap(n=4, seed=1, parallel=bad, progress=False)
+
+
+def test_summary_labels_only_the_listed_intervals():
+    res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
+    res.confint(method="profile", parm="var(batch)")
+    s = res.summary()
+    assert "profile likelihood (95%) for var(batch); Wald for the others" in s
+    from mlsem.cli import _table
+    kinds = dict(zip(*_table(res).select("name", "ci_kind").to_dict(as_series=False).values()))
+    assert kinds["var(batch)"].startswith("profile") and kinds["Intercept"] == "wald"
+    res.confint(method="profile")
+    assert "Confidence intervals: profile likelihood (95%)\n" in res.summary()
+
+
+def test_params_intervals_are_wald_ci():
+    for df in (None, "satterthwaite"):
+        res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml", df=df)
+        from mlsem.results import _wald_ci
+        ci, tab = _wald_ci(res, 0.95), res.params
+        assert ci["lower"].equals(tab["ci_low"].alias("lower"))
+        assert ci["upper"].equals(tab["ci_high"].alias("upper"))
