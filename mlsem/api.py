@@ -11,13 +11,13 @@ import numpy as np
 from .data import prepare
 from .encode import load
 from .errors import ConvergenceWarning, MlsemError
-from .estimate import information, optimize, vcov_from_information
+from .estimate import identification, information, optimize, vcov_from_information
 from .formula import effects_of, nest_levels, parse_formula
 from .model import Model
 from .relax import coefficient_design, needs_warm_start, relax_table, warm_start
-from .results import FitResult, identification
+from .results import FitResult
 from .spec import multilevel_table
-from .inference import apply_vce, check_inference_options, fit_reml, unit_columns
+from .inference import apply_vce, check_inference_options, unit_columns
 
 VCE = ("mixed", "oim", "robust", "('cluster', column)")
 
@@ -242,3 +242,33 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
         timings=timings, model=model, info=info, notes=notes,
         backend=getattr(model, "backend", ""))
+
+
+def fit_reml(model, opts, F, prep, t0, t1):
+    from .reml import optimize_reml, reml_vcov
+    opt, obj = optimize_reml(model)
+    t2 = time.perf_counter()
+    psi = opt.final
+    cov, info = reml_vcov(obj, psi)
+    names = model.table.names
+    kinds = [p.kind for p in model.table.params]
+    fixed = np.array([k == "fixed" for k in kinds])
+    cov[np.ix_(fixed, ~fixed)] = 0.0     # the mixed-model convention: no cross terms
+    cov[np.ix_(~fixed, fixed)] = 0.0
+    identified, confounded = (True, [])
+    if info is not None:
+        var_names = [n for n, k in zip(names, kinds) if k != "fixed"]
+        identified, confounded = identification(info, var_names)
+    res = FitResult(
+        formula=opts.formula, names=names, kinds=kinds, estimate=psi.copy(), cov=cov,
+        loglik=float(opt.loglik), converged=opt.converged, nobs=prep.nobs, vce="mixed",
+        levels=prep.levels, opt=opt, outcome=F.outcome, identified=identified,
+        confounded=confounded, dropped_covariate=prep.dropped_covariate,
+        missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
+        timings={"prepare": t1 - t0, "optimize": t2 - t1,
+                 "inference": time.perf_counter() - t2},
+        model=model, info=None, method="REML", backend=model.backend, reml_info=info,
+        reml_info_params=np.flatnonzero(~obj.fixed))
+    res.notes.append(f"REML criterion = {-2.0 * opt.loglik:.6f} (lme4's; the log-likelihood "
+                     "shown is the restricted one)")
+    return res

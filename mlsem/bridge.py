@@ -21,10 +21,10 @@ import polars as pl
 
 from .data import prepare, scan
 from .errors import ConvergenceWarning, MlsemError
-from .estimate import information, optimize, vcov_from_information
+from .estimate import identification, information, optimize, vcov_from_information
 from .encode import load
 from .formula import effects_of, nest_levels, parse_formula
-from .results import FitResult, identification
+from .results import FitResult
 from .sem import SemModel, build_table, count_moments, prepare_wide
 from .adf import ADF_NAMES
 from .inference import check_inference_options

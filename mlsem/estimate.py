@@ -515,3 +515,20 @@ def vcov_from_information(info, groups=None):
                 Vi = np.linalg.pinv(B)
         V[np.ix_(idx, idx)] = Vi
     return V
+
+
+def identification(info, names, tol=1e-8):
+    """(identified, confounded names) from the rank of the information matrix,
+    scaled to unit diagonal; the confounded parameters are those that load on
+    its null space."""
+    d = np.sqrt(np.abs(np.diag(info)))
+    d[d == 0] = 1.0
+    S = info / np.outer(d, d)
+    if not np.all(np.isfinite(S)):
+        return False, list(names)
+    lam, Q = np.linalg.eigh(S)
+    null = lam < tol * max(lam.max(), 1.0)
+    if not null.any():
+        return True, []
+    load = np.abs(Q[:, null]).max(axis=1)
+    return False, [n for n, v in zip(names, load) if v > 0.05]
