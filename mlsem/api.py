@@ -246,7 +246,20 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
 
 def fit_reml(model, opts, F, prep, t0, t1):
     from .reml import optimize_reml, reml_vcov
-    opt, obj = optimize_reml(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt, obj = optimize_reml(model)
+        if not opt.converged:
+            # a second start from the ML estimates (near the REML ones): a random-slope
+            # block on the boundary (correlation -1) can trap the default start at a
+            # corner where L-BFGS-B stalls; kept only if it converges, no worse
+            ml = optimize(model)
+            opt2, obj2 = optimize_reml(model, start=ml.final)
+            if opt2.converged and opt2.loglik >= opt.loglik - 1e-9 * abs(opt.loglik):
+                opt, obj = opt2, obj2
+    for w in caught:   # the first attempt's non-convergence is moot if the second converged
+        if not (opt.converged and issubclass(w.category, ConvergenceWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     t2 = time.perf_counter()
     psi = opt.final
     cov, info = reml_vcov(obj, psi)

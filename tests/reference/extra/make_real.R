@@ -58,3 +58,11 @@ fit_case("oxboys", ox[, c("Subject", "age", "height")],
          "height ~ poly(age, 2) + (1 + age | Subject)",
          "height ~ poly(age, 2) + (1 + age | Subject)", c("Subject"),
          "mlmRev's Oxboys: heights of 26 boys on 9 occasions; orthogonal polynomial in age")
+
+# a random slope on an uncentred covariate with no slope variance in the data-generating
+# model: lme4 reports a singular fit (correlation -1); y in the 1000s (simulated by
+# mlsem's tests, tests/reference/real/singular_slope.csv, kept as CSV)
+s <- read.csv(file.path(out_dir, "singular_slope.csv"), stringsAsFactors = FALSE)
+fit_case("singular_slope", s, "y ~ sex * age + stype + flag + (1 + age | school)",
+         "y ~ sex*age + stype + flag + (1 + age | school)", c("school"),
+         "simulated pupils in classes in schools; boundary (singular) random-slope fit")
