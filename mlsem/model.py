@@ -77,6 +77,21 @@ def default_threads() -> int:
 SERIAL_BELOW = 50_000
 
 
+def psd_cholesky(S):
+    """Lower Cholesky factor of a positive semi-definite S, a column 0 where
+    its pivot is 0 up to rounding (lme4's theta of a singular fit)."""
+    k = S.shape[0]
+    L = np.zeros((k, k))
+    tol = 1e-12 * max(np.max(np.abs(np.diag(S))), 1e-300)
+    for j in range(k):
+        d = S[j, j] - L[j, :j] @ L[j, :j]
+        if d <= tol:
+            continue
+        L[j, j] = np.sqrt(d)
+        L[j + 1:, j] = (S[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / L[j, j]
+    return L
+
+
 def chain_rule(table, psi, gphi, gth, xtw=None) -> np.ndarray:
     """dl/dpsi from the kernel's dl/dPhi (M x M), dl/dTheta (P x P; a
     length-P vector when Theta is diagonal) and X'w (dl/dbeta), through the
@@ -344,7 +359,11 @@ class Model:
             psi[blk.pidx] = (L @ L.T) * np.outer(sq, sq)
         return psi
 
-    def psi_to_tau(self, psi):
+    def psi_to_tau(self, psi, psd=False):
+        """The optimiser's variables at psi.  A block that is only positive
+        semi-definite gets a jittered Cholesky factor, or with ``psd=True`` its
+        exact factor with a zero column where a pivot is 0 (lme4's theta of a
+        singular fit; the small-sample df need it)."""
         d = self._scale()
         tau = np.zeros(self.ntau)
         n0 = len(self.free_plain)
@@ -354,10 +373,13 @@ class Model:
             b = blk.pidx.shape[0]
             sq = np.sqrt(d[np.diag(blk.pidx)])
             S = psi[blk.pidx] / np.outer(sq, sq)
-            try:
-                L = np.linalg.cholesky(S)
-            except np.linalg.LinAlgError:
-                L = np.linalg.cholesky(S + 1e-8 * np.eye(b) * max(1.0, np.trace(S)))
+            if psd:
+                L = psd_cholesky(S)
+            else:
+                try:
+                    L = np.linalg.cholesky(S)
+                except np.linalg.LinAlgError:
+                    L = np.linalg.cholesky(S + 1e-8 * np.eye(b) * max(1.0, np.trace(S)))
             tau[pos: pos + b * (b + 1) // 2] = L[np.tril_indices(b)]
             pos += b * (b + 1) // 2
         return tau

@@ -203,37 +203,6 @@ class _Blocks:
 KR_RCOND = 1e-10          # relative: below it the expected information is treated as singular
 
 
-def _psd_chol(S):
-    """Lower Cholesky factor of a positive semi-definite S, a column 0 where
-    its pivot is 0 up to rounding (lme4's theta of a singular fit)."""
-    k = S.shape[0]
-    L = np.zeros((k, k))
-    tol = 1e-12 * max(np.max(np.abs(np.diag(S))), 1e-300)
-    for j in range(k):
-        d = S[j, j] - L[j, :j] @ L[j, :j]
-        if d <= tol:
-            continue
-        L[j, j] = math.sqrt(d)
-        L[j + 1:, j] = (S[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / L[j, j]
-    return L
-
-
-def _tau_psd(model, psi):
-    """model.psi_to_tau for a positive semi-definite block too (no jitter)."""
-    d = model._scale()
-    tau = np.zeros(model.ntau)
-    n0 = len(model.free_plain)
-    tau[:n0] = psi[model.free_plain] / d[model.free_plain]
-    pos = n0
-    for blk in model._chol:
-        k = blk.pidx.shape[0]
-        sq = np.sqrt(d[np.diag(blk.pidx)])
-        L = _psd_chol(psi[blk.pidx] / np.outer(sq, sq))
-        tau[pos: pos + k * (k + 1) // 2] = L[np.tril_indices(k)]
-        pos += k * (k + 1) // 2
-    return tau
-
-
 def _pinv_sub(info, keep):
     """The inverse of info over the kept parameters (zeros elsewhere), by its
     eigen-decomposition (as lmerTest's Moore-Penrose inverse of the Hessian)."""
@@ -340,7 +309,7 @@ class SmallSample:
         Cholesky parameters of each covariance block, up to units), with the
         Cholesky diagonals at 0 and the variances at their bound left out."""
         m, psi, t = res.model, res.estimate, res.model.table
-        tau = _tau_psd(m, psi)
+        tau = m.psi_to_tau(psi, psd=True)
         nt, n0 = m.ntau, len(m.free_plain)
         owner = np.empty(nt, dtype=np.int64)
         owner[:n0] = m.free_plain
