@@ -390,7 +390,6 @@ class SmallSample:
 
     # one contrast
     def _df1(self, c):
-        b = self.blocks
         if self.method == "satterthwaite":
             v = float(c @ self.V @ c)
             Vc = self.V @ c
