@@ -1,4 +1,4 @@
-"""Build of the Cython kernel mlsem._core.
+"""Build of the Cython kernel mlsem.model._core.
 
 OpenMP is used when the compiler accepts -fopenmp (gcc, clang with libomp);
 otherwise the kernel is built serial.  Set MLSEM_NO_OPENMP=1 to force a serial
@@ -37,8 +37,8 @@ def _openmp_flags():
 
 cflags, lflags = _openmp_flags()
 ext = Extension(
-    "mlsem._core",
-    ["mlsem/_core.pyx"],
+    "mlsem.model._core",
+    ["mlsem/model/_core.pyx"],
     include_dirs=[np.get_include()],
     extra_compile_args=["-O3"] + cflags,
     extra_link_args=lflags,

@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlsem  # noqa: E402
-from mlsem import distributed as D  # noqa: E402
-from mlsem.formula import nest_levels, parse_formula  # noqa: E402
+from mlsem.backends import dask as D  # noqa: E402
+from mlsem.spec.formula import nest_levels, parse_formula  # noqa: E402
 
 FORMULA = "y ~ x + (1 | k/j)"
 

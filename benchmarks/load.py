@@ -35,7 +35,7 @@ DEFAULT = os.path.join(ROOT, "tests", "reference", "medium.parquet")
 
 SETTINGS = r"""
 import json, os
-import mlsem.model as m
+import mlsem.model.multilevel as m
 info = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "kernel_openmp": bool(m._core is not None and m._core.HAVE_OPENMP),
         "default_threads": m.default_threads()}

@@ -50,7 +50,7 @@ sys.path.insert(0, ROOT)
 import polars as pl  # noqa: E402
 
 import mlsem  # noqa: E402
-from mlsem.formula import nest_levels, parse_formula  # noqa: E402
+from mlsem.spec.formula import nest_levels, parse_formula  # noqa: E402
 
 DEFAULT_FORMULA = "y ~ x + (1 | k/j)"
 ROWS_PER_COUNTY = 57.75          # E[schools] * E[pupils] = 5.5 * 10.5

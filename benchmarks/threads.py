@@ -14,11 +14,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mlsem.data import collect_columns, prepare  # noqa: E402
-from mlsem.estimate import start_values  # noqa: E402
-from mlsem.formula import nest_levels, parse_formula  # noqa: E402
-from mlsem.model import Model  # noqa: E402
-from mlsem.spec import multilevel_table  # noqa: E402
+from mlsem.data.prepare import collect_columns, prepare  # noqa: E402
+from mlsem.estimate.optimize import start_values  # noqa: E402
+from mlsem.spec.formula import nest_levels, parse_formula  # noqa: E402
+from mlsem.model.multilevel import Model  # noqa: E402
+from mlsem.spec.table import multilevel_table  # noqa: E402
 
 
 def main(path, formula="y ~ x + (1 | k/j)", repeats=21):

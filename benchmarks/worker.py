@@ -48,7 +48,7 @@ def run_statsmodels(path, formula):
     import statsmodels
     import statsmodels.formula.api as smf
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from mlsem.formula import nest_levels, parse_formula
+    from mlsem.spec.formula import nest_levels, parse_formula
     F = parse_formula(formula)
     levels = nest_levels(F)
     top, inner = levels[0][-1], levels[1][-1]

@@ -5,36 +5,33 @@ A nested model ``y ~ x + (1 | k/j)`` is the constrained SEM of its wide form
 Gaussian full-information ML over missing-data patterns, which makes
 unbalanced data just missing cells.
 
-Layers (data flows top to bottom; no layer imports one above it):
+Layers, one folder each (top to bottom; the import graph has no cycles,
+tests/test_layers.py; one line per module in docs/design.md):
 
-    cli        mlsem.cli        argument parsing, progress, file outputs
-    api        mlsem.api        fit(), validation of user arguments, frozen options
-               mlsem.bridge     sem() (general SEMs in lavaan syntax) and multilevel()
-                                (a nested model as wide data + lavaan syntax)
-    spec       mlsem.formula, mlsem.spec, mlsem.relax, mlsem.lavaan
-                                formula + relaxations / lavaan syntax -> parameter table
-                                (single source of truth)
-    data       mlsem.data       Polars: read, validate, nested -> slots, patterns
-               mlsem.encode     the formula's fixed part and random slopes -> design
-                                columns (formulaic, R's contrasts), kept for predict
-    model      mlsem.model      parameter table -> matrices, chain rule
-               mlsem.sem        the same for general SEMs (LISREL matrices, lavaan defaults)
-               mlsem.adf        ADF / GMM: sample moments, Gamma, implied moments and their
-                                Jacobian, the Satorra-Bentler scaling; mlsem.semscores: SEM scores
-    kernel     mlsem._core      Cython per-pattern FIML (oracle: mlsem._oracle)
-    estimate   mlsem.estimate   start values, L-BFGS-B, Newton polish, information
-    results    mlsem.results, mlsem.lrtest, mlsem.predict
-                                tables, tests, export; reads fitted state only
+    cli/        the mlsem command: argument parsing, progress, file outputs
+    api/        fit() (fitting.py), sem(), multilevel(), to_wide() (bridge.py)
+    results/    FitResult: tables, summaries, export (fitresult.py); BLUPs and
+                predictions (predict.py); path diagrams (diagram.py)
+    inference/  robust/cluster errors, Wald and saturated-model tests (vce.py), score
+                tests, LR tests, small-sample df, profile intervals, bootstrap
+    estimate/   start values, L-BFGS-B, Newton, information (optimize.py), REML, ADF
+    model/      parameter table -> matrices, the kernel call, the chain rule
+                (multilevel.py, sem.py), the Cython kernel _core.pyx and its
+                NumPy oracle _oracle.py, per-unit scores
+    data/       Polars: read, validate, ids -> slots and patterns (prepare.py), the
+                formula's design columns (encode.py), simulation and shipped data
+    spec/       formulas, lavaan syntax, relaxations -> the parameter table
+    backends/   the Dask driver
 """
 __version__ = "0.1.0"
 
 from .errors import ConvergenceWarning, MlsemError, PerformanceWarning  # noqa: E402
-from .api import fit  # noqa: E402
-from .lrtest import lrtest  # noqa: E402
-from .simulate import simulate, example_data  # noqa: E402
-from .bridge import sem, multilevel, to_wide  # noqa: E402
-from .predict import random_effects  # noqa: E402
-from .diagram import diagram  # noqa: E402
+from .api.fitting import fit  # noqa: E402
+from .inference.lrtest import lrtest  # noqa: E402
+from .data.simulate import simulate, example_data  # noqa: E402
+from .api.bridge import sem, multilevel, to_wide  # noqa: E402
+from .results.predict import random_effects  # noqa: E402
+from .results.diagram import diagram  # noqa: E402
 
 __all__ = ["fit", "sem", "multilevel", "lrtest", "simulate", "example_data", "random_effects", "to_wide",
            "diagram", "MlsemError", "ConvergenceWarning", "PerformanceWarning", "__version__"]

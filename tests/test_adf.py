@@ -19,10 +19,10 @@ import pytest
 
 import mlsem
 from mlsem import MlsemError
-from mlsem.adf import (AdfObjective, Moments, MultilevelMoments, robust_sem_vcov,
+from mlsem.estimate.adf import (AdfObjective, Moments, MultilevelMoments, robust_sem_vcov,
                        sigma_and_jacobian)
-from mlsem.bridge import multilevel
-from mlsem.semscores import sem_row_scores
+from mlsem.api.bridge import multilevel
+from mlsem.model.semscores import sem_row_scores
 from conftest import REF, load_case
 
 GMM = json.load(open(REF / "extra" / "gmm.json"))
@@ -143,9 +143,9 @@ def _fd_check(obj, psi, h=1e-6):
 
 
 def _sem_objective(model_text, data):
-    from mlsem.bridge import _wide_arrays
-    from mlsem.data import scan
-    from mlsem.sem import SemModel, build_table, parse, prepare_wide
+    from mlsem.api.bridge import _wide_arrays
+    from mlsem.data.prepare import scan
+    from mlsem.model.sem import SemModel, build_table, parse, prepare_wide
     lf = scan(data)
     table = build_table(parse(model_text), lf.collect_schema().names())
     Y, X = _wide_arrays(lf, table.observed, table.covariates, data)
@@ -189,7 +189,7 @@ def test_adf_gradient_every_matrix():
 
 def test_multilevel_moments_jacobian(seed_long):
     spec = multilevel(FORMULA, seed_long, index="i")
-    from mlsem.relax import relax_table
+    from mlsem.spec.relax import relax_table
     table = relax_table(spec.multilevel_table, spec.prep, HETERO, None, "i")
     mm = MultilevelMoments(spec.prep, table)
     obj = AdfObjective(mm, mm.mom)
@@ -342,7 +342,7 @@ def test_option_refusals(wide, seed_long):
 
 
 def test_cli_method_adf(tmp_path, seed_long, wide):
-    from mlsem.cli import main
+    from mlsem.cli.main import main
     data = tmp_path / "seed.parquet"
     seed_long.write_parquet(data)
     rc = main(["fit", str(data), "-f", FORMULA, "--method", "adf", "--index", "i",

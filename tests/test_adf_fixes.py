@@ -174,7 +174,7 @@ def test_sem_weighted_fit_test(seed_wide, hs):
 
 # ---- 6: one set of weight checks for mlsem.fit and mlsem.sem --------------------------------------
 def test_weight_checks_shared(seed_wide):
-    from mlsem.inference import check_weights
+    from mlsem.inference.vce import check_weights
     model = FIX["mediation"]["model"]
     long = load_case("seed_balanced")
     long = pl.read_parquet(REF / long["data"])

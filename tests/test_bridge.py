@@ -188,10 +188,10 @@ def test_relaxed_parameter_table_round_trips():
     relaxed table fits to the same likelihood as the long fit of that table."""
     import copy
 
-    from mlsem.bridge import MultilevelSpec
-    from mlsem.estimate import optimize
-    from mlsem.model import Model
-    from mlsem.spec import Param
+    from mlsem.api.bridge import MultilevelSpec
+    from mlsem.estimate.optimize import optimize
+    from mlsem.model.multilevel import Model
+    from mlsem.spec.table import Param
 
     ref, d = _case("hetero_corr")
     spec = mlsem.multilevel(ref["formula"], d)

@@ -2,11 +2,11 @@ import subprocess
 import sys
 
 import mlsem
-from mlsem import model
+from mlsem.model import multilevel as model
 
 
 def test_compiled_kernel_is_used():
-    assert model._core is not None, "mlsem._core is not built: install with pip install -e ."
+    assert model._core is not None, "mlsem.model._core is not built: install with pip install -e ."
     res = mlsem.fit(mlsem.example_data(), "y ~ x + (1 | k/j)")
     assert res.model.backend == "cython"
 
@@ -33,7 +33,7 @@ def test_missing_kernel_warns_once_and_is_recorded():
     import sys
     code = r'''
 import sys, warnings
-sys.modules["mlsem._core"] = None          # the extension cannot be imported
+sys.modules["mlsem.model._core"] = None          # the extension cannot be imported
 import mlsem
 data = mlsem.example_data()
 with warnings.catch_warnings(record=True) as w:
@@ -43,7 +43,7 @@ with warnings.catch_warnings(record=True) as w:
 perf = [x for x in w if issubclass(x.category, mlsem.PerformanceWarning)]
 assert len(perf) == 1, [str(x.message) for x in w]
 msg = str(perf[0].message)
-assert "mlsem._core could not be imported (ModuleNotFoundError" in msg, msg
+assert "mlsem.model._core could not be imported (ModuleNotFoundError" in msg, msg
 assert "backend='numpy'" in msg, msg
 assert r1.backend == "numpy" and r2.backend == "numpy"
 assert "NumPy oracle" in r1.summary()

@@ -12,7 +12,7 @@ import sys
 import polars as pl
 import pytest
 
-from mlsem import cli
+from mlsem.cli import main as cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORMULA = "y ~ x + (1 | k/j)"
@@ -558,7 +558,7 @@ def test_ranef_and_diagram_with_relaxations(small):
     dot = (d / "m.dot").read_text()
     assert "cov(j[1],j[2])" in dot and "cov(j[2],j[3])" in dot and "cov(j[1],j[3])" not in dot
     assert "corr(Residual)" in dot
-    dg = importlib.import_module("mlsem.diagram")
+    dg = importlib.import_module("mlsem.results.diagram")
     assert dot == dg.to_dot(dg.from_formula(FORMULA, (3, 2), effects={"j": {"covariance": [(1, 2), (2, 3)]}},
                                             residuals={"correlation": "ar1"}, index="i"))
     rc, _, err = run_here("diagram", "s.parquet", "-f", FORMULA, "--effects", "j:variance=slot",

@@ -1,6 +1,6 @@
 """The command line's help is complete: every option of every subcommand has a
 help text, and the exit codes the top-level help lists are exactly the ones
-the code returns (the EXIT_* constants of mlsem.cli)."""
+the code returns (the EXIT_* constants of mlsem.cli.main)."""
 import argparse
 import ast
 import inspect
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from mlsem import cli
+from mlsem.cli import main as cli
 
 
 def subparsers(parser):
@@ -86,7 +86,7 @@ def test_interrupt_exits_130(monkeypatch, capsys):
 
 @pytest.mark.parametrize("fmt", ["dot", "gv", "svg", "png", "pdf"])
 def test_diagram_help_lists_every_format(fmt):
-    from mlsem.diagram import FORMATS
+    from mlsem.results.diagram import FORMATS
     sp = dict((n, p) for n, p, _ in subparsers(cli.build_parser()))["diagram"]
     out = next(a for a in sp._actions if "--out" in a.option_strings)
     assert fmt in FORMATS

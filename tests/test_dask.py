@@ -192,8 +192,8 @@ def _top_ids(part):
 
 def test_every_top_unit_on_exactly_one_partition(client, tmp_path):
     _two_workers(client)
-    from mlsem import distributed
-    from mlsem.formula import nest_levels, parse_formula
+    from mlsem.backends import dask as distributed
+    from mlsem.spec.formula import nest_levels, parse_formula
     df = mlsem.simulate(150, (1, 5), (1, 6), seed=12)
     d, _ = _write_unpartitioned(tmp_path, df)
     F = parse_formula("y ~ x + (1 | k/j)")
@@ -278,7 +278,7 @@ def test_options_refused():
         mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask")
     with pytest.raises(mlsem.MlsemError, match="neither a dask.distributed.Client"):
         mlsem.fit(df, "y ~ x + (1 | k/j)", backend="dask", client=42)
-    from mlsem.distributed import connect
+    from mlsem.backends.dask import connect
     with pytest.raises(mlsem.MlsemError, match="cannot connect to the Dask scheduler at 'tcp://127.0.0.1:9'"):
         connect("tcp://127.0.0.1:9", timeout=1)   # what fit(client="tcp://...") calls
     with pytest.raises(mlsem.MlsemError, match="need backend='dask'"):
@@ -286,7 +286,7 @@ def test_options_refused():
 
 
 def test_without_dask_the_backend_says_how_to_install_it(monkeypatch):
-    from mlsem import distributed
+    from mlsem.backends import dask as distributed
     monkeypatch.setattr(distributed, "_dd", None)
     with pytest.raises(mlsem.MlsemError, match=r"pip install 'mlsem\[dask\]'"):
         mlsem.fit(mlsem.simulate(20, 2, 2), "y ~ x + (1 | k/j)", backend="dask", client="tcp://x:1")

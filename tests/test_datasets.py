@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 import mlsem
-from mlsem.simulate import DATASETS
+from mlsem.data.simulate import DATASETS
 
 REF = Path(__file__).parent / "reference"
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import mlsem
-from mlsem.diagram import DiagramModel, from_formula, from_result, to_dot, write
+from mlsem.results.diagram import DiagramModel, from_formula, from_result, to_dot, write
 from mlsem.errors import MlsemError
-from mlsem.spec import CholBlock, Param, ParamTable
+from mlsem.spec.table import CholBlock, Param, ParamTable
 from conftest import REF
 
 SEED_LOADINGS = [(0, 0, "1"), (0, 1, "1"), (1, 0, "1"), (1, 1, "1"),

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 import mlsem
-from mlsem.cli import main
+from mlsem.cli.main import main
 
 
 def _md5(path):

@@ -1,4 +1,4 @@
-"""The fixed part of the formula through formulaic (mlsem.encode), and
+"""The fixed part of the formula through formulaic (mlsem.data.encode), and
 predictions of the outcome (fitted, residuals, predict).
 
 References:
@@ -429,7 +429,7 @@ def test_sem_bridge_round_trip_with_bracketed_names(sim):
 
 
 def test_cli_fit_and_predict_with_formulas(sim, tmp_path):
-    from mlsem.cli import main
+    from mlsem.cli.main import main
     sim.write_parquet(tmp_path / "d.parquet")
     nd = sim.head(5).with_columns(pl.Series("k", [1, 2, 3, 4, 10**6]))
     nd.write_parquet(tmp_path / "new.parquet")

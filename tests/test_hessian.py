@@ -1,4 +1,4 @@
-"""The exact second derivatives in Phi (kernel: mlsem._core.hess_accum): the
+"""The exact second derivatives in Phi (kernel: mlsem.model._core.hess_accum): the
 compiled kernel against the NumPy oracle's dense formula, and both against
 central differences of the analytic gradient at interior points."""
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 
 import mlsem
 from conftest import REF
-from mlsem import estimate
-from mlsem.model import Model, _core
+from mlsem.estimate import optimize as estimate
+from mlsem.model.multilevel import Model, _core
 
 UNST = {"effects": {"j": {"variance": "slot", "covariance": "unstructured"}}}
 CASES = [

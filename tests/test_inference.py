@@ -12,7 +12,7 @@ References:
   lavTestScore and modindices on seed_balanced and on seed_balanced with cells
   deleted, i.e. with missing data).
 
-Definitions matched (mlsem.inference): ``robust`` is lavaan's
+Definitions matched (mlsem.inference.vce): ``robust`` is lavaan's
 robust.huber.white (observed-information bread, casewise scores of the wide
 rows, no small-sample factor); ``cluster`` is lavaan's cluster-robust
 sandwich with the G/(G-1) factor; weights are normalised to sum to the number
@@ -28,7 +28,7 @@ from scipy import stats
 
 import mlsem
 from mlsem import MlsemError
-from mlsem.scores import chain, kernel_eval, row_scores
+from mlsem.model.scores import chain, kernel_eval, row_scores
 from conftest import REF, load_case
 
 SEED = load_case("seed_balanced")
@@ -227,7 +227,7 @@ def test_reml_every_lme4_case(case):
 
 
 def test_reml_gradient_matches_finite_differences():
-    from mlsem.reml import RemlObjective
+    from mlsem.estimate.reml import RemlObjective
     case = load_case("unbalanced")
     res = mlsem.fit(REF / case["data"], case["formula"])
     obj = RemlObjective(res.model)

@@ -5,11 +5,11 @@ import polars as pl
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mlsem import _oracle
-from mlsem.data import prepare
-from mlsem.formula import nest_levels, parse_formula
-from mlsem.model import Model, _core
-from mlsem.spec import multilevel_table
+from mlsem.model import _oracle
+from mlsem.data.prepare import prepare
+from mlsem.spec.formula import nest_levels, parse_formula
+from mlsem.model.multilevel import Model, _core
+from mlsem.spec.table import multilevel_table
 
 pytestmark = pytest.mark.skipif(_core is None, reason="compiled kernel not built")
 
@@ -191,7 +191,7 @@ def test_single_latent_path_equals_generic_factor_path(formula, kw, seed):
     prep.wrow = rng.uniform(0.5, 2.0, size=prep.nrows)
     psi = res.opt.final * rng.uniform(0.8, 1.2, size=len(res.opt.final))
     if "covariance" in str(kw):   # halfway to the (diagonal) start: positive definite
-        from mlsem.estimate import start_values
+        from mlsem.estimate.optimize import start_values
         psi = 0.5 * res.opt.final + 0.5 * start_values(model)
     out = []
     for single in (True, False):

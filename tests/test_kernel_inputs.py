@@ -7,7 +7,7 @@ status of a non-positive-definite Sigma), and xt_w reports a status."""
 import numpy as np
 import pytest
 
-from mlsem.model import Model, _core
+from mlsem.model.multilevel import Model, _core
 from test_kernel import build, random_data, random_psi
 
 pytestmark = pytest.mark.skipif(_core is None, reason="compiled kernel not built")

@@ -6,11 +6,11 @@ import polars as pl
 
 import mlsem
 from conftest import REF
-from mlsem import estimate
-from mlsem.data import collect_columns, prepare
-from mlsem.formula import nest_levels, parse_formula
-from mlsem.model import SERIAL_BELOW, Model, _core
-from mlsem.spec import multilevel_table
+from mlsem.estimate import optimize as estimate
+from mlsem.data.prepare import collect_columns, prepare
+from mlsem.spec.formula import nest_levels, parse_formula
+from mlsem.model.multilevel import SERIAL_BELOW, Model, _core
+from mlsem.spec.table import multilevel_table
 
 
 def build(path, formula, nthreads=None):

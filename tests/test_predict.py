@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 import mlsem
-from mlsem.predict import random_effects
+from mlsem.results.predict import random_effects
 from conftest import REF, load_case
 
 EXTRA = json.loads((REF / "extra" / "lme4_extra.json").read_text())

@@ -5,8 +5,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-import mlsem.data as D
-from mlsem.formula import nest_levels, parse_formula
+import mlsem.data.prepare as D
+from mlsem.spec.formula import nest_levels, parse_formula
 from conftest import REF
 
 CASES = [("unbalanced.parquet", "y ~ x1 + z + (1 | k/j)", None),

@@ -125,7 +125,7 @@ def test_bootstrap_reproducible():
 
 
 def test_bootstrap_counts_failed_refits(monkeypatch):
-    import mlsem.bootstrap as B
+    import mlsem.inference.bootstrap as B
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
     real = B.refit
     calls = {"n": 0}
@@ -155,7 +155,7 @@ def test_bootstrap_lr_test_of_a_variance_at_the_boundary():
 
 
 def test_command_line_df_ci_bootstrap(tmp_path, capsys):
-    from mlsem import cli
+    from mlsem.cli import main as cli
     out, js = tmp_path / "r.parquet", tmp_path / "r.json"
     rc = cli.main(["fit", str(REF / "pastes.parquet"), "-f", CASES["pastes"], "--df",
                    "satterthwaite", "--ci", "profile", "--bootstrap", "20", "--seed", "3",
@@ -180,8 +180,8 @@ def test_command_line_df_ci_bootstrap(tmp_path, capsys):
 def test_reml_bootstrap_warm_refits_are_reml_estimates():
     """A REML replicate (warm-started L-BFGS-B) equals the full REML driver's fit
     of the same simulated data."""
-    import mlsem.bootstrap as B
-    from mlsem.reml import optimize_reml
+    import mlsem.inference.bootstrap as B
+    from mlsem.estimate.reml import optimize_reml
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
     draws = res.bootstrap(n=3, seed=11, progress=False)
     assert res.boot.failed == 0
@@ -208,8 +208,8 @@ def test_bootstrap_refit_retries_before_failing(monkeypatch):
     """A REML refit that does not converge from the warm start is retried
     from the ML estimates (and from the smallest variance at 0)."""
     import dataclasses
-    import mlsem.bootstrap as B
-    import mlsem.reml as R
+    import mlsem.inference.bootstrap as B
+    import mlsem.estimate.reml as R
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
     real = R.optimize_reml
     starts = []
@@ -233,7 +233,7 @@ def test_bootstrap_refit_retries_before_failing(monkeypatch):
 
 def test_bootstrap_counts_numerical_errors(monkeypatch):
     """A LinAlgError in one refit is counted with the failures, not raised."""
-    import mlsem.bootstrap as B
+    import mlsem.inference.bootstrap as B
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"])
     real = B.refit
     calls = {"n": 0}
@@ -263,7 +263,7 @@ def test_summary_labels_only_the_listed_intervals():
     res.confint(method="profile", parm="var(batch)")
     s = res.summary()
     assert "profile likelihood (95%) for var(batch); Wald for the others" in s
-    from mlsem.cli import _table
+    from mlsem.cli.main import _table
     kinds = dict(zip(*_table(res).select("name", "ci_kind").to_dict(as_series=False).values()))
     assert kinds["var(batch)"].startswith("profile") and kinds["Intercept"] == "wald"
     res.confint(method="profile")
@@ -273,7 +273,7 @@ def test_summary_labels_only_the_listed_intervals():
 def test_params_intervals_are_wald_ci():
     for df in (None, "satterthwaite"):
         res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml", df=df)
-        from mlsem.results import _wald_ci
+        from mlsem.results.fitresult import _wald_ci
         ci, tab = _wald_ci(res, 0.95), res.params
         assert ci["lower"].equals(tab["ci_low"].alias("lower"))
         assert ci["upper"].equals(tab["ci_high"].alias("upper"))

@@ -1,4 +1,4 @@
-"""Relaxations of the mixed model's constraints (mlsem.relax) against lavaan
+"""Relaxations of the mixed model's constraints (mlsem.spec.relax) against lavaan
 0.6-14, nlme 3.1-162 and lme4 1.1-31 on R 4.2.2 (each reference block names its
 program), identification, LR tests, unbalanced data and invalid relaxations."""
 import json
@@ -244,7 +244,7 @@ def test_relaxations_on_unbalanced_data(kw):
     # the kernel's likelihood and gradient at the estimate equal the NumPy oracle's
     m = res.model
     ll, g = m.evaluate(res.estimate)
-    from mlsem.model import Model
+    from mlsem.model.multilevel import Model
     oracle = Model(m.prep, m.table, backend="numpy")
     ll0, g0 = oracle.evaluate(res.estimate)
     assert abs(ll - ll0) < 1e-8 * abs(ll0)
@@ -253,11 +253,11 @@ def test_relaxations_on_unbalanced_data(kw):
 
 def _model(data, formula, index=None, **kw):
     """The Model of a relaxed fit, without fitting it."""
-    from mlsem.data import collect_columns, prepare
-    from mlsem.formula import nest_levels, parse_formula
-    from mlsem.model import Model
-    from mlsem.relax import coefficient_design, relax_table
-    from mlsem.spec import multilevel_table
+    from mlsem.data.prepare import collect_columns, prepare
+    from mlsem.spec.formula import nest_levels, parse_formula
+    from mlsem.model.multilevel import Model
+    from mlsem.spec.relax import coefficient_design, relax_table
+    from mlsem.spec.table import multilevel_table
     F = parse_formula(formula)
     levels = nest_levels(F)
     eff = {len(rt.group) - 1: list(rt.effects) for rt in F.random}

@@ -7,9 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mlsem.bridge import multilevel
-from mlsem.lavaan import parse
-from mlsem.sem import SemModel, build_table, prepare_wide
+from mlsem.api.bridge import multilevel
+from mlsem.spec.lavaan import parse
+from mlsem.model.sem import SemModel, build_table, prepare_wide
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 HS = pl.read_parquet(os.path.join(REF, "hs_cfa_missing.parquet"))

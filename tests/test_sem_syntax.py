@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 
 import mlsem
-from mlsem.lavaan import parse
-from mlsem.sem import build_table
+from mlsem.spec.lavaan import parse
+from mlsem.model.sem import build_table
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 HS = pl.read_parquet(os.path.join(REF, "hs_cfa.parquet"))

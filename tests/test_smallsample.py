@@ -93,7 +93,7 @@ def test_options_refused():
 
 def test_p_blocks_are_derivatives_of_the_fixed_effects_covariance():
     """dPhi/dpsi_i = Phi P_i Phi (analytic) against central differences of (X'V^-1X)^-1."""
-    from mlsem.smallsample import _Blocks
+    from mlsem.inference.smallsample import _Blocks
     res = mlsem.fit(REF / "sleepstudy.parquet", CASES["sleepstudy"])
     m, psi = res.model, res.estimate
     b = _Blocks(m, psi)
@@ -173,7 +173,7 @@ def _kr_pieces_dense(self):
 def test_kr_low_rank_pieces_equal_the_dense_oracle(case):
     """Kenward-Roger's traces and Q_ij from the low-rank per-pattern formulas equal
     the dense G_i V^-1 products (random slopes; nested intercepts)."""
-    from mlsem.smallsample import _Blocks
+    from mlsem.inference.smallsample import _Blocks
     res = mlsem.fit(REF / f"{case}.parquet", CASES[case])
     b = _Blocks(res.model, res.estimate)
     K1, Q1 = b.kr_pieces()
@@ -228,7 +228,7 @@ def test_satterthwaite_singular_random_slope(method):
 
 def test_df_on_a_fit_that_did_not_converge_carry_a_note():
     import warnings
-    from mlsem.smallsample import apply_df
+    from mlsem.inference.smallsample import apply_df
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
     res.converged = False                 # as a fit stopped early reports itself
     with warnings.catch_warnings():
@@ -238,7 +238,7 @@ def test_df_on_a_fit_that_did_not_converge_carry_a_note():
 
 
 def test_reml_information_must_be_over_the_variance_parameters():
-    from mlsem.smallsample import apply_df
+    from mlsem.inference.smallsample import apply_df
     res = mlsem.fit(REF / "pastes.parquet", CASES["pastes"], method="reml")
     with pytest.raises(MlsemError, match="not over the variance parameters"):
         apply_df(res, "satterthwaite", res.reml_info, res.reml_info_params[:-1])
@@ -248,7 +248,7 @@ def test_kr_singular_information_threshold_is_relative_and_announced(monkeypatch
     """The switch to the pseudo-inverse of the expected information is on the
     ratio of its eigenvalues (unit-free) and says so in a note."""
     import polars as pl
-    import mlsem.smallsample as S
+    import mlsem.inference.smallsample as S
     d = pl.read_parquet(REF / "pastes.parquet")
     base = mlsem.fit(d, CASES["pastes"], method="reml", df="kenward-roger")
     assert not any("pseudo-inverse" in n for n in base.notes)

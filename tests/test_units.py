@@ -150,7 +150,7 @@ def test_covariate_units(case, method, col, c):
 
 def test_param_scales_follow_units():
     """The units are equivariant: y * c multiplies them by c^power."""
-    from mlsem.model import param_scales
+    from mlsem.model.multilevel import param_scales
     df, formula, y, _ = _case("sleepstudy")
     a = _fit(df, formula).model
     b = _fit(df.with_columns(pl.col(y) * 1e3), formula).model

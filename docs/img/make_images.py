@@ -5,8 +5,8 @@ import pathlib
 import numpy as np
 
 import mlsem
-from mlsem.diagram import DiagramModel, from_formula, from_result, to_dot, write
-from mlsem.spec import CholBlock, Param, ParamTable
+from mlsem.results.diagram import DiagramModel, from_formula, from_result, to_dot, write
+from mlsem.spec.table import CholBlock, Param, ParamTable
 
 here = pathlib.Path(__file__).parent
 ref = here.parent.parent / "tests" / "reference"

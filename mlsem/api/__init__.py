@@ -1,0 +1,1 @@
+"""api layer: fit(), sem(), multilevel(): validation of user arguments, frozen fit options, the pipeline."""

@@ -1,0 +1,1 @@
+"""backends: the Dask driver (data held by workers; the same model and optimiser)."""

@@ -1,0 +1,1 @@
+"""cli layer: the mlsem command (argument parsing, progress, file outputs)."""

@@ -1,0 +1,1 @@
+"""data layer: read, validate, nested -> wide slots, missing patterns (Polars)."""

@@ -1,0 +1,1 @@
+"""estimate layer: start values, optimisers (ML, REML), information matrices."""

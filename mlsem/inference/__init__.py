@@ -1,0 +1,1 @@
+"""inference layer: standard errors (robust, cluster), tests against other models."""

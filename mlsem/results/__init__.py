@@ -1,0 +1,1 @@
+"""results layer: the fitted model's tables, predictions, diagrams, export."""

@@ -1,0 +1,544 @@
+"""Results: labelled tables, tests and export.  Reads fitted state only."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+from .. import __version__
+from ..errors import MlsemError
+
+Z975 = 1.959963984540054
+
+
+def _chi2_sf(x, df):
+    return float(stats.chi2.sf(x, df)) if df > 0 else float("nan")
+
+
+def atomic_write(path, write):
+    """Write through a temporary file in the same directory, then rename:
+    a failure leaves neither a partial file nor a clobbered earlier one."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path!r}: it is a directory", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mlsem-", suffix=".tmp", dir=d)
+    except OSError as exc:  # name the user's path, not the temporary file's
+        why = "its directory does not exist" if not os.path.isdir(d) else exc.strerror
+        raise type(exc)(exc.errno, f"cannot write {path!r}: {why}", path) from None
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp makes the file 0600; give it the permissions a plain open() would
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise type(exc)(exc.errno, f"cannot write {path!r}: {exc.strerror or exc}", path) from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class FitResult:
+    """A fitted model.  ``params`` is a Polars table (name, estimate, std_err,
+    z, p_value, ci_low, ci_high); ``vcov`` the labelled covariance matrix of
+    the estimates under the convention ``vce``."""
+    formula: str
+    names: list
+    kinds: list
+    estimate: np.ndarray
+    cov: np.ndarray
+    loglik: float
+    converged: bool
+    nobs: int
+    vce: str
+    levels: list
+    opt: object
+    outcome: str
+    identified: bool = True
+    confounded: list = field(default_factory=list)
+    lr_ols: dict = field(default_factory=dict)
+    dropped_covariate: int = 0
+    missing_outcome: int = 0
+    method: str = "ML"
+    npatterns: int = 0
+    nslots: int = 0
+    timings: dict = field(default_factory=dict)
+    spec: object = None
+    model: object = field(default=None, repr=False)
+    info: np.ndarray = field(default=None, repr=False)
+    notes: list = field(default_factory=list)
+    # general SEM fits (mlsem.sem): lavaan's view of the parameters
+    sem_rows: list = None          # every row of the parameter table (fixed ones too)
+    sem_labels: list = None        # (lhs, op, rhs, label) per free parameter
+    defined: list = field(default_factory=list)   # := parameters with delta-method SEs
+    loglik_fixed_x: float = 0.0    # the fixed covariates' own log-likelihood at their sample moments
+    kernel: str = ""
+    encoding: object = field(default=None, repr=False)   # mlsem.data.encode.Encoding (predict on new data)
+    # small-sample inference (mlsem.inference.smallsample): the df method, df per parameter
+    # (nan but for the fixed effects), and the REML information of the variance parameters
+    df_method: str = None
+    df: np.ndarray = field(default=None, repr=False)
+    small: object = field(default=None, repr=False)
+    reml_info: np.ndarray = field(default=None, repr=False)
+    reml_info_params: np.ndarray = field(default=None, repr=False)   # the parameters reml_info is over
+    ci_kind: str = "wald"          # the interval kind the summary shows
+    ci_table: object = field(default=None, repr=False)
+    boot: object = field(default=None, repr=False)      # mlsem.inference.bootstrap.Bootstrap
+    backend: str = ""               # the kernel that fitted: "cython", "numpy" (the oracle) or "dask"
+    adf: dict = field(default=None, repr=False)   # method="adf": F_min, chi2, df, the moments
+
+    # ---- standard verbs ----------------------------------------------------
+    @property
+    def std_err(self) -> np.ndarray:
+        return np.sqrt(np.clip(np.diag(self.cov), 0.0, None))
+
+    @property
+    def params(self) -> pl.DataFrame:
+        est, se = self.estimate, self.std_err
+        rows = []
+        dfs = self.df if self.df is not None else np.full(len(self.names), np.nan)
+        ci = _wald_ci(self, 0.95)
+        for n, k, b, s, dfi, lo, hi in zip(self.names, self.kinds, est, se, dfs,
+                                           ci["lower"], ci["upper"]):
+            if k in ("var", "resid") and not np.isfinite(dfi):
+                z = p = float("nan")
+            elif np.isfinite(dfi):       # t(df) for the fixed effects (small-sample df)
+                z = b / s if s > 0 else float("nan")
+                p = 2.0 * stats.t.sf(abs(z), dfi) if np.isfinite(z) else float("nan")
+            else:
+                z = b / s if s > 0 else float("nan")
+                p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
+            rows.append((n, float(b), float(s), float(z), float(p), float(lo), float(hi)))
+        schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
+                  "p_value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64}
+        if self.df is not None:
+            # t statistics on df (nan df: a variance parameter, no test)
+            rows = [(r[0], r[1], r[2], r[3], float(d), r[4], r[5], r[6]) for r, d in zip(rows, dfs)]
+            schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64,
+                      "t": pl.Float64, "df": pl.Float64, "p_value": pl.Float64,
+                      "ci_low": pl.Float64, "ci_high": pl.Float64}
+        if self.sem_labels is not None:
+            rows = [r + tuple(lab) for r, lab in zip(rows, self.sem_labels)]
+            for d in self.defined:
+                z = d["est"] / d["se"] if d["se"] > 0 else float("nan")
+                p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
+                rows.append((d["lhs"], d["est"], d["se"], z, p, d["est"] - Z975 * d["se"],
+                             d["est"] + Z975 * d["se"], d["lhs"], ":=", d["rhs"], d["label"]))
+            schema.update({"lhs": pl.String, "op": pl.String, "rhs": pl.String, "label": pl.String})
+        return pl.DataFrame(rows, schema=schema, orient="row")
+
+    @property
+    def coef(self) -> dict:
+        return dict(zip(self.names, self.estimate.tolist()))
+
+    @property
+    def vcov(self) -> pl.DataFrame:
+        """The labelled covariance matrix of the estimates (a ``name`` column,
+        then one column per parameter), under the fit's ``vce``.  With the
+        default ``vce="mixed"`` (lme4's and Stata's mixed-model convention)
+        the fixed effects' block is (X'V^-1X)^-1 and the variance components'
+        block the inverse of their own observed information; the covariances
+        between the two blocks are 0 by that convention (the blocks are
+        asymptotically independent under ML).  ``vce="oim"`` gives the full
+        inverse observed information instead."""
+        return pl.DataFrame({"name": self.names,
+                             **{n: self.cov[:, i] for i, n in enumerate(self.names)}})
+
+    @property
+    def nparams(self) -> int:
+        return len(self.names)
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.nparams
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + math.log(self.nobs) * self.nparams
+
+    def wald_fixed(self) -> dict:
+        """Joint Wald test that the fixed effects other than the intercept are 0."""
+        idx = [i for i, (n, k) in enumerate(zip(self.names, self.kinds))
+               if k == "fixed" and n != "Intercept"]
+        if not idx:
+            return {"chi2": float("nan"), "df": 0, "p_value": float("nan")}
+        b = self.estimate[idx]
+        V = self.cov[np.ix_(idx, idx)]
+        try:
+            chi2 = float(b @ np.linalg.solve(V, b))
+        except np.linalg.LinAlgError:
+            chi2 = float("nan")
+        return {"chi2": chi2, "df": len(idx), "p_value": _chi2_sf(chi2, len(idx))}
+
+    # ---- tests (mlsem.inference.vce) ---------------------------------------------
+    def wald(self, restrictions) -> dict:
+        """Wald test of linear restrictions by parameter name: ``"x = 0"``,
+        ``["var(k) = var(j)", "x - 2*Intercept = 1"]``."""
+        from ..inference.vce import wald
+        return wald(self, restrictions)
+
+    def score_tests(self, **kw) -> pl.DataFrame:
+        """Score tests of every equality constraint and fixed parameter
+        (lavaan's lavTestScore / modindices, Stata's estat scoretests)."""
+        from ..inference.scoretests import score_tests
+        return score_tests(self, **kw)
+
+    def fit_test(self) -> dict:
+        """LR test of the model against the saturated model of the wide form."""
+        from ..inference.vce import fit_test
+        return fit_test(self)
+
+    # ---- intervals and the bootstrap (mlsem.inference.profile, mlsem.inference.bootstrap) ---------------
+    def confint(self, method: str = "wald", level: float = 0.95, parm=None, **kw) -> pl.DataFrame:
+        """Confidence intervals, a Polars frame name, lower, upper.
+
+        ``method``: "wald" (the table's: normal or t(df) for coefficients,
+        log scale for variances), "profile" (profile likelihood; as lme4's
+        confint, a REML fit is refitted by ML first, with a note) or "bootstrap" (percentile intervals of the draws of
+        :meth:`bootstrap`; ``n=``, ``seed=`` run it if it has not run).  The
+        summary then shows this kind."""
+        if method == "wald":
+            tab = _wald_ci(self, level)
+        elif method == "profile":
+            from ..inference.profile import profile_confint
+            tab = profile_confint(self, level, parm)
+        elif method == "bootstrap":
+            from ..inference.bootstrap import percentile_ci
+            tab = percentile_ci(self, level, **kw)
+        else:
+            raise MlsemError(f"confint: method={method!r} is not one of 'wald', 'profile', 'bootstrap'")
+        if method != "bootstrap" and kw:
+            raise MlsemError(f"confint(method={method!r}) takes no {', '.join(kw)}")
+        if parm is not None and method != "profile":
+            names = [parm] if isinstance(parm, str) else list(parm)
+            tab = tab.filter(pl.col("name").is_in(names))
+        self.ci_kind = {"wald": "wald", "profile": f"profile likelihood ({level:.0%})",
+                        "bootstrap": f"parametric bootstrap, percentile ({level:.0%})"}[method]
+        self.ci_table = None if method == "wald" else tab
+        return tab
+
+    def bootstrap(self, n: int = 1000, seed=None, parallel=None, progress=True) -> pl.DataFrame:
+        """Parametric bootstrap: ``n`` data sets simulated from the fitted
+        model, each refitted (warm-started at the estimates); the draws as a
+        Polars frame (one column per parameter, plus ``replicate`` and
+        ``converged``).  Failed refits are counted and reported
+        (``self.boot.failed``), never dropped silently.  See mlsem.inference.bootstrap."""
+        from ..inference.bootstrap import bootstrap
+        return bootstrap(self, n=n, seed=seed, parallel=parallel, progress=progress).draws
+
+    # ---- printing ----------------------------------------------------------
+    def summary(self) -> str:
+        if self.sem_rows is not None:
+            return _sem_summary(self)
+        out = []
+        title = {"ML": "Mixed-effects ML regression", "ADF": "Mixed-effects ADF (GMM) regression"}.get(
+            self.method, "Mixed-effects REML regression")
+        out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
+        if self.levels:
+            wg = max([15] + [len(lv.name) for lv in self.levels])
+            out.append("")
+            out.append("-" * (wg + 47))
+            out.append(f"{'':>{wg + 1}}|     No. of       Observations per Group")
+            out.append(f"{'Group Variable':>{wg}} |     Groups    Minimum    Average    Maximum")
+            out.append("-" * (wg + 1) + "+" + "-" * 45)
+            for lv in self.levels:
+                out.append(f"{lv.name:>{wg}} | {lv.ngroups:>10,} {lv.min_obs:>10,} {lv.mean_obs:>10.1f} {lv.max_obs:>10,}")
+            out.append("-" * (wg + 47))
+        w = self.wald_fixed()
+        out.append("")
+        out.append(f"{'':<48}Wald chi2({w['df']}){'':<6}= {w['chi2']:>10.2f}")
+        if self.adf is not None:
+            fm = f"ADF F_min = {self.adf['fmin']:.6g}"
+            out.append(f"{fm:<48}Prob > chi2       = {w['p_value']:>10.4f}")
+        else:
+            out.append(f"Log likelihood = {self.loglik:<31.5f}Prob > chi2       = {w['p_value']:>10.4f}")
+        out.append("")
+        conv = "observed information matrix (OIM)" if self.vce == "oim" else (
+            "mixed-model convention: fixed effects (X'V^-1X)^-1, variance components from their own observed information"
+            if self.vce == "mixed" else self.vce)
+        out.append(f"Std. errors: {conv}")
+        if self.df_method:
+            out.append(f"Fixed effects: t tests on {self.df_method} df"
+                       + (" (Kenward-Roger adjusted std. errors)" if self.df_method == "Kenward-Roger" else ""))
+        tab = self.params
+        ci = _ci_override(self, tab)
+        if self.ci_kind != "wald":
+            rest = [n for n in self.names if n not in ci]
+            if rest:          # confint(parm=...): the others keep the table's (Wald) intervals
+                out.append(f"Confidence intervals: {self.ci_kind} for {', '.join(ci)}; "
+                           f"Wald for the others")
+            else:
+                out.append(f"Confidence intervals: {self.ci_kind}")
+        fixed = {n for n, k in zip(self.names, self.kinds) if k == "fixed"}
+        # the name columns grow to fit the longest name (formula terms such as
+        # schgend[T.girls]:standLRT); 12 and 28 characters as in Stata's layout
+        wf = max([12, len(self.outcome)] + [len(n) for n in fixed])
+        wr = max([28] + [len(n) for n in self.names if n not in fixed] + [len(n) for n in ci])
+        line = "-" * (wf + 66)
+        out.append(line)
+        if self.df_method:
+            out.append(f"{self.outcome:>{wf}} |      Coef.   Std. Err.      t       df  P>|t|  [95% Conf. Interval]")
+        else:
+            out.append(f"{self.outcome:>{wf}} |      Coef.   Std. Err.      z    P>|z|     [95% Conf. Interval]")
+        out.append("-" * (wf + 1) + "+" + "-" * 64)
+        for r in tab.iter_rows(named=True):
+            lo, hi = ci.get(r["name"], (r["ci_low"], r["ci_high"]))
+            if r["name"] in fixed:
+                if self.df_method:
+                    out.append(f"{r['name']:>{wf}} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['t']:>6.2f} {r['df']:>8.2f} {r['p_value']:>6.3f} {lo:>10.6g} {hi:>10.6g}")
+                else:
+                    out.append(f"{r['name']:>{wf}} | {r['estimate']:>10.6g} {r['std_err']:>10.6g} {r['z']:>8.2f} {r['p_value']:>7.3f}   {lo:>10.6g} {hi:>10.6g}")
+        out.append(line)
+        out.append("")
+        line = "-" * (wr + 50)
+        out.append(line)
+        out.append(f"{'Random-effects Parameters':>{wr}} |   Estimate   Std. Err.     [95% Conf. Interval]")
+        out.append("-" * (wr + 1) + "+" + "-" * 48)
+        for r in tab.iter_rows(named=True):
+            if r["name"] in fixed:
+                continue
+            est = "0 (boundary)" if r["estimate"] == 0.0 else f"{r['estimate']:.6g}"
+            lo, hi = ci.get(r["name"], (r["ci_low"], r["ci_high"]))
+            out.append(f"{r['name']:>{wr}} | {est:>10} {r['std_err']:>10.6g}     {lo:>10.6g} {hi:>10.6g}")
+        for n, (lo, hi) in ci.items():        # profile rows beyond the parameters (correlations)
+            if n not in self.names:
+                out.append(f"{n:>{wr}} | {'':>10} {'':>10}     {lo:>10.6g} {hi:>10.6g}")
+        out.append(line)
+        if self.lr_ols:
+            lr = self.lr_ols
+            kind = "chibar2(01)" if lr["df"] == 1 else f"chi2({lr['df']})"
+            out.append(f"LR test vs. linear regression: {kind} = {lr['chi2']:.2f}   Prob > chi2 = {lr['p_value']:.4f}")
+            if lr["df"] > 1:
+                out.append("Note: LR test is conservative and provided only for reference.")
+        if self.dropped_covariate:
+            out.append(f"Note: {self.dropped_covariate} observation(s) dropped for a missing covariate.")
+        if self.missing_outcome:
+            out.append(f"Note: {self.missing_outcome} observation(s) with a missing outcome are missing cells (FIML).")
+        if not self.converged:
+            out.append(f"WARNING: the fit did NOT converge ({self.opt.message}); the estimates are not reliable.")
+        if not self.identified:
+            out.append("WARNING: the model is NOT identified: the information matrix is singular; "
+                       f"confounded parameters: {', '.join(self.confounded)}.")
+            out.append("         The data cannot tell these parameters apart: their estimates are one "
+                       "of many equally good solutions and have no standard errors.")
+        for n in self.notes:
+            out.append(f"Note: {n}")
+        out.extend(_backend_footer(self))
+        return "\n".join(out)
+
+    def random_effects(self) -> pl.DataFrame:
+        """Empirical Bayes predictions (posterior mean = BLUP, conditional sd) of
+        every random effect per unit; see :func:`mlsem.results.predict.random_effects`."""
+        from .predict import random_effects
+        return random_effects(self)
+
+    def predict(self, newdata=None, random: bool = True, se: bool = False) -> pl.DataFrame:
+        """Predicted outcome x'beta + z'b (``random=False``: x'beta), on the
+        estimation rows or on ``newdata``; see :func:`mlsem.results.predict.predict`."""
+        from .predict import predict
+        return predict(self, newdata, random=random, se=se)
+
+    def fitted(self) -> pl.DataFrame:
+        """Conditional fitted values of the estimation rows (lme4's ``fitted()``)."""
+        from .predict import fitted
+        return fitted(self)
+
+    def residuals(self, kind: str = "conditional") -> pl.DataFrame:
+        """Residuals of the estimation rows: y - x'beta - z'b (``"conditional"``)
+        or y - x'beta (``"marginal"``)."""
+        from .predict import residuals
+        return residuals(self, kind)
+
+    def __repr__(self) -> str:
+        return f"<mlsem FitResult {self.formula!r}: loglik {self.loglik:.6f}, {self.nobs} obs, converged={self.converged}>"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ---- export --------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "mlsem_version": __version__,
+            "formula": self.formula,
+            "method": self.method,
+            "vce": self.vce,
+            "loglik": self.loglik,
+            "converged": self.converged,
+            "identified": self.identified,
+            "confounded": list(self.confounded),
+            "nobs": self.nobs,
+            "npatterns": self.npatterns,
+            "nslots": self.nslots,
+            "dropped_covariate": self.dropped_covariate,
+            "missing_outcome": self.missing_outcome,
+            "aic": self.aic,
+            "bic": self.bic,
+            "groups": [{"level": lv.name, "groups": lv.ngroups, "min_obs": lv.min_obs,
+                        "mean_obs": lv.mean_obs, "max_obs": lv.max_obs} for lv in self.levels],
+            "lr_test_vs_linear_regression": self.lr_ols,
+            "wald_fixed": self.wald_fixed(),
+            "optimizer": {"iterations": self.opt.iterations, "evaluations": self.opt.evaluations,
+                          "newton_steps": self.opt.newton_steps,
+                          "gradient_norm": self.opt.gradient_norm, "message": self.opt.message,
+                          "seconds": self.opt.seconds},
+            "timings": self.timings,
+            "params": self.params.to_dicts(),
+            "notes": list(self.notes),
+            **({"adf": {k: self.adf[k] for k in ("fmin", "chi2", "df", "p_value", "nmom")}}
+               if self.adf is not None else {}),
+        }
+
+    def to_json(self, path) -> None:
+        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+        atomic_write(path, write)
+
+    def to_parquet(self, path) -> None:
+        tab = self.params
+        atomic_write(path, lambda tmp: tab.write_parquet(tmp))
+
+
+_SECTIONS = (("=~", "Latent Variables"), ("~", "Regressions"), ("cov", "Covariances"),
+             ("~1", "Intercepts"), ("var", "Variances"))
+
+
+def _sem_summary(res) -> str:
+    """lavaan's summary layout: header, then the parameter table by section."""
+    if res.adf is not None:
+        a = res.adf
+        out = [f"mlsem {__version__}: structural equation model, ADF (GMM: distribution-free weighted least squares)",
+               "",
+               f"  {'Number of observations':<40}{res.nobs:>12,}",
+               f"  {'Number of sample moments':<40}{a['nmom']:>12,}",
+               f"  {'Number of free parameters':<40}{res.nparams:>12,}",
+               f"  {'Minimum of the ADF objective (F_min)':<40}{a['fmin']:>12.6f}",
+               f"  {'Test statistic (N - 1) F_min':<40}{a['chi2']:>12.3f}",
+               f"  {'Degrees of freedom':<40}{a['df']:>12,}",
+               f"  {'P-value (Chi-square)':<40}{a['p_value']:>12.3f}",
+               ""]
+    else:
+        out = [f"mlsem {__version__}: structural equation model, ML (FIML over missing patterns)",
+               "",
+               f"  {'Number of observations':<40}{res.nobs:>12,}",
+               f"  {'Number of missing patterns':<40}{res.npatterns:>12,}",
+               f"  {'Number of free parameters':<40}{res.nparams:>12,}",
+               f"  {'Log-likelihood':<40}{res.loglik:>12.3f}",
+               f"  {'Akaike (AIC)':<40}{res.aic:>12.3f}",
+               f"  {'Bayesian (BIC)':<40}{res.bic:>12.3f}",
+               f"  {'Kernel':<40}{res.kernel:>12}",
+               ""]
+    out += ["Standard errors: observed information matrix (OIM)" if res.vce == "oim" else (
+        "Standard errors: ADF, (Delta' W Delta)^-1 / (N - 1)" if res.vce == "adf" else f"Standard errors: {res.vce}")]
+    # the label column grows to fit the longest "name (label)" (18 as lavaan's)
+    wl = max([18] + [len(r["lhs"]) + 1 + len(r["label"] or "") + 3 for r in res.sem_rows]
+             + [len(r["rhs"]) + len(r["label"] or "") + 3 for r in res.sem_rows])
+    head = f"{'':<{wl + 4}}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
+
+    def fmt(r, name):
+        est = f"{r['est']:>10.3f}"
+        if r.get("free", True) and np.isfinite(r["se"]):
+            z = r["est"] / r["se"] if r["se"] > 0 else float("nan")
+            p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
+            return f"    {name:<{wl}}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
+        return f"    {name:<{wl}}{est}"
+    rows = [r for r in res.sem_rows if r.get("matrix") != "x"]
+    for key, title in _SECTIONS:
+        if key == "cov":
+            sel = [r for r in rows if r["op"] == "~~" and r["lhs"] != r["rhs"]]
+        elif key == "var":
+            sel = [r for r in rows if r["op"] == "~~" and r["lhs"] == r["rhs"]]
+        else:
+            sel = [r for r in rows if r["op"] == key]
+        if not sel:
+            continue
+        out += ["", f"{title}:", head]
+        last = None
+        for r in sel:
+            lab = f"{r['rhs']} ({r['label']})" if r["label"] else r["rhs"]
+            if key in ("~1", "var"):
+                lab = f"{'.' if r.get('dot') else ''}{r['lhs']}"
+                if r["label"]:
+                    lab += f" ({r['label']})"
+            elif r["lhs"] != last:
+                out.append(f"  {r['lhs']} {r['op']}")
+                last = r["lhs"]
+            out.append(fmt(r, lab))
+    if res.defined:
+        out += ["", "Defined Parameters:", head]
+        for d in res.defined:
+            out.append(fmt(dict(d, free=True), f"{d['lhs']}"))
+    if not res.converged:
+        out.append(f"WARNING: the fit did NOT converge ({res.opt.message}); the estimates are not reliable.")
+    if not res.identified:
+        out.append("WARNING: the model is NOT identified: the information matrix is singular; "
+                   f"confounded parameters: {', '.join(res.confounded)}.")
+    for n in res.notes:
+        out.append(f"Note: {n}")
+    out.extend(_backend_footer(res))
+    return "\n".join(out)
+
+
+def _wald_ci(res, level) -> pl.DataFrame:
+    """The table's intervals at ``level``."""
+    if not (0.0 < level < 1.0):
+        raise MlsemError(f"confint: level={level!r} must be between 0 and 1")
+    zq = float(stats.norm.ppf(0.5 + level / 2))
+    dfs = res.df if res.df is not None else np.full(len(res.names), np.nan)
+    rows = []
+    for n, k, b, s, d in zip(res.names, res.kinds, res.estimate, res.std_err, dfs):
+        if np.isfinite(d):
+            q = float(stats.t.ppf(0.5 + level / 2, d))
+            lo, hi = b - q * s, b + q * s
+        elif k in ("var", "resid"):
+            if b > 0 and np.isfinite(s) and s > 0:
+                r = zq * s / b
+                f = math.exp(r) if r < 700.0 else math.inf
+                lo, hi = b / f, b * f
+            else:
+                lo = hi = float("nan")
+        else:
+            lo, hi = b - zq * s, b + zq * s
+        rows.append((n, float(lo), float(hi)))
+    return pl.DataFrame(rows, schema={"name": pl.String, "lower": pl.Float64, "upper": pl.Float64},
+                        orient="row")
+
+
+def _ci_override(res, tab) -> dict:
+    """name -> (lower, upper) of the interval kind the summary shows (profile or
+    bootstrap intervals stored by confint); empty for Wald."""
+    if res.ci_kind == "wald" or res.ci_table is None:
+        return {}
+    return {r["name"]: (r["lower"], r["upper"]) for r in res.ci_table.iter_rows(named=True)}
+
+
+def _backend_footer(res) -> list:
+    """A line when the fit did not run on the compiled kernel (it is ~100x slower)."""
+    if res.backend == "numpy":
+        return ["Note: fitted with the NumPy oracle (backend='numpy'), not the compiled kernel."]
+    return []
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

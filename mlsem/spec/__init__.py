@@ -1,0 +1,1 @@
+"""spec layer: formulas, lavaan syntax, relaxations -> the parameter table."""
