@@ -591,3 +591,12 @@ def test_unreachable_dask_scheduler_exit_2(small):
                           "--out", "bad.parquet", "-q", cwd=d)
     assert rc == 2 and "cannot connect to the Dask scheduler at 'tcp://127.0.0.1:1'" in err
     assert not (d / "bad.parquet").exists()
+
+
+def test_closed_stdout_is_not_an_error():
+    """`mlsem example | head -1`: the reader closes the pipe early; mlsem ends
+    quietly with exit 0 instead of reporting an internal error (exit 3)."""
+    out = subprocess.run(["bash", "-c", f'"{sys.executable}" -m mlsem example | head -1; '
+                          'echo "status ${PIPESTATUS[0]}"'], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines()[-1] == "status 0", out.stdout + out.stderr
+    assert "internal error" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr

@@ -954,6 +954,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"mlsem {args.command}: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout closed by the reader (mlsem example | head): not an error; point
+        # stdout at /dev/null so that the interpreter's final flush stays quiet
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so, exit 3
         import traceback
         traceback.print_exc()
