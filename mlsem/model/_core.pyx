@@ -1079,3 +1079,345 @@ def dense_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         free(buf)
     _raise_alloc(status_t, (3 * nn * nn + nn + 8) * sizeof(double))
     return 0
+
+
+# ---- several outcomes: Theta block-diagonal per observation unit (issue 15) -------------------
+#
+# Slots are (unit, outcome) pairs; the slots of one unit (a pupil) are consecutive and share
+# ``spup[s]``; ``sout[s]`` is the slot's outcome.  Theta_o is block-diagonal: the block of a unit
+# with observed outcomes S is R[S, S] (R: the nout x nout residual covariance), so D = Theta_o^-1
+# is applied block by block (the caller passes R[S, S]^-1 and log|R[S, S]| for every subset S,
+# indexed by its bit mask) and the Woodbury algebra of factor_pattern carries over with D no
+# longer diagonal.  dl/dR (nout x nout, every entry a separate argument) replaces dl/dtheta.
+
+cdef int mfactor_pattern(
+        Py_ssize_t p,
+        const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid,
+        const double[:, ::1] load, const int[:, ::1] slot_lat,
+        const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+        const int[::1] spup, const int[::1] sout, int nout,
+        const double* rinv, const double* rlogdet, const double[::1] wrow,
+        double[::1] w_out, double* ll, double* gphi, double* gR, int M, int need_grad,
+        int* loc, int* colloc, int* glob, int* colglob, int* latloc, int* tb, int* tbn,
+        double* Dm, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
+        double* Q, double* Lp, double* A, double* AL, double* K, double* Z, double* T,
+        double* ASA, double* U, double* b, double* h, double* u) noexcept nogil:
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int n = <int>(row_ptr[r0 + 1] - o0)
+    cdef int nl = load.shape[1], nn2 = nout * nout
+    cdef int m = 0, c = 0, t, t2, k, k2, a, a2, g, g2, j, j2, s, bs, bn, mask, x, z
+    cdef int status = 0
+    cdef double logth = 0.0, logdet, la, quad0, quad, wr, wsum = 0.0, acc, e, dd
+    cdef double llp = 0.0
+    # unit blocks, D = Theta_o^-1 block by block, local latents
+    t = 0
+    while t < n:
+        bs = t
+        mask = 0
+        while t < n and spup[slot[o0 + t]] == spup[slot[o0 + bs]]:
+            mask |= 1 << sout[slot[o0 + t]]
+            t += 1
+        bn = t - bs
+        logth += rlogdet[mask]
+        for j in range(bn):
+            tb[bs + j] = bs
+            tbn[bs + j] = bn
+            for j2 in range(bn):
+                Dm[(bs + j) * nout + j2] = rinv[mask * nn2 + j * nout + j2]
+    for t in range(n):
+        s = slot[o0 + t]
+        for k in range(nl):
+            g = slot_lat[s, k]
+            if g < 0:
+                latloc[t * nl + k] = -1
+                continue
+            if loc[g] < 0:
+                loc[g] = m
+                glob[m] = g
+                m += 1
+            latloc[t * nl + k] = loc[g]
+    for a in range(m):
+        g = glob[a]
+        for g2 in range(blk_start[g], blk_end[g]):
+            if F[g, g2] != 0.0 and colloc[g2] < 0:
+                colloc[g2] = c
+                colglob[c] = g2
+                c += 1
+    for a in range(m):
+        for j in range(c):
+            Lp[a * c + j] = F[glob[a], colglob[j]]
+    # A = Lambda_o' D Lambda_o (D block-diagonal)
+    memset(A, 0, m * m * sizeof(double))
+    for t in range(n):
+        bs = tb[t]
+        for j in range(tbn[t]):
+            t2 = bs + j
+            dd = Dm[t * nout + j]
+            for k in range(nl):
+                a = latloc[t * nl + k]
+                if a < 0:
+                    continue
+                la = load[o0 + t, k] * dd
+                for k2 in range(nl):
+                    a2 = latloc[t2 * nl + k2]
+                    if a2 >= 0:
+                        A[a * m + a2] += la * load[o0 + t2, k2]
+    for a in range(m):
+        for j in range(c):
+            acc = 0.0
+            for a2 in range(m):
+                acc += A[a * m + a2] * Lp[a2 * c + j]
+            AL[a * c + j] = acc
+    for j in range(c):
+        for j2 in range(j + 1):
+            acc = 0.0
+            for a in range(m):
+                acc += Lp[a * c + j] * AL[a * c + j2]
+            K[j * c + j2] = acc
+            K[j2 * c + j] = acc
+        K[j * c + j] += 1.0
+    logdet = logth
+    status = woodbury_T(K, Lp, Z, T, m, c, &logdet)
+    if status == 0:
+        if need_grad:
+            for a in range(m):
+                for a2 in range(m):
+                    acc = 0.0
+                    for j in range(m):
+                        acc += A[a * m + j] * T[j * m + a2]
+                    AL[a * m + a2] = acc
+            for a in range(m):
+                for a2 in range(m):
+                    acc = 0.0
+                    for j in range(m):
+                        acc += AL[a * m + j] * A[j * m + a2]
+                    ASA[a * m + a2] = A[a * m + a2] - acc
+                    U[a * m + a2] = 0.0
+            # the blocks of Sigma_o^-1 on the units: D - D Q D, Q = Lambda_b T Lambda_b'
+            t = 0
+            while t < n:
+                bs = t
+                bn = tbn[t]
+                for x in range(bn):
+                    for z in range(bn):
+                        acc = 0.0
+                        for k in range(nl):
+                            a = latloc[(bs + x) * nl + k]
+                            if a < 0:
+                                continue
+                            for k2 in range(nl):
+                                a2 = latloc[(bs + z) * nl + k2]
+                                if a2 >= 0:
+                                    acc += load[o0 + bs + x, k] * load[o0 + bs + z, k2] * T[a * m + a2]
+                        Q[x * nout + z] = acc
+                for j in range(bn):
+                    for j2 in range(bn):
+                        acc = Dm[(bs + j) * nout + j2]
+                        for x in range(bn):
+                            for z in range(bn):
+                                acc -= Dm[(bs + j) * nout + x] * Q[x * nout + z] * Dm[(bs + z) * nout + j2]
+                        sinvb[(bs + j) * nout + j2] = acc
+                        W2b[(bs + j) * nout + j2] = 0.0
+                t += bn
+        for r in range(r0, r1):
+            o = row_ptr[r]
+            wr = wrow[r]
+            quad0 = 0.0
+            for a in range(m):
+                b[a] = 0.0
+            for t in range(n):
+                bs = tb[t]
+                acc = 0.0
+                for j in range(tbn[t]):
+                    acc += Dm[t * nout + j] * resid[o + bs + j]
+                dvec[t] = acc
+                quad0 += resid[o + t] * acc
+                for k in range(nl):
+                    a = latloc[t * nl + k]
+                    if a >= 0:
+                        b[a] += load[o + t, k] * acc
+            quad = quad0 - apply_T(T, b, h, m)
+            llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+            wsum += wr
+            if need_grad:
+                for t in range(n):
+                    acc = 0.0
+                    for k in range(nl):
+                        a = latloc[t * nl + k]
+                        if a >= 0:
+                            acc += load[o + t, k] * h[a]
+                    lh[t] = acc
+                for a in range(m):
+                    u[a] = 0.0
+                for t in range(n):
+                    bs = tb[t]
+                    acc = dvec[t]
+                    for j in range(tbn[t]):
+                        acc -= Dm[t * nout + j] * lh[bs + j]
+                    wv[t] = acc
+                    w_out[o + t] = wr * acc
+                    for k in range(nl):
+                        a = latloc[t * nl + k]
+                        if a >= 0:
+                            u[a] += load[o + t, k] * acc
+                for t in range(n):
+                    bs = tb[t]
+                    for j in range(tbn[t]):
+                        W2b[t * nout + j] += wr * wv[t] * wv[bs + j]
+                for a in range(m):
+                    for a2 in range(m):
+                        U[a * m + a2] += wr * u[a] * u[a2]
+        ll[0] += llp
+        if need_grad:
+            for a in range(m):
+                for a2 in range(m):
+                    gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * ASA[a * m + a2]
+            for t in range(n):
+                bs = tb[t]
+                x = sout[slot[o0 + t]]
+                for j in range(tbn[t]):
+                    z = sout[slot[o0 + bs + j]]
+                    gR[x * nout + z] += 0.5 * W2b[t * nout + j] - 0.5 * wsum * sinvb[t * nout + j]
+    for a in range(m):
+        loc[glob[a]] = -1
+    for j in range(c):
+        colloc[colglob[j]] = -1
+    return status
+
+
+def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
+                   const int[::1] slot, double[::1] resid,
+                   const double[:, ::1] load, const int[:, ::1] slot_lat,
+                   const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+                   const int[::1] spup, const int[::1] sout, int nout,
+                   const double[:, :, ::1] rinv, const double[::1] rlogdet,
+                   const double[::1] wrow, double[::1] w_out, double[::1] ll_t,
+                   double[:, ::1] gphi_t, double[:, ::1] gR_t, int[::1] status_t,
+                   int maxn, int maxm, int maxc, int nthreads, int need_grad,
+                   const double[::1] y=None, const double[:, ::1] X=None,
+                   const double[::1] beta=None, double[:, ::1] gbeta_t=None,
+                   bint validate=True):
+    """Factor path with Theta block-diagonal per unit (several outcomes).
+
+    ``spup[s]``: the unit of slot s (a unit's slots are consecutive slot numbers and so
+    consecutive within every row); ``sout[s]``: its outcome in [0, nout).  ``rinv[mask]``
+    (2^nout, nout, nout): R[S, S]^-1 for the outcomes S of bit mask ``mask``, in the order
+    of S, and ``rlogdet[mask]`` log|R[S, S]|.  Outputs as factor_loglik's, with gR_t[nt,
+    nout * nout] = dl/dR instead of dl/dtheta; fused mode (y, X, beta, gbeta_t) as there.
+    O(observations * (latents touched + nout)) per evaluation, no dense per-row matrix."""
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
+    cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
+    cdef int fused = y is not None, q = 0
+    cdef long long o, o_lo, o_hi
+    cdef double acc
+    cdef double* gb
+    cdef int* loc
+    cdef int* ibuf
+    cdef double* dbuf
+    cdef Py_ssize_t P = slot_lat.shape[0], s
+    if fused:
+        if X is None or beta is None or gbeta_t is None:
+            raise ValueError("fused mode needs y, X, beta and gbeta_t")
+        q = X.shape[1]
+        if beta.shape[0] != q or gbeta_t.shape[1] < q or X.shape[0] != resid.shape[0]:
+            raise ValueError("fused mode: shapes of X, beta, gbeta_t do not agree")
+    if nout < 1 or nout > 16:
+        raise ValueError(f"nout = {nout} outcomes: 1 to 16 are supported")
+    cdef Py_ssize_t mm = maxm if maxm > 0 else 1
+    cdef Py_ssize_t cc = maxc if maxc > 0 else 1
+    cdef Py_ssize_t nn = maxn if maxn > 0 else 1
+    cdef Py_ssize_t big = mm if mm > cc else cc
+    cdef Py_ssize_t no = nout
+    cdef Py_ssize_t nd = (3 * nn * no + 3 * nn + no * no + mm * cc * 2 + cc * cc + big * big
+                          + 4 * mm * mm + 3 * mm)
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    if validate:
+        _check_outputs(resid.shape[0], load.shape[0], w_out.shape[0], slot.shape[0],
+                       ll_t.shape[0], gphi_t.shape[0], gphi_t.shape[1], gR_t.shape[0],
+                       gR_t.shape[1], status_t.shape[0], nthreads, M, nout * nout, need_grad)
+        if F.shape[1] != M or blk_start.shape[0] < M or blk_end.shape[0] < M:
+            raise ValueError(f"F must be square (M = {M}) and blk_start, blk_end have M entries")
+        for i in range(M):
+            if blk_start[i] < 0 or blk_end[i] > M or blk_start[i] > i or blk_end[i] <= i:
+                raise ValueError(f"latent {i}: block [{blk_start[i]}, {blk_end[i]}) does not hold it")
+        if maxm < (M if M < maxn * nl else maxn * nl) or maxc < M:
+            raise ValueError(f"maxm = {maxm} and maxc = {maxc}: scratch for min(M, maxn * nl) "
+                             f"latents and M = {M} factor columns is needed")
+        if rinv.shape[0] < (1 << nout) or rinv.shape[1] < nout or rinv.shape[2] < nout \
+                or rlogdet.shape[0] < (1 << nout):
+            raise ValueError(f"rinv must be (2^nout, nout, nout) and rlogdet 2^nout long")
+        if spup.shape[0] < P or sout.shape[0] < P:
+            raise ValueError(f"spup and sout need one entry per slot ({P})")
+        for s in range(P):
+            if sout[s] < 0 or sout[s] >= nout:
+                raise ValueError(f"sout[{s}] = {sout[s]} is not an outcome in [0, {nout})")
+            if s > 0 and spup[s] == spup[s - 1] and sout[s] <= sout[s - 1]:
+                raise ValueError(f"slots {s - 1}, {s} of one unit are not in increasing outcome order")
+        if fused and gbeta_t.shape[0] < nthreads:
+            raise ValueError(f"gbeta_t has {gbeta_t.shape[0]} rows for {nthreads} threads")
+        _check_layout(pat_ptr, row_ptr, slot, resid.shape[0], wrow.shape[0], <int>P, slot_lat,
+                      nl, M, maxn, 1)
+    with nogil, parallel(num_threads=nthreads):
+        tid = threadid()
+        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 2 * nn + 4) * sizeof(int))
+        dbuf = <double*>malloc((nd + 16 + q) * sizeof(double))
+        if loc != NULL and dbuf != NULL:
+            ibuf = loc + 2 * M
+            gb = dbuf + nd + 16
+            for i in range(2 * M):
+                loc[i] = -1
+            for c in range(q):
+                gb[c] = 0.0
+            for p in prange(npat, schedule='dynamic', chunksize=16):
+                if status_t[tid] == 0:
+                    o_lo = row_ptr[pat_ptr[p]]
+                    o_hi = row_ptr[pat_ptr[p + 1]]
+                    if fused:
+                        for o in range(o_lo, o_hi):
+                            acc = y[o]
+                            for ci in range(q):
+                                acc = acc - X[o, ci] * beta[ci]
+                            resid[o] = acc
+                    st = mfactor_pattern(
+                        p, pat_ptr, row_ptr, slot, resid, load, slot_lat, F, blk_start, blk_end,
+                        spup, sout, nout, &rinv[0, 0, 0], &rlogdet[0], wrow, w_out,
+                        &ll_t[tid], &gphi_t[tid, 0], &gR_t[tid, 0], M, need_grad,
+                        loc, loc + M, ibuf, ibuf + mm, ibuf + mm + cc,
+                        ibuf + mm + cc + nn * nl, ibuf + mm + cc + nn * nl + nn,
+                        dbuf,                                   # Dm    n*nout
+                        dbuf + nn * no,                         # sinvb n*nout
+                        dbuf + 2 * nn * no,                     # W2b   n*nout
+                        dbuf + 3 * nn * no,                     # dvec  n
+                        dbuf + 3 * nn * no + nn,                # lh    n
+                        dbuf + 3 * nn * no + 2 * nn,            # wv    n
+                        dbuf + 3 * nn * no + 3 * nn,            # Q     nout*nout
+                        dbuf + 3 * nn * no + 3 * nn + no * no,  # Lp    m*c
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc,                    # A
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc + mm * mm,          # AL
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc + mm * mm + big * big,  # K
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc + mm * mm + big * big + cc * cc,  # Z
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + mm * mm + big * big + cc * cc,  # T
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 2 * mm * mm + big * big + cc * cc,  # ASA
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 3 * mm * mm + big * big + cc * cc,  # U
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc,  # b
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm)
+                    if st != 0:
+                        status_t[tid] = st
+                    elif fused and need_grad:
+                        for ci in range(q):
+                            acc = 0.0
+                            for o in range(o_lo, o_hi):
+                                acc = acc + X[o, ci] * w_out[o]
+                            gb[ci] += acc
+            for c in range(q):
+                gbeta_t[tid, c] = gb[c]
+        else:
+            status_t[tid] = ALLOC_FAIL
+        free(loc)
+        free(dbuf)
+    _raise_alloc(status_t, (nd + 16 + q) * sizeof(double))
+    return 0
