@@ -60,8 +60,9 @@ def random_psi(model, rng):
 # ---- kernel ------------------------------------------------------------------------------
 
 @pytest.mark.skipif(_core is None, reason="compiled kernel not built")
+@pytest.mark.parametrize("barrow", [True, False])
 @pytest.mark.parametrize("seed", range(8))
-def test_block_kernel_equals_oracle(seed):
+def test_block_kernel_equals_oracle(seed, barrow):
     """mfactor_loglik == the dense oracle with Theta = block_theta(R): log-likelihood,
     dl/dPhi, dl/dR and w, with row weights, 1 or 2 threads, 2 or 3 outcomes (missing
     cells make every subset of outcomes appear)."""
@@ -83,14 +84,26 @@ def test_block_kernel_equals_oracle(seed):
     gphi = np.zeros((nt, M * M))
     gR = np.zeros((nt, nout * nout))
     st = np.zeros(nt, dtype=np.int32)
-    _core.mfactor_loglik(prep.pat_ptr, prep.row_ptr, m._slot, resid.copy(), m._load, m._slot_lat,
-                         F, m.blk_start, m.blk_end, m._spup, m._sout, nout, rinv, rlogdet,
-                         prep.wrow, w, ll, gphi, gR, st, m._maxn, m._maxm, m._maxc, nt, 1)
+    old = _core.set_block_arrowhead(barrow)
+    try:
+        _core.mfactor_loglik(prep.pat_ptr, prep.row_ptr, m._slot, resid.copy(), m._load,
+                             m._slot_lat, F, m.blk_start, m.blk_end, m._spup, m._sout, nout, rinv,
+                             rlogdet, prep.wrow, w, ll, gphi, gR, st, m._maxn, m._maxm, m._maxc,
+                             nt, 1, unit_load=m._unit_load)
+    finally:
+        _core.set_block_arrowhead(old)
     assert not st.any()
     ll2, gphi2, gR2, w2 = _oracle.loglik_blocks(prep.row_ptr, prep.slot, resid, prep.load,
                                                 prep.slot_lat, Phi, R, m._sout, m._spup, prep.wrow)
     assert ll.sum() == pytest.approx(ll2, rel=1e-11)
-    np.testing.assert_allclose(gphi.sum(0).reshape(M, M), gphi2, rtol=1e-8, atol=1e-10)
+    # the block-arrowhead path computes dl/dPhi within a node's block only (where Phi has
+    # parameters); across nodes it leaves 0
+    node = prep.latent_node
+    inside = node[:, None] == node[None, :]
+    g1 = gphi.sum(0).reshape(M, M)
+    np.testing.assert_allclose(g1[inside], gphi2[inside], rtol=1e-8, atol=1e-10)
+    if not barrow:
+        np.testing.assert_allclose(g1, gphi2, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(gR.sum(0).reshape(nout, nout), gR2, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(w, w2, rtol=1e-8, atol=1e-12)
 

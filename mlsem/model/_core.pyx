@@ -1102,7 +1102,8 @@ cdef int mfactor_pattern(
         int* loc, int* colloc, int* glob, int* colglob, int* latloc, int* tb, int* tbn,
         double* Dm, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
         double* Q, double* Lp, double* A, double* AL, double* K, double* Z, double* T,
-        double* ASA, double* U, double* b, double* h, double* u) noexcept nogil:
+        double* ASA, double* U, double* b, double* h, double* u,
+        int unit, int* jt, int* jnode, double* Sb, int maxj) noexcept nogil:
     cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
     cdef long long o0 = row_ptr[r0], o
     cdef int n = <int>(row_ptr[r0 + 1] - o0)
@@ -1126,6 +1127,13 @@ cdef int mfactor_pattern(
             tbn[bs + j] = bn
             for j2 in range(bn):
                 Dm[(bs + j) * nout + j2] = rinv[mask * nn2 + j * nout + j2]
+    if USE_BARROW and unit and nl == 2:
+        status = barrow_pattern(p, pat_ptr, row_ptr, slot, resid, slot_lat, F, blk_start, blk_end,
+                                sout, nout, wrow, w_out, ll, gphi, gR, M, need_grad, n, logth,
+                                tb, tbn, Dm, jt, jnode, sinvb, W2b, dvec, lh, wv, Sb, maxj)
+        if status >= 0:
+            return status
+        status = 0
     for t in range(n):
         s = slot[o0 + t]
         for k in range(nl):
@@ -1287,6 +1295,428 @@ cdef int mfactor_pattern(
     return status
 
 
+
+# ---- block arrowhead (several outcomes, random intercepts at two nested levels) -----------------
+#
+# A pattern whose cells all load (with loading 1) on the latents of one top node U (one per
+# outcome, b = nout of them) and of one school node V_j each: A = Lambda' D Lambda is then a block
+# arrowhead with b x b blocks (A_UU = sum_j A_j, A_U,Vj = A_Vj,Vj = A_j), and so is K.  Ordered
+# V_1 .. V_J, U its Cholesky factor is [[C_j, 0], [E_j, C_U]] (C_j C_j' = K_j, E_j = K_U,Vj C_j^-T,
+# C_U C_U' = K_UU - sum E_j E_j'): O(J b^3) per pattern instead of O((J b)^3), every solve
+# O(J b^2).  Only the diagonal blocks (U, U) and (V_j, V_j) of Lambda' Sigma^-1 Lambda carry
+# parameters (Phi has no U-V entries), and the within-unit blocks of Sigma^-1 need T = F K^-1 F'
+# on the blocks (U, U), (U, V_j), (V_j, V_j) only.
+
+cdef inline void b_tn(const double* A, const double* B, double* out, int b) noexcept nogil:
+    """out = A' B (b x b, row-major)."""
+    cdef int i, j, k
+    cdef double acc
+    for i in range(b):
+        for j in range(b):
+            acc = 0.0
+            for k in range(b):
+                acc += A[k * b + i] * B[k * b + j]
+            out[i * b + j] = acc
+
+
+cdef inline void b_nn(const double* A, const double* B, double* out, int b) noexcept nogil:
+    """out = A B."""
+    cdef int i, j, k
+    cdef double acc
+    for i in range(b):
+        for j in range(b):
+            acc = 0.0
+            for k in range(b):
+                acc += A[i * b + k] * B[k * b + j]
+            out[i * b + j] = acc
+
+
+cdef inline void b_fwd(const double* C, double* X, int b) noexcept nogil:
+    """X <- C^-1 X in place (C lower triangular b x b, X b x b)."""
+    cdef int i, j, k
+    cdef double acc
+    for j in range(b):
+        for i in range(b):
+            acc = X[i * b + j]
+            for k in range(i):
+                acc -= C[i * b + k] * X[k * b + j]
+            X[i * b + j] = acc / C[i * b + i]
+
+
+cdef inline void v_fwd(const double* C, double* x, int b) noexcept nogil:
+    cdef int i, k
+    cdef double acc
+    for i in range(b):
+        acc = x[i]
+        for k in range(i):
+            acc -= C[i * b + k] * x[k]
+        x[i] = acc / C[i * b + i]
+
+
+cdef inline void v_bwd(const double* C, double* x, int b) noexcept nogil:
+    """x <- C^-T x."""
+    cdef int i, k
+    cdef double acc
+    for i in range(b - 1, -1, -1):
+        acc = x[i]
+        for k in range(i + 1, b):
+            acc -= C[k * b + i] * x[k]
+        x[i] = acc / C[i * b + i]
+
+
+cdef int barrow_pattern(
+        Py_ssize_t p, const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid, const int[:, ::1] slot_lat,
+        const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+        const int[::1] sout, int nout, const double[::1] wrow,
+        double[::1] w_out, double* ll, double* gphi, double* gR, int M, int need_grad,
+        int n, double logth, const int* tb, const int* tbn, const double* Dm,
+        int* jt, int* jnode, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
+        double* S, int maxj) noexcept nogil:
+    """One pattern on the block-arrowhead path; returns 0, 2 (K not positive definite)
+    or -1 (the pattern does not have the structure: the caller takes the general path)."""
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int b = nout, bb = nout * nout, J = 0, t, j, i, x, z, jj, bs, bn, gu, vb, ox, oz, s
+    cdef double logdet = logth, acc, quad, quad0, wr, wsum = 0.0, llp = 0.0
+    cdef int* ot = jnode + maxj
+    s = slot[o0]
+    if slot_lat[s, 0] < 0:
+        return -1
+    gu = (slot_lat[s, 0] // b) * b
+    for t in range(n):
+        s = slot[o0 + t]
+        if slot_lat[s, 0] < 0 or slot_lat[s, 1] < 0 or (slot_lat[s, 0] // b) * b != gu:
+            return -1
+        vb = (slot_lat[s, 1] // b) * b
+        if vb == gu:
+            return -1
+        if J == 0 or jnode[J - 1] != vb:
+            for j in range(J):
+                if jnode[j] == vb:
+                    return -1      # a node's cells are not contiguous
+            if J == maxj:
+                return -1
+            jnode[J] = vb
+            J += 1
+        jt[t] = J - 1
+        ot[t] = sout[s]
+    # the latents node * b .. node * b + b - 1 of a node, their factor inside the node
+    for x in range(b):
+        if blk_start[gu + x] < gu or blk_end[gu + x] > gu + b:
+            return -1
+        for j in range(J):
+            if blk_start[jnode[j] + x] < jnode[j] or blk_end[jnode[j] + x] > jnode[j] + b:
+                return -1
+    # scratch: the top node's b x b blocks, then 9 b x b blocks and 6 b-vectors per school
+    cdef double* FU = S
+    cdef double* CU = S + bb
+    cdef double* PU = S + 2 * bb
+    cdef double* AS = S + 3 * bb
+    cdef double* TUU = S + 4 * bb
+    cdef double* GUU = S + 5 * bb
+    cdef double* UUU = S + 6 * bb
+    cdef double* t1 = S + 7 * bb
+    cdef double* t2 = S + 8 * bb
+    cdef double* accEY = S + 9 * bb
+    cdef double* accYY = S + 10 * bb
+    cdef double* bU = S + 11 * bb
+    cdef double* xU = bU + b
+    cdef double* hU = bU + 2 * b
+    cdef double* uU = bU + 3 * b
+    cdef double* base = bU + 4 * b
+    cdef int per = 9 * bb + 6 * b
+    cdef double* Aj
+    cdef double* Fj
+    cdef double* Cj
+    cdef double* Ej
+    cdef double* Yj
+    cdef double* Nj
+    cdef double* Qj
+    cdef double* Gj
+    cdef double* UUj
+    cdef double* bj
+    cdef double* xj
+    cdef double* hj
+    cdef double* uj
+    for x in range(b):
+        for z in range(b):
+            FU[x * b + z] = F[gu + x, gu + z]
+            AS[x * b + z] = 0.0
+    for j in range(J):
+        Aj = base + j * per
+        Fj = Aj + bb
+        for x in range(b):
+            for z in range(b):
+                Aj[x * b + z] = 0.0
+                Fj[x * b + z] = F[jnode[j] + x, jnode[j] + z]
+    # A_j = Lambda_j' D Lambda_j
+    for t in range(n):
+        Aj = base + jt[t] * per
+        ox = ot[t]
+        bs = tb[t]
+        for jj in range(tbn[t]):
+            oz = ot[bs + jj]
+            Aj[ox * b + oz] += Dm[t * nout + jj]
+    # K_j, C_j, E_j; K_U
+    for x in range(b):
+        for z in range(b):
+            t1[x * b + z] = 0.0
+    for j in range(J):
+        Aj = base + j * per
+        Fj = Aj + bb
+        Cj = Aj + 2 * bb
+        Ej = Aj + 3 * bb
+        for x in range(bb):
+            AS[x] += Aj[x]
+        b_nn(Aj, Fj, t2, b)              # A_j F_j
+        b_tn(Fj, t2, Cj, b)              # F_j' A_j F_j
+        for x in range(b):
+            Cj[x * b + x] += 1.0
+        if chol_lower(Cj, b) != 0:
+            return 2
+        for x in range(b):
+            logdet += 2.0 * log(Cj[x * b + x])
+        b_tn(t2, FU, Ej, b)              # (A_j F_j)' F_U = F_j' A_j F_U = B_j'
+        b_fwd(Cj, Ej, b)                 # C_j^-1 B_j' = E_j'
+        for x in range(b):               # t1 += E_j E_j' = (E_j')' (E_j')
+            for z in range(b):
+                acc = 0.0
+                for i in range(b):
+                    acc += Ej[i * b + x] * Ej[i * b + z]
+                t1[x * b + z] += acc
+        for x in range(b):               # store E_j (not its transpose)
+            for z in range(x + 1, b):
+                acc = Ej[x * b + z]
+                Ej[x * b + z] = Ej[z * b + x]
+                Ej[z * b + x] = acc
+    b_nn(AS, FU, t2, b)
+    b_tn(FU, t2, CU, b)
+    for x in range(bb):
+        CU[x] -= t1[x]
+    for x in range(b):
+        CU[x * b + x] += 1.0
+    if chol_lower(CU, b) != 0:
+        return 2
+    for x in range(b):
+        logdet += 2.0 * log(CU[x * b + x])
+    if need_grad:
+        # T blocks: P_U = C_U^-1 F_U', T_UU = P_U' P_U; per school Y_j = C_j^-1 F_j',
+        # N_j = C_U^-1 E_j Y_j, Q_j = T_UU - P_U' N_j - N_j' P_U + Y_j' Y_j + N_j' N_j
+        for x in range(b):
+            for z in range(b):
+                PU[x * b + z] = FU[z * b + x]
+        b_fwd(CU, PU, b)
+        b_tn(PU, PU, TUU, b)
+        for x in range(bb):
+            accEY[x] = 0.0
+            accYY[x] = 0.0
+            UUU[x] = 0.0
+        for j in range(J):
+            Aj = base + j * per
+            Fj = Aj + bb
+            Cj = Aj + 2 * bb
+            Ej = Aj + 3 * bb
+            Yj = Aj + 4 * bb
+            Nj = Aj + 5 * bb
+            Qj = Aj + 6 * bb
+            Gj = Aj + 7 * bb
+            UUj = Aj + 8 * bb
+            for x in range(b):
+                for z in range(b):
+                    Yj[x * b + z] = Fj[z * b + x]
+                    UUj[x * b + z] = 0.0
+            b_fwd(Cj, Yj, b)
+            b_nn(Ej, Yj, Nj, b)
+            b_fwd(CU, Nj, b)
+            b_tn(PU, Nj, t1, b)          # P_U' N_j = -T_U,Vj
+            b_tn(Yj, Yj, Qj, b)
+            b_tn(Nj, Nj, t2, b)
+            for x in range(b):
+                for z in range(b):
+                    Qj[x * b + z] += t2[x * b + z] + TUU[x * b + z] - t1[x * b + z] - t1[z * b + x]
+            # G_jj = A_j - Y2' Y2 - YU2' YU2, Y2 = C_j^-1 F_j' A_j, YU2 = C_U^-1 (F_U' A_j - E_j Y2)
+            b_tn(Fj, Aj, t1, b)
+            b_fwd(Cj, t1, b)             # t1 = Y2
+            b_tn(t1, t1, Gj, b)
+            for x in range(bb):
+                accYY[x] += Gj[x]
+            b_nn(Ej, t1, t2, b)          # E_j Y2
+            for x in range(bb):
+                accEY[x] += t2[x]
+            b_tn(FU, Aj, t1, b)
+            for x in range(bb):
+                t1[x] -= t2[x]
+            b_fwd(CU, t1, b)
+            b_tn(t1, t1, t2, b)
+            for x in range(bb):
+                Gj[x] = Aj[x] - Gj[x] - t2[x]
+        b_tn(FU, AS, t1, b)
+        for x in range(bb):
+            t1[x] -= accEY[x]
+        b_fwd(CU, t1, b)
+        b_tn(t1, t1, t2, b)
+        for x in range(bb):
+            GUU[x] = AS[x] - accYY[x] - t2[x]
+        # the within-unit blocks of Sigma^-1: D - D Q D
+        t = 0
+        while t < n:
+            bs = t
+            bn = tbn[t]
+            Qj = base + jt[bs] * per + 6 * bb
+            for jj in range(bn):
+                for i in range(bn):
+                    acc = Dm[(bs + jj) * nout + i]
+                    for x in range(bn):
+                        ox = ot[bs + x]
+                        for z in range(bn):
+                            oz = ot[bs + z]
+                            acc -= Dm[(bs + jj) * nout + x] * Qj[ox * b + oz] * Dm[(bs + z) * nout + i]
+                    sinvb[(bs + jj) * nout + i] = acc
+                    W2b[(bs + jj) * nout + i] = 0.0
+            t += bn
+    for r in range(r0, r1):
+        o = row_ptr[r]
+        wr = wrow[r]
+        quad0 = 0.0
+        for x in range(b):
+            bU[x] = 0.0
+        for j in range(J):
+            bj = base + j * per + 9 * bb
+            for x in range(b):
+                bj[x] = 0.0
+        for t in range(n):
+            bs = tb[t]
+            acc = 0.0
+            for jj in range(tbn[t]):
+                acc += Dm[t * nout + jj] * resid[o + bs + jj]
+            dvec[t] = acc
+            quad0 += resid[o + t] * acc
+            ox = ot[t]
+            bU[ox] += acc
+            (base + jt[t] * per + 9 * bb)[ox] += acc
+        # beta = F' Lambda' d; forward solve (schools, then U), back solve
+        quad = 0.0
+        for x in range(b):
+            acc = 0.0
+            for z in range(b):
+                acc += FU[z * b + x] * bU[z]
+            t1[x] = acc
+        for j in range(J):
+            Aj = base + j * per
+            Fj = Aj + bb
+            Cj = Aj + 2 * bb
+            Ej = Aj + 3 * bb
+            bj = Aj + 9 * bb
+            xj = bj + b
+            for x in range(b):
+                acc = 0.0
+                for z in range(b):
+                    acc += Fj[z * b + x] * bj[z]
+                xj[x] = acc
+            v_fwd(Cj, xj, b)             # y_j
+            for x in range(b):
+                quad += xj[x] * xj[x]
+                acc = 0.0
+                for z in range(b):
+                    acc += Ej[x * b + z] * xj[z]
+                t1[x] -= acc
+        v_fwd(CU, t1, b)                 # y_U
+        for x in range(b):
+            quad += t1[x] * t1[x]
+        quad = quad0 - quad
+        llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+        wsum += wr
+        if need_grad:
+            for x in range(b):
+                xU[x] = t1[x]
+            v_bwd(CU, xU, b)
+            for x in range(b):
+                acc = 0.0
+                for z in range(b):
+                    acc += FU[x * b + z] * xU[z]
+                hU[x] = acc
+                uU[x] = 0.0
+            for j in range(J):
+                Aj = base + j * per
+                Fj = Aj + bb
+                Cj = Aj + 2 * bb
+                Ej = Aj + 3 * bb
+                bj = Aj + 9 * bb
+                xj = bj + b
+                hj = bj + 2 * b
+                uj = bj + 3 * b
+                for x in range(b):       # y_j - E_j' x_U
+                    acc = 0.0
+                    for z in range(b):
+                        acc += Ej[z * b + x] * xU[z]
+                    xj[x] -= acc
+                v_bwd(Cj, xj, b)
+                for x in range(b):
+                    acc = 0.0
+                    for z in range(b):
+                        acc += Fj[x * b + z] * xj[z]
+                    hj[x] = acc
+                    uj[x] = 0.0
+            for t in range(n):
+                ox = ot[t]
+                lh[t] = hU[ox] + (base + jt[t] * per + 9 * bb + 2 * b)[ox]
+            for t in range(n):
+                bs = tb[t]
+                acc = dvec[t]
+                for jj in range(tbn[t]):
+                    acc -= Dm[t * nout + jj] * lh[bs + jj]
+                wv[t] = acc
+                w_out[o + t] = wr * acc
+                ox = ot[t]
+                uU[ox] += acc
+                (base + jt[t] * per + 9 * bb + 3 * b)[ox] += acc
+            for t in range(n):
+                bs = tb[t]
+                for jj in range(tbn[t]):
+                    W2b[t * nout + jj] += wr * wv[t] * wv[bs + jj]
+            for x in range(b):
+                for z in range(b):
+                    UUU[x * b + z] += wr * uU[x] * uU[z]
+            for j in range(J):
+                UUj = base + j * per + 8 * bb
+                uj = base + j * per + 9 * bb + 3 * b
+                for x in range(b):
+                    for z in range(b):
+                        UUj[x * b + z] += wr * uj[x] * uj[z]
+    ll[0] += llp
+    if need_grad:
+        for x in range(b):
+            for z in range(b):
+                gphi[(gu + x) * M + gu + z] += 0.5 * UUU[x * b + z] - 0.5 * wsum * GUU[x * b + z]
+        for j in range(J):
+            Gj = base + j * per + 7 * bb
+            UUj = base + j * per + 8 * bb
+            for x in range(b):
+                for z in range(b):
+                    gphi[(jnode[j] + x) * M + jnode[j] + z] += (0.5 * UUj[x * b + z]
+                                                                - 0.5 * wsum * Gj[x * b + z])
+        for t in range(n):
+            bs = tb[t]
+            x = ot[t]
+            for jj in range(tbn[t]):
+                z = ot[bs + jj]
+                gR[x * nout + z] += 0.5 * W2b[t * nout + jj] - 0.5 * wsum * sinvb[t * nout + jj]
+    return 0
+
+
+cdef int USE_BARROW = 1
+
+
+def set_block_arrowhead(bint enabled):
+    """Turn the block-arrowhead path of mfactor_loglik on or off (tests); returns the
+    previous setting."""
+    global USE_BARROW
+    cdef int old = USE_BARROW
+    USE_BARROW = 1 if enabled else 0
+    return bool(old)
+
+
 def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                    const int[::1] slot, double[::1] resid,
                    const double[:, ::1] load, const int[:, ::1] slot_lat,
@@ -1298,7 +1728,7 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                    int maxn, int maxm, int maxc, int nthreads, int need_grad,
                    const double[::1] y=None, const double[:, ::1] X=None,
                    const double[::1] beta=None, double[:, ::1] gbeta_t=None,
-                   bint validate=True):
+                   bint unit_load=False, bint validate=True):
     """Factor path with Theta block-diagonal per unit (several outcomes).
 
     ``spup[s]``: the unit of slot s (a unit's slots are consecutive slot numbers and so
@@ -1306,7 +1736,10 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     (2^nout, nout, nout): R[S, S]^-1 for the outcomes S of bit mask ``mask``, in the order
     of S, and ``rlogdet[mask]`` log|R[S, S]|.  Outputs as factor_loglik's, with gR_t[nt,
     nout * nout] = dl/dR instead of dl/dtheta; fused mode (y, X, beta, gbeta_t) as there.
-    O(observations * (latents touched + nout)) per evaluation, no dense per-row matrix."""
+    O(observations * (latents touched + nout)) per evaluation, no dense per-row matrix.
+    ``unit_load`` (every loading 1) and two latent columns (random intercepts at two nested
+    levels, latent g of outcome o of node v numbered v * nout + o): the block-arrowhead path
+    (barrow_pattern), O(schools * nout^3) per pattern."""
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
     cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
     cdef int fused = y is not None, q = 0
@@ -1332,6 +1765,7 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     cdef Py_ssize_t no = nout
     cdef Py_ssize_t nd = (3 * nn * no + 3 * nn + no * no + mm * cc * 2 + cc * cc + big * big
                           + 4 * mm * mm + 3 * mm)
+    cdef Py_ssize_t nsb = 11 * no * no + 4 * no + nn * (9 * no * no + 6 * no)
     if nthreads < 1 or not MLSEM_HAVE_OPENMP:
         nthreads = 1
     if validate:
@@ -1362,8 +1796,8 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                       nl, M, maxn, 1)
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
-        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 2 * nn + 4) * sizeof(int))
-        dbuf = <double*>malloc((nd + 16 + q) * sizeof(double))
+        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 5 * nn + 4) * sizeof(int))
+        dbuf = <double*>malloc((nd + 16 + q + nsb) * sizeof(double))
         if loc != NULL and dbuf != NULL:
             ibuf = loc + 2 * M
             gb = dbuf + nd + 16
@@ -1404,7 +1838,9 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                         dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 3 * mm * mm + big * big + cc * cc,  # U
                         dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc,  # b
                         dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
-                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm)
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm,
+                        unit_load, ibuf + mm + cc + nn * nl + 2 * nn, ibuf + mm + cc + nn * nl + 3 * nn,
+                        gb + q, <int>nn)
                     if st != 0:
                         status_t[tid] = st
                     elif fused and need_grad:
@@ -1419,5 +1855,5 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
             status_t[tid] = ALLOC_FAIL
         free(loc)
         free(dbuf)
-    _raise_alloc(status_t, (nd + 16 + q) * sizeof(double))
+    _raise_alloc(status_t, (nd + 16 + q + nsb) * sizeof(double))
     return 0

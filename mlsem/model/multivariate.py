@@ -174,7 +174,8 @@ class MultiModel(Model):
                                  self._ll, self._gphi, self._gth, self._status, self._maxn,
                                  self._maxm, self._maxc, self._nt, int(need_grad), y=prep.y,
                                  X=self._X, beta=np.ascontiguousarray(beta, dtype=float),
-                                 gbeta_t=self._gbeta, validate=not self._layout_ok)
+                                 gbeta_t=self._gbeta, unit_load=self._unit_load,
+                                 validate=not self._layout_ok)
             self._layout_ok = True
             if self._status.any():
                 return fail
