@@ -299,3 +299,20 @@ def test_formula_checks():
         mlsem.fit(df, ["y1 ~ x + (1 | k)", "y1 ~ z + (1 | k)"])
     with pytest.raises(MlsemError, match="outcomes= needs several"):
         mlsem.fit(df, "y1 ~ x + (1 | k)", outcomes={"k": "independent"})
+
+
+def test_random_effects_per_outcome():
+    """Independent outcomes: each outcome's BLUPs are its univariate fit's."""
+    d = mlsem.example_data("multivariate")
+    ind = mlsem.fit(d, ["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"], index="i",
+                    outcomes={"k": "independent", "j": "independent", "residual": "independent"})
+    re = ind.random_effects()
+    assert set(re["effect"].unique()) == {"y1", "y2"}
+    u2 = mlsem.fit(d, "y2 ~ x + (1 | k/j)", index="i").random_effects()
+    got = re.filter(pl.col("effect") == "y2").sort(["level", "k", "j"])
+    want = u2.sort(["level", "k", "j"])
+    assert got.height == want.height
+    np.testing.assert_allclose(got["mean"].to_numpy(), want["mean"].to_numpy(), rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(got["sd"].to_numpy(), want["sd"].to_numpy(), rtol=2e-3)
+    with pytest.raises(MlsemError, match="several outcomes"):
+        ind.predict()

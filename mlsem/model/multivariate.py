@@ -96,14 +96,35 @@ class MultiModel(Model):
         return d
 
     def start_values(self):
+        """OLS per outcome for the coefficients; each outcome's residual variance split
+        equally over its variance components; every covariance across outcomes the
+        correlation of the OLS residuals of the units with both outcomes times its two
+        variances' geometric mean (the optimiser starts nearer: fewer iterations)."""
         t = self.table
+        prep = self.prep
         psi = np.zeros(t.nparams)
+        e = np.zeros(prep.nobs)
         for o, (rows, cols, b, v) in enumerate(self._ols_out):
             psi[t.beta_param[cols]] = b
+            e[rows] = prep.y[rows] - prep.X[np.ix_(rows, cols)] @ b
         nlev = 1 + len({p.level for p in t.params if p.kind == "var"})
+        # residual correlations between outcomes, on the units with both observed
+        unit = self._spup[prep.slot].astype(np.int64) + (np.repeat(
+            np.arange(prep.nrows, dtype=np.int64), np.diff(prep.row_ptr)) * (int(self._spup.max()) + 1))
+        ocell = self._sout[prep.slot]
+        corr = np.zeros((self.nout, self.nout))
+        for a in range(self.nout):
+            for b in range(a + 1, self.nout):
+                ia, ib = np.flatnonzero(ocell == a), np.flatnonzero(ocell == b)
+                common, pa, pb = np.intersect1d(unit[ia], unit[ib], return_indices=True)
+                if len(common) > 2:
+                    ea, eb = e[ia[pa]], e[ib[pb]]
+                    den = np.sqrt((ea @ ea) * (eb @ eb))
+                    corr[a, b] = corr[b, a] = float(ea @ eb) / den if den > 0 else 0.0
         for p, (a, b) in t.param_outcomes.items():
-            if a == b:
-                psi[p] = (self._ols_out[a][3] or 1.0) / nlev
+            va = (self._ols_out[a][3] or 1.0) / nlev
+            vb = (self._ols_out[b][3] or 1.0) / nlev
+            psi[p] = va if a == b else 0.9 * corr[a, b] * np.sqrt(va * vb)
         return psi
 
     def ols_loglik(self) -> float:
