@@ -316,3 +316,32 @@ def test_random_effects_per_outcome():
     np.testing.assert_allclose(got["sd"].to_numpy(), want["sd"].to_numpy(), rtol=2e-3)
     with pytest.raises(MlsemError, match="several outcomes"):
         ind.predict()
+
+
+@pytest.mark.parametrize("backend,barrow", [("cython", True), ("cython", False), ("numpy", True)])
+@pytest.mark.parametrize("outcomes", [None, {"j": "independent"}])
+def test_phi_hessian_equals_differences_of_the_gradient(backend, barrow, outcomes):
+    """The kernel's exact d2l/dPhi2 block (block-arrowhead and general paths, the oracle)
+    against central differences of the analytic gradient."""
+    if backend == "cython" and _core is None:
+        pytest.skip("compiled kernel not built")
+    rng = np.random.default_rng(5)
+    prep, tab = build(random_data(7, counties=9, nout=2), FORMULAS, outcomes)
+    prep.wrow = rng.uniform(0.5, 2.0, size=prep.nrows)
+    m = MultiModel(prep, tab, backend=backend, nthreads=2)
+    psi = random_psi(m, rng)
+    old = _core.set_block_arrowhead(barrow) if _core is not None else None
+    try:
+        ll, g, H = m.phi_hessian(psi)
+        hp = m.hess_params
+        assert len(hp) == sum(p.kind in ("var", "cov") for p in tab.params)
+        for a, i in enumerate(hp):
+            h = 1e-5 * max(1.0, abs(psi[i]))
+            up, dn = psi.copy(), psi.copy()
+            up[i] += h
+            dn[i] -= h
+            fd = (m.evaluate(up)[1] - m.evaluate(dn)[1]) / (2 * h)
+            np.testing.assert_allclose(H[:, a], fd[hp], rtol=1e-5, atol=1e-5)
+    finally:
+        if old is not None:
+            _core.set_block_arrowhead(old)

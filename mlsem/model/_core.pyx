@@ -1103,7 +1103,8 @@ cdef int mfactor_pattern(
         double* Dm, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
         double* Q, double* Lp, double* A, double* AL, double* K, double* Z, double* T,
         double* ASA, double* U, double* b, double* h, double* u,
-        int unit, int* jt, int* jnode, double* Sb, int maxj) noexcept nogil:
+        int unit, int* jt, int* jnode, double* Sb, int maxj,
+        const int* hidx, double* hphi, int nh, int* ent, int* hglob) noexcept nogil:
     cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
     cdef long long o0 = row_ptr[r0], o
     cdef int n = <int>(row_ptr[r0 + 1] - o0)
@@ -1130,7 +1131,8 @@ cdef int mfactor_pattern(
     if USE_BARROW and unit and nl == 2:
         status = barrow_pattern(p, pat_ptr, row_ptr, slot, resid, slot_lat, F, blk_start, blk_end,
                                 sout, nout, wrow, w_out, ll, gphi, gR, M, need_grad, n, logth,
-                                tb, tbn, Dm, jt, jnode, sinvb, W2b, dvec, lh, wv, Sb, maxj)
+                                tb, tbn, Dm, jt, jnode, sinvb, W2b, dvec, lh, wv, Sb, maxj,
+                                hidx, hphi, nh, ASA, U, AL, ent, hglob)
         if status >= 0:
             return status
         status = 0
@@ -1288,6 +1290,8 @@ cdef int mfactor_pattern(
                 for j in range(tbn[t]):
                     z = sout[slot[o0 + bs + j]]
                     gR[x * nout + z] += 0.5 * W2b[t * nout + j] - 0.5 * wsum * sinvb[t * nout + j]
+            if hphi != NULL:
+                hess_accum(m, glob, ASA, U, wsum, hidx, M, hphi, nh, ent, AL)
     for a in range(m):
         loc[glob[a]] = -1
     for j in range(c):
@@ -1372,7 +1376,8 @@ cdef int barrow_pattern(
         double[::1] w_out, double* ll, double* gphi, double* gR, int M, int need_grad,
         int n, double logth, const int* tb, const int* tbn, const double* Dm,
         int* jt, int* jnode, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
-        double* S, int maxj) noexcept nogil:
+        double* S, int maxj, const int* hidx, double* hphi, int nh, double* HS, double* HU,
+        double* HR, int* ent, int* hglob) noexcept nogil:
     """One pattern on the block-arrowhead path; returns 0, 2 (K not positive definite)
     or -1 (the pattern does not have the structure: the caller takes the general path)."""
     cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
@@ -1380,6 +1385,7 @@ cdef int barrow_pattern(
     cdef int b = nout, bb = nout * nout, J = 0, t, j, i, x, z, jj, bs, bn, gu, vb, ox, oz, s
     cdef double logdet = logth, acc, quad, quad0, wr, wsum = 0.0, llp = 0.0
     cdef int* ot = jnode + maxj
+    cdef int hm = 0
     s = slot[o0]
     if slot_lat[s, 0] < 0:
         return -1
@@ -1425,7 +1431,8 @@ cdef int barrow_pattern(
     cdef double* hU = bU + 2 * b
     cdef double* uU = bU + 3 * b
     cdef double* base = bU + 4 * b
-    cdef int per = 9 * bb + 6 * b
+    cdef int VOFF = 11 * bb
+    cdef int per = VOFF + 6 * b
     cdef double* Aj
     cdef double* Fj
     cdef double* Cj
@@ -1538,6 +1545,8 @@ cdef int barrow_pattern(
             # G_jj = A_j - Y2' Y2 - YU2' YU2, Y2 = C_j^-1 F_j' A_j, YU2 = C_U^-1 (F_U' A_j - E_j Y2)
             b_tn(Fj, Aj, t1, b)
             b_fwd(Cj, t1, b)             # t1 = Y2
+            for x in range(bb):
+                (Aj + 9 * bb)[x] = t1[x]
             b_tn(t1, t1, Gj, b)
             for x in range(bb):
                 accYY[x] += Gj[x]
@@ -1548,6 +1557,8 @@ cdef int barrow_pattern(
             for x in range(bb):
                 t1[x] -= t2[x]
             b_fwd(CU, t1, b)
+            for x in range(bb):
+                (Aj + 10 * bb)[x] = t1[x]    # YU2_j = C_U^-1 (F_U' A_j - E_j Y2_j)
             b_tn(t1, t1, t2, b)
             for x in range(bb):
                 Gj[x] = Aj[x] - Gj[x] - t2[x]
@@ -1558,6 +1569,38 @@ cdef int barrow_pattern(
         b_tn(t1, t1, t2, b)
         for x in range(bb):
             GUU[x] = AS[x] - accYY[x] - t2[x]
+        if hphi != NULL:
+            hm = b * (J + 1)
+            # S = Lambda' Sigma^-1 Lambda in full, local order U, V_1 .. V_J (t1 = YU)
+            for x in range(b):
+                hglob[x] = gu + x
+                for z in range(b):
+                    HS[x * hm + z] = GUU[x * b + z]
+            for j in range(J):
+                Aj = base + j * per
+                for x in range(b):
+                    hglob[(j + 1) * b + x] = jnode[j] + x
+                b_tn(Aj + 9 * bb, Aj + 9 * bb, t2, b)       # Y2' Y2
+                for x in range(b):
+                    for z in range(b):
+                        acc = 0.0
+                        for i in range(b):
+                            acc += t1[i * b + x] * (Aj + 10 * bb)[i * b + z]
+                        acc = Aj[x * b + z] - t2[x * b + z] - acc
+                        HS[x * hm + (j + 1) * b + z] = acc
+                        HS[((j + 1) * b + z) * hm + x] = acc
+                        HS[((j + 1) * b + x) * hm + (j + 1) * b + z] = (Aj + 7 * bb)[x * b + z]
+                for i in range(j):
+                    Nj = base + i * per + 10 * bb
+                    for x in range(b):
+                        for z in range(b):
+                            acc = 0.0
+                            for jj in range(b):
+                                acc -= Nj[jj * b + x] * (Aj + 10 * bb)[jj * b + z]
+                            HS[((i + 1) * b + x) * hm + (j + 1) * b + z] = acc
+                            HS[((j + 1) * b + z) * hm + (i + 1) * b + x] = acc
+            for x in range(hm * hm):
+                HU[x] = 0.0
         # the within-unit blocks of Sigma^-1: D - D Q D
         t = 0
         while t < n:
@@ -1582,7 +1625,7 @@ cdef int barrow_pattern(
         for x in range(b):
             bU[x] = 0.0
         for j in range(J):
-            bj = base + j * per + 9 * bb
+            bj = base + j * per + VOFF
             for x in range(b):
                 bj[x] = 0.0
         for t in range(n):
@@ -1594,7 +1637,7 @@ cdef int barrow_pattern(
             quad0 += resid[o + t] * acc
             ox = ot[t]
             bU[ox] += acc
-            (base + jt[t] * per + 9 * bb)[ox] += acc
+            (base + jt[t] * per + VOFF)[ox] += acc
         # beta = F' Lambda' d; forward solve (schools, then U), back solve
         quad = 0.0
         for x in range(b):
@@ -1607,7 +1650,7 @@ cdef int barrow_pattern(
             Fj = Aj + bb
             Cj = Aj + 2 * bb
             Ej = Aj + 3 * bb
-            bj = Aj + 9 * bb
+            bj = Aj + VOFF
             xj = bj + b
             for x in range(b):
                 acc = 0.0
@@ -1642,7 +1685,7 @@ cdef int barrow_pattern(
                 Fj = Aj + bb
                 Cj = Aj + 2 * bb
                 Ej = Aj + 3 * bb
-                bj = Aj + 9 * bb
+                bj = Aj + VOFF
                 xj = bj + b
                 hj = bj + 2 * b
                 uj = bj + 3 * b
@@ -1660,7 +1703,7 @@ cdef int barrow_pattern(
                     uj[x] = 0.0
             for t in range(n):
                 ox = ot[t]
-                lh[t] = hU[ox] + (base + jt[t] * per + 9 * bb + 2 * b)[ox]
+                lh[t] = hU[ox] + (base + jt[t] * per + VOFF + 2 * b)[ox]
             for t in range(n):
                 bs = tb[t]
                 acc = dvec[t]
@@ -1670,7 +1713,7 @@ cdef int barrow_pattern(
                 w_out[o + t] = wr * acc
                 ox = ot[t]
                 uU[ox] += acc
-                (base + jt[t] * per + 9 * bb + 3 * b)[ox] += acc
+                (base + jt[t] * per + VOFF + 3 * b)[ox] += acc
             for t in range(n):
                 bs = tb[t]
                 for jj in range(tbn[t]):
@@ -1678,9 +1721,19 @@ cdef int barrow_pattern(
             for x in range(b):
                 for z in range(b):
                     UUU[x * b + z] += wr * uU[x] * uU[z]
+            if hphi != NULL:
+                for x in range(b):
+                    HR[x] = uU[x]
+                for j in range(J):
+                    uj = base + j * per + VOFF + 3 * b
+                    for x in range(b):
+                        HR[(j + 1) * b + x] = uj[x]
+                for x in range(hm):
+                    for z in range(hm):
+                        HU[x * hm + z] += wr * HR[x] * HR[z]
             for j in range(J):
                 UUj = base + j * per + 8 * bb
-                uj = base + j * per + 9 * bb + 3 * b
+                uj = base + j * per + VOFF + 3 * b
                 for x in range(b):
                     for z in range(b):
                         UUj[x * b + z] += wr * uj[x] * uj[z]
@@ -1702,6 +1755,8 @@ cdef int barrow_pattern(
             for jj in range(tbn[t]):
                 z = ot[bs + jj]
                 gR[x * nout + z] += 0.5 * W2b[t * nout + jj] - 0.5 * wsum * sinvb[t * nout + jj]
+        if hphi != NULL:
+            hess_accum(hm, hglob, HS, HU, wsum, hidx, M, hphi, nh, ent, HR)
     return 0
 
 
@@ -1728,7 +1783,8 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                    int maxn, int maxm, int maxc, int nthreads, int need_grad,
                    const double[::1] y=None, const double[:, ::1] X=None,
                    const double[::1] beta=None, double[:, ::1] gbeta_t=None,
-                   bint unit_load=False, bint validate=True):
+                   bint unit_load=False, const int[::1] hidx=None, double[:, ::1] hphi_t=None,
+                   bint validate=True):
     """Factor path with Theta block-diagonal per unit (several outcomes).
 
     ``spup[s]``: the unit of slot s (a unit's slots are consecutive slot numbers and so
@@ -1739,7 +1795,8 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     O(observations * (latents touched + nout)) per evaluation, no dense per-row matrix.
     ``unit_load`` (every loading 1) and two latent columns (random intercepts at two nested
     levels, latent g of outcome o of node v numbered v * nout + o): the block-arrowhead path
-    (barrow_pattern), O(schools * nout^3) per pattern."""
+    (barrow_pattern), O(schools * nout^3) per pattern.  Hessian mode (hidx, hphi_t) as
+    factor_loglik's: d2l/dpsi2 of the parameters linear in Phi."""
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
     cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
     cdef int fused = y is not None, q = 0
@@ -1750,6 +1807,9 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     cdef int* ibuf
     cdef double* dbuf
     cdef Py_ssize_t P = slot_lat.shape[0], s
+    cdef int nh = 0, hess = hphi_t is not None and need_grad != 0
+    cdef const int* hidx_p = NULL
+    cdef double* hphi_p
     if fused:
         if X is None or beta is None or gbeta_t is None:
             raise ValueError("fused mode needs y, X, beta and gbeta_t")
@@ -1758,6 +1818,16 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
             raise ValueError("fused mode: shapes of X, beta, gbeta_t do not agree")
     if nout < 1 or nout > 16:
         raise ValueError(f"nout = {nout} outcomes: 1 to 16 are supported")
+    if hess:
+        if hidx is None or hidx.shape[0] != F.shape[0] * F.shape[0]:
+            raise ValueError("Hessian mode needs hidx with M * M entries")
+        nh = <int>(sqrt(<double>hphi_t.shape[1]) + 0.5)
+        if nh < 1 or nh * nh != hphi_t.shape[1] or hphi_t.shape[0] < (nthreads if nthreads > 0 else 1):
+            raise ValueError("Hessian mode: hphi_t must be (nthreads, nh * nh), nh >= 1")
+        for i in range(hidx.shape[0]):
+            if hidx[i] >= nh:
+                raise ValueError(f"Hessian mode: hidx[{i}] = {hidx[i]} is not below nh = {nh}")
+        hidx_p = &hidx[0]
     cdef Py_ssize_t mm = maxm if maxm > 0 else 1
     cdef Py_ssize_t cc = maxc if maxc > 0 else 1
     cdef Py_ssize_t nn = maxn if maxn > 0 else 1
@@ -1765,7 +1835,7 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     cdef Py_ssize_t no = nout
     cdef Py_ssize_t nd = (3 * nn * no + 3 * nn + no * no + mm * cc * 2 + cc * cc + big * big
                           + 4 * mm * mm + 3 * mm)
-    cdef Py_ssize_t nsb = 11 * no * no + 4 * no + nn * (9 * no * no + 6 * no)
+    cdef Py_ssize_t nsb = 11 * no * no + 4 * no + nn * (11 * no * no + 6 * no)
     if nthreads < 1 or not MLSEM_HAVE_OPENMP:
         nthreads = 1
     if validate:
@@ -1796,11 +1866,14 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                       nl, M, maxn, 1)
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
-        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 5 * nn + 4) * sizeof(int))
+        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 5 * nn + 4 + 3 * mm * mm + mm) * sizeof(int))
         dbuf = <double*>malloc((nd + 16 + q + nsb) * sizeof(double))
         if loc != NULL and dbuf != NULL:
             ibuf = loc + 2 * M
             gb = dbuf + nd + 16
+            hphi_p = NULL
+            if hess:
+                hphi_p = &hphi_t[tid, 0]
             for i in range(2 * M):
                 loc[i] = -1
             for c in range(q):
@@ -1840,7 +1913,9 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                         dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
                         dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm,
                         unit_load, ibuf + mm + cc + nn * nl + 2 * nn, ibuf + mm + cc + nn * nl + 3 * nn,
-                        gb + q, <int>nn)
+                        gb + q, <int>nn, hidx_p, hphi_p, nh,
+                        ibuf + mm + cc + nn * nl + 5 * nn + 4,
+                        ibuf + mm + cc + nn * nl + 5 * nn + 4 + 3 * mm * mm)
                     if st != 0:
                         status_t[tid] = st
                     elif fused and need_grad:

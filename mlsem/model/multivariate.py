@@ -50,8 +50,7 @@ class MultiModel(Model):
         super().__init__(prep, table, backend=backend, nthreads=nthreads)
         self.nout = int(table.nout)
         self.dense = False
-        self.hess_params = np.zeros(0, dtype=np.int64)   # no kernel Phi-Hessian (differences)
-        self._hidx = np.full(self.M * self.M, -1, dtype=np.int32)
+        self._hess_layout(table)      # the kernel's exact d2l/dPhi2 (all the Phi parameters)
         self._gth = np.zeros((self._nt, self.nout * self.nout))
         self._sout = np.ascontiguousarray(prep.meta["sout"], dtype=np.int32)
         self._spup = np.ascontiguousarray(prep.meta["spup"], dtype=np.int32)
@@ -163,7 +162,7 @@ class MultiModel(Model):
     # ---- the objective ----------------------------------------------------------
     def _evaluate(self, psi, need_grad, hess=False):
         self.nevals += 1
-        fail = (None, None)
+        fail = None if hess else (None, None)
         prep = self.prep
         beta, Phi, R = self.matrices(psi)
         sub = subset_inverses(R)
@@ -179,6 +178,12 @@ class MultiModel(Model):
             if not need_grad:
                 return ll, None
             xtw = prep.X.T @ w if self.q else None
+            if hess:
+                H4 = _oracle.phi_hessian(prep.row_ptr, prep.slot, resid, prep.load, prep.slot_lat,
+                                         Phi, self.theta_dense(R), prep.wrow)
+                if H4 is None:
+                    return fail
+                hblock = self._contract_phi_hessian(H4)
         else:
             F = self.factor(Phi)
             if F is None:
@@ -189,6 +194,8 @@ class MultiModel(Model):
             if need_grad:
                 self._gphi[:] = 0.0
                 self._gth[:] = 0.0
+            nh = len(self.hess_params)
+            hphi = np.zeros((self._nt, nh * nh)) if hess else None
             _core.mfactor_loglik(prep.pat_ptr, prep.row_ptr, self._slot, self._resid, self._load,
                                  self._slot_lat, F, self.blk_start, self.blk_end, self._spup,
                                  self._sout, self.nout, rinv, rlogdet, prep.wrow, self._w,
@@ -196,6 +203,7 @@ class MultiModel(Model):
                                  self._maxm, self._maxc, self._nt, int(need_grad), y=prep.y,
                                  X=self._X, beta=np.ascontiguousarray(beta, dtype=float),
                                  gbeta_t=self._gbeta, unit_load=self._unit_load,
+                                 hidx=self._hidx if hess else None, hphi_t=hphi,
                                  validate=not self._layout_ok)
             self._layout_ok = True
             if self._status.any():
@@ -206,5 +214,9 @@ class MultiModel(Model):
             gphi = self._gphi.sum(axis=0).reshape(self.M, self.M)
             gR = self._gth.sum(axis=0).reshape(self.nout, self.nout)
             xtw = self._gbeta[:, :self.q].sum(axis=0) if self.q else None
+            if hess:
+                hblock = hphi.sum(axis=0).reshape(nh, nh)
         g = chain_rule(self.table, psi, gphi, gR, xtw)
+        if hess:
+            return ll, g, 0.5 * (hblock + hblock.T)
         return ll, g
