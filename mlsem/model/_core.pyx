@@ -1131,7 +1131,7 @@ cdef int mfactor_pattern(
     if USE_BARROW and unit and nl == 2:
         status = barrow_pattern(p, pat_ptr, row_ptr, slot, resid, slot_lat, F, blk_start, blk_end,
                                 sout, nout, wrow, w_out, ll, gphi, gR, M, need_grad, n, logth,
-                                tb, tbn, Dm, jt, jnode, sinvb, W2b, dvec, lh, wv, Sb, maxj,
+                                tb, tbn, Dm, rinv, jt, jnode, sinvb, W2b, dvec, lh, wv, Sb, maxj,
                                 hidx, hphi, nh, ASA, U, AL, ent, hglob)
         if status >= 0:
             return status
@@ -1374,7 +1374,7 @@ cdef int barrow_pattern(
         const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
         const int[::1] sout, int nout, const double[::1] wrow,
         double[::1] w_out, double* ll, double* gphi, double* gR, int M, int need_grad,
-        int n, double logth, const int* tb, const int* tbn, const double* Dm,
+        int n, double logth, const int* tb, const int* tbn, const double* Dm, const double* rinv,
         int* jt, int* jnode, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
         double* S, int maxj, const int* hidx, double* hphi, int nh, double* HS, double* HU,
         double* HR, int* ent, int* hglob) noexcept nogil:
@@ -1385,7 +1385,11 @@ cdef int barrow_pattern(
     cdef int b = nout, bb = nout * nout, J = 0, t, j, i, x, z, jj, bs, bn, gu, vb, ox, oz, s
     cdef double logdet = logth, acc, quad, quad0, wr, wsum = 0.0, llp = 0.0
     cdef int* ot = jnode + maxj
-    cdef int hm = 0
+    cdef int hm = 0, mask, nmask = 1 << nout
+    cdef int sel[16]
+    cdef double* cnt
+    cdef const double* Dp
+    cdef double* Wacc = S + 11 * bb
     s = slot[o0]
     if slot_lat[s, 0] < 0:
         return -1
@@ -1426,13 +1430,13 @@ cdef int barrow_pattern(
     cdef double* t2 = S + 8 * bb
     cdef double* accEY = S + 9 * bb
     cdef double* accYY = S + 10 * bb
-    cdef double* bU = S + 11 * bb
+    cdef double* bU = S + 12 * bb
     cdef double* xU = bU + b
     cdef double* hU = bU + 2 * b
     cdef double* uU = bU + 3 * b
     cdef double* base = bU + 4 * b
     cdef int VOFF = 11 * bb
-    cdef int per = VOFF + 6 * b
+    cdef int per = VOFF + 6 * b + (1 << nout)
     cdef double* Aj
     cdef double* Fj
     cdef double* Cj
@@ -1601,23 +1605,23 @@ cdef int barrow_pattern(
                             HS[((j + 1) * b + z) * hm + (i + 1) * b + x] = acc
             for x in range(hm * hm):
                 HU[x] = 0.0
-        # the within-unit blocks of Sigma^-1: D - D Q D
+        # the within-unit blocks of Sigma^-1, D - D Q_j D, depend on the school and the unit's
+        # outcomes only: count the units per (school, outcome set); their sum enters dl/dR
+        for j in range(J):
+            cnt = base + j * per + VOFF + 6 * b
+            for x in range(nmask):
+                cnt[x] = 0.0
         t = 0
         while t < n:
             bs = t
             bn = tbn[t]
-            Qj = base + jt[bs] * per + 6 * bb
-            for jj in range(bn):
-                for i in range(bn):
-                    acc = Dm[(bs + jj) * nout + i]
-                    for x in range(bn):
-                        ox = ot[bs + x]
-                        for z in range(bn):
-                            oz = ot[bs + z]
-                            acc -= Dm[(bs + jj) * nout + x] * Qj[ox * b + oz] * Dm[(bs + z) * nout + i]
-                    sinvb[(bs + jj) * nout + i] = acc
-                    W2b[(bs + jj) * nout + i] = 0.0
+            mask = 0
+            for x in range(bn):
+                mask = mask | (1 << ot[bs + x])
+            (base + jt[bs] * per + VOFF + 6 * b)[mask] += 1.0
             t += bn
+        for x in range(bb):
+            Wacc[x] = 0.0
     for r in range(r0, r1):
         o = row_ptr[r]
         wr = wrow[r]
@@ -1716,8 +1720,9 @@ cdef int barrow_pattern(
                 (base + jt[t] * per + VOFF + 3 * b)[ox] += acc
             for t in range(n):
                 bs = tb[t]
+                ox = ot[t]
                 for jj in range(tbn[t]):
-                    W2b[t * nout + jj] += wr * wv[t] * wv[bs + jj]
+                    Wacc[ox * b + ot[bs + jj]] += wr * wv[t] * wv[bs + jj]
             for x in range(b):
                 for z in range(b):
                     UUU[x * b + z] += wr * uU[x] * uU[z]
@@ -1749,12 +1754,28 @@ cdef int barrow_pattern(
                 for z in range(b):
                     gphi[(jnode[j] + x) * M + jnode[j] + z] += (0.5 * UUj[x * b + z]
                                                                 - 0.5 * wsum * Gj[x * b + z])
-        for t in range(n):
-            bs = tb[t]
-            x = ot[t]
-            for jj in range(tbn[t]):
-                z = ot[bs + jj]
-                gR[x * nout + z] += 0.5 * W2b[t * nout + jj] - 0.5 * wsum * sinvb[t * nout + jj]
+        for x in range(b):
+            for z in range(b):
+                gR[x * nout + z] += 0.5 * Wacc[x * b + z]
+        for j in range(J):
+            Qj = base + j * per + 6 * bb
+            cnt = base + j * per + VOFF + 6 * b
+            for mask in range(1, nmask):
+                if cnt[mask] == 0.0:
+                    continue
+                bn = 0
+                for x in range(b):
+                    if (mask >> x) & 1:
+                        sel[bn] = x
+                        bn += 1
+                Dp = rinv + mask * bb
+                for i in range(bn):
+                    for jj in range(bn):
+                        acc = Dp[i * b + jj]
+                        for x in range(bn):
+                            for z in range(bn):
+                                acc -= Dp[i * b + x] * Qj[sel[x] * b + sel[z]] * Dp[z * b + jj]
+                        gR[sel[i] * nout + sel[jj]] -= 0.5 * wsum * cnt[mask] * acc
         if hphi != NULL:
             hess_accum(hm, hglob, HS, HU, wsum, hidx, M, hphi, nh, ent, HR)
     return 0
@@ -1784,7 +1805,7 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                    const double[::1] y=None, const double[:, ::1] X=None,
                    const double[::1] beta=None, double[:, ::1] gbeta_t=None,
                    bint unit_load=False, const int[::1] hidx=None, double[:, ::1] hphi_t=None,
-                   bint validate=True):
+                   const int[::1] xoff=None, bint validate=True):
     """Factor path with Theta block-diagonal per unit (several outcomes).
 
     ``spup[s]``: the unit of slot s (a unit's slots are consecutive slot numbers and so
@@ -1796,7 +1817,10 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     ``unit_load`` (every loading 1) and two latent columns (random intercepts at two nested
     levels, latent g of outcome o of node v numbered v * nout + o): the block-arrowhead path
     (barrow_pattern), O(schools * nout^3) per pattern.  Hessian mode (hidx, hphi_t) as
-    factor_loglik's: d2l/dpsi2 of the parameters linear in Phi."""
+    factor_loglik's: d2l/dpsi2 of the parameters linear in Phi.  ``xoff`` (nout + 1 column
+    offsets): X is compact, a cell of outcome o holding its outcome's design columns
+    xoff[o] .. xoff[o + 1] - 1 (of beta) in its first xoff[o + 1] - xoff[o] columns."""
+    cdef int compact = xoff is not None, oc, c0, qo
     cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
     cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
     cdef int fused = y is not None, q = 0
@@ -1814,6 +1838,13 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         if X is None or beta is None or gbeta_t is None:
             raise ValueError("fused mode needs y, X, beta and gbeta_t")
         q = X.shape[1]
+        if compact:
+            q = beta.shape[0]
+            if xoff.shape[0] != nout + 1 or xoff[0] != 0 or xoff[nout] != q:
+                raise ValueError("xoff must hold nout + 1 column offsets from 0 to len(beta)")
+            for i in range(nout):
+                if xoff[i + 1] < xoff[i] or xoff[i + 1] - xoff[i] > X.shape[1]:
+                    raise ValueError(f"xoff: outcome {i} has {xoff[i + 1] - xoff[i]} columns, X {X.shape[1]}")
         if beta.shape[0] != q or gbeta_t.shape[1] < q or X.shape[0] != resid.shape[0]:
             raise ValueError("fused mode: shapes of X, beta, gbeta_t do not agree")
     if nout < 1 or nout > 16:
@@ -1835,7 +1866,7 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     cdef Py_ssize_t no = nout
     cdef Py_ssize_t nd = (3 * nn * no + 3 * nn + no * no + mm * cc * 2 + cc * cc + big * big
                           + 4 * mm * mm + 3 * mm)
-    cdef Py_ssize_t nsb = 11 * no * no + 4 * no + nn * (11 * no * no + 6 * no)
+    cdef Py_ssize_t nsb = 12 * no * no + 4 * no + nn * (11 * no * no + 6 * no + (1 << nout))
     if nthreads < 1 or not MLSEM_HAVE_OPENMP:
         nthreads = 1
     if validate:
@@ -1882,7 +1913,16 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                 if status_t[tid] == 0:
                     o_lo = row_ptr[pat_ptr[p]]
                     o_hi = row_ptr[pat_ptr[p + 1]]
-                    if fused:
+                    if fused and compact:
+                        for o in range(o_lo, o_hi):
+                            oc = sout[slot[o]]
+                            c0 = xoff[oc]
+                            qo = xoff[oc + 1] - c0
+                            acc = y[o]
+                            for ci in range(qo):
+                                acc = acc - X[o, ci] * beta[c0 + ci]
+                            resid[o] = acc
+                    elif fused:
                         for o in range(o_lo, o_hi):
                             acc = y[o]
                             for ci in range(q):
@@ -1918,6 +1958,14 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
                         ibuf + mm + cc + nn * nl + 5 * nn + 4 + 3 * mm * mm)
                     if st != 0:
                         status_t[tid] = st
+                    elif fused and need_grad and compact:
+                        for o in range(o_lo, o_hi):
+                            oc = sout[slot[o]]
+                            c0 = xoff[oc]
+                            qo = xoff[oc + 1] - c0
+                            acc = w_out[o]
+                            for ci in range(qo):
+                                gb[c0 + ci] += X[o, ci] * acc
                     elif fused and need_grad:
                         for ci in range(q):
                             acc = 0.0

@@ -55,6 +55,21 @@ class MultiModel(Model):
         self._sout = np.ascontiguousarray(prep.meta["sout"], dtype=np.int32)
         self._spup = np.ascontiguousarray(prep.meta["spup"], dtype=np.int32)
         self.pscale = self._outcome_scales()
+        # the design is block-diagonal by outcome: the kernel reads each cell's own columns
+        # only (a compact X, half the memory traffic of the stacked one for two outcomes)
+        cols = [np.asarray(c, dtype=np.int64) for c in table.beta_cols]
+        order = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        self._xorder = order
+        self._xoff = np.zeros(self.nout + 1, dtype=np.int32)
+        self._xoff[1:] = np.cumsum([len(c) for c in cols])
+        qmax = max([len(c) for c in cols] + [1])
+        Xc = np.zeros((prep.nobs, qmax))
+        ocell = self._sout[prep.slot]
+        for o, c in enumerate(cols):
+            rows = np.flatnonzero(ocell == o)
+            Xc[np.ix_(rows, np.arange(len(c)))] = prep.X[np.ix_(rows, c)]
+        self._Xc = Xc
+        self._gbeta = np.zeros((self._nt, max(self.q, 8)))
 
     # ---- units --------------------------------------------------------------
     def outcome_ols(self):
@@ -201,8 +216,8 @@ class MultiModel(Model):
                                  self._sout, self.nout, rinv, rlogdet, prep.wrow, self._w,
                                  self._ll, self._gphi, self._gth, self._status, self._maxn,
                                  self._maxm, self._maxc, self._nt, int(need_grad), y=prep.y,
-                                 X=self._X, beta=np.ascontiguousarray(beta, dtype=float),
-                                 gbeta_t=self._gbeta, unit_load=self._unit_load,
+                                 X=self._Xc, beta=np.ascontiguousarray(beta[self._xorder], dtype=float),
+                                 gbeta_t=self._gbeta, unit_load=self._unit_load, xoff=self._xoff,
                                  hidx=self._hidx if hess else None, hphi_t=hphi,
                                  validate=not self._layout_ok)
             self._layout_ok = True
@@ -213,7 +228,10 @@ class MultiModel(Model):
                 return ll, None
             gphi = self._gphi.sum(axis=0).reshape(self.M, self.M)
             gR = self._gth.sum(axis=0).reshape(self.nout, self.nout)
-            xtw = self._gbeta[:, :self.q].sum(axis=0) if self.q else None
+            xtw = None
+            if self.q:
+                xtw = np.zeros(self.q)
+                xtw[self._xorder] = self._gbeta[:, :self.q].sum(axis=0)
             if hess:
                 hblock = hphi.sum(axis=0).reshape(nh, nh)
         g = chain_rule(self.table, psi, gphi, gR, xtw)
