@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from mlsem.cli import main as cli
+from mlsem.cli import options
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORMULA = "y ~ x + (1 | k/j)"
@@ -409,17 +410,17 @@ def test_fit_relaxations_end_to_end(small):
 
 
 def test_effects_grammar():
-    assert cli.parse_effects(["j:variance=slot,covariance=unstructured"]) == {
+    assert options.parse_effects(["j:variance=slot,covariance=unstructured"]) == {
         "j": {"variance": "slot", "covariance": "unstructured"}}
-    assert cli.parse_effects(["j:covariance=1-2;1-3", "h:variance=north=1+2+3;south=4+5"]) == {
+    assert options.parse_effects(["j:covariance=1-2;1-3", "h:variance=north=1+2+3;south=4+5"]) == {
         "j": {"covariance": [("1", "2"), ("1", "3")]},
         "h": {"variance": {"north": ["1", "2", "3"], "south": ["4", "5"]}}}
-    assert cli.parse_effects(["j:covariance=g=1+2;h=3+4"]) == {
+    assert options.parse_effects(["j:covariance=g=1+2;h=3+4"]) == {
         "j": {"covariance": {"g": ["1", "2"], "h": ["3", "4"]}}}
-    assert cli.parse_residuals("variance=j,correlation=ar1", ["j"]) == {"variance": "j", "correlation": "ar1"}
-    assert cli.parse_coefficients(["x=j", "z=j"], ["j"], ["Intercept", "x", "z"]) == {"x": "j", "z": "j"}
-    assert cli.parse_vce("cluster:region") == ("cluster", "region")
-    assert cli.parse_vce("robust") == "robust"
+    assert options.parse_residuals("variance=j,correlation=ar1", ["j"]) == {"variance": "j", "correlation": "ar1"}
+    assert options.parse_coefficients(["x=j", "z=j"], ["j"], ["Intercept", "x", "z"]) == {"x": "j", "z": "j"}
+    assert options.parse_vce("cluster:region") == ("cluster", "region")
+    assert options.parse_vce("robust") == "robust"
 
 
 OPTION_ERRORS = [

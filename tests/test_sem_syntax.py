@@ -9,7 +9,7 @@ import pytest
 
 import mlsem
 from mlsem.spec.lavaan import parse
-from mlsem.model.sem import build_table
+from mlsem.spec.semtable import build_table
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 HS = pl.read_parquet(os.path.join(REF, "hs_cfa.parquet"))
