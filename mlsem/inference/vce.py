@@ -2,7 +2,7 @@
 weights, REML, Wald tests, score tests and the test against the saturated model.
 
 Definitions (each checked against lavaan 0.6-14 / lme4 1.1-31 in
-tests/test_inference.py):
+tests/inference/test_inference.py):
 
 * ``vce="robust"``: lavaan's ``se = "robust.huber.white"`` with
   ``missing = "ml"``: A^-1 B A^-1, A the observed information (the Hessian

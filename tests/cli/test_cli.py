@@ -5,7 +5,6 @@ from the worktree root, so the package under test is the one imported."""
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -14,8 +13,8 @@ import pytest
 
 from mlsem.cli import main as cli
 from mlsem.cli import options
+from conftest import REF, ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORMULA = "y ~ x + (1 | k/j)"
 TRUTH = {"Intercept": 0.5, "x": 2.0, "var(k)": 1.0, "var(j)": 0.49, "var(Residual)": 1.0}
 
@@ -297,7 +296,7 @@ def test_usage_errors_exit_2(tmp_path):
 
 
 def test_ranef_and_wide_commands(tmp_path):
-    ref = ROOT / "tests" / "reference" / "pastes.parquet"
+    ref = REF / "pastes.parquet"
     rc, out, err = run("ranef", ref, "-f", "strength ~ 1 + (1 | batch/cask)", "-q",
                        "--out", "eff.parquet", cwd=tmp_path)
     assert rc == 0, err
