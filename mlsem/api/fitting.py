@@ -111,7 +111,8 @@ def fit(data, formula, *, index: str | None = None, vce="mixed",
                               weights, method)
         return fit_multi(data, formula, outcomes=outcomes, index=index, opts=opts, df=df,
                          effects=effects, residuals=residuals, coefficients=coefficients,
-                         client=client, npartitions=npartitions, progress=progress)
+                         client=client, npartitions=npartitions, progress=progress,
+                         finish=_finish)
     if outcomes is not None:
         raise MlsemError("outcomes= needs several outcomes: give a list of formulas, one per outcome")
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)

@@ -25,9 +25,10 @@ def _refuse(what: str):
 
 
 def fit_multi(data, formulas, *, outcomes=None, index=None, opts=None, df=None, effects=None,
-              residuals=None, coefficients=None, client=None, npartitions=None, progress=None):
-    """The multivariate fit (called by mlsem.fit when ``formula`` is a list)."""
-    from .fitting import _finish
+              residuals=None, coefficients=None, client=None, npartitions=None, progress=None,
+              finish=None):
+    """The multivariate fit (called by mlsem.fit when ``formula`` is a list; ``finish``:
+    mlsem.api.fitting's result builder, passed in so that this module does not import it)."""
     if opts.backend == "dask" or client is not None or npartitions is not None:
         _refuse("backend='dask'")
     if opts.method != "ml":
@@ -58,7 +59,7 @@ def fit_multi(data, formulas, *, outcomes=None, index=None, opts=None, df=None, 
     model = MultiModel(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     opt = optimize(model, progress=progress)
     t2 = time.perf_counter()
-    res = _finish(model, opt, opts, _Outcomes(outs), prep,
+    res = finish(model, opt, opts, _Outcomes(outs), prep,
                   {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
     res.encoding = encs
     res.outcome = ", ".join(outs)

@@ -16,7 +16,7 @@ from mlsem.model.multilevel import _core
 from mlsem.model.multivariate import MultiModel, subset_inverses
 from mlsem.spec.multivariate import check_structures, multivariate_table, parse_formulas
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.dirname(__file__))
 FORMULAS = ["y1 ~ x + (1 | k/j)", "y2 ~ x + z + (1 | k/j)"]
 
 
