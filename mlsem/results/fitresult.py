@@ -161,14 +161,21 @@ class FitResult:
         from ..inference.vce import wald
         return wald(self, restrictions)
 
+    def _refuse_several_outcomes(self, what):
+        if getattr(getattr(self.model, "table", None), "nout", 1) > 1:
+            raise MlsemError(f"{what}: not available for a fit of several outcomes yet (Wald "
+                             "intervals and tests, lrtest and random_effects() are)")
+
     def score_tests(self, **kw) -> pl.DataFrame:
         """Score tests of every equality constraint and fixed parameter
         (lavaan's lavTestScore / modindices, Stata's estat scoretests)."""
+        self._refuse_several_outcomes("score_tests")
         from ..inference.scoretests import score_tests
         return score_tests(self, **kw)
 
     def fit_test(self) -> dict:
         """LR test of the model against the saturated model of the wide form."""
+        self._refuse_several_outcomes("fit_test")
         from ..inference.fittest import fit_test
         return fit_test(self)
 
@@ -184,9 +191,11 @@ class FitResult:
         if method == "wald":
             tab = _wald_ci(self, level)
         elif method == "profile":
+            self._refuse_several_outcomes("confint(method='profile')")
             from ..inference.profile import profile_confint
             tab = profile_confint(self, level, parm)
         elif method == "bootstrap":
+            self._refuse_several_outcomes("confint(method='bootstrap')")
             from ..inference.bootstrap import percentile_ci
             tab = percentile_ci(self, level, **kw)
         else:
@@ -207,6 +216,7 @@ class FitResult:
         Polars frame (one column per parameter, plus ``replicate`` and
         ``converged``).  Failed refits are counted and reported
         (``self.boot.failed``), never dropped silently.  See mlsem.inference.bootstrap."""
+        self._refuse_several_outcomes("bootstrap")
         from ..inference.bootstrap import bootstrap
         return bootstrap(self, n=n, seed=seed, parallel=parallel, progress=progress).draws
 

@@ -345,3 +345,39 @@ def test_phi_hessian_equals_differences_of_the_gradient(backend, barrow, outcome
     finally:
         if old is not None:
             _core.set_block_arrowhead(old)
+
+
+def test_inference_that_carries_over_and_refusals(mv_fit, tmp_path):
+    """Wald tests (generic on the estimates and their covariance), OIM errors, export;
+    what needs the univariate machinery is refused by name."""
+    w = mv_fit.wald(["y1:x = y2:x"])
+    se = dict(zip(mv_fit.names, mv_fit.std_err))
+    est = dict(zip(mv_fit.names, mv_fit.estimate))
+    cov = mv_fit.vcov
+    i, j = mv_fit.names.index("y1:x"), mv_fit.names.index("y2:x")
+    C = mv_fit.cov
+    z2 = (est["y1:x"] - est["y2:x"]) ** 2 / (C[i, i] + C[j, j] - 2 * C[i, j])
+    assert w["chi2"] == pytest.approx(z2, rel=1e-9) and cov.height == len(mv_fit.names)
+    d = mlsem.example_data("multivariate")
+    oim = mlsem.fit(d, ["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"], index="i", vce="oim")
+    assert oim.loglik == pytest.approx(mv_fit.loglik, rel=1e-10)
+    assert dict(zip(oim.names, oim.std_err))["y1:x"] == pytest.approx(se["y1:x"], rel=0.05)
+    rind = mlsem.fit(d, ["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"], index="i",
+                     outcomes={"residual": "independent"})
+    mv_fit.to_json(tmp_path / "f.json")
+    mv_fit.to_parquet(tmp_path / "f.parquet")
+    for call, msg in ((lambda: mv_fit.score_tests(), "score_tests"),
+                      (lambda: mv_fit.fit_test(), "fit_test"),
+                      (lambda: mv_fit.confint(method="profile"), "profile"),
+                      (lambda: mv_fit.bootstrap(n=5), "bootstrap"),
+                      (lambda: mlsem.lrtest(rind, mv_fit, bootstrap=5), "bootstrap"),
+                      (lambda: mlsem.multilevel(["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"], d),
+                       "SEM bridge"),
+                      (lambda: mlsem.to_wide(d, ["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"]),
+                       "SEM bridge"),
+                      (lambda: mlsem.fit(d, ["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"],
+                                         backend="dask"), "dask"),
+                      (lambda: mlsem.fit(d, ["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"],
+                                         weights="x"), "weights")):
+        with pytest.raises(MlsemError, match=msg):
+            call()
