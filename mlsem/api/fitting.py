@@ -12,6 +12,7 @@ from ..data.prepare import prepare
 from ..data.encode import load
 from ..errors import ConvergenceWarning, MlsemError
 from ..estimate.optimize import identification, information, optimize, vcov_from_information
+from ..estimate.grouped import optimize_auto
 from ..spec.formula import effects_of, nest_levels, parse_formula
 from ..model.multilevel import Model
 from ..spec.relax import coefficient_design, needs_warm_start, relax_table, warm_start
@@ -178,9 +179,9 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     if table is not base_table and needs_warm_start(table):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            base = optimize(Model(prep, base_table, backend=opts.backend, nthreads=opts.nthreads))
+            base = optimize_auto(Model(prep, base_table, backend=opts.backend, nthreads=opts.nthreads))
         start = warm_start(table, base_table, base.final)
-    opt = optimize(model, start=start, progress=progress)
+    opt = optimize_auto(model, start=start, progress=progress)
     if progress is not None and hasattr(progress, "stage"):
         progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
