@@ -179,7 +179,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     if table is not base_table and needs_warm_start(table):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            base = optimize_auto(Model(prep, base_table, backend=opts.backend, nthreads=opts.nthreads))
+            base = optimize(Model(prep, base_table, backend=opts.backend, nthreads=opts.nthreads))
         start = warm_start(table, base_table, base.final)
     opt = optimize_auto(model, start=start, progress=progress)
     if progress is not None and hasattr(progress, "stage"):

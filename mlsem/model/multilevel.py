@@ -200,7 +200,10 @@ def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
 
 
 class Model:
-    def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
+    def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None,
+                 units=None):
+        # units: (ols, pscale) taken from another model of the same data (the
+        # grouped data of mlsem.model.reduced), instead of computed here
         self.prep = prep
         self.table = table
         self.backend = resolve_backend(backend)
@@ -244,8 +247,11 @@ class Model:
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
         # random intercepts only: the kernel's row loops need not read the loadings
         self._unit_load = bool(np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
-        self.ols = ols_fit(prep)
-        self.pscale = param_scales(table, prep, self._unit_load, self.ols)
+        if units is None:
+            self.ols = ols_fit(prep)
+            self.pscale = param_scales(table, prep, self._unit_load, self.ols)
+        else:
+            self.ols, self.pscale = units
         self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
         self._resid = np.empty(prep.nobs)
         self._xtw = np.zeros((max(nt, 1) * 4, self.q))

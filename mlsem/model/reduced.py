@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .multilevel import SERIAL_BELOW, Model, chain_rule
+from .multilevel import SERIAL_BELOW, Model, _core, chain_rule
 
 LOG2PI = math.log(2.0 * math.pi)
 
@@ -138,6 +138,32 @@ class ReducedModel(Model):
         g = chain_rule(t, psi, np.zeros((self.M, self.M)), gth, xtw)
         return ll, g
 
+    def within_quad(self, psi):
+        """The within part's quadratic share of dl/dtheta, sum_s W_s / (2 theta_s^2)
+        (one residual variance: the Euler identity of mlsem.estimate.newton)."""
+        t = self.table
+        s = self._wslots
+        th = np.zeros(self.P)
+        th[t.theta_row] = psi[t.theta_param]
+        th = th[s]
+        beta = psi[t.beta_param] if self.q else np.zeros(0)
+        W = self._Wyy[s].copy()
+        if self.q:
+            W += -2.0 * (self._Wxy[s] @ beta) + (self._Wxx[s] @ beta) @ beta
+        return float(np.sum(np.maximum(W, 0.0) / (2.0 * th * th)))
+
+    def within_cross(self, psi):
+        """d/dbeta of the within part's dl/dtheta (one residual variance):
+        -sum_s (Wxy_s - Wxx_s beta) / theta_s^2."""
+        t = self.table
+        s = self._wslots
+        th = np.zeros(self.P)
+        th[t.theta_row] = psi[t.theta_param]
+        th = th[s]
+        beta = psi[t.beta_param]
+        r = self._Wxy[s] - self._Wxx[s] @ beta
+        return -(r / (th * th)[:, None]).sum(axis=0)
+
     def _evaluate(self, psi, need_grad, hess=False):
         out = super()._evaluate(psi, need_grad, hess)
         if out is None or out[0] is None:
@@ -167,19 +193,40 @@ def reduce_model(model):
     if np.any(th_cls < 0):
         return None, "a slot without a residual variance parameter"
     key = np.column_stack([np.asarray(prep.slot_lat, dtype=np.int64), th_cls])
-    _, code = np.unique(key, axis=0, return_inverse=True)
-    code = code.ravel()[slot]
-    # groups: runs of one code within a unit (observations are sorted by slot)
-    new = np.ones(nobs, dtype=bool)
-    new[1:] = code[1:] != code[:-1]
-    new[row_ptr[:-1][row_ptr[:-1] < nobs]] = True
-    start = np.flatnonzero(new)
-    ng = len(start)
-    if ng > MAX_GROUP_SHARE * nobs:
-        return None, f"{ng:,} groups for {nobs:,} observations: nothing to gain"
-    counts = np.diff(np.append(start, nobs))
-    grow = np.searchsorted(row_ptr, start, side="right") - 1     # each group's unit
-    rep = slot[start].astype(np.int64)
+    _, code_of_slot = np.unique(key, axis=0, return_inverse=True)
+    code_of_slot = np.ascontiguousarray(code_of_slot.ravel(), dtype=np.int64)
+    y = np.ascontiguousarray(prep.y, dtype=np.float64)
+    X = model._X
+    q = X.shape[1]
+    wrow = np.ascontiguousarray(prep.wrow, dtype=np.float64)
+    if _core is not None:
+        # one pass in the kernel (groups, sums, within-group cross products)
+        ng = int(_core.group_count(row_ptr, slot, code_of_slot))
+        if ng > MAX_GROUP_SHARE * nobs:
+            return None, f"{ng:,} groups for {nobs:,} observations: nothing to gain"
+        start = np.empty(ng, dtype=np.int64)
+        grow = np.empty(ng, dtype=np.int64)
+        sz = np.empty((ng, q + 1))
+        Wzz = np.zeros((P, q + 1, q + 1))
+        _core.group_sums(row_ptr, slot, code_of_slot, X, y, wrow, start, grow, sz, Wzz)
+        counts = np.diff(np.append(start, nobs))
+        rep = slot[start].astype(np.int64)
+        wg = wrow[grow]
+    else:
+        code = code_of_slot[slot]
+        # groups: runs of one code within a unit (observations are sorted by slot)
+        new = np.ones(nobs, dtype=bool)
+        new[1:] = code[1:] != code[:-1]
+        new[row_ptr[:-1][row_ptr[:-1] < nobs]] = True
+        start = np.flatnonzero(new)
+        ng = len(start)
+        if ng > MAX_GROUP_SHARE * nobs:
+            return None, f"{ng:,} groups for {nobs:,} observations: nothing to gain"
+        counts = np.diff(np.append(start, nobs))
+        grow = np.searchsorted(row_ptr, start, side="right") - 1     # each group's unit
+        rep = slot[start].astype(np.int64)
+        wg = wrow[grow]
+        sz, Wzz = _group_sums(X, y, start, counts, rep, wg, P)
     gcount = np.bincount(grow, minlength=nrows)
     maxg = int(gcount.max())
     if nrows * maxg > 50_000_000:
@@ -199,13 +246,6 @@ def reduce_model(model):
     rptr = np.zeros(nrows + 1, dtype=np.int64)
     np.cumsum(gc, out=rptr[1:])
     gidx = np.arange(ng) - np.repeat(rptr[:-1], gc) + np.repeat(gptr[order], gc)
-    # sums per group, the pseudo-observations
-    y = np.asarray(prep.y, dtype=np.float64)
-    X = model._X
-    q = X.shape[1]
-    wrow = np.asarray(prep.wrow, dtype=np.float64)
-    wg = wrow[grow]
-    sz, Wzz = _group_sums(X, y, start, counts, rep, wg, P)
     sq = np.sqrt(counts.astype(np.float64))
     zr = sz / sq[:, None]
     cnt = np.bincount(rep, weights=wg * (counts - 1), minlength=P)
@@ -218,10 +258,8 @@ def reduce_model(model):
         nobs=ng, nrows=nrows, npatterns=len(pat_ptr) - 1, max_row_obs=maxg,
         nslots=prep.nslots, xnames=prep.xnames)
     nt = model.nthreads if ng >= SERIAL_BELOW else 1
-    red = ReducedModel(rprep, t, backend=model.backend, nthreads=nt)
-    red.pscale = model.pscale
-    red.ols = model.ols
-    red.full = model
+    red = ReducedModel(rprep, t, backend=model.backend, nthreads=nt,
+                       units=(model.ols, model.pscale))
     red._setup_within(Wzz, cnt, q)
     rprep.nobs = nobs            # the optimiser's scale: the full data's
     return red, None
