@@ -40,8 +40,9 @@ def optimize_auto(model, start=None, maxiter=5000, progress=None):
     why_newton = why_not_newton(target) if model.backend == "cython" else f"backend {model.backend!r}"
     if why_newton is None:
         opt = newton(target, psi0, progress)
-        if opt is None:
-            why_newton = "Newton did not converge from the start (L-BFGS-B took over)"
+        if isinstance(opt, str):
+            why_newton = f"Newton stopped ({opt}); L-BFGS-B from the start"
+            opt = None
     if opt is None:
         if red is None:
             opt = optimize(model, start=psi0, maxiter=maxiter, progress=progress)
