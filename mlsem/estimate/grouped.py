@@ -38,16 +38,24 @@ def optimize_auto(model, start=None, maxiter=5000, progress=None):
     n_full = model.nevals
     opt = None
     why_newton = why_not_newton(target) if model.backend == "cython" else f"backend {model.backend!r}"
+    psi_lb = psi0
     if why_newton is None:
-        opt = newton(target, psi0, progress)
+        handover = []
+        opt = newton(target, psi0, progress, handover)
         if isinstance(opt, str):
-            why_newton = f"Newton stopped ({opt}); L-BFGS-B from the start"
+            if handover:
+                # an optimum on a bound: L-BFGS-B from Newton's last point (higher
+                # than the start), where its bounds do the rest
+                psi_lb = handover[0]
+                why_newton = f"Newton stopped ({opt}); L-BFGS-B from its last point"
+            else:
+                why_newton = f"Newton stopped ({opt}); L-BFGS-B from the start"
             opt = None
     if opt is None:
         if red is None:
-            opt = optimize(model, start=psi0, maxiter=maxiter, progress=progress)
+            opt = optimize(model, start=psi_lb, maxiter=maxiter, progress=progress)
         else:
-            opt = _lbfgsb_grouped(model, red, psi0, maxiter, progress)
+            opt = _lbfgsb_grouped(model, red, psi_lb, maxiter, progress)
             if opt.path == "full":
                 why = opt.grouped_reason
     opt.path = getattr(opt, "path", "full" if red is None else "grouped")

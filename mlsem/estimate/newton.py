@@ -208,14 +208,18 @@ def full_hessian(model, lay, psi, g, Hphi, w):
     return H
 
 
-def newton(model, psi0, progress=None):
+def newton(model, psi0, progress=None, handover=None):
     """Newton's method from psi0 (see the module's docstring).  Returns an
-    :class:`OptSummary` (converged) or a string, why not (the caller falls back)."""
+    :class:`OptSummary` (converged) or a string, why not (the caller falls
+    back); ``handover`` (a list), if given, receives the point from which
+    L-BFGS-B should go on when Newton stopped at a bound (empty otherwise)."""
+    handover = [] if handover is None else handover
+    handover.clear()
     with _serial_blas():
-        return _newton(model, np.asarray(psi0, dtype=float), progress)
+        return _newton(model, np.asarray(psi0, dtype=float), progress, handover)
 
 
-def _newton(model, psi, progress):
+def _newton(model, psi, progress, handover):
     t0 = time.perf_counter()
     n0 = model.nevals
     start = psi.copy()
@@ -234,6 +238,7 @@ def _newton(model, psi, progress):
     if C is None:
         return "an evaluation or a linear solve failed"
     vC = psi[vidx].copy()
+    capped = 0
     steps = 0
     log = []
     q = len(beta)
@@ -291,7 +296,11 @@ def _newton(model, psi, progress):
             progress(steps, ll)
         if not accepted:
             return "no step along the Newton direction increased the log-likelihood"
-        if tmax < 1.0 and np.any(psi[vidx] < 1e-6 * unit[vidx]):
+        # a variance cut short on its way to 0 twice in a row (or already ~0):
+        # an optimum on the bound, which L-BFGS-B handles (from here)
+        capped = capped + 1 if tmax < 1.0 else 0
+        if capped >= 2 or (tmax < 1.0 and np.any(psi[vidx] < 1e-6 * unit[vidx])):
+            handover[:] = [psi.copy()]
             return "a variance heading for its bound of 0"
     else:
         return f"no convergence in {MAX_ITER} Newton iterations"
