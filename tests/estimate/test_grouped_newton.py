@@ -6,7 +6,6 @@ Hessian block; Newton's whole Hessian must equal the differenced one; the fits
 must equal the L-BFGS-B driver's on the full data; models outside the new paths
 keep the old ones, and say why."""
 import json
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -19,7 +18,7 @@ from mlsem.estimate.optimize import hessian, optimize
 from mlsem.model import reduced as R
 from mlsem.model.multilevel import Model
 
-REF = Path(__file__).parent / "reference"
+from conftest import REF
 
 
 def _case(name):
