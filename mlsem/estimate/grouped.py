@@ -1,16 +1,19 @@
-"""Estimation on the grouped data (issue 14): the optimiser of
-:mod:`mlsem.estimate.optimize` run on :class:`mlsem.model.reduced.ReducedModel`,
-one pseudo-observation per group of observations that share their latents and
-residual variance (a school's pupils), where the model allows it; the full
-data's optimiser otherwise.
+"""Estimation driver of ``fit`` (issue 14): the grouped data and Newton's
+method where they apply, the L-BFGS-B driver of :mod:`mlsem.estimate.optimize`
+otherwise and as the fallback.
 
-The reduced model has the same log-likelihood, gradient and exact Hessian block
-as the full one (to rounding), so the same optimiser takes the same path; each
-evaluation reads about a tenth of the data on the nested designs.  A run on the
-grouped data that does not converge is repeated on the full data from the same
-start, and the better of the two is kept (the grouping is never silently worse).
-The final Hessian (the observed information) is computed on the grouped data
-too, at the estimate.
+The grouped data (:class:`mlsem.model.reduced.ReducedModel`: one
+pseudo-observation per group of observations that share their latents and
+residual variance, a school's pupils) have the same log-likelihood, gradient and
+exact Hessian block as the full data (to rounding), at about a third of the cost
+per evaluation on the nested designs.  Newton's method
+(:mod:`mlsem.estimate.newton`) runs on them where it applies.  An L-BFGS-B run
+on the grouped data that does not converge is repeated on the full data from
+the same start, and the better of the two is kept (never silently worse).  The
+observed information is the Hessian at the estimate, from the grouped data.
+The record says what was used: ``opt.path`` ("grouped" or "full", with
+``opt.grouped_reason``) and ``opt.method`` ("newton" or "lbfgsb", with
+``opt.newton_reason``).
 """
 from __future__ import annotations
 

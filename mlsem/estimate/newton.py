@@ -17,15 +17,20 @@ effects' block is -X' V^-1 X (= the change of dl/dbeta, which is linear in
 beta, along each coefficient: q evaluations, exact), recomputed only when the
 variance parameters have moved by more than ``C_REFRESH``; the cross terms
 between beta and v are left out of the steps (their expectation is 0; stale
-ones slowed the first steps), so each iteration is one kernel pass.  Steps are damped to stay inside the admissible
-set and to increase the log-likelihood.
+ones slowed the first steps), so each iteration is one kernel pass.  Steps are
+damped to stay inside the admissible set and to increase the log-likelihood.
+The run ends with one step with the whole exact Hessian (cross terms
+included), which is also the observed information handed to the results.
 
 Where the Hessian is not negative definite (far from the optimum) the step is
 the modified Newton step (positive curvatures turned negative).  A run that
-stalls (a variance heading for its bound of 0, a line search that fails,
-``MAX_ITER`` iterations) hands back the reason, and the caller
-uses the L-BFGS-B driver instead (``mlsem.estimate.grouped.optimize_auto``),
-from the original start: those fits are exactly what they were before.
+reaches a bound (a random effect's variance cut short on its way to 0
+twice) puts that variance on 0 and holds it there while its gradient points
+outside (an active set).  A run that stalls (the residual variance heading for
+0, a line search that fails, ``MAX_ITER`` iterations) hands back the reason,
+and the caller uses the L-BFGS-B driver instead (``mlsem.estimate.grouped.optimize_auto``): from
+Newton's last point for an optimum on a bound, from the original start
+otherwise.
 """
 from __future__ import annotations
 
@@ -242,19 +247,24 @@ def _newton(model, psi, progress, handover):
     steps = 0
     log = []
     q = len(beta)
+    # the active set: variances of random effects held at their bound of 0 (an
+    # optimum on the bound), released if their gradient points inside
+    active = np.zeros(len(vidx), dtype=bool)
+    releases = 0
     for it in range(MAX_ITER):
         vidx, Hv = _hessian_v(model, lay, psi, g, Hphi, w)
-        if q and np.max(np.abs(psi[vidx] - vC) / np.abs(vC)) > C_REFRESH:
+        if q and np.max(np.abs(psi[vidx] - vC) / np.maximum(np.abs(vC), 1e-12 * unit[vidx])) > C_REFRESH:
             got = _fixed_block(model, lay, psi, g, w, vidx)
             if got is None:
                 return "an evaluation or a linear solve failed"
             C, Xv = got
             vC = psi[vidx].copy()
-        # the Newton step on (beta, v)
-        idx = np.concatenate([beta, vidx])
+        # the Newton step on (beta, the free v)
+        fv = ~active
+        idx = np.concatenate([beta, vidx[fv]])
         H = np.zeros((len(idx), len(idx)))
         H[:q, :q] = -C
-        H[q:, q:] = Hv
+        H[q:, q:] = Hv[np.ix_(fv, fv)]
         try:
             lam, Q = np.linalg.eigh(H)
         except np.linalg.LinAlgError:
@@ -270,8 +280,22 @@ def _newton(model, psi, progress, handover):
         lam = -np.maximum(np.abs(lam), 1e-10 * big)
         d = Q @ ((Q.T @ g[idx]) / -lam)
         gain = 0.5 * float(g[idx] @ d)       # the Newton decrement: predicted gain
-        if gain < STOP_GAIN or np.max(np.abs(g * unit)) < 1e-9 * N ** 0.5:
-            break
+        if gain < STOP_GAIN or np.max(np.abs(g[idx] * unit[idx])) < 1e-9 * N ** 0.5:
+            # converged on the free parameters; a variance held at 0 whose
+            # gradient points inside is released (a few times at most)
+            inside = active & (g[vidx] * unit[vidx] > 1e-6 * N ** 0.5)
+            if not inside.any() or releases >= 3:
+                break
+            releases += 1
+            active &= ~inside
+            psi = psi.copy()
+            psi[vidx[inside]] = 1e-3 * unit[vidx[inside]]
+            got = model.phi_hessian(psi)
+            if got is None:
+                return "an evaluation or a linear solve failed"
+            ll, g, Hphi = got
+            w = model._w.copy()
+            continue
         step = np.zeros_like(psi)
         step[idx] = d
         if not np.all(np.isfinite(step)):
@@ -279,7 +303,9 @@ def _newton(model, psi, progress, handover):
         # stay inside: a variance moves at most 90% of the way to 0
         v, dv = psi[vidx], step[vidx]
         neg = dv < 0
-        tmax = min(1.0, 0.9 * float(np.min(-v[neg] / dv[neg]))) if neg.any() else 1.0
+        ratio = np.full(len(vidx), np.inf)
+        ratio[neg] = -v[neg] / dv[neg]
+        tmax = min(1.0, 0.9 * float(np.min(ratio)))
         accepted = False
         for shrink in (1.0, 0.5, 0.25, 0.1, 0.03):
             cand = psi + tmax * shrink * step
@@ -296,12 +322,25 @@ def _newton(model, psi, progress, handover):
             progress(steps, ll)
         if not accepted:
             return "no step along the Newton direction increased the log-likelihood"
-        # a variance cut short on its way to 0 twice in a row (or already ~0):
-        # an optimum on the bound, which L-BFGS-B handles (from here)
+        # a variance cut short on its way to 0 twice in a row: an optimum on
+        # the bound.  A random effect's variance is put on it and held there
+        # (the active set); the residual variance cannot be 0: L-BFGS-B's turn
         capped = capped + 1 if tmax < 1.0 else 0
-        if capped >= 2 or (tmax < 1.0 and np.any(psi[vidx] < 1e-6 * unit[vidx])):
-            handover[:] = [psi.copy()]
-            return "a variance heading for its bound of 0"
+        if capped >= 2:
+            hit = np.flatnonzero(ratio <= 1.0 / 0.9 * tmax * (1 + 1e-9))
+            if np.any(vidx[hit] == vidx[-1]) or not hit.size:
+                handover[:] = [psi.copy()]
+                return "the residual variance heading for its bound of 0"
+            active[hit] = True
+            psi = psi.copy()
+            psi[vidx[hit]] = 0.0
+            got = model.phi_hessian(psi)
+            if got is None:
+                handover[:] = [psi.copy()]
+                return "a variance heading for its bound of 0"
+            ll, g, Hphi = got
+            w = model._w.copy()
+            capped = 0
     else:
         return f"no convergence in {MAX_ITER} Newton iterations"
     # a last step with the whole, exact Hessian (the cross terms included): the
@@ -310,8 +349,11 @@ def _newton(model, psi, progress, handover):
     H = full_hessian(model, lay, psi, g, Hphi, w)
     if H is None:
         return "an evaluation or a linear solve failed"
+    free = np.ones(t.nparams, dtype=bool)
+    free[vidx[active]] = False
     try:
-        d = np.linalg.solve(H, -g)
+        d = np.zeros_like(psi)
+        d[free] = np.linalg.solve(H[np.ix_(free, free)], -g[free])
     except np.linalg.LinAlgError:
         return "an evaluation or a linear solve failed"
     if np.all(np.isfinite(d)) and float(g @ d) > 0:

@@ -210,3 +210,22 @@ def test_units_invariance_newton():
     kinds = np.array(a.kinds)
     scale = np.where(kinds == "fixed", 1e4, 1e8)
     assert np.allclose(b.estimate / scale, a.estimate, rtol=1e-6)
+
+
+def test_variance_on_its_bound_active_set():
+    """A school variance estimated at 0 (simulated without school effects):
+    Newton holds it on the bound (no hand-over), and the fit equals the
+    L-BFGS-B driver's on the full data, with fewer evaluations."""
+    df = mlsem.simulate(300, (1, 5), (1, 8), intercept=1.0, slope=0.5, sd_county=1.0,
+                        sd_school=0.0, sd_resid=1.0, x="normal", seed=5)
+    res = mlsem.fit(df, "y ~ x + (1 | k/j)")
+    old = optimize(_fresh(res))
+    assert res.converged and old.converged
+    assert res.opt.method == "newton", res.opt.newton_reason
+    j = res.names.index("var(j)")
+    assert res.estimate[j] == 0.0 and old.final[j] == 0.0
+    assert res.loglik == pytest.approx(old.loglik, abs=1e-8)
+    assert np.allclose(res.estimate, old.final, rtol=1e-7, atol=1e-9)
+    assert res.opt.evaluations < old.evaluations
+    Hd = hessian(_fresh(res), res.estimate)      # forward differences at the bound
+    assert np.allclose(res.opt.hessian, Hd, rtol=1e-4, atol=1e-6 * np.max(np.abs(Hd)))
