@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from mlsem import estimate  # noqa: E402
+from mlsem.estimate import optimize as estimate  # noqa: E402
 from mlsem.data.prepare import collect_columns, prepare  # noqa: E402
 from mlsem.spec.formula import nest_levels, parse_formula  # noqa: E402
 from mlsem.model.multilevel import Model  # noqa: E402

@@ -12,6 +12,7 @@ from ..data.prepare import prepare
 from ..data.encode import load
 from ..errors import ConvergenceWarning, MlsemError
 from ..estimate.optimize import identification, information, optimize, vcov_from_information
+from ..estimate.grouped import optimize_auto
 from ..spec.formula import effects_of, nest_levels, parse_formula
 from ..model.multilevel import Model
 from ..spec.relax import coefficient_design, needs_warm_start, relax_table, warm_start
@@ -45,8 +46,13 @@ def _check_options(formula, index, vce, backend, nthreads, weights=None, method=
     return FitOptions(formula, index, vce, backend, nthreads, cluster, weights, method)
 
 
-def _ols_loglik(y, X):
+def _ols_loglik(y, X, ols=None):
+    """Log-likelihood of the linear regression of y on X; ``ols``: the model's
+    (beta, mean squared residual) by the normal equations, when it has them
+    (lstsq again took 0.09 s on 1.15M rows)."""
     n = len(y)
+    if ols is not None and ols[0] is not None and X.shape[1] and ols[1] > 0:
+        return -0.5 * n * (math.log(2 * math.pi) + math.log(ols[1]) + 1.0)
     if X.shape[1]:
         beta, *_ = np.linalg.lstsq(X, y, rcond=None)
         r = y - X @ beta
@@ -195,7 +201,7 @@ def fit(data, formula, *, index: str | None = None, vce="mixed",
             warnings.simplefilter("ignore", ConvergenceWarning)
             base = optimize(Model(prep, base_table, backend=opts.backend, nthreads=opts.nthreads))
         start = warm_start(table, base_table, base.final)
-    opt = optimize(model, start=start, progress=progress)
+    opt = optimize_auto(model, start=start, progress=progress)
     if progress is not None and hasattr(progress, "stage"):
         progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
@@ -241,7 +247,8 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
     # correlations, and residual variances beyond the first (relaxations)
     nvc = sum(1 for k in kinds if k in ("var", "cov", "corr")) + max(kinds.count("resid") - 1, 0)
     if nvc and opts.weights is None:
-        ll0 = model.ols_loglik() if hasattr(model, "ols_loglik") else _ols_loglik(prep.y, prep.X)
+        ll0 = model.ols_loglik() if hasattr(model, "ols_loglik") else _ols_loglik(
+            prep.y, prep.X, getattr(model, "ols", None))
         chi2 = max(0.0, 2.0 * (opt.loglik - ll0))
         from scipy import stats
         p = float(stats.chi2.sf(chi2, nvc))

@@ -1980,3 +1980,84 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         free(dbuf)
     _raise_alloc(status_t, (nd + 16 + q + nsb) * sizeof(double))
     return 0
+# ---- grouped data (issue 14, mlsem.model.reduced) ------------------------------
+# One pass over the observations: the runs of equal slot code within each unit
+# (a group: observations sharing their latents and residual variance), their
+# sums of the columns of Z = [X y], and per representative slot the weighted
+# within-group cross products of Z, centred on each group's own mean.
+
+def group_count(const long long[::1] row_ptr, const int[::1] slot,
+                const long long[::1] code_of_slot):
+    """The number of groups (runs of one ``code_of_slot[slot]`` within a unit)."""
+    cdef Py_ssize_t nrows = row_ptr.shape[0] - 1, r
+    cdef long long o, ng = 0
+    with nogil:
+        for r in range(nrows):
+            for o in range(row_ptr[r], row_ptr[r + 1]):
+                if o == row_ptr[r] or code_of_slot[slot[o]] != code_of_slot[slot[o - 1]]:
+                    ng += 1
+    return ng
+
+
+def group_sums(const long long[::1] row_ptr, const int[::1] slot,
+               const long long[::1] code_of_slot, const double[:, ::1] X,
+               const double[::1] y, const double[::1] wrow,
+               long long[::1] start, long long[::1] grow, double[:, ::1] sums,
+               double[:, :, ::1] within):
+    """Fills, per group g (``group_count`` of them): ``start[g]`` its first
+    observation, ``grow[g]`` its unit, ``sums[g]`` the sums of [X y]; and adds
+    wrow * sum (z - mean_g)(z - mean_g)' to ``within[slot of its first
+    observation]`` (P x k x k, k = q + 1)."""
+    cdef Py_ssize_t nrows = row_ptr.shape[0] - 1, r
+    cdef int q = X.shape[1], k = q + 1, i, j, s
+    cdef long long o, o0, o1, g = 0, n, ng = start.shape[0]
+    cdef double wr, zi, zj
+    if sums.shape[0] != ng or grow.shape[0] != ng or sums.shape[1] != k:
+        raise ValueError("group_sums: outputs sized for group_count groups and q + 1 columns")
+    if within.shape[1] != k or within.shape[2] != k or X.shape[0] != y.shape[0] \
+            or slot.shape[0] != y.shape[0] or wrow.shape[0] < nrows:
+        raise ValueError("group_sums: shapes of X, y, slot, wrow, within do not agree")
+    if nrows > 0 and (row_ptr[0] != 0 or row_ptr[nrows] > y.shape[0]):
+        raise ValueError("group_sums: row_ptr is not a range of the observations")
+    for o in range(slot.shape[0]):
+        if slot[o] < 0 or slot[o] >= code_of_slot.shape[0] or slot[o] >= within.shape[0]:
+            raise ValueError(f"group_sums: slot[{o}] = {slot[o]} out of range")
+    cdef double* mean = <double*>malloc(k * sizeof(double))
+    if mean == NULL:
+        raise MemoryError()
+    with nogil:
+        for r in range(nrows):
+            wr = wrow[r]
+            o0 = row_ptr[r]
+            while o0 < row_ptr[r + 1] and g < ng:
+                o1 = o0 + 1
+                while o1 < row_ptr[r + 1] and code_of_slot[slot[o1]] == code_of_slot[slot[o0]]:
+                    o1 += 1
+                n = o1 - o0
+                for i in range(k):
+                    mean[i] = 0.0
+                for o in range(o0, o1):
+                    for i in range(q):
+                        mean[i] += X[o, i]
+                    mean[q] += y[o]
+                start[g] = o0
+                grow[g] = r
+                for i in range(k):
+                    sums[g, i] = mean[i]
+                    mean[i] /= n
+                if n > 1:
+                    s = slot[o0]
+                    for o in range(o0, o1):
+                        for i in range(k):
+                            zi = (X[o, i] if i < q else y[o]) - mean[i]
+                            for j in range(i, k):
+                                zj = (X[o, j] if j < q else y[o]) - mean[j]
+                                within[s, i, j] += wr * zi * zj
+                g += 1
+                o0 = o1
+    free(mean)
+    for s in range(within.shape[0]):
+        for i in range(k):
+            for j in range(i):
+                within[s, i, j] = within[s, j, i]
+    return g

@@ -76,6 +76,21 @@ def default_threads() -> int:
 
 SERIAL_BELOW = 50_000
 
+_BLAS_CTL = []
+
+
+def _blas_controller():
+    """One threadpoolctl controller per process (finding the loaded BLAS
+    libraries reads /proc: ~3 ms, once instead of per model); None without
+    threadpoolctl."""
+    if not _BLAS_CTL:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS_CTL.append(ThreadpoolController())
+        except Exception:  # threadpoolctl is optional
+            _BLAS_CTL.append(None)
+    return _BLAS_CTL[0]
+
 
 def psd_cholesky(S):
     """Lower Cholesky factor of a positive semi-definite S, a column 0 where
@@ -185,7 +200,10 @@ def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
 
 
 class Model:
-    def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
+    def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None,
+                 units=None):
+        # units: (ols, pscale) taken from another model of the same data (the
+        # grouped data of mlsem.model.reduced), instead of computed here
         self.prep = prep
         self.table = table
         self.backend = resolve_backend(backend)
@@ -229,8 +247,11 @@ class Model:
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
         # random intercepts only: the kernel's row loops need not read the loadings
         self._unit_load = bool(np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
-        self.ols = ols_fit(prep)
-        self.pscale = param_scales(table, prep, self._unit_load, self.ols)
+        if units is None:
+            self.ols = ols_fit(prep)
+            self.pscale = param_scales(table, prep, self._unit_load, self.ols)
+        else:
+            self.ols, self.pscale = units
         self._X = np.ascontiguousarray(prep.X, dtype=np.float64)
         self._resid = np.empty(prep.nobs)
         self._xtw = np.zeros((max(nt, 1) * 4, self.q))
@@ -249,13 +270,7 @@ class Model:
         # oversubscribes the cores: 0.9 s instead of 3 ms per dense evaluation,
         # 44 ms instead of 18 ms with 11 design columns on medium (2 busy
         # cores).  Pin BLAS to one thread for the evaluation.
-        self._blas_ctl = None
-        if self.backend == "cython":
-            try:
-                from threadpoolctl import ThreadpoolController
-                self._blas_ctl = ThreadpoolController()
-            except Exception:  # threadpoolctl is optional
-                self._blas_ctl = None
+        self._blas_ctl = _blas_controller() if self.backend == "cython" else None
 
     def __getstate__(self):
         # a threadpoolctl controller holds ctypes handles and cannot be pickled:

@@ -35,7 +35,7 @@ def client():
 
 
 def _two_workers(client):
-    client.wait_for_workers(2, timeout=60)
+    client.wait_for_workers(2, timeout=180)  # a restarted worker is slow to start on a busy machine
 
 
 def assert_same_fit(r0, r1, se_rel=1e-6):
