@@ -1,0 +1,140 @@
+"""Pseudo-likelihood with weights at every level (mlsem.model.pseudo): equal to
+the kernel's likelihood with unit weights, to the replicated data's with
+integer weights (value and gradient, at arbitrary parameters), gradients
+against central differences."""
+import numpy as np
+import polars as pl
+import pytest
+
+import mlsem
+from mlsem.data.encode import load
+from mlsem.data.prepare import prepare
+from mlsem.model.multilevel import Model
+from mlsem.model.pseudo import Hierarchy, PseudoModel
+from mlsem.spec.formula import effects_of, nest_levels, parse_formula
+from mlsem.spec.table import multilevel_table
+
+INTERCEPTS = "y ~ x1 + z + (1 | k/j)"
+SLOPES = "y ~ x1 + z + (1 + x1 | k) + (1 + x1 | k:j)"
+
+
+def build(df, formula):
+    F = parse_formula(formula)
+    levels = nest_levels(F)
+    df2, F, _ = load(df, F, [c for c in df.columns if c.startswith("w_")])
+    prep = prepare(df2, F.outcome, list(F.fixed), F.intercept, levels, effects_of(F))
+    return df2, prep, multilevel_table(prep, F, levels)
+
+
+def replicate(df, which):
+    """Each weighted unit repeated (new ids), as the lme4 references were made."""
+    d = df
+    if "k" in which:
+        rep = d.select("k", "w_k").unique().with_columns(pl.int_ranges(0, pl.col("w_k")).alias("_c"))
+        d = d.join(rep.explode("_c").select("k", "_c"), on="k").with_columns(
+            (pl.col("k") * 10 + pl.col("_c")).alias("k")).drop("_c")
+    if "j" in which:
+        rep = d.select("k", "j", "w_j").unique().with_columns(pl.int_ranges(0, pl.col("w_j")).alias("_c"))
+        d = d.join(rep.explode("_c").select("k", "j", "_c"), on=["k", "j"]).with_columns(
+            (pl.col("j") * 10 + pl.col("_c")).alias("j")).drop("_c")
+    if "obs" in which:
+        d = d.with_columns(pl.int_ranges(0, pl.col("w_i")).alias("_c")).explode("_c").drop("_c")
+    return d.sort("k", "j", "i")
+
+
+def pseudo_model(df, formula, which, scale=1.0):
+    df2, prep, table = build(df, formula)
+    H = Hierarchy(prep, [None] * 3)
+    fr = df2[prep.obs_row]
+    ws = [None] * 3
+    if "k" in which:
+        ws[0] = scale * fr["w_k"].to_numpy()[H.starts[0]].astype(float)
+    if "j" in which:
+        ws[1] = scale * fr["w_j"].to_numpy()[H.starts[1]].astype(float)
+    if "obs" in which:
+        ws[2] = scale * fr["w_i"].to_numpy().astype(float)
+    return PseudoModel(prep, table, ws)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return mlsem.example_data("unbalanced_weighted")
+
+
+def _psi(table, rng):
+    out = []
+    for p in table.params:
+        if p.kind == "fixed":
+            out.append(rng.normal(0.5, 0.3))
+        elif p.kind == "var":
+            out.append(rng.uniform(0.3, 1.5))
+        elif p.kind == "cov":
+            out.append(rng.uniform(-0.1, 0.1))
+        else:
+            out.append(rng.uniform(0.6, 1.2))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("formula", [INTERCEPTS, SLOPES])
+def test_unit_weights_equal_the_kernel(data, formula):
+    _, prep, table = build(data, formula)
+    psi = _psi(table, np.random.default_rng(3))
+    ll0, g0 = Model(prep, table).evaluate(psi)
+    ll1, g1 = PseudoModel(prep, table, [None, None, None]).evaluate(psi)
+    assert ll1 == pytest.approx(ll0, rel=1e-12)
+    np.testing.assert_allclose(g1, g0, rtol=1e-9, atol=1e-9 * np.abs(g0).max())
+    ll2, g2 = PseudoModel(prep, table, [np.ones(prep.nrows), np.ones(prep.levels[1].ngroups),
+                                        np.ones(prep.nobs)]).evaluate(psi)
+    assert ll2 == pytest.approx(ll0, rel=1e-12)
+
+
+@pytest.mark.parametrize("formula", [INTERCEPTS, SLOPES])
+@pytest.mark.parametrize("which", [["k"], ["j"], ["obs"], ["k", "j", "obs"]])
+def test_integer_weights_are_replicated_data(data, formula, which):
+    """Value and gradient at arbitrary parameters, not only at an optimum."""
+    rep = replicate(data, which)
+    _, prep_r, table_r = build(rep, formula)
+    pm = pseudo_model(data, formula, which)
+    assert table_r.names == pm.table.names
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+        psi = _psi(pm.table, rng)
+        llr, gr = Model(prep_r, table_r).evaluate(psi)
+        llp, gp = pm.evaluate(psi)
+        assert llp == pytest.approx(llr, rel=1e-12)
+        np.testing.assert_allclose(gp, gr, rtol=1e-8, atol=1e-8 * np.abs(gr).max())
+
+
+@pytest.mark.parametrize("formula", [INTERCEPTS, SLOPES])
+def test_gradient_against_differences(data, formula):
+    # non-integer weights: no replicated data to compare with
+    df = data.with_columns((pl.col("w_k") * 0.7).alias("w_k"), (pl.col("w_j") * 1.3).alias("w_j"),
+                           (pl.col("w_i") * 0.45 + 0.1).alias("w_i"))
+    pm = pseudo_model(df, formula, ["k", "j", "obs"])
+    psi = _psi(pm.table, np.random.default_rng(11))
+    _, g = pm.evaluate(psi)
+    for i in range(len(psi)):
+        h = 1e-5 * max(1.0, abs(psi[i]))
+        up, dn = psi.copy(), psi.copy()
+        up[i] += h
+        dn[i] -= h
+        fd = (pm.evaluate(up, need_grad=False)[0] - pm.evaluate(dn, need_grad=False)[0]) / (2 * h)
+        assert fd == pytest.approx(g[i], rel=1e-6, abs=1e-5)
+
+
+def test_scores_sum_to_gradient(data):
+    pm = pseudo_model(data, INTERCEPTS, ["k", "j", "obs"])
+    psi = _psi(pm.table, np.random.default_rng(5))
+    S = pm.unit_scores(psi)
+    _, g = pm.evaluate(psi)
+    np.testing.assert_allclose(pm.H.w[0] @ S, g, rtol=1e-12, atol=1e-9)
+    ll_units = pm.unit_loglik(psi)
+    assert float(pm.H.w[0] @ ll_units) == pytest.approx(pm.evaluate(psi)[0], rel=1e-13)
+    assert S.shape == (pm.prep.nrows, pm.table.nparams)
+
+
+def test_not_positive_definite_is_none(data):
+    pm = pseudo_model(data, INTERCEPTS, ["j"])
+    psi = _psi(pm.table, np.random.default_rng(5))
+    psi[-1] = -1.0
+    assert pm.evaluate(psi) == (None, None)
