@@ -61,7 +61,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
         effects: dict | None = None, residuals: dict | None = None,
         coefficients: dict | None = None, df: str | None = None,
         backend: str = "auto", nthreads: int | None = None, progress=None,
-        client=None, npartitions: int | None = None) -> FitResult:
+        client=None, npartitions: int | None = None, survey=None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
 
     ``formula`` is lme4's: ``"y ~ x + (1 | k/j)"`` (= xtmixed y x || k: || j:, mle).
@@ -99,7 +99,19 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     readable oracle, ~100x slower) or "dask".  ``nthreads``: the kernel's
     OpenMP threads (default: the CPUs this process may use, or
     MLSEM_NUM_THREADS).
+    ``survey``: an mlsem.SurveyDesign (weights at every level, strata, PSUs,
+    FPC, subpopulation): pseudo-maximum likelihood with design-based
+    (linearised) standard errors; see mlsem.api.survey_fit and docs/survey.md.
     """
+    if survey is not None:
+        from .survey_fit import check_survey_options, fit_survey
+        check_survey_options(survey, vce=vce, weights=weights, method=method, effects=effects,
+                             residuals=residuals, coefficients=coefficients, df=df,
+                             backend=backend, client=client, npartitions=npartitions)
+        if backend not in ("auto", "cython", "numpy"):
+            raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
+        return fit_survey(data, formula, survey, index=index, backend=backend,
+                          nthreads=nthreads, progress=progress)
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
     from ..inference.smallsample import apply_df, check_df_option
     df_method = check_df_option(df, opts.method)
