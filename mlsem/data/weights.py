@@ -79,14 +79,16 @@ def _unit_text(frame, cols, pos) -> str:
     return ", ".join(f"{c} = {row[c]!r}" for c in cols)
 
 
-def _check_values(v, col, describe):
-    """Missing, zero, negative or infinite weights: an error naming the first unit."""
+def _check_values(v, col, describe, unit_of=None):
+    """Missing, zero, negative or infinite weights: an error naming the first
+    unit (``unit_of``: the unit of each value, to count units, not rows)."""
     for bad, what in ((np.isnan(v), "a missing"), (np.isinf(v), "an infinite"),
                       (v < 0, "a negative"), (v == 0, "a zero")):
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
+            n = int(bad.sum()) if unit_of is None else len(np.unique(unit_of[bad]))
             raise MlsemError(f"SurveyDesign: weights column {col!r} has {what} value at "
-                             f"{describe(i)} ({int(bad.sum())} unit(s) in all); sampling weights "
+                             f"{describe(i)} ({n} unit(s) in all); sampling weights "
                              "must be positive and finite")
 
 
@@ -110,7 +112,8 @@ def level_weights(df: pl.DataFrame, prep, H, design, level_cols) -> list:
             continue
         st = H.starts[d]
         cols = level_cols[:d + 1]
-        _check_values(v, col, lambda i: _unit_text(frame, cols, i))  # i: an observation
+        unit_of = np.cumsum(np.isin(np.arange(len(v)), st)) - 1
+        _check_values(v, col, lambda i: _unit_text(frame, cols, i), unit_of)  # i: an observation
         lo = np.minimum.reduceat(v, st)
         hi = np.maximum.reduceat(v, st)
         diff = np.flatnonzero(hi != lo)

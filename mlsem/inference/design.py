@@ -128,3 +128,38 @@ def linearized(info_matrix: np.ndarray, M: np.ndarray) -> np.ndarray:
         Ai = np.linalg.pinv(info_matrix)
     V = Ai @ M @ Ai
     return 0.5 * (V + V.T)
+
+
+def scores_frame(res, by: str = "psu") -> pl.DataFrame:
+    """Score contributions of a survey fit as a Polars frame: one row per PSU
+    (``by="psu"``: the stratum and PSU ids, then the PSU totals of w_k s_k, one
+    column per parameter; PSUs without observations in a subpopulation have
+    0) or per top-level unit (``by="unit"``: its id, stratum, PSU, top weight,
+    then w_k s_k).  The columns sum to the gradient (0 at the estimates)."""
+    sv = getattr(res, "survey", None)
+    if sv is None:
+        raise MlsemError("scores(): available for fits with survey= (mlsem.SurveyDesign)")
+    names = list(res.names)
+    if by == "psu":
+        info = sv.info
+        cols = {"stratum": [info.stratum_ids[h] for h in info.stratum], "psu": info.psu_ids}
+        Z = sv.psu_totals
+    elif by == "unit":
+        tab = sv.design_table
+        m = pl.DataFrame({sv.top: sv.top_ids}).join(tab, on=sv.top, how="left")
+        cols = {sv.top: sv.top_ids, "stratum": m["__stratum"].to_list(),
+                "psu": m["__psu"].to_list(), "weight": sv.top_weights}
+        Z = sv.scores * sv.top_weights[:, None]
+    else:
+        raise MlsemError(f"scores(by={by!r}): by is 'psu' or 'unit'")
+    out = pl.DataFrame(cols)
+    return out.with_columns([pl.Series(n, Z[:, i]) for i, n in enumerate(names)])
+
+
+def hessian_frame(res) -> pl.DataFrame:
+    """The Hessian of the (pseudo-)log-likelihood at the estimates, labelled
+    (a ``name`` column, then one column per parameter): -res.info."""
+    if res.info is None:
+        raise MlsemError("hessian(): this fit has no observed information")
+    H = -np.asarray(res.info)
+    return pl.DataFrame({"name": list(res.names), **{n: H[:, i] for i, n in enumerate(res.names)}})
