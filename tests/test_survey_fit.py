@@ -112,3 +112,17 @@ def test_summary_states_the_design(data):
     assert "counts (unweighted / weighted): k 300 / 600" in s
     assert "t tests on design (#PSU - #strata = 299) df" in s
     assert res.params["df"][0] == 299
+
+
+def test_random_slopes_equal_replicated_fit(data):
+    """Slopes at both levels, weights at every level: the fit equals mlsem's
+    ML fit on the replicated data (the kernel's likelihood)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_survey_pseudo import replicate
+    formula = "y ~ x1 + z + (1 + x1 | k) + (1 | k:j)"
+    a = mlsem.fit(data, formula, survey=SurveyDesign(weights=W))
+    b = mlsem.fit(replicate(data, ["k", "j", "obs"]), formula)
+    assert a.converged and b.converged
+    assert a.loglik == pytest.approx(b.loglik, rel=1e-9)
+    np.testing.assert_allclose(a.estimate, b.estimate, rtol=2e-5, atol=1e-6)

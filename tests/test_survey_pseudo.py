@@ -138,3 +138,45 @@ def test_not_positive_definite_is_none(data):
     psi = _psi(pm.table, np.random.default_rng(5))
     psi[-1] = -1.0
     assert pm.evaluate(psi) == (None, None)
+
+
+def _replicate_rows(df, col):
+    return df.with_columns(pl.int_ranges(0, pl.col(col)).alias("_c")).explode("_c").drop("_c")
+
+
+def test_two_level_model_with_observation_weights(data):
+    """(1 | k) with pupil weights: the replicated pupils' likelihood."""
+    formula = "y ~ x1 + z + (1 | k)"
+    df2, prep, table = build(data, formula)
+    pm = PseudoModel(prep, table, [None, df2[prep.obs_row]["w_i"].to_numpy().astype(float)])
+    _, prep_r, table_r = build(_replicate_rows(data, "w_i"), formula)
+    psi = _psi(table, np.random.default_rng(2))
+    llr, gr = Model(prep_r, table_r).evaluate(psi)
+    llp, gp = pm.evaluate(psi)
+    assert llp == pytest.approx(llr, rel=1e-12)
+    np.testing.assert_allclose(gp, gr, rtol=1e-8, atol=1e-8 * np.abs(gr).max())
+
+
+def test_three_levels(data):
+    """k / j / c (pairs of pupils) with weights at j, c and the observations."""
+    d = data.with_columns(((pl.col("i") + 1) // 2).alias("c"),
+                          (1 + (pl.col("i") + 1) // 2 % 2).alias("w_c"))
+    formula = "y ~ x1 + (1 | k/j/c)"
+    df2, prep, table = build(d, formula)
+    fr = df2[prep.obs_row]
+    H = Hierarchy(prep, [None] * 4)
+    ws = [None, fr["w_j"].to_numpy()[H.starts[1]].astype(float),
+          fr["w_c"].to_numpy()[H.starts[2]].astype(float), fr["w_i"].to_numpy().astype(float)]
+    pm = PseudoModel(prep, table, ws)
+    rep = replicate(d, ["j"])
+    rep = rep.join(rep.select("k", "j", "c", "w_c").unique().with_columns(
+        pl.int_ranges(0, pl.col("w_c")).alias("_c")).explode("_c").select("k", "j", "c", "_c"),
+        on=["k", "j", "c"]).with_columns((pl.col("c") * 10 + pl.col("_c")).alias("c")).drop("_c")
+    rep = _replicate_rows(rep, "w_i")
+    _, prep_r, table_r = build(rep, formula)
+    assert table_r.names == table.names and len(table.names) == 6
+    psi = _psi(table, np.random.default_rng(4))
+    llr, gr = Model(prep_r, table_r).evaluate(psi)
+    llp, gp = pm.evaluate(psi)
+    assert llp == pytest.approx(llr, rel=1e-12)
+    np.testing.assert_allclose(gp, gr, rtol=1e-8, atol=1e-8 * np.abs(gr).max())
