@@ -139,6 +139,7 @@ class PseudoModel(Model):
         self.D = col
         self.off = np.concatenate([[0], np.cumsum(self.e)]).astype(int)
         self.Z = np.ascontiguousarray(prep.load[:, :self.D]) if self.D else np.zeros((prep.nobs, 0))
+        self._unit = bool(np.all(self.Z == 1.0))
         if np.any(prep.slot_lat[prep.slot][:, :self.D] < 0):
             raise MlsemError("survey weights below the top level: every observation must "
                              "load on its units' random effects (nested models only)")
@@ -200,9 +201,14 @@ class PseudoModel(Model):
         # leaves: the lowest level's units, over the whole path
         st = H.starts[L - 1]
         c = np.add.reduceat(wi * (-0.5 * (LOG2PI + math.log(theta)) - 0.5 * r * r / theta), st)
-        a = np.add.reduceat((wi * r / theta)[:, None] * Z, st, axis=0) if D else np.zeros((len(st), 0))
-        B = (np.add.reduceat((wi / theta)[:, None, None] * Z[:, :, None] * Z[:, None, :], st, axis=0)
-             if D else np.zeros((len(st), 0, 0)))
+        if self._unit and D:
+            # random intercepts: every loading 1, a = (sum w r / theta) 1, B = (sum w / theta) 1 1'
+            a = np.repeat(np.add.reduceat(wi * r, st)[:, None] / theta, D, axis=1)
+            B = np.repeat(np.repeat((np.add.reduceat(wi, st) / theta)[:, None, None], D, axis=1), D, axis=2)
+        else:
+            a = np.add.reduceat((wi * r / theta)[:, None] * Z, st, axis=0) if D else np.zeros((len(st), 0))
+            B = (np.add.reduceat((wi / theta)[:, None, None] * Z[:, :, None] * Z[:, None, :], st, axis=0)
+                 if D else np.zeros((len(st), 0, 0)))
         saved = [None] * L
         for d in range(L - 1, -1, -1):
             e, p0 = self.e[d], self.off[d]
@@ -296,16 +302,22 @@ class PseudoModel(Model):
                 Sig, mu = T.copy(), m_own
         # observations
         u = H.obs_unit
-        muo, Sigo = mu[u], Sig[u]
-        fit = r - np.einsum("ni,ni->n", Z, muo) if D else r
-        zsz = np.einsum("ni,nij,nj->n", Z, Sigo, Z) if D else 0.0
+        if self._unit and D:
+            # z = 1: z' mu and z' Sigma z are per-unit scalars
+            fit = r - mu.sum(axis=1)[u]
+            zsz = Sig.sum(axis=(1, 2))[u]
+        elif D:
+            fit = r - np.einsum("ni,ni->n", Z, mu[u])
+            zsz = np.einsum("ni,nij,nj->n", Z, Sig[u], Z)
+        else:
+            fit, zsz = r, 0.0
         Wo = W[u] * wi
-        topo = H.top_of[L - 1][u]
+        # the observations are sorted by top unit: sums per top unit by runs
+        st0 = H.starts[0]
         gth = Wo * (-0.5 / theta + 0.5 * (fit * fit + zsz) / theta ** 2)
-        S[:, self.theta_param] += np.bincount(topo, weights=gth, minlength=self.ntop)
+        S[:, self.theta_param] += np.add.reduceat(gth, st0)
         if self.q:
-            gx = (Wo * fit / theta)[:, None] * self.prep.X
-            for cidx, prm in enumerate(np.asarray(self.table.beta_param)):
-                S[:, prm] += np.bincount(topo, weights=gx[:, cidx], minlength=self.ntop)
+            gx = np.add.reduceat((Wo * fit / theta)[:, None] * self.prep.X, st0, axis=0)
+            np.add.at(S, (slice(None), np.asarray(self.table.beta_param)), gx)
         g = S.sum(axis=0) if w0 is None else w0 @ S
         return ll, g, (S if scores else None)
