@@ -37,6 +37,20 @@ SINGLETONS = ("fail", "certainty", "scaled", "centered")
 
 @dataclass(frozen=True)
 class SurveyDesign:
+    """A survey design for ``mlsem.fit(data, formula, survey=SurveyDesign(...))``:
+    pseudo-maximum likelihood with conditional sampling weights at every level
+    and standard errors by linearisation over the design (docs/survey.md).
+
+    ``weights``: ``{level: column}``, levels the formula's grouping columns and
+    ``"obs"``; a level left out has weight 1.  ``scale``: "none", "size" (w n / sum w
+    within the parent unit) or "effective" (w sum w / sum w^2), for every level
+    below the top; top-level weights are never rescaled.  ``strata``, ``psu``
+    (default: the top-level units; else a column nesting them), ``fpc`` (a column
+    or a number: the population count of PSUs per stratum, or a sampling fraction
+    <= 1).  ``singleton``: a stratum with one PSU: "fail", "certainty", "scaled"
+    or "centered" (Stata's ``singleunit()``).  ``subpop``: a boolean or 0/1
+    column, an SQL expression string or a Polars expression; estimates on
+    those rows, standard errors from the whole design."""
     weights: dict = field(default_factory=dict)
     scale: str = "none"
     strata: str | None = None
