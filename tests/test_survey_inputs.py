@@ -134,3 +134,19 @@ def test_lrtest_refused(data):
     w = a.wald("z = 0")
     se = a.std_err[a.names.index("z")]
     assert w["chi2"] == pytest.approx((a.coef["z"] / se) ** 2, rel=1e-10)
+
+
+def test_profile_and_bootstrap_refused(data):
+    a = _fit(data)
+    with pytest.raises(MlsemError, match=r"confint\(method='profile'\): a survey fit maximises"):
+        a.confint(method="profile")
+    with pytest.raises(MlsemError, match=r"bootstrap: the parametric bootstrap simulates from the model"):
+        a.bootstrap(n=5)
+    with pytest.raises(MlsemError, match=r"bootstrap: the parametric bootstrap"):
+        a.confint(method="bootstrap", n=5)
+    # Wald intervals: t on the design df for the coefficients
+    ci = a.confint()
+    from scipy import stats
+    i = a.names.index("x1")
+    q = stats.t.ppf(0.975, a.survey.df)
+    assert ci["lower"][i] == pytest.approx(a.estimate[i] - q * a.std_err[i], rel=1e-12)
