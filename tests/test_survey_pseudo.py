@@ -180,3 +180,21 @@ def test_three_levels(data):
     llp, gp = pm.evaluate(psi)
     assert llp == pytest.approx(llr, rel=1e-12)
     np.testing.assert_allclose(gp, gr, rtol=1e-8, atol=1e-8 * np.abs(gr).max())
+
+
+def test_weights_at_a_level_without_random_effect(data):
+    """(1 | k) + (1 | k:j:c): level j has no effect of its own but carries weights."""
+    d = data.with_columns(((pl.col("i") + 1) // 2).alias("c"))
+    formula = "y ~ x1 + (1 | k) + (1 | k:j:c)"
+    df2, prep, table = build(d, formula)
+    fr = df2[prep.obs_row]
+    H = Hierarchy(prep, [None] * 4)
+    pm = PseudoModel(prep, table, [None, fr["w_j"].to_numpy()[H.starts[1]].astype(float), None,
+                                   fr["w_i"].to_numpy().astype(float)])
+    assert pm.e == [1, 0, 1]
+    _, prep_r, table_r = build(replicate(d, ["j", "obs"]), formula)
+    psi = _psi(table, np.random.default_rng(8))
+    llr, gr = Model(prep_r, table_r).evaluate(psi)
+    llp, gp = pm.evaluate(psi)
+    assert llp == pytest.approx(llr, rel=1e-12)
+    np.testing.assert_allclose(gp, gr, rtol=1e-8, atol=1e-8 * np.abs(gr).max())
