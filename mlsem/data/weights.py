@@ -173,7 +173,7 @@ def top_design(df: pl.DataFrame, top: str, design) -> pl.DataFrame:
                              f"{agg.height} unit(s) in all)")
     t = t.unique(subset=[top], keep="first").sort(top)
     if design.strata is None:
-        t = t.with_columns(pl.lit(0).alias("__stratum"))
+        t = t.with_columns(pl.lit(1).alias("__stratum"))
     if design.psu is None:
         t = t.with_columns(pl.col(top).alias("__psu"))
     else:
