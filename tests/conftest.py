@@ -3,7 +3,10 @@ import pathlib
 
 import pytest
 
-REF = pathlib.Path(__file__).parent / "reference"
+# the test files live in one folder per layer (tests/api, tests/spec, ...); these are
+# the places they read from, whatever their depth
+ROOT = pathlib.Path(__file__).resolve().parent.parent      # the repository
+REF = ROOT / "tests" / "reference"
 
 
 def load_case(name):

@@ -171,7 +171,7 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
             f"({', '.join(table.names)}): too few to estimate the model")
     model = Model(prep, table, backend=opts.backend, nthreads=opts.nthreads)
     if opts.method == "adf":
-        from .bridge import multilevel_adf
+        from .semfit import multilevel_adf
         res = multilevel_adf(model, opts, F, prep, t0, t1)
         res.encoding = encoding
         return res

@@ -363,7 +363,7 @@ def render(dot_text: str, fmt: str) -> bytes:
 
 def write(dot_text: str, path: str) -> None:
     """Write the diagram to ``path`` (format from the extension), atomically."""
-    from .fitresult import atomic_write
+    from .export import atomic_write
     data = render(dot_text, format_of(path))
 
     def w(tmp):

@@ -1,11 +1,8 @@
 """Results: labelled tables, tests and export.  Reads fitted state only."""
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,42 +11,14 @@ from scipy import stats
 
 from .. import __version__
 from ..errors import MlsemError
+from .export import _json_default, atomic_write
+from .summary import _backend_footer, _ci_override, _sem_summary
 
 Z975 = 1.959963984540054
 
 
 def _chi2_sf(x, df):
     return float(stats.chi2.sf(x, df)) if df > 0 else float("nan")
-
-
-def atomic_write(path, write):
-    """Write through a temporary file in the same directory, then rename:
-    a failure leaves neither a partial file nor a clobbered earlier one."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {path!r}: it is a directory", path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".mlsem-", suffix=".tmp", dir=d)
-    except OSError as exc:  # name the user's path, not the temporary file's
-        why = "its directory does not exist" if not os.path.isdir(d) else exc.strerror
-        raise type(exc)(exc.errno, f"cannot write {path!r}: {why}", path) from None
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600; give it the permissions a plain open() would
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise type(exc)(exc.errno, f"cannot write {path!r}: {exc.strerror or exc}", path) from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -200,7 +169,7 @@ class FitResult:
 
     def fit_test(self) -> dict:
         """LR test of the model against the saturated model of the wide form."""
-        from ..inference.vce import fit_test
+        from ..inference.fittest import fit_test
         return fit_test(self)
 
     # ---- intervals and the bootstrap (mlsem.inference.profile, mlsem.inference.bootstrap) ---------------
@@ -416,86 +385,6 @@ class FitResult:
         atomic_write(path, lambda tmp: tab.write_parquet(tmp))
 
 
-_SECTIONS = (("=~", "Latent Variables"), ("~", "Regressions"), ("cov", "Covariances"),
-             ("~1", "Intercepts"), ("var", "Variances"))
-
-
-def _sem_summary(res) -> str:
-    """lavaan's summary layout: header, then the parameter table by section."""
-    if res.adf is not None:
-        a = res.adf
-        out = [f"mlsem {__version__}: structural equation model, ADF (GMM: distribution-free weighted least squares)",
-               "",
-               f"  {'Number of observations':<40}{res.nobs:>12,}",
-               f"  {'Number of sample moments':<40}{a['nmom']:>12,}",
-               f"  {'Number of free parameters':<40}{res.nparams:>12,}",
-               f"  {'Minimum of the ADF objective (F_min)':<40}{a['fmin']:>12.6f}",
-               f"  {'Test statistic (N - 1) F_min':<40}{a['chi2']:>12.3f}",
-               f"  {'Degrees of freedom':<40}{a['df']:>12,}",
-               f"  {'P-value (Chi-square)':<40}{a['p_value']:>12.3f}",
-               ""]
-    else:
-        out = [f"mlsem {__version__}: structural equation model, ML (FIML over missing patterns)",
-               "",
-               f"  {'Number of observations':<40}{res.nobs:>12,}",
-               f"  {'Number of missing patterns':<40}{res.npatterns:>12,}",
-               f"  {'Number of free parameters':<40}{res.nparams:>12,}",
-               f"  {'Log-likelihood':<40}{res.loglik:>12.3f}",
-               f"  {'Akaike (AIC)':<40}{res.aic:>12.3f}",
-               f"  {'Bayesian (BIC)':<40}{res.bic:>12.3f}",
-               f"  {'Kernel':<40}{res.kernel:>12}",
-               ""]
-    out += ["Standard errors: observed information matrix (OIM)" if res.vce == "oim" else (
-        "Standard errors: ADF, (Delta' W Delta)^-1 / (N - 1)" if res.vce == "adf" else f"Standard errors: {res.vce}")]
-    # the label column grows to fit the longest "name (label)" (18 as lavaan's)
-    wl = max([18] + [len(r["lhs"]) + 1 + len(r["label"] or "") + 3 for r in res.sem_rows]
-             + [len(r["rhs"]) + len(r["label"] or "") + 3 for r in res.sem_rows])
-    head = f"{'':<{wl + 4}}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
-
-    def fmt(r, name):
-        est = f"{r['est']:>10.3f}"
-        if r.get("free", True) and np.isfinite(r["se"]):
-            z = r["est"] / r["se"] if r["se"] > 0 else float("nan")
-            p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
-            return f"    {name:<{wl}}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
-        return f"    {name:<{wl}}{est}"
-    rows = [r for r in res.sem_rows if r.get("matrix") != "x"]
-    for key, title in _SECTIONS:
-        if key == "cov":
-            sel = [r for r in rows if r["op"] == "~~" and r["lhs"] != r["rhs"]]
-        elif key == "var":
-            sel = [r for r in rows if r["op"] == "~~" and r["lhs"] == r["rhs"]]
-        else:
-            sel = [r for r in rows if r["op"] == key]
-        if not sel:
-            continue
-        out += ["", f"{title}:", head]
-        last = None
-        for r in sel:
-            lab = f"{r['rhs']} ({r['label']})" if r["label"] else r["rhs"]
-            if key in ("~1", "var"):
-                lab = f"{'.' if r.get('dot') else ''}{r['lhs']}"
-                if r["label"]:
-                    lab += f" ({r['label']})"
-            elif r["lhs"] != last:
-                out.append(f"  {r['lhs']} {r['op']}")
-                last = r["lhs"]
-            out.append(fmt(r, lab))
-    if res.defined:
-        out += ["", "Defined Parameters:", head]
-        for d in res.defined:
-            out.append(fmt(dict(d, free=True), f"{d['lhs']}"))
-    if not res.converged:
-        out.append(f"WARNING: the fit did NOT converge ({res.opt.message}); the estimates are not reliable.")
-    if not res.identified:
-        out.append("WARNING: the model is NOT identified: the information matrix is singular; "
-                   f"confounded parameters: {', '.join(res.confounded)}.")
-    for n in res.notes:
-        out.append(f"Note: {n}")
-    out.extend(_backend_footer(res))
-    return "\n".join(out)
-
-
 def _wald_ci(res, level) -> pl.DataFrame:
     """The table's intervals at ``level``."""
     if not (0.0 < level < 1.0):
@@ -519,26 +408,3 @@ def _wald_ci(res, level) -> pl.DataFrame:
         rows.append((n, float(lo), float(hi)))
     return pl.DataFrame(rows, schema={"name": pl.String, "lower": pl.Float64, "upper": pl.Float64},
                         orient="row")
-
-
-def _ci_override(res, tab) -> dict:
-    """name -> (lower, upper) of the interval kind the summary shows (profile or
-    bootstrap intervals stored by confint); empty for Wald."""
-    if res.ci_kind == "wald" or res.ci_table is None:
-        return {}
-    return {r["name"]: (r["lower"], r["upper"]) for r in res.ci_table.iter_rows(named=True)}
-
-
-def _backend_footer(res) -> list:
-    """A line when the fit did not run on the compiled kernel (it is ~100x slower)."""
-    if res.backend == "numpy":
-        return ["Note: fitted with the NumPy oracle (backend='numpy'), not the compiled kernel."]
-    return []
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

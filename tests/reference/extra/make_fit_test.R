@@ -6,7 +6,7 @@
 ##
 ## Usage: Rscript make_fit_test.R <csv_dir> <out_json>
 ##   csv_dir holds seed_balanced.csv (converted from the Parquet with polars)
-## Deleted cells (the rule is repeated in tests/test_inference.py):
+## Deleted cells (the rule is repeated in tests/inference/test_inference.py):
 ##   (k %% 5 == 0 & j == 2 & i == 2) | (k %% 7 == 0 & j == 1 & i == 1)
 ## Wide form as in tests/reference: one row per k, y{j}_{i}, x{j}_{i}; the x of
 ## a deleted cell is 0 (lavaan needs complete fixed covariates; it does not

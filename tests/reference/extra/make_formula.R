@@ -1,4 +1,4 @@
-# lme4 references for the formula grammar and predictions (tests/test_formula.py).
+# lme4 references for the formula grammar and predictions (tests/data/test_formula.py).
 # Usage: Rscript make_formula.R exam_factors.csv lme4_formula.json
 # Factors are character columns, so the reference level is the first in sorted
 # (C-locale) order, as mlsem's (formulaic's) default.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate tests/reference/extra/lme4_formula.json (tests/test_formula.py).
+# Regenerate tests/reference/extra/lme4_formula.json (tests/data/test_formula.py).
 # Converts exam_factors.parquet to CSV in a temporary directory (R here has no
 # arrow package) and runs make_formula.R. Needs python3 + polars, Rscript with
 # lme4 and jsonlite.

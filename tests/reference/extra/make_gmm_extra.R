@@ -1,5 +1,5 @@
 ## make_gmm_extra.R -- lavaan values for the SEM side's inference options
-## (tests/test_adf.py): on hs_cfa (complete) and hs_cfa_missing (10% cells
+## (tests/estimate/test_adf.py): on hs_cfa (complete) and hs_cfa_missing (10% cells
 ## missing), the three-factor CFA fitted by FIML (missing = "ml") with
 ##   se = "robust.huber.white" (observed-information bread; mlsem's vce="robust"),
 ##   cluster = "school" (mlsem's vce=("cluster", "school")), and the test

@@ -1,4 +1,4 @@
-## make_gmmfix.R -- lavaan values for tests/test_adf.py's review fixes.
+## make_gmmfix.R -- lavaan values for tests/estimate/test_adf.py's review fixes.
 ## * multilevel ADF: each case's wide form (mlsem.multilevel(...).to_wide()) and
 ##   syntax (.to_syntax()) fitted by estimator = "WLS" (ADF) and "MLM"
 ##   (Satorra-Bentler), fixed.x = TRUE (WLS defaults to FALSE); a county-level covariate repeated in every slot

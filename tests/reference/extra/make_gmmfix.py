@@ -1,4 +1,4 @@
-"""Inputs of make_gmmfix.R (lavaan references of tests/test_adf.py's review fixes).
+"""Inputs of make_gmmfix.R (lavaan references of tests/estimate/test_adf.py's review fixes).
 
 Writes tests/reference/gmmfix_multilevel.parquet (the long data of the
 multilevel ADF cases, column ``case``) and, into <tmp_dir>, each case's wide

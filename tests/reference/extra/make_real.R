@@ -1,5 +1,5 @@
 # lme4 references on public data sets with factors, interactions, transforms,
-# random slopes and missing outcomes (tests/test_real_data.py).  Run from the
+# random slopes and missing outcomes (tests/data/test_real_data.py).  Run from the
 # repository root: Rscript tests/reference/extra/make_real.R
 # Factors are exported as character columns, so the reference level is the
 # first in sorted (C-locale) order, as formulaic's default.

@@ -1,6 +1,6 @@
 ## make_robust_unbalanced.R -- lavaan's robust (Huber-White) and cluster-robust
 ## standard errors of the wide form of y ~ x1 + z + (1 | k/j) on `unbalanced`
-## (tests/test_inference.py::test_robust_and_cluster_on_unbalanced).
+## (tests/inference/test_inference.py::test_robust_and_cluster_on_unbalanced).
 ##
 ## Usage: Rscript make_robust_unbalanced.R <csv_dir> <out_json>
 ##   (make_robust_unbalanced.sh converts the Parquet files to CSV; R here has no arrow)

@@ -1,5 +1,5 @@
 # lavaan's parameter tables (defaults of sem(missing = "ml", fixed.x = TRUE)) for a few
-# model shapes: what mlsem.sem's defaults must reproduce (tests/test_sem_syntax.py).
+# model shapes: what mlsem.sem's defaults must reproduce (tests/spec/test_sem_syntax.py).
 # Run: Rscript make_sem_defaults.R   (writes sem_defaults.json)
 library(lavaan)
 library(jsonlite)

@@ -1,4 +1,4 @@
-# lavaan fits of more model shapes on the shipped SEM data (tests/test_sem_reference.py):
+# lavaan fits of more model shapes on the shipped SEM data (tests/api/test_sem_reference.py):
 # path models with observed predictors, regressions among latents, an observed outcome of
 # latents, mixed latent/observed dependents (auto.cov.y), labels and constraints.
 # R has no arrow here: first write the CSVs from the parquet files, then run, from this folder:

@@ -1,5 +1,5 @@
 # lavaan on the seed's example (mlsem.example_data(), wide: seed_example_wide.csv) for the
-# seed's constrained SEM and two hand-written relaxations (tests/test_bridge.py).
+# seed's constrained SEM and two hand-written relaxations (tests/api/test_bridge.py).
 # Run: Rscript make_sem_relaxed.R   (writes sem_relaxed.json)
 library(lavaan)
 library(jsonlite)

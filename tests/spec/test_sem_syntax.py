@@ -9,9 +9,9 @@ import pytest
 
 import mlsem
 from mlsem.spec.lavaan import parse
-from mlsem.model.sem import build_table
+from mlsem.spec.semtable import build_table
+from conftest import REF
 
-REF = os.path.join(os.path.dirname(__file__), "reference")
 HS = pl.read_parquet(os.path.join(REF, "hs_cfa.parquet"))
 CFA = "visual =~ x1 + x2 + x3\ntextual =~ x4 + x5 + x6\nspeed =~ x7 + x8 + x9"
 

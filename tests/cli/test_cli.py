@@ -5,7 +5,6 @@ from the worktree root, so the package under test is the one imported."""
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ import polars as pl
 import pytest
 
 from mlsem.cli import main as cli
+from mlsem.cli import options
+from conftest import REF, ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORMULA = "y ~ x + (1 | k/j)"
 TRUTH = {"Intercept": 0.5, "x": 2.0, "var(k)": 1.0, "var(j)": 0.49, "var(Residual)": 1.0}
 
@@ -296,7 +296,7 @@ def test_usage_errors_exit_2(tmp_path):
 
 
 def test_ranef_and_wide_commands(tmp_path):
-    ref = ROOT / "tests" / "reference" / "pastes.parquet"
+    ref = REF / "pastes.parquet"
     rc, out, err = run("ranef", ref, "-f", "strength ~ 1 + (1 | batch/cask)", "-q",
                        "--out", "eff.parquet", cwd=tmp_path)
     assert rc == 0, err
@@ -409,17 +409,17 @@ def test_fit_relaxations_end_to_end(small):
 
 
 def test_effects_grammar():
-    assert cli.parse_effects(["j:variance=slot,covariance=unstructured"]) == {
+    assert options.parse_effects(["j:variance=slot,covariance=unstructured"]) == {
         "j": {"variance": "slot", "covariance": "unstructured"}}
-    assert cli.parse_effects(["j:covariance=1-2;1-3", "h:variance=north=1+2+3;south=4+5"]) == {
+    assert options.parse_effects(["j:covariance=1-2;1-3", "h:variance=north=1+2+3;south=4+5"]) == {
         "j": {"covariance": [("1", "2"), ("1", "3")]},
         "h": {"variance": {"north": ["1", "2", "3"], "south": ["4", "5"]}}}
-    assert cli.parse_effects(["j:covariance=g=1+2;h=3+4"]) == {
+    assert options.parse_effects(["j:covariance=g=1+2;h=3+4"]) == {
         "j": {"covariance": {"g": ["1", "2"], "h": ["3", "4"]}}}
-    assert cli.parse_residuals("variance=j,correlation=ar1", ["j"]) == {"variance": "j", "correlation": "ar1"}
-    assert cli.parse_coefficients(["x=j", "z=j"], ["j"], ["Intercept", "x", "z"]) == {"x": "j", "z": "j"}
-    assert cli.parse_vce("cluster:region") == ("cluster", "region")
-    assert cli.parse_vce("robust") == "robust"
+    assert options.parse_residuals("variance=j,correlation=ar1", ["j"]) == {"variance": "j", "correlation": "ar1"}
+    assert options.parse_coefficients(["x=j", "z=j"], ["j"], ["Intercept", "x", "z"]) == {"x": "j", "z": "j"}
+    assert options.parse_vce("cluster:region") == ("cluster", "region")
+    assert options.parse_vce("robust") == "robust"
 
 
 OPTION_ERRORS = [

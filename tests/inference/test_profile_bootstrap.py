@@ -263,7 +263,7 @@ def test_summary_labels_only_the_listed_intervals():
     res.confint(method="profile", parm="var(batch)")
     s = res.summary()
     assert "profile likelihood (95%) for var(batch); Wald for the others" in s
-    from mlsem.cli.main import _table
+    from mlsem.cli.output import _table
     kinds = dict(zip(*_table(res).select("name", "ci_kind").to_dict(as_series=False).values()))
     assert kinds["var(batch)"].startswith("profile") and kinds["Intercept"] == "wald"
     res.confint(method="profile")

@@ -1,12 +1,10 @@
 """Every Python and shell block of the README and of docs/ runs, and where a
 page shows the output, it is what the block prints (tests/doccheck.py)."""
-from pathlib import Path
-
 import pytest
 
 from doccheck import blocks, compare, run_page
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
 COUNTS = {"executed": 0, "compared": 0, "skipped": 0, "pages": 0}
 

@@ -10,8 +10,7 @@ import polars as pl
 import pytest
 
 import mlsem
-
-REF = os.path.join(os.path.dirname(__file__), "reference")
+from conftest import REF
 
 
 def _case(name):

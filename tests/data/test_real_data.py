@@ -7,14 +7,14 @@ lme4 1.1-31 references made by tests/reference/extra/make_real.R (ML and REML)."
 import json
 import math
 import re
-from pathlib import Path
 
 import polars as pl
 import pytest
 
 import mlsem
+from conftest import REF
 
-REAL = Path(__file__).parent / "reference" / "real"
+REAL = REF / "real"
 CASES = ["chem97", "hsb82", "hsb82_missing", "oats", "oxboys", "singular_slope"]
 
 

@@ -9,9 +9,11 @@ import pytest
 
 from mlsem.api.bridge import multilevel
 from mlsem.spec.lavaan import parse
-from mlsem.model.sem import SemModel, build_table, prepare_wide
+from mlsem.data.wide import prepare_wide
+from mlsem.model.sem import SemModel
+from mlsem.spec.semtable import build_table
+from conftest import REF
 
-REF = os.path.join(os.path.dirname(__file__), "reference")
 HS = pl.read_parquet(os.path.join(REF, "hs_cfa_missing.parquet"))
 IV = pl.read_parquet(os.path.join(REF, "iv_endogenous.parquet"))
 

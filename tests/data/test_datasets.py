@@ -1,13 +1,10 @@
 """The data sets shipped with the package (mlsem.example_data(name))."""
-from pathlib import Path
-
 import polars as pl
 import pytest
 
 import mlsem
 from mlsem.data.simulate import DATASETS
-
-REF = Path(__file__).parent / "reference"
+from conftest import REF
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))

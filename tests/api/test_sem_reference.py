@@ -8,8 +8,7 @@ import polars as pl
 import pytest
 
 import mlsem
-
-REF = os.path.join(os.path.dirname(__file__), "reference")
+from conftest import REF
 
 
 def _load(case):

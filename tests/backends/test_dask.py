@@ -19,7 +19,7 @@ pytest.importorskip("distributed", reason="dask[distributed] is not installed (p
 from dask.distributed import Client, LocalCluster  # noqa: E402
 
 import mlsem  # noqa: E402
-from conftest import REF, load_case  # noqa: E402
+from conftest import REF, ROOT, load_case  # noqa: E402
 
 CASES = ["seed_balanced", "unbalanced", "hetero_corr", "pastes", "egsingle", "medium"]
 
@@ -296,8 +296,7 @@ def test_core_package_does_not_import_dask():
     code = ("import sys, mlsem; mlsem.fit(mlsem.example_data(), 'y ~ x + (1 | k/j)'); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]; "
             "assert not bad, bad")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_rebuilt_partition_with_other_data_stops_the_fit(client, tmp_path):

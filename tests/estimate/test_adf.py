@@ -143,9 +143,12 @@ def _fd_check(obj, psi, h=1e-6):
 
 
 def _sem_objective(model_text, data):
-    from mlsem.api.bridge import _wide_arrays
+    from mlsem.api.semfit import _wide_arrays
     from mlsem.data.prepare import scan
-    from mlsem.model.sem import SemModel, build_table, parse, prepare_wide
+    from mlsem.data.wide import prepare_wide
+    from mlsem.model.sem import SemModel
+    from mlsem.spec.lavaan import parse
+    from mlsem.spec.semtable import build_table
     lf = scan(data)
     table = build_table(parse(model_text), lf.collect_schema().names())
     Y, X = _wide_arrays(lf, table.observed, table.covariates, data)
