@@ -43,7 +43,8 @@ def check_sem_survey(survey, vce, method, weights):
 def sem_survey(fit_sem, model, data, survey, **kw):
     """``fit_sem``: mlsem.sem itself (called on the subpopulation's rows with the
     weights normalised, which leaves the estimates unchanged); the weights,
-    log-likelihood, information and covariance are then the design's."""
+    log-likelihood, information and covariance are then the design's (the
+    caller refreshes the lavaan-style rows from the new covariance)."""
     lf = scan(data)
     wcol = next(iter(survey.weights.values()), None)
     df_all = lf.collect().with_row_index(ROW)
@@ -86,7 +87,6 @@ def sem_survey(fit_sem, model, data, survey, **kw):
     res.cov = cov
     res.vce = "linearized"
     res.notes = [x for x in res.notes if "sampling weights" not in x and "Huber-White" not in x]
-    refresh_sem_rows(res)
     dfd = dinfo.df
     res.survey = SimpleNamespace(
         design=survey, info=dinfo, weights=[w], scores=S, top_weights=w, psu_totals=Z, meat=M,
@@ -105,17 +105,4 @@ def sem_survey(fit_sem, model, data, survey, **kw):
     res.notes.append("the log-likelihood is a pseudo-log-likelihood: LR tests, AIC, BIC and the "
                      "chi-square test of fit are not valid under the design and are refused")
     return res
-
-
-def refresh_sem_rows(res):
-    """The lavaan-style rows and the := parameters of an SEM result from its
-    (new) covariance matrix."""
-    from .bridge import _defined, _fixed_x_rows, _sem_rows
-    m = res.model
-    table = m.table
-    full = table.full_values(res.estimate)
-    Vfull = table.T @ res.cov @ table.T.T
-    keep_x = [r for r in res.sem_rows if r.get("matrix") == "x"]
-    res.sem_rows = _sem_rows(table, full, Vfull) + keep_x
-    res.defined = _defined(table, res.estimate, res.cov)
 

@@ -37,6 +37,7 @@ from .. import __version__
 from ..errors import ConvergenceWarning, MlsemError
 from .fit import _cmd_fit, _option_names, _read
 from .options import _design, _int_range, _matrix, _relax_options
+from .survey_args import add_survey_arguments
 from .output import (EXIT_FLAGGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress,
                      _check_out, _check_outputs_not_inputs, _status, _write, _write_parquet, _write_text)
 
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the parameter table (name, estimate, std_err, z, p_value, ci_low, ci_high; with "
                         "--by: the group value first and a status per row)")
     f.add_argument("--json", metavar="FIT.json", help="fit record: loglik, convergence, groups, tests, timings")
+    add_survey_arguments(f)
     f.set_defaults(func=_cmd_fit)
 
     s = sub.add_parser("simulate", help="simulate the seed's design (pupils in schools in counties)")

@@ -63,3 +63,30 @@ def survey_from_args(args) -> SurveyDesign | None:
     return SurveyDesign(weights=weights, scale=args.scale or "none", strata=args.strata,
                         psu=args.psu, fpc=fpc, singleton=args.singleton or "fail",
                         subpop=args.subpop)
+
+
+def survey_data_columns(design) -> list:
+    """The data columns a design reads (to read them with the model's)."""
+    if design is None:
+        return []
+    from ..data.weights import subpop_columns
+    cols = list(design.weights.values())
+    cols += [c for c in (design.strata, design.psu) if c]
+    if isinstance(design.fpc, str):
+        cols.append(design.fpc)
+    cols += subpop_columns(design.subpop)
+    return list(dict.fromkeys(cols))
+
+
+def check_survey_cli(args, design) -> None:
+    """Options the command line refuses with a survey design, before any work."""
+    if design is None:
+        return
+    for opt, given in (("--dask", args.dask), ("--ci", args.ci), ("--bootstrap", args.bootstrap)):
+        if given:
+            why = {"--dask": "survey designs are fitted in one process",
+                   "--ci": "profile and bootstrap intervals are not valid under the design (Wald "
+                           "intervals on the design df are)",
+                   "--bootstrap": "the parametric bootstrap simulates from the model, not the design"}[opt]
+            raise MlsemError(f"{opt} with the survey options (--weight, --strata, --psu, --fpc, "
+                             f"--subpop, ...): {why}")

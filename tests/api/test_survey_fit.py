@@ -2,7 +2,6 @@
 17's must-show), the scalings against pre-scaled weights, the top-level-only
 design against vce=('cluster', top id), subpopulations."""
 import json
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -11,7 +10,9 @@ import pytest
 import mlsem
 from mlsem import MlsemError, SurveyDesign
 
-REF = json.loads((Path(__file__).parent / "reference" / "survey_replicated.json").read_text())
+from conftest import REF as REFDIR, ROOT
+
+REF = json.loads((REFDIR / "survey_replicated.json").read_text())
 FORMULA = "y ~ x1 + z + (1 | k/j)"
 W = {"k": "w_k", "j": "w_j", "obs": "w_i"}
 
@@ -118,7 +119,7 @@ def test_random_slopes_equal_replicated_fit(data):
     """Slopes at both levels, weights at every level: the fit equals mlsem's
     ML fit on the replicated data (the kernel's likelihood)."""
     import sys
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(ROOT / "tests" / "model"))
     from test_survey_pseudo import replicate
     formula = "y ~ x1 + z + (1 + x1 | k) + (1 | k:j)"
     a = mlsem.fit(data, formula, survey=SurveyDesign(weights=W))

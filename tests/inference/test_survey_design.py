@@ -3,7 +3,6 @@ same scores, strata, PSUs and FPC; tests/reference/extra/make_survey_design.*),
 design df, singletons and subpopulations."""
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -14,9 +13,10 @@ from mlsem import SurveyDesign
 from mlsem.data.weights import top_design
 from mlsem.inference.design import design_info, linearized, meat, psu_totals
 
-HERE = Path(__file__).parent
-REF = json.loads((HERE / "reference" / "extra" / "survey_design.json").read_text())
-sys.path.insert(0, str(HERE / "reference" / "extra"))
+from conftest import REF as REFDIR
+
+REF = json.loads((REFDIR / "extra" / "survey_design.json").read_text())
+sys.path.insert(0, str(REFDIR / "extra"))
 from make_survey_design import CASES, FORMULA, W, case_fit, design_data  # noqa: E402
 
 
