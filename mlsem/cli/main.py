@@ -4,6 +4,8 @@
               [--weights COL] [--method ml|reml|adf] [--dask ADDRESS [--partitions N]]
               [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
               [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
+              [--weight LEVEL=COL ...] [--scale none|size|effective] [--strata COL] [--psu COL]
+              [--fpc COL|NUMBER] [--singleton fail|certainty|scaled|centered] [--subpop COL|EXPR]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
     mlsem ranef DATA --formula F [RELAX] --out EFFECTS.parquet
     mlsem predict DATA --formula F [RELAX] [--newdata FILE] [--population] [--se] --out PRED.parquet
