@@ -150,3 +150,14 @@ def test_profile_and_bootstrap_refused(data):
     i = a.names.index("x1")
     q = stats.t.ppf(0.975, a.survey.df)
     assert ci["lower"][i] == pytest.approx(a.estimate[i] - q * a.std_err[i], rel=1e-12)
+
+
+def test_wald_adjusted_f(data):
+    """Stata's svy test: F = (d - q + 1) / (d q) chi2 on (q, d - q + 1) df."""
+    from scipy import stats
+    a = _fit(data, strata="stratum", psu="psu")
+    w = a.wald(["x1 = 0", "z = 0"])
+    d = 150 - 6
+    assert w["design_df"] == d and w["df_den"] == d - 1
+    assert w["F"] == pytest.approx((d - 1) / (2 * d) * w["chi2"], rel=1e-12)
+    assert w["p_value_F"] == pytest.approx(stats.f.sf(w["F"], 2, d - 1), rel=1e-12)
