@@ -127,3 +127,28 @@ def test_random_slopes_equal_replicated_fit(data):
     assert a.converged and b.converged
     assert a.loglik == pytest.approx(b.loglik, rel=1e-9)
     np.testing.assert_allclose(a.estimate, b.estimate, rtol=2e-5, atol=1e-6)
+
+
+def test_replication_on_shuffled_string_ids_with_missing_outcomes():
+    """Another data set (the seed's design, simulated), string ids, rows in random
+    order, missing outcomes, global school ids: still the replicated data's fit."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests" / "model"))
+    from test_survey_pseudo import replicate
+    rng = np.random.default_rng(12)
+    d = mlsem.simulate(60, (1, 4), (1, 5), seed=5).rename({"x": "x1"})
+    d = d.with_columns(pl.lit(0.0).alias("z"))
+    sch = d.select("k", "j").unique()
+    d = (d.join(d.select("k").unique().with_columns(pl.Series("w_k", rng.integers(1, 4, d["k"].n_unique()))), on="k")
+         .join(sch.with_columns(pl.Series("w_j", rng.integers(1, 3, sch.height))), on=["k", "j"])
+         .with_columns(pl.Series("w_i", rng.integers(1, 3, d.height)),
+                       pl.when(pl.Series(rng.random(d.height) < 0.08)).then(None).otherwise(pl.col("y")).alias("y")))
+    rep = replicate(d, ["k", "j", "obs"])
+    formula = "y ~ x1 + (1 | k/j)"
+    ref = mlsem.fit(rep, formula)
+    s = d.sample(fraction=1.0, shuffle=True, seed=1).with_columns(
+        ("c" + pl.col("k").cast(pl.String)).alias("k"),
+        (pl.col("k").cast(pl.String) + "-" + pl.col("j").cast(pl.String)).alias("j"))
+    got = mlsem.fit(s, formula, survey=SurveyDesign(weights=W))
+    assert got.loglik == pytest.approx(ref.loglik, rel=1e-9)
+    np.testing.assert_allclose(got.estimate, ref.estimate, rtol=2e-5)
