@@ -33,9 +33,13 @@ with W the product of the weights of the unit's ancestors below the top (the
 top weight multiplies a whole top unit's score).  Integer weights give exactly
 the log-likelihood of the data with every weighted unit replicated.
 
-``PseudoModel`` is a ``Model`` whose evaluation is this computation (NumPy,
-vectorised over units); it is used only when a level below the top carries
-weights (top-level weights alone are the kernel's row weights).
+``PseudoModel`` is a ``Model`` whose evaluation is this computation; it is used
+only when a level below the top carries weights (top-level weights alone are
+the kernel's row weights).  Nested random intercepts (one per level, loadings
+1) run on the compiled kernel (``_core.pseudo_intercepts``: 2.6 ms per
+evaluation on the 115,699 rows of ``medium``); random slopes and levels
+without an effect run here, in NumPy vectorised over units (~20 ms there), and
+this NumPy code is the kernel's oracle in the tests.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import math
 import numpy as np
 
 from ..errors import MlsemError
+from . import multilevel as _ml
 from .multilevel import Model
 
 LOG2PI = math.log(2.0 * math.pi)
@@ -156,10 +161,31 @@ class PseudoModel(Model):
                     P_[i, j] = pmap.get((int(self.lat[d][i]), int(self.lat[d][j])), -1)
             self.pidx.append(P_)
         self.ntop = self.H.nunits[0]
+        # nested random intercepts on the compiled kernel (_core.pseudo_intercepts); this
+        # module's NumPy code is then its oracle (and computes the per-unit scores)
+        core = _ml._core
+        self._fast = (self.backend == "cython" and core is not None
+                      and hasattr(core, "pseudo_intercepts") and self._unit
+                      and all(e == 1 for e in self.e))
+        if self._fast:
+            H = self.H
+            self._obs_ptr = [np.ascontiguousarray(np.r_[H.starts[L - 1], prep.nobs], dtype=np.int64)]
+            self._child_ptr = [None]
+            for d in range(1, L):
+                par = H.parent[d]
+                runs = np.flatnonzero(np.r_[True, par[1:] != par[:-1]])
+                self._child_ptr.append(np.ascontiguousarray(np.r_[runs, len(par)], dtype=np.int64))
+            self._wlev = [np.ascontiguousarray(H.w[d] if H.w[d] is not None else np.ones(H.nunits[d]))
+                          for d in range(L)]
+            self._wobs = np.ascontiguousarray(H.w[L] if H.w[L] is not None else np.ones(prep.nobs))
+            self._v = np.zeros(prep.nobs)
+            self._gl = np.zeros(L)
 
     # the objective ---------------------------------------------------------
     def evaluate(self, psi, need_grad: bool = True):
         self.nevals += 1
+        if self._fast:
+            return self._evaluate_kernel(psi)
         out = self.pseudo(psi, need_grad, scores=False)
         if out is None:
             return None, None
@@ -167,6 +193,30 @@ class PseudoModel(Model):
 
     def phi_hessian(self, psi):
         return None
+
+    def _evaluate_kernel(self, psi):
+        """(ll, dl/dpsi) from _core.pseudo_intercepts (random intercepts, unit loadings)."""
+        beta, Phi, Theta = self.matrices(psi)
+        theta = float(Theta[0])
+        phis = np.array([Phi[self.lat[d][0], self.lat[d][0]] for d in range(self.H.L)])
+        if not theta > 0 or np.any(phis < 0):
+            return None, None
+        r = self.prep.y - self._X @ beta if self.q else self.prep.y.copy()
+        out = _ml._core.pseudo_intercepts(np.ascontiguousarray(r), self._wobs, self._obs_ptr,
+                                          self._child_ptr, self._wlev, np.sqrt(phis), theta,
+                                          self._v, self._gl)
+        if out is None or not np.isfinite(out[0]):
+            return None, None
+        ll, gth = out
+        g = np.zeros(self.table.nparams)
+        if self.q:
+            np.add.at(g, np.asarray(self.table.beta_param), self._X.T @ self._v)
+        g[self.theta_param] += gth
+        for d in range(self.H.L):
+            p = self.pidx[d][0, 0]
+            if p >= 0:
+                g[p] += self._gl[d]
+        return float(ll), g
 
     def unit_scores(self, psi):
         """Per top-level unit score dl_k/dpsi (not multiplied by the top weight),

@@ -198,3 +198,44 @@ def test_weights_at_a_level_without_random_effect(data):
     llp, gp = pm.evaluate(psi)
     assert llp == pytest.approx(llr, rel=1e-12)
     np.testing.assert_allclose(gp, gr, rtol=1e-8, atol=1e-8 * np.abs(gr).max())
+
+
+@pytest.mark.parametrize("which", [[], ["k"], ["j"], ["obs"], ["k", "j", "obs"]])
+def test_kernel_equals_numpy_oracle(data, which):
+    """Nested random intercepts run on _core.pseudo_intercepts; this module's
+    NumPy code is its oracle (value and gradient, non-integer weights too)."""
+    from mlsem.model import multilevel
+    if multilevel._core is None:
+        pytest.skip("the compiled kernel is not built")
+    df = data.with_columns((pl.col("w_j") * 1.3).alias("w_j"), (pl.col("w_i") * 0.45 + 0.1).alias("w_i"))
+    pm = pseudo_model(df, INTERCEPTS, which)
+    assert pm._fast
+    rng = np.random.default_rng(21)
+    for _ in range(3):
+        psi = _psi(pm.table, rng)
+        llk, gk = pm.evaluate(psi)
+        llo, go, _ = pm.pseudo(psi)
+        assert llk == pytest.approx(llo, rel=1e-13)
+        np.testing.assert_allclose(gk, go, rtol=1e-10, atol=1e-10 * np.abs(go).max())
+    psi[pm.table.names.index("var(k)")] = 0.0            # a variance on its bound
+    np.testing.assert_allclose(pm.evaluate(psi)[1], pm.pseudo(psi)[1], rtol=1e-10, atol=1e-8)
+
+
+def test_kernel_three_levels_and_numpy_backend(data):
+    d = data.with_columns(((pl.col("i") + 1) // 2).alias("c"),
+                          (1.0 + (pl.col("i") + 1) // 2 % 2).alias("w_c"))
+    df2, prep, table = build(d, "y ~ x1 + (1 | k/j/c)")
+    fr = df2[prep.obs_row]
+    H = Hierarchy(prep, [None] * 4)
+    ws = [fr["w_k"].to_numpy()[H.starts[0]].astype(float), fr["w_j"].to_numpy()[H.starts[1]].astype(float),
+          fr["w_c"].to_numpy()[H.starts[2]].astype(float), fr["w_i"].to_numpy().astype(float)]
+    pm = PseudoModel(prep, table, ws)
+    psi = _psi(table, np.random.default_rng(9))
+    llo, go, _ = pm.pseudo(psi)
+    if pm._fast:
+        llk, gk = pm.evaluate(psi)
+        assert llk == pytest.approx(llo, rel=1e-13)
+        np.testing.assert_allclose(gk, go, rtol=1e-10, atol=1e-10 * np.abs(go).max())
+    on_numpy = PseudoModel(prep, table, ws, backend="numpy")
+    assert not on_numpy._fast
+    assert on_numpy.evaluate(psi)[0] == pytest.approx(llo, rel=1e-13)
