@@ -257,6 +257,25 @@ class Model:
             except Exception:  # threadpoolctl is optional
                 self._blas_ctl = None
 
+    def __getstate__(self):
+        # a threadpoolctl controller holds ctypes handles and cannot be pickled:
+        # without this a Dask worker that retires cannot hand its partition
+        # (a Model) to another worker, and client.retire_workers waits forever
+        d = dict(self.__dict__)
+        d["_blas_ctl"] = getattr(self, "_blas_ctl", None) is not None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        ctl = None
+        if d.get("_blas_ctl"):
+            try:
+                from threadpoolctl import ThreadpoolController
+                ctl = ThreadpoolController()
+            except Exception:  # threadpoolctl is optional
+                ctl = None
+        self._blas_ctl = ctl
+
     def _one_blas_thread(self):
         if self._blas_ctl is None:
             return contextlib.nullcontext()
