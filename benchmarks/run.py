@@ -276,8 +276,19 @@ def main(argv=None):
                          "simulated with 20,000 counties (1.15M rows) and 174,000 counties (10M "
                          "rows, generated here, not committed), and the load benchmark "
                          "(benchmarks/load.py on medium); print the issue's ratios")
+    ap.add_argument("--multivariate", action="store_true",
+                    help="several outcomes (issue 15): at each size, the bivariate fit against the "
+                         "univariate fit of the same rows (benchmarks/multivariate.py), instead of "
+                         "the peers' table")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args(argv)
+    if a.multivariate:
+        sys.path.insert(0, HERE)
+        import multivariate
+        sizes = a.sizes if a.sizes is not None else [1_150_000]
+        if a.quick:
+            sizes, a.repeats = [2_000], 1
+        return multivariate.run(sorted(set(sizes + a.size)), a.repeats, a.out, a.threads)
 
     sizes = a.sizes if a.sizes is not None else [10_000, 100_000, 1_000_000]
     if a.quick:

@@ -1,6 +1,7 @@
 """One timed fit in a fresh process (so that its peak memory is its own).
 
     python benchmarks/worker.py mlsem <data.parquet> <formula> [threads]
+        (formulas joined by " ;; ": several outcomes fitted jointly, mlsem.fit with a list)
     python benchmarks/worker.py statsmodels <data.parquet> <formula>
     python benchmarks/worker.py mixedlm <data.parquet> <formula>
     python benchmarks/worker.py mlsem-sem <wide.csv> <model.lav>
@@ -21,6 +22,8 @@ import time
 def run_mlsem(path, formula, threads=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import mlsem
+    if " ;; " in formula:
+        formula = formula.split(" ;; ")
     t0 = time.perf_counter()
     r = mlsem.fit(path, formula, nthreads=threads)
     sec = time.perf_counter() - t0

@@ -155,6 +155,9 @@ class MultilevelSpec:
 def _prep_for(formula, data, index=None, encoding=None):
     """The prepared data of ``formula`` on ``data``; with ``encoding`` (a spec's),
     the fixed part is encoded as it was for the spec (same factor levels)."""
+    if isinstance(formula, (list, tuple)):
+        raise MlsemError("several outcomes (a list of formulas): the SEM bridge (mlsem.multilevel, "
+                         "mlsem.to_wide) is not available for them yet; fit them with mlsem.fit")
     F = parse_formula(formula)
     levels = nest_levels(F)
     df, F, encoding = load(data, F, [index] if index else [], encoding=encoding)

@@ -56,8 +56,8 @@ def _ols_loglik(y, X):
     return -0.5 * n * (math.log(2 * math.pi) + math.log(s2) + 1.0)
 
 
-def fit(data, formula: str, *, index: str | None = None, vce="mixed",
-        weights: str | None = None, method: str = "ml",
+def fit(data, formula, *, index: str | None = None, vce="mixed",
+        weights: str | None = None, method: str = "ml", outcomes: dict | None = None,
         effects: dict | None = None, residuals: dict | None = None,
         coefficients: dict | None = None, df: str | None = None,
         backend: str = "auto", nthreads: int | None = None, progress=None,
@@ -102,8 +102,19 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
     ``survey``: an mlsem.SurveyDesign (weights at every level, strata, PSUs,
     FPC, subpopulation): pseudo-maximum likelihood with design-based
     (linearised) standard errors; see mlsem.api.survey_fit and docs/survey.md.
+    ``formula`` a list of formulas, one per outcome (``["y1 ~ x + (1 | k/j)",
+    "y2 ~ x + (1 | k/j)"]``): several outcomes measured on the same units, fitted
+    jointly (mlsem.api.multivariate); ``outcomes`` then restricts the covariances
+    across outcomes: ``{"k": "independent", "residual": "independent"}`` (default
+    "unstructured" at every level and for the residuals).
     """
     if survey is not None:
+        if isinstance(formula, (list, tuple)):
+            raise MlsemError("survey= with several outcomes (a list of formulas) is not supported: "
+                             "fit one outcome at a time under the design")
+        if outcomes is not None:
+            raise MlsemError("outcomes= needs several outcomes (a list of formulas), which survey= "
+                             "does not support")
         from .survey_fit import check_survey_options, fit_survey
         check_survey_options(survey, vce=vce, weights=weights, method=method, effects=effects,
                              residuals=residuals, coefficients=coefficients, df=df,
@@ -112,6 +123,16 @@ def fit(data, formula: str, *, index: str | None = None, vce="mixed",
             raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
         return fit_survey(data, formula, survey, index=index, backend=backend,
                           nthreads=nthreads, progress=progress)
+    if isinstance(formula, (list, tuple)):
+        from .multivariate import fit_multi
+        opts = _check_options("; ".join(map(str, formula)), index, vce, backend, nthreads,
+                              weights, method)
+        return fit_multi(data, formula, outcomes=outcomes, index=index, opts=opts, df=df,
+                         effects=effects, residuals=residuals, coefficients=coefficients,
+                         client=client, npartitions=npartitions, progress=progress,
+                         finish=_finish)
+    if outcomes is not None:
+        raise MlsemError("outcomes= needs several outcomes: give a list of formulas, one per outcome")
     opts = _check_options(formula, index, vce, backend, nthreads, weights, method)
     from ..inference.smallsample import apply_df, check_df_option
     df_method = check_df_option(df, opts.method)

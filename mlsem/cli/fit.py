@@ -93,6 +93,28 @@ def _fit_options(args):
             if args.by and col == args.by:
                 raise MlsemError(f"--by {args.by!r} is also the {opt} column; give another column")
         return {"vce": vce, "cluster": cluster, "survey": survey}
+    if isinstance(args.formula, list):      # several outcomes
+        if survey is not None:
+            raise MlsemError("the survey options (--weight, --strata, --psu, --fpc, --subpop, ...) "
+                             f"are not supported with several outcomes (--formula given "
+                             f"{len(args.formula)} times)")
+        given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
+                                ("--coefficients", args.coefficients), ("--by", args.by),
+                                ("--dask", args.dask), ("--weights", args.weights),
+                                ("--df", args.df), ("--ci", args.ci),
+                                ("--bootstrap", args.bootstrap)) if v]
+        if args.method != "ml":
+            given.append(f"--method {args.method}")
+        if vce is not None and vce not in ("mixed", "oim"):
+            given.append(f"--vce {args.vce}")
+        if given:
+            raise MlsemError(f"{given[0]}: not supported with several outcomes (--formula given "
+                             f"{len(args.formula)} times) yet")
+        from ..spec.multivariate import parse_formulas
+        parse_formulas(args.formula)
+        args.parsed = {"effects": None, "residuals": None, "coefficients": None}
+        return {"vce": vce or "mixed", "cluster": None, "effects": None, "residuals": None,
+                "coefficients": None, "survey": None}
     from ..spec.formula import parse_formula
     F = parse_formula(args.formula)
     effects, residuals, coefficients = _relax_options(args, F)
@@ -174,8 +196,8 @@ def _cmd_fit(args, argv) -> int:
                 from ..backends.dask import connect
                 prog.say(f"connecting to the Dask scheduler at {args.dask}")
                 client = connect(args.dask)
-            if args.dask and not args.by:
-                df = None       # the workers read the data themselves
+            if (args.dask and not args.by) or isinstance(args.formula, list):
+                df = None       # the workers (or fit, for several outcomes) read the data
             else:
                 _, df = _read(args, [args.index, args.by, args.weights, o["cluster"],
                                      *survey_data_columns(o["survey"])], prog)

@@ -219,13 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
         if data:
             sp.add_argument("data", metavar="DATA", help="Parquet file, directory or glob of Parquet files, or CSV")
         if formula:
-            sp.add_argument("--formula", "-f", required=True, help='lme4 formula, e.g. "y ~ x + (1 | k/j)"')
+            sp.add_argument("--formula", "-f", required=True, action="append",
+                            help='lme4 formula, e.g. "y ~ x + (1 | k/j)"')
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr, no tables on stdout")
 
     f = sub.add_parser("fit", help="fit a model; write the parameter table (Parquet) and the fit record (JSON)",
                        epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(f, formula=False)
-    f.add_argument("--formula", "-f", help='lme4 formula, e.g. "y ~ x + (1 | k/j)" (or --syntax)')
+    f.add_argument("--formula", "-f", action="append",
+                   help='lme4 formula, e.g. "y ~ x + (1 | k/j)" (or --syntax); given once per outcome '
+                        'for several outcomes fitted jointly (mlsem.fit with a list of formulas)')
     f.add_argument("--syntax", metavar="MODEL.lav",
                    help="a model in lavaan syntax on wide data, instead of --formula (mlsem.sem)")
     relax_options(f)
@@ -332,9 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _formulas(args):
+    """--formula is repeatable: one formula stays a string; several (one per outcome) are a
+    list, which only ``mlsem fit`` accepts."""
+    f = getattr(args, "formula", None)
+    if isinstance(f, list):
+        if len(f) == 1:
+            args.formula = f[0]
+        elif args.command != "fit":
+            raise MlsemError(f"--formula given {len(f)} times: several outcomes are supported by "
+                             f"`mlsem fit` only, not by `mlsem {args.command}`")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _formulas(args)
         _check_outputs_not_inputs(args)
         return args.func(args, argv)
     except MlsemError as exc:

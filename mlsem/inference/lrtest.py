@@ -124,6 +124,9 @@ def lrtest(restricted, relaxed, tol: float = 1e-6, *, bootstrap: int | None = No
             0.5 * float(stats.chi2.sf(chi2, df - 1)) if df > 1 else (0.5 if chi2 <= 0 else 0.0))
     pboot, boot = float("nan"), None
     if bootstrap is not None:
+        if any(getattr(getattr(r.model, "table", None), "nout", 1) > 1 for r in (restricted, relaxed)):
+            raise MlsemError("lrtest(bootstrap=): not available for fits of several outcomes yet; "
+                             "the chi2 p-value is")
         from .bootstrap import lr_bootstrap
         boot = lr_bootstrap(restricted, relaxed, chi2, bootstrap, seed=seed, parallel=parallel,
                             progress=progress)

@@ -1081,6 +1081,907 @@ def dense_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     return 0
 
 
+# ---- several outcomes: Theta block-diagonal per observation unit (issue 15) -------------------
+#
+# Slots are (unit, outcome) pairs; the slots of one unit (a pupil) are consecutive and share
+# ``spup[s]``; ``sout[s]`` is the slot's outcome.  Theta_o is block-diagonal: the block of a unit
+# with observed outcomes S is R[S, S] (R: the nout x nout residual covariance), so D = Theta_o^-1
+# is applied block by block (the caller passes R[S, S]^-1 and log|R[S, S]| for every subset S,
+# indexed by its bit mask) and the Woodbury algebra of factor_pattern carries over with D no
+# longer diagonal.  dl/dR (nout x nout, every entry a separate argument) replaces dl/dtheta.
+
+cdef int mfactor_pattern(
+        Py_ssize_t p,
+        const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid,
+        const double[:, ::1] load, const int[:, ::1] slot_lat,
+        const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+        const int[::1] spup, const int[::1] sout, int nout,
+        const double* rinv, const double* rlogdet, const double[::1] wrow,
+        double[::1] w_out, double* ll, double* gphi, double* gR, int M, int need_grad,
+        int* loc, int* colloc, int* glob, int* colglob, int* latloc, int* tb, int* tbn,
+        double* Dm, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
+        double* Q, double* Lp, double* A, double* AL, double* K, double* Z, double* T,
+        double* ASA, double* U, double* b, double* h, double* u,
+        int unit, int* jt, int* jnode, double* Sb, int maxj,
+        const int* hidx, double* hphi, int nh, int* ent, int* hglob) noexcept nogil:
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int n = <int>(row_ptr[r0 + 1] - o0)
+    cdef int nl = load.shape[1], nn2 = nout * nout
+    cdef int m = 0, c = 0, t, t2, k, k2, a, a2, g, g2, j, j2, s, bs, bn, mask, x, z
+    cdef int status = 0
+    cdef double logth = 0.0, logdet, la, quad0, quad, wr, wsum = 0.0, acc, e, dd
+    cdef double llp = 0.0
+    # unit blocks, D = Theta_o^-1 block by block, local latents
+    t = 0
+    while t < n:
+        bs = t
+        mask = 0
+        while t < n and spup[slot[o0 + t]] == spup[slot[o0 + bs]]:
+            mask |= 1 << sout[slot[o0 + t]]
+            t += 1
+        bn = t - bs
+        logth += rlogdet[mask]
+        for j in range(bn):
+            tb[bs + j] = bs
+            tbn[bs + j] = bn
+            for j2 in range(bn):
+                Dm[(bs + j) * nout + j2] = rinv[mask * nn2 + j * nout + j2]
+    if USE_BARROW and unit and nl == 2:
+        status = barrow_pattern(p, pat_ptr, row_ptr, slot, resid, slot_lat, F, blk_start, blk_end,
+                                sout, nout, wrow, w_out, ll, gphi, gR, M, need_grad, n, logth,
+                                tb, tbn, Dm, rinv, jt, jnode, sinvb, W2b, dvec, lh, wv, Sb, maxj,
+                                hidx, hphi, nh, ASA, U, AL, ent, hglob)
+        if status >= 0:
+            return status
+        status = 0
+    for t in range(n):
+        s = slot[o0 + t]
+        for k in range(nl):
+            g = slot_lat[s, k]
+            if g < 0:
+                latloc[t * nl + k] = -1
+                continue
+            if loc[g] < 0:
+                loc[g] = m
+                glob[m] = g
+                m += 1
+            latloc[t * nl + k] = loc[g]
+    for a in range(m):
+        g = glob[a]
+        for g2 in range(blk_start[g], blk_end[g]):
+            if F[g, g2] != 0.0 and colloc[g2] < 0:
+                colloc[g2] = c
+                colglob[c] = g2
+                c += 1
+    for a in range(m):
+        for j in range(c):
+            Lp[a * c + j] = F[glob[a], colglob[j]]
+    # A = Lambda_o' D Lambda_o (D block-diagonal)
+    memset(A, 0, m * m * sizeof(double))
+    for t in range(n):
+        bs = tb[t]
+        for j in range(tbn[t]):
+            t2 = bs + j
+            dd = Dm[t * nout + j]
+            for k in range(nl):
+                a = latloc[t * nl + k]
+                if a < 0:
+                    continue
+                la = load[o0 + t, k] * dd
+                for k2 in range(nl):
+                    a2 = latloc[t2 * nl + k2]
+                    if a2 >= 0:
+                        A[a * m + a2] += la * load[o0 + t2, k2]
+    for a in range(m):
+        for j in range(c):
+            acc = 0.0
+            for a2 in range(m):
+                acc += A[a * m + a2] * Lp[a2 * c + j]
+            AL[a * c + j] = acc
+    for j in range(c):
+        for j2 in range(j + 1):
+            acc = 0.0
+            for a in range(m):
+                acc += Lp[a * c + j] * AL[a * c + j2]
+            K[j * c + j2] = acc
+            K[j2 * c + j] = acc
+        K[j * c + j] += 1.0
+    logdet = logth
+    status = woodbury_T(K, Lp, Z, T, m, c, &logdet)
+    if status == 0:
+        if need_grad:
+            for a in range(m):
+                for a2 in range(m):
+                    acc = 0.0
+                    for j in range(m):
+                        acc += A[a * m + j] * T[j * m + a2]
+                    AL[a * m + a2] = acc
+            for a in range(m):
+                for a2 in range(m):
+                    acc = 0.0
+                    for j in range(m):
+                        acc += AL[a * m + j] * A[j * m + a2]
+                    ASA[a * m + a2] = A[a * m + a2] - acc
+                    U[a * m + a2] = 0.0
+            # the blocks of Sigma_o^-1 on the units: D - D Q D, Q = Lambda_b T Lambda_b'
+            t = 0
+            while t < n:
+                bs = t
+                bn = tbn[t]
+                for x in range(bn):
+                    for z in range(bn):
+                        acc = 0.0
+                        for k in range(nl):
+                            a = latloc[(bs + x) * nl + k]
+                            if a < 0:
+                                continue
+                            for k2 in range(nl):
+                                a2 = latloc[(bs + z) * nl + k2]
+                                if a2 >= 0:
+                                    acc += load[o0 + bs + x, k] * load[o0 + bs + z, k2] * T[a * m + a2]
+                        Q[x * nout + z] = acc
+                for j in range(bn):
+                    for j2 in range(bn):
+                        acc = Dm[(bs + j) * nout + j2]
+                        for x in range(bn):
+                            for z in range(bn):
+                                acc -= Dm[(bs + j) * nout + x] * Q[x * nout + z] * Dm[(bs + z) * nout + j2]
+                        sinvb[(bs + j) * nout + j2] = acc
+                        W2b[(bs + j) * nout + j2] = 0.0
+                t += bn
+        for r in range(r0, r1):
+            o = row_ptr[r]
+            wr = wrow[r]
+            quad0 = 0.0
+            for a in range(m):
+                b[a] = 0.0
+            for t in range(n):
+                bs = tb[t]
+                acc = 0.0
+                for j in range(tbn[t]):
+                    acc += Dm[t * nout + j] * resid[o + bs + j]
+                dvec[t] = acc
+                quad0 += resid[o + t] * acc
+                for k in range(nl):
+                    a = latloc[t * nl + k]
+                    if a >= 0:
+                        b[a] += load[o + t, k] * acc
+            quad = quad0 - apply_T(T, b, h, m)
+            llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+            wsum += wr
+            if need_grad:
+                for t in range(n):
+                    acc = 0.0
+                    for k in range(nl):
+                        a = latloc[t * nl + k]
+                        if a >= 0:
+                            acc += load[o + t, k] * h[a]
+                    lh[t] = acc
+                for a in range(m):
+                    u[a] = 0.0
+                for t in range(n):
+                    bs = tb[t]
+                    acc = dvec[t]
+                    for j in range(tbn[t]):
+                        acc -= Dm[t * nout + j] * lh[bs + j]
+                    wv[t] = acc
+                    w_out[o + t] = wr * acc
+                    for k in range(nl):
+                        a = latloc[t * nl + k]
+                        if a >= 0:
+                            u[a] += load[o + t, k] * acc
+                for t in range(n):
+                    bs = tb[t]
+                    for j in range(tbn[t]):
+                        W2b[t * nout + j] += wr * wv[t] * wv[bs + j]
+                for a in range(m):
+                    for a2 in range(m):
+                        U[a * m + a2] += wr * u[a] * u[a2]
+        ll[0] += llp
+        if need_grad:
+            for a in range(m):
+                for a2 in range(m):
+                    gphi[glob[a] * M + glob[a2]] += 0.5 * U[a * m + a2] - 0.5 * wsum * ASA[a * m + a2]
+            for t in range(n):
+                bs = tb[t]
+                x = sout[slot[o0 + t]]
+                for j in range(tbn[t]):
+                    z = sout[slot[o0 + bs + j]]
+                    gR[x * nout + z] += 0.5 * W2b[t * nout + j] - 0.5 * wsum * sinvb[t * nout + j]
+            if hphi != NULL:
+                hess_accum(m, glob, ASA, U, wsum, hidx, M, hphi, nh, ent, AL)
+    for a in range(m):
+        loc[glob[a]] = -1
+    for j in range(c):
+        colloc[colglob[j]] = -1
+    return status
+
+
+
+# ---- block arrowhead (several outcomes, random intercepts at two nested levels) -----------------
+#
+# A pattern whose cells all load (with loading 1) on the latents of one top node U (one per
+# outcome, b = nout of them) and of one school node V_j each: A = Lambda' D Lambda is then a block
+# arrowhead with b x b blocks (A_UU = sum_j A_j, A_U,Vj = A_Vj,Vj = A_j), and so is K.  Ordered
+# V_1 .. V_J, U its Cholesky factor is [[C_j, 0], [E_j, C_U]] (C_j C_j' = K_j, E_j = K_U,Vj C_j^-T,
+# C_U C_U' = K_UU - sum E_j E_j'): O(J b^3) per pattern instead of O((J b)^3), every solve
+# O(J b^2).  Only the diagonal blocks (U, U) and (V_j, V_j) of Lambda' Sigma^-1 Lambda carry
+# parameters (Phi has no U-V entries), and the within-unit blocks of Sigma^-1 need T = F K^-1 F'
+# on the blocks (U, U), (U, V_j), (V_j, V_j) only.
+
+cdef inline void b_tn(const double* A, const double* B, double* out, int b) noexcept nogil:
+    """out = A' B (b x b, row-major)."""
+    cdef int i, j, k
+    cdef double acc
+    for i in range(b):
+        for j in range(b):
+            acc = 0.0
+            for k in range(b):
+                acc += A[k * b + i] * B[k * b + j]
+            out[i * b + j] = acc
+
+
+cdef inline void b_nn(const double* A, const double* B, double* out, int b) noexcept nogil:
+    """out = A B."""
+    cdef int i, j, k
+    cdef double acc
+    for i in range(b):
+        for j in range(b):
+            acc = 0.0
+            for k in range(b):
+                acc += A[i * b + k] * B[k * b + j]
+            out[i * b + j] = acc
+
+
+cdef inline void b_fwd(const double* C, double* X, int b) noexcept nogil:
+    """X <- C^-1 X in place (C lower triangular b x b, X b x b)."""
+    cdef int i, j, k
+    cdef double acc
+    for j in range(b):
+        for i in range(b):
+            acc = X[i * b + j]
+            for k in range(i):
+                acc -= C[i * b + k] * X[k * b + j]
+            X[i * b + j] = acc / C[i * b + i]
+
+
+cdef inline void v_fwd(const double* C, double* x, int b) noexcept nogil:
+    cdef int i, k
+    cdef double acc
+    for i in range(b):
+        acc = x[i]
+        for k in range(i):
+            acc -= C[i * b + k] * x[k]
+        x[i] = acc / C[i * b + i]
+
+
+cdef inline void v_bwd(const double* C, double* x, int b) noexcept nogil:
+    """x <- C^-T x."""
+    cdef int i, k
+    cdef double acc
+    for i in range(b - 1, -1, -1):
+        acc = x[i]
+        for k in range(i + 1, b):
+            acc -= C[k * b + i] * x[k]
+        x[i] = acc / C[i * b + i]
+
+
+cdef int barrow_pattern(
+        Py_ssize_t p, const long long[::1] pat_ptr, const long long[::1] row_ptr,
+        const int[::1] slot, const double[::1] resid, const int[:, ::1] slot_lat,
+        const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+        const int[::1] sout, int nout, const double[::1] wrow,
+        double[::1] w_out, double* ll, double* gphi, double* gR, int M, int need_grad,
+        int n, double logth, const int* tb, const int* tbn, const double* Dm, const double* rinv,
+        int* jt, int* jnode, double* sinvb, double* W2b, double* dvec, double* lh, double* wv,
+        double* S, int maxj, const int* hidx, double* hphi, int nh, double* HS, double* HU,
+        double* HR, int* ent, int* hglob) noexcept nogil:
+    """One pattern on the block-arrowhead path; returns 0, 2 (K not positive definite)
+    or -1 (the pattern does not have the structure: the caller takes the general path)."""
+    cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
+    cdef long long o0 = row_ptr[r0], o
+    cdef int b = nout, bb = nout * nout, J = 0, t, j, i, x, z, jj, bs, bn, gu, vb, ox, oz, s
+    cdef double logdet = logth, acc, quad, quad0, wr, wsum = 0.0, llp = 0.0
+    cdef int* ot = jnode + maxj
+    cdef int hm = 0, mask, nmask = 1 << nout
+    cdef int sel[16]
+    cdef double* cnt
+    cdef const double* Dp
+    cdef double* Wacc = S + 11 * bb
+    s = slot[o0]
+    if slot_lat[s, 0] < 0:
+        return -1
+    gu = (slot_lat[s, 0] // b) * b
+    for t in range(n):
+        s = slot[o0 + t]
+        if slot_lat[s, 0] < 0 or slot_lat[s, 1] < 0 or (slot_lat[s, 0] // b) * b != gu:
+            return -1
+        vb = (slot_lat[s, 1] // b) * b
+        if vb == gu:
+            return -1
+        if J == 0 or jnode[J - 1] != vb:
+            for j in range(J):
+                if jnode[j] == vb:
+                    return -1      # a node's cells are not contiguous
+            if J == maxj:
+                return -1
+            jnode[J] = vb
+            J += 1
+        jt[t] = J - 1
+        ot[t] = sout[s]
+    # the latents node * b .. node * b + b - 1 of a node, their factor inside the node
+    for x in range(b):
+        if blk_start[gu + x] < gu or blk_end[gu + x] > gu + b:
+            return -1
+        for j in range(J):
+            if blk_start[jnode[j] + x] < jnode[j] or blk_end[jnode[j] + x] > jnode[j] + b:
+                return -1
+    # scratch: the top node's b x b blocks, then 9 b x b blocks and 6 b-vectors per school
+    cdef double* FU = S
+    cdef double* CU = S + bb
+    cdef double* PU = S + 2 * bb
+    cdef double* AS = S + 3 * bb
+    cdef double* TUU = S + 4 * bb
+    cdef double* GUU = S + 5 * bb
+    cdef double* UUU = S + 6 * bb
+    cdef double* t1 = S + 7 * bb
+    cdef double* t2 = S + 8 * bb
+    cdef double* accEY = S + 9 * bb
+    cdef double* accYY = S + 10 * bb
+    cdef double* bU = S + 12 * bb
+    cdef double* xU = bU + b
+    cdef double* hU = bU + 2 * b
+    cdef double* uU = bU + 3 * b
+    cdef double* base = bU + 4 * b
+    cdef int VOFF = 11 * bb
+    cdef int per = VOFF + 6 * b + (1 << nout)
+    cdef double* Aj
+    cdef double* Fj
+    cdef double* Cj
+    cdef double* Ej
+    cdef double* Yj
+    cdef double* Nj
+    cdef double* Qj
+    cdef double* Gj
+    cdef double* UUj
+    cdef double* bj
+    cdef double* xj
+    cdef double* hj
+    cdef double* uj
+    for x in range(b):
+        for z in range(b):
+            FU[x * b + z] = F[gu + x, gu + z]
+            AS[x * b + z] = 0.0
+    for j in range(J):
+        Aj = base + j * per
+        Fj = Aj + bb
+        for x in range(b):
+            for z in range(b):
+                Aj[x * b + z] = 0.0
+                Fj[x * b + z] = F[jnode[j] + x, jnode[j] + z]
+    # A_j = Lambda_j' D Lambda_j
+    for t in range(n):
+        Aj = base + jt[t] * per
+        ox = ot[t]
+        bs = tb[t]
+        for jj in range(tbn[t]):
+            oz = ot[bs + jj]
+            Aj[ox * b + oz] += Dm[t * nout + jj]
+    # K_j, C_j, E_j; K_U
+    for x in range(b):
+        for z in range(b):
+            t1[x * b + z] = 0.0
+    for j in range(J):
+        Aj = base + j * per
+        Fj = Aj + bb
+        Cj = Aj + 2 * bb
+        Ej = Aj + 3 * bb
+        for x in range(bb):
+            AS[x] += Aj[x]
+        b_nn(Aj, Fj, t2, b)              # A_j F_j
+        b_tn(Fj, t2, Cj, b)              # F_j' A_j F_j
+        for x in range(b):
+            Cj[x * b + x] += 1.0
+        if chol_lower(Cj, b) != 0:
+            return 2
+        for x in range(b):
+            logdet += 2.0 * log(Cj[x * b + x])
+        b_tn(t2, FU, Ej, b)              # (A_j F_j)' F_U = F_j' A_j F_U = B_j'
+        b_fwd(Cj, Ej, b)                 # C_j^-1 B_j' = E_j'
+        for x in range(b):               # t1 += E_j E_j' = (E_j')' (E_j')
+            for z in range(b):
+                acc = 0.0
+                for i in range(b):
+                    acc += Ej[i * b + x] * Ej[i * b + z]
+                t1[x * b + z] += acc
+        for x in range(b):               # store E_j (not its transpose)
+            for z in range(x + 1, b):
+                acc = Ej[x * b + z]
+                Ej[x * b + z] = Ej[z * b + x]
+                Ej[z * b + x] = acc
+    b_nn(AS, FU, t2, b)
+    b_tn(FU, t2, CU, b)
+    for x in range(bb):
+        CU[x] -= t1[x]
+    for x in range(b):
+        CU[x * b + x] += 1.0
+    if chol_lower(CU, b) != 0:
+        return 2
+    for x in range(b):
+        logdet += 2.0 * log(CU[x * b + x])
+    if need_grad:
+        # T blocks: P_U = C_U^-1 F_U', T_UU = P_U' P_U; per school Y_j = C_j^-1 F_j',
+        # N_j = C_U^-1 E_j Y_j, Q_j = T_UU - P_U' N_j - N_j' P_U + Y_j' Y_j + N_j' N_j
+        for x in range(b):
+            for z in range(b):
+                PU[x * b + z] = FU[z * b + x]
+        b_fwd(CU, PU, b)
+        b_tn(PU, PU, TUU, b)
+        for x in range(bb):
+            accEY[x] = 0.0
+            accYY[x] = 0.0
+            UUU[x] = 0.0
+        for j in range(J):
+            Aj = base + j * per
+            Fj = Aj + bb
+            Cj = Aj + 2 * bb
+            Ej = Aj + 3 * bb
+            Yj = Aj + 4 * bb
+            Nj = Aj + 5 * bb
+            Qj = Aj + 6 * bb
+            Gj = Aj + 7 * bb
+            UUj = Aj + 8 * bb
+            for x in range(b):
+                for z in range(b):
+                    Yj[x * b + z] = Fj[z * b + x]
+                    UUj[x * b + z] = 0.0
+            b_fwd(Cj, Yj, b)
+            b_nn(Ej, Yj, Nj, b)
+            b_fwd(CU, Nj, b)
+            b_tn(PU, Nj, t1, b)          # P_U' N_j = -T_U,Vj
+            b_tn(Yj, Yj, Qj, b)
+            b_tn(Nj, Nj, t2, b)
+            for x in range(b):
+                for z in range(b):
+                    Qj[x * b + z] += t2[x * b + z] + TUU[x * b + z] - t1[x * b + z] - t1[z * b + x]
+            # G_jj = A_j - Y2' Y2 - YU2' YU2, Y2 = C_j^-1 F_j' A_j, YU2 = C_U^-1 (F_U' A_j - E_j Y2)
+            b_tn(Fj, Aj, t1, b)
+            b_fwd(Cj, t1, b)             # t1 = Y2
+            for x in range(bb):
+                (Aj + 9 * bb)[x] = t1[x]
+            b_tn(t1, t1, Gj, b)
+            for x in range(bb):
+                accYY[x] += Gj[x]
+            b_nn(Ej, t1, t2, b)          # E_j Y2
+            for x in range(bb):
+                accEY[x] += t2[x]
+            b_tn(FU, Aj, t1, b)
+            for x in range(bb):
+                t1[x] -= t2[x]
+            b_fwd(CU, t1, b)
+            for x in range(bb):
+                (Aj + 10 * bb)[x] = t1[x]    # YU2_j = C_U^-1 (F_U' A_j - E_j Y2_j)
+            b_tn(t1, t1, t2, b)
+            for x in range(bb):
+                Gj[x] = Aj[x] - Gj[x] - t2[x]
+        b_tn(FU, AS, t1, b)
+        for x in range(bb):
+            t1[x] -= accEY[x]
+        b_fwd(CU, t1, b)
+        b_tn(t1, t1, t2, b)
+        for x in range(bb):
+            GUU[x] = AS[x] - accYY[x] - t2[x]
+        if hphi != NULL:
+            hm = b * (J + 1)
+            # S = Lambda' Sigma^-1 Lambda in full, local order U, V_1 .. V_J (t1 = YU)
+            for x in range(b):
+                hglob[x] = gu + x
+                for z in range(b):
+                    HS[x * hm + z] = GUU[x * b + z]
+            for j in range(J):
+                Aj = base + j * per
+                for x in range(b):
+                    hglob[(j + 1) * b + x] = jnode[j] + x
+                b_tn(Aj + 9 * bb, Aj + 9 * bb, t2, b)       # Y2' Y2
+                for x in range(b):
+                    for z in range(b):
+                        acc = 0.0
+                        for i in range(b):
+                            acc += t1[i * b + x] * (Aj + 10 * bb)[i * b + z]
+                        acc = Aj[x * b + z] - t2[x * b + z] - acc
+                        HS[x * hm + (j + 1) * b + z] = acc
+                        HS[((j + 1) * b + z) * hm + x] = acc
+                        HS[((j + 1) * b + x) * hm + (j + 1) * b + z] = (Aj + 7 * bb)[x * b + z]
+                for i in range(j):
+                    Nj = base + i * per + 10 * bb
+                    for x in range(b):
+                        for z in range(b):
+                            acc = 0.0
+                            for jj in range(b):
+                                acc -= Nj[jj * b + x] * (Aj + 10 * bb)[jj * b + z]
+                            HS[((i + 1) * b + x) * hm + (j + 1) * b + z] = acc
+                            HS[((j + 1) * b + z) * hm + (i + 1) * b + x] = acc
+            for x in range(hm * hm):
+                HU[x] = 0.0
+        # the within-unit blocks of Sigma^-1, D - D Q_j D, depend on the school and the unit's
+        # outcomes only: count the units per (school, outcome set); their sum enters dl/dR
+        for j in range(J):
+            cnt = base + j * per + VOFF + 6 * b
+            for x in range(nmask):
+                cnt[x] = 0.0
+        t = 0
+        while t < n:
+            bs = t
+            bn = tbn[t]
+            mask = 0
+            for x in range(bn):
+                mask = mask | (1 << ot[bs + x])
+            (base + jt[bs] * per + VOFF + 6 * b)[mask] += 1.0
+            t += bn
+        for x in range(bb):
+            Wacc[x] = 0.0
+    for r in range(r0, r1):
+        o = row_ptr[r]
+        wr = wrow[r]
+        quad0 = 0.0
+        for x in range(b):
+            bU[x] = 0.0
+        for j in range(J):
+            bj = base + j * per + VOFF
+            for x in range(b):
+                bj[x] = 0.0
+        for t in range(n):
+            bs = tb[t]
+            acc = 0.0
+            for jj in range(tbn[t]):
+                acc += Dm[t * nout + jj] * resid[o + bs + jj]
+            dvec[t] = acc
+            quad0 += resid[o + t] * acc
+            ox = ot[t]
+            bU[ox] += acc
+            (base + jt[t] * per + VOFF)[ox] += acc
+        # beta = F' Lambda' d; forward solve (schools, then U), back solve
+        quad = 0.0
+        for x in range(b):
+            acc = 0.0
+            for z in range(b):
+                acc += FU[z * b + x] * bU[z]
+            t1[x] = acc
+        for j in range(J):
+            Aj = base + j * per
+            Fj = Aj + bb
+            Cj = Aj + 2 * bb
+            Ej = Aj + 3 * bb
+            bj = Aj + VOFF
+            xj = bj + b
+            for x in range(b):
+                acc = 0.0
+                for z in range(b):
+                    acc += Fj[z * b + x] * bj[z]
+                xj[x] = acc
+            v_fwd(Cj, xj, b)             # y_j
+            for x in range(b):
+                quad += xj[x] * xj[x]
+                acc = 0.0
+                for z in range(b):
+                    acc += Ej[x * b + z] * xj[z]
+                t1[x] -= acc
+        v_fwd(CU, t1, b)                 # y_U
+        for x in range(b):
+            quad += t1[x] * t1[x]
+        quad = quad0 - quad
+        llp += wr * (-0.5) * (n * LOG2PI + logdet + quad)
+        wsum += wr
+        if need_grad:
+            for x in range(b):
+                xU[x] = t1[x]
+            v_bwd(CU, xU, b)
+            for x in range(b):
+                acc = 0.0
+                for z in range(b):
+                    acc += FU[x * b + z] * xU[z]
+                hU[x] = acc
+                uU[x] = 0.0
+            for j in range(J):
+                Aj = base + j * per
+                Fj = Aj + bb
+                Cj = Aj + 2 * bb
+                Ej = Aj + 3 * bb
+                bj = Aj + VOFF
+                xj = bj + b
+                hj = bj + 2 * b
+                uj = bj + 3 * b
+                for x in range(b):       # y_j - E_j' x_U
+                    acc = 0.0
+                    for z in range(b):
+                        acc += Ej[z * b + x] * xU[z]
+                    xj[x] -= acc
+                v_bwd(Cj, xj, b)
+                for x in range(b):
+                    acc = 0.0
+                    for z in range(b):
+                        acc += Fj[x * b + z] * xj[z]
+                    hj[x] = acc
+                    uj[x] = 0.0
+            for t in range(n):
+                ox = ot[t]
+                lh[t] = hU[ox] + (base + jt[t] * per + VOFF + 2 * b)[ox]
+            for t in range(n):
+                bs = tb[t]
+                acc = dvec[t]
+                for jj in range(tbn[t]):
+                    acc -= Dm[t * nout + jj] * lh[bs + jj]
+                wv[t] = acc
+                w_out[o + t] = wr * acc
+                ox = ot[t]
+                uU[ox] += acc
+                (base + jt[t] * per + VOFF + 3 * b)[ox] += acc
+            for t in range(n):
+                bs = tb[t]
+                ox = ot[t]
+                for jj in range(tbn[t]):
+                    Wacc[ox * b + ot[bs + jj]] += wr * wv[t] * wv[bs + jj]
+            for x in range(b):
+                for z in range(b):
+                    UUU[x * b + z] += wr * uU[x] * uU[z]
+            if hphi != NULL:
+                for x in range(b):
+                    HR[x] = uU[x]
+                for j in range(J):
+                    uj = base + j * per + VOFF + 3 * b
+                    for x in range(b):
+                        HR[(j + 1) * b + x] = uj[x]
+                for x in range(hm):
+                    for z in range(hm):
+                        HU[x * hm + z] += wr * HR[x] * HR[z]
+            for j in range(J):
+                UUj = base + j * per + 8 * bb
+                uj = base + j * per + VOFF + 3 * b
+                for x in range(b):
+                    for z in range(b):
+                        UUj[x * b + z] += wr * uj[x] * uj[z]
+    ll[0] += llp
+    if need_grad:
+        for x in range(b):
+            for z in range(b):
+                gphi[(gu + x) * M + gu + z] += 0.5 * UUU[x * b + z] - 0.5 * wsum * GUU[x * b + z]
+        for j in range(J):
+            Gj = base + j * per + 7 * bb
+            UUj = base + j * per + 8 * bb
+            for x in range(b):
+                for z in range(b):
+                    gphi[(jnode[j] + x) * M + jnode[j] + z] += (0.5 * UUj[x * b + z]
+                                                                - 0.5 * wsum * Gj[x * b + z])
+        for x in range(b):
+            for z in range(b):
+                gR[x * nout + z] += 0.5 * Wacc[x * b + z]
+        for j in range(J):
+            Qj = base + j * per + 6 * bb
+            cnt = base + j * per + VOFF + 6 * b
+            for mask in range(1, nmask):
+                if cnt[mask] == 0.0:
+                    continue
+                bn = 0
+                for x in range(b):
+                    if (mask >> x) & 1:
+                        sel[bn] = x
+                        bn += 1
+                Dp = rinv + mask * bb
+                for i in range(bn):
+                    for jj in range(bn):
+                        acc = Dp[i * b + jj]
+                        for x in range(bn):
+                            for z in range(bn):
+                                acc -= Dp[i * b + x] * Qj[sel[x] * b + sel[z]] * Dp[z * b + jj]
+                        gR[sel[i] * nout + sel[jj]] -= 0.5 * wsum * cnt[mask] * acc
+        if hphi != NULL:
+            hess_accum(hm, hglob, HS, HU, wsum, hidx, M, hphi, nh, ent, HR)
+    return 0
+
+
+cdef int USE_BARROW = 1
+
+
+def set_block_arrowhead(bint enabled):
+    """Turn the block-arrowhead path of mfactor_loglik on or off (tests); returns the
+    previous setting."""
+    global USE_BARROW
+    cdef int old = USE_BARROW
+    USE_BARROW = 1 if enabled else 0
+    return bool(old)
+
+
+def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
+                   const int[::1] slot, double[::1] resid,
+                   const double[:, ::1] load, const int[:, ::1] slot_lat,
+                   const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
+                   const int[::1] spup, const int[::1] sout, int nout,
+                   const double[:, :, ::1] rinv, const double[::1] rlogdet,
+                   const double[::1] wrow, double[::1] w_out, double[::1] ll_t,
+                   double[:, ::1] gphi_t, double[:, ::1] gR_t, int[::1] status_t,
+                   int maxn, int maxm, int maxc, int nthreads, int need_grad,
+                   const double[::1] y=None, const double[:, ::1] X=None,
+                   const double[::1] beta=None, double[:, ::1] gbeta_t=None,
+                   bint unit_load=False, const int[::1] hidx=None, double[:, ::1] hphi_t=None,
+                   const int[::1] xoff=None, bint validate=True):
+    """Factor path with Theta block-diagonal per unit (several outcomes).
+
+    ``spup[s]``: the unit of slot s (a unit's slots are consecutive slot numbers and so
+    consecutive within every row); ``sout[s]``: its outcome in [0, nout).  ``rinv[mask]``
+    (2^nout, nout, nout): R[S, S]^-1 for the outcomes S of bit mask ``mask``, in the order
+    of S, and ``rlogdet[mask]`` log|R[S, S]|.  Outputs as factor_loglik's, with gR_t[nt,
+    nout * nout] = dl/dR instead of dl/dtheta; fused mode (y, X, beta, gbeta_t) as there.
+    O(observations * (latents touched + nout)) per evaluation, no dense per-row matrix.
+    ``unit_load`` (every loading 1) and two latent columns (random intercepts at two nested
+    levels, latent g of outcome o of node v numbered v * nout + o): the block-arrowhead path
+    (barrow_pattern), O(schools * nout^3) per pattern.  Hessian mode (hidx, hphi_t) as
+    factor_loglik's: d2l/dpsi2 of the parameters linear in Phi.  ``xoff`` (nout + 1 column
+    offsets): X is compact, a cell of outcome o holding its outcome's design columns
+    xoff[o] .. xoff[o + 1] - 1 (of beta) in its first xoff[o + 1] - xoff[o] columns."""
+    cdef int compact = xoff is not None, oc, c0, qo
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1, p
+    cdef int M = F.shape[0], tid, nl = load.shape[1], i, st, c, ci
+    cdef int fused = y is not None, q = 0
+    cdef long long o, o_lo, o_hi
+    cdef double acc
+    cdef double* gb
+    cdef int* loc
+    cdef int* ibuf
+    cdef double* dbuf
+    cdef Py_ssize_t P = slot_lat.shape[0], s
+    cdef int nh = 0, hess = hphi_t is not None and need_grad != 0
+    cdef const int* hidx_p = NULL
+    cdef double* hphi_p
+    if fused:
+        if X is None or beta is None or gbeta_t is None:
+            raise ValueError("fused mode needs y, X, beta and gbeta_t")
+        q = X.shape[1]
+        if compact:
+            q = beta.shape[0]
+            if xoff.shape[0] != nout + 1 or xoff[0] != 0 or xoff[nout] != q:
+                raise ValueError("xoff must hold nout + 1 column offsets from 0 to len(beta)")
+            for i in range(nout):
+                if xoff[i + 1] < xoff[i] or xoff[i + 1] - xoff[i] > X.shape[1]:
+                    raise ValueError(f"xoff: outcome {i} has {xoff[i + 1] - xoff[i]} columns, X {X.shape[1]}")
+        if beta.shape[0] != q or gbeta_t.shape[1] < q or X.shape[0] != resid.shape[0]:
+            raise ValueError("fused mode: shapes of X, beta, gbeta_t do not agree")
+    if nout < 1 or nout > 16:
+        raise ValueError(f"nout = {nout} outcomes: 1 to 16 are supported")
+    if hess:
+        if hidx is None or hidx.shape[0] != F.shape[0] * F.shape[0]:
+            raise ValueError("Hessian mode needs hidx with M * M entries")
+        nh = <int>(sqrt(<double>hphi_t.shape[1]) + 0.5)
+        if nh < 1 or nh * nh != hphi_t.shape[1] or hphi_t.shape[0] < (nthreads if nthreads > 0 else 1):
+            raise ValueError("Hessian mode: hphi_t must be (nthreads, nh * nh), nh >= 1")
+        for i in range(hidx.shape[0]):
+            if hidx[i] >= nh:
+                raise ValueError(f"Hessian mode: hidx[{i}] = {hidx[i]} is not below nh = {nh}")
+        hidx_p = &hidx[0]
+    cdef Py_ssize_t mm = maxm if maxm > 0 else 1
+    cdef Py_ssize_t cc = maxc if maxc > 0 else 1
+    cdef Py_ssize_t nn = maxn if maxn > 0 else 1
+    cdef Py_ssize_t big = mm if mm > cc else cc
+    cdef Py_ssize_t no = nout
+    cdef Py_ssize_t nd = (3 * nn * no + 3 * nn + no * no + mm * cc * 2 + cc * cc + big * big
+                          + 4 * mm * mm + 3 * mm)
+    cdef Py_ssize_t nsb = 12 * no * no + 4 * no + nn * (11 * no * no + 6 * no + (1 << nout))
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    if validate:
+        _check_outputs(resid.shape[0], load.shape[0], w_out.shape[0], slot.shape[0],
+                       ll_t.shape[0], gphi_t.shape[0], gphi_t.shape[1], gR_t.shape[0],
+                       gR_t.shape[1], status_t.shape[0], nthreads, M, nout * nout, need_grad)
+        if F.shape[1] != M or blk_start.shape[0] < M or blk_end.shape[0] < M:
+            raise ValueError(f"F must be square (M = {M}) and blk_start, blk_end have M entries")
+        for i in range(M):
+            if blk_start[i] < 0 or blk_end[i] > M or blk_start[i] > i or blk_end[i] <= i:
+                raise ValueError(f"latent {i}: block [{blk_start[i]}, {blk_end[i]}) does not hold it")
+        if maxm < (M if M < maxn * nl else maxn * nl) or maxc < M:
+            raise ValueError(f"maxm = {maxm} and maxc = {maxc}: scratch for min(M, maxn * nl) "
+                             f"latents and M = {M} factor columns is needed")
+        if rinv.shape[0] < (1 << nout) or rinv.shape[1] < nout or rinv.shape[2] < nout \
+                or rlogdet.shape[0] < (1 << nout):
+            raise ValueError(f"rinv must be (2^nout, nout, nout) and rlogdet 2^nout long")
+        if spup.shape[0] < P or sout.shape[0] < P:
+            raise ValueError(f"spup and sout need one entry per slot ({P})")
+        for s in range(P):
+            if sout[s] < 0 or sout[s] >= nout:
+                raise ValueError(f"sout[{s}] = {sout[s]} is not an outcome in [0, {nout})")
+            if s > 0 and spup[s] == spup[s - 1] and sout[s] <= sout[s - 1]:
+                raise ValueError(f"slots {s - 1}, {s} of one unit are not in increasing outcome order")
+        if fused and gbeta_t.shape[0] < nthreads:
+            raise ValueError(f"gbeta_t has {gbeta_t.shape[0]} rows for {nthreads} threads")
+        _check_layout(pat_ptr, row_ptr, slot, resid.shape[0], wrow.shape[0], <int>P, slot_lat,
+                      nl, M, maxn, 1)
+    with nogil, parallel(num_threads=nthreads):
+        tid = threadid()
+        loc = <int*>malloc((2 * M + 2 * mm + cc + nn * nl + 5 * nn + 4 + 3 * mm * mm + mm) * sizeof(int))
+        dbuf = <double*>malloc((nd + 16 + q + nsb) * sizeof(double))
+        if loc != NULL and dbuf != NULL:
+            ibuf = loc + 2 * M
+            gb = dbuf + nd + 16
+            hphi_p = NULL
+            if hess:
+                hphi_p = &hphi_t[tid, 0]
+            for i in range(2 * M):
+                loc[i] = -1
+            for c in range(q):
+                gb[c] = 0.0
+            for p in prange(npat, schedule='dynamic', chunksize=16):
+                if status_t[tid] == 0:
+                    o_lo = row_ptr[pat_ptr[p]]
+                    o_hi = row_ptr[pat_ptr[p + 1]]
+                    if fused and compact:
+                        for o in range(o_lo, o_hi):
+                            oc = sout[slot[o]]
+                            c0 = xoff[oc]
+                            qo = xoff[oc + 1] - c0
+                            acc = y[o]
+                            for ci in range(qo):
+                                acc = acc - X[o, ci] * beta[c0 + ci]
+                            resid[o] = acc
+                    elif fused:
+                        for o in range(o_lo, o_hi):
+                            acc = y[o]
+                            for ci in range(q):
+                                acc = acc - X[o, ci] * beta[ci]
+                            resid[o] = acc
+                    st = mfactor_pattern(
+                        p, pat_ptr, row_ptr, slot, resid, load, slot_lat, F, blk_start, blk_end,
+                        spup, sout, nout, &rinv[0, 0, 0], &rlogdet[0], wrow, w_out,
+                        &ll_t[tid], &gphi_t[tid, 0], &gR_t[tid, 0], M, need_grad,
+                        loc, loc + M, ibuf, ibuf + mm, ibuf + mm + cc,
+                        ibuf + mm + cc + nn * nl, ibuf + mm + cc + nn * nl + nn,
+                        dbuf,                                   # Dm    n*nout
+                        dbuf + nn * no,                         # sinvb n*nout
+                        dbuf + 2 * nn * no,                     # W2b   n*nout
+                        dbuf + 3 * nn * no,                     # dvec  n
+                        dbuf + 3 * nn * no + nn,                # lh    n
+                        dbuf + 3 * nn * no + 2 * nn,            # wv    n
+                        dbuf + 3 * nn * no + 3 * nn,            # Q     nout*nout
+                        dbuf + 3 * nn * no + 3 * nn + no * no,  # Lp    m*c
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc,                    # A
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc + mm * mm,          # AL
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc + mm * mm + big * big,  # K
+                        dbuf + 3 * nn * no + 3 * nn + no * no + mm * cc + mm * mm + big * big + cc * cc,  # Z
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + mm * mm + big * big + cc * cc,  # T
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 2 * mm * mm + big * big + cc * cc,  # ASA
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 3 * mm * mm + big * big + cc * cc,  # U
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc,  # b
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + mm,
+                        dbuf + 3 * nn * no + 3 * nn + no * no + 2 * mm * cc + 4 * mm * mm + big * big + cc * cc + 2 * mm,
+                        unit_load, ibuf + mm + cc + nn * nl + 2 * nn, ibuf + mm + cc + nn * nl + 3 * nn,
+                        gb + q, <int>nn, hidx_p, hphi_p, nh,
+                        ibuf + mm + cc + nn * nl + 5 * nn + 4,
+                        ibuf + mm + cc + nn * nl + 5 * nn + 4 + 3 * mm * mm)
+                    if st != 0:
+                        status_t[tid] = st
+                    elif fused and need_grad and compact:
+                        for o in range(o_lo, o_hi):
+                            oc = sout[slot[o]]
+                            c0 = xoff[oc]
+                            qo = xoff[oc + 1] - c0
+                            acc = w_out[o]
+                            for ci in range(qo):
+                                gb[c0 + ci] += X[o, ci] * acc
+                    elif fused and need_grad:
+                        for ci in range(q):
+                            acc = 0.0
+                            for o in range(o_lo, o_hi):
+                                acc = acc + X[o, ci] * w_out[o]
+                            gb[ci] += acc
+            for c in range(q):
+                gbeta_t[tid, c] = gb[c]
+        else:
+            status_t[tid] = ALLOC_FAIL
+        free(loc)
+        free(dbuf)
+    _raise_alloc(status_t, (nd + 16 + q + nsb) * sizeof(double))
+    return 0
+
+
 # ==== survey pseudo-likelihood, nested random intercepts (issue 17; mlsem.model.pseudo) ====
 # The closed-form level-by-level integral of mlsem.model.pseudo (its NumPy code is the
 # oracle) for the case every level has one random intercept and every loading is 1:

@@ -83,3 +83,29 @@ def phi_hessian(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow):
                         - 0.5 * np.einsum("ac,d,b->abcd", S, u, u)
                         - 0.5 * np.einsum("bc,a,d->abcd", S, u, u))
     return H
+
+
+def block_theta(R, sout, spup):
+    """The dense P x P Theta of several outcomes: Theta[s, s'] = R[sout[s], sout[s']]
+    for the slots s, s' of one unit (spup[s] == spup[s']), 0 across units."""
+    sout = np.asarray(sout)
+    spup = np.asarray(spup)
+    same = spup[:, None] == spup[None, :]
+    return np.where(same, R[sout[:, None], sout[None, :]], 0.0)
+
+
+def loglik_blocks(row_ptr, slot, resid, load, slot_lat, Phi, R, sout, spup, wrow,
+                  need_grad=True):
+    """``loglik`` with Theta block-diagonal per unit (several outcomes): the same
+    dense algebra on ``block_theta``; dl/dR (nout x nout, every entry a separate
+    argument) summed from dl/dTheta over the entries each R entry fills."""
+    Theta = block_theta(R, sout, spup)
+    ll, gphi, gth, w = loglik(row_ptr, slot, resid, load, slot_lat, Phi, Theta, wrow, need_grad)
+    nout = R.shape[0]
+    gR = np.zeros((nout, nout))
+    if ll is not None and need_grad:
+        sout = np.asarray(sout)
+        same = np.asarray(spup)[:, None] == np.asarray(spup)[None, :]
+        np.add.at(gR, (sout[:, None].repeat(len(sout), 1)[same],
+                       sout[None, :].repeat(len(sout), 0)[same]), gth[same])
+    return ll, gphi, gR, w

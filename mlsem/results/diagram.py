@@ -75,6 +75,8 @@ def from_prep(prep, table, outcome: str, estimates=None, title: str = "") -> Dia
 
 def from_result(res) -> DiagramModel:
     m = res.model
+    if getattr(m.table, "nout", 1) > 1:
+        raise MlsemError("diagram: not available for a fit of several outcomes yet")
     return from_prep(m.prep, m.table, res.outcome, res.coef,
                      title=f"{res.formula}   (loglik {res.loglik:.3f}, {res.nobs:,} obs)")
 

@@ -187,9 +187,15 @@ class FitResult:
         from ..inference.vce import wald
         return wald(self, restrictions)
 
+    def _refuse_several_outcomes(self, what):
+        if getattr(getattr(self.model, "table", None), "nout", 1) > 1:
+            raise MlsemError(f"{what}: not available for a fit of several outcomes yet (Wald "
+                             "intervals and tests, lrtest and random_effects() are)")
+
     def score_tests(self, **kw) -> pl.DataFrame:
         """Score tests of every equality constraint and fixed parameter
         (lavaan's lavTestScore / modindices, Stata's estat scoretests)."""
+        self._refuse_several_outcomes("score_tests")
         if self.survey is not None:
             raise MlsemError("score_tests: the score tests use the model-based information, not "
                              "valid for a survey fit's pseudo-likelihood; test restrictions with "
@@ -199,6 +205,7 @@ class FitResult:
 
     def fit_test(self) -> dict:
         """LR test of the model against the saturated model of the wide form."""
+        self._refuse_several_outcomes("fit_test")
         self._refuse_pseudo("fit_test (an LR test against the saturated model)")
         from ..inference.fittest import fit_test
         return fit_test(self)
@@ -215,9 +222,11 @@ class FitResult:
         if method == "wald":
             tab = _wald_ci(self, level)
         elif method == "profile":
+            self._refuse_several_outcomes("confint(method='profile')")
             from ..inference.profile import profile_confint
             tab = profile_confint(self, level, parm)
         elif method == "bootstrap":
+            self._refuse_several_outcomes("confint(method='bootstrap')")
             from ..inference.bootstrap import percentile_ci
             tab = percentile_ci(self, level, **kw)
         else:
@@ -238,6 +247,7 @@ class FitResult:
         Polars frame (one column per parameter, plus ``replicate`` and
         ``converged``).  Failed refits are counted and reported
         (``self.boot.failed``), never dropped silently.  See mlsem.inference.bootstrap."""
+        self._refuse_several_outcomes("bootstrap")
         from ..inference.bootstrap import bootstrap
         return bootstrap(self, n=n, seed=seed, parallel=parallel, progress=progress).draws
 

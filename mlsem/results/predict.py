@@ -60,6 +60,9 @@ def _model_of(res, what, need_data=True):
     if getattr(res, "sem_labels", None) is not None:
         raise MlsemError(f"{what}: predictions are for multilevel fits (mlsem.fit), not for SEMs "
                          "in lavaan syntax (mlsem.sem)")
+    if getattr(model.table, "nout", 1) > 1 and what != "random_effects":
+        raise MlsemError(f"{what}: not available for a fit of several outcomes yet (random_effects() "
+                         "is); fit one outcome at a time for predictions")
     if need_data and "frame" not in getattr(model.prep, "meta", {}):
         raise MlsemError(f"{what}: the data of a backend='dask' fit stay on the workers; fit in "
                          "process (the default backend) for predictions")
@@ -73,6 +76,8 @@ def _posterior(res):
     prep = model.prep
     psi = np.asarray(res.estimate, dtype=float)
     beta, Phi, Theta = model.matrices(psi)
+    if hasattr(model, "theta_dense"):      # several outcomes: R per unit -> the slots' Theta
+        Theta = model.theta_dense(Theta)
     resid = model.residuals(psi)
     zb = np.zeros(prep.nobs)
     if prep.nlatent == 0:
@@ -134,7 +139,8 @@ def random_effects(res) -> pl.DataFrame:
 
     One row per unit of every level that has random effects and per effect:
     ``level`` (the id column naming the level), ``effect`` ("Intercept" or
-    the covariate of a random slope), the id columns of the levels down to
+    the covariate of a random slope; for several outcomes the outcome whose
+    random intercept it is), the id columns of the levels down to
     that level (null below it), ``latent`` (the latent's name in the model,
     e.g. ``j[2]`` for the school in slot 2), ``mean`` (the conditional mode
     = BLUP) and ``sd`` (the conditional standard deviation)."""

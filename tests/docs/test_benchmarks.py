@@ -72,3 +72,13 @@ def test_wide_form_is_the_lavaan_model(tmp_path):
     assert wide.height == 300
     assert wide.select(pl.col("^x1_.*$").null_count()).sum_horizontal().item() == 0
     assert wide.select(pl.col("^y_.*$").is_not_null().sum()).sum_horizontal().item() == 2598
+
+
+def test_harness_multivariate_quick(tmp_path):
+    """--multivariate: the bivariate fit against the univariate of the same rows (issue 15)."""
+    run = load_run()
+    out = run.main(["--multivariate", "--quick", "--out", str(tmp_path)])
+    (v,) = out.values()
+    assert len(v["univariate"]) == len(v["bivariate"]) == 1
+    assert v["ratio"] > 0 and v["bivariate"][0]["loglik"] < v["univariate"][0]["loglik"]
+    assert (tmp_path / "multivariate.json").exists()

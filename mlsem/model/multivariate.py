@@ -1,0 +1,240 @@
+"""Model layer, several outcomes (issue 15): the objective with Theta block-diagonal per unit.
+
+Slots are (unit, outcome) pairs (``prep.meta["sout"]``, ``prep.meta["spup"]``); the
+residuals of one unit (a pupil) have the nout x nout covariance R, so Theta_o is
+block-diagonal with R[S, S] for the outcomes S a unit has observed.  The kernel
+(``_core.mfactor_loglik``) applies D = Theta_o^-1 block by block inside the Woodbury
+algebra of the factor path: O(observations) per evaluation, never a dense per-row
+Sigma.  The NumPy oracle (``_oracle.loglik_blocks``) computes the same with dense
+algebra.  The parameter table's Theta entries index R (``table.theta_row``,
+``theta_col`` in [0, nout)); everything else is :class:`mlsem.model.multilevel.Model`'s.
+"""
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+from . import _oracle
+from .multilevel import Model, _core, chain_rule
+
+
+def subset_inverses(R):
+    """(rinv, rlogdet): for every bit mask of outcomes S (2^nout of them), R[S, S]^-1 in
+    the order of S (zero-padded to nout x nout) and log|R[S, S]|; None if R is not
+    positive definite."""
+    nout = R.shape[0]
+    try:
+        C = np.linalg.cholesky(R)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(C)) or np.min(np.diag(C)) <= 0:
+        return None
+    rinv = np.zeros((1 << nout, nout, nout))
+    rlogdet = np.zeros(1 << nout)
+    for size in range(1, nout + 1):
+        for S in combinations(range(nout), size):
+            mask = sum(1 << o for o in S)
+            sub = R[np.ix_(S, S)]
+            Cs = np.linalg.cholesky(sub)
+            Ci = np.linalg.inv(Cs)
+            rinv[mask, :size, :size] = Ci.T @ Ci
+            rlogdet[mask] = 2.0 * np.log(np.diag(Cs)).sum()
+    return rinv, rlogdet
+
+
+class MultiModel(Model):
+    """:class:`Model` for several outcomes: Theta is R per unit (see the module)."""
+
+    def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
+        super().__init__(prep, table, backend=backend, nthreads=nthreads)
+        self.nout = int(table.nout)
+        self.dense = False
+        self._hess_layout(table)      # the kernel's exact d2l/dPhi2 (all the Phi parameters)
+        self._gth = np.zeros((self._nt, self.nout * self.nout))
+        self._sout = np.ascontiguousarray(prep.meta["sout"], dtype=np.int32)
+        self._spup = np.ascontiguousarray(prep.meta["spup"], dtype=np.int32)
+        self.pscale = self._outcome_scales()
+        # the design is block-diagonal by outcome: the kernel reads each cell's own columns
+        # only (a compact X, half the memory traffic of the stacked one for two outcomes)
+        cols = [np.asarray(c, dtype=np.int64) for c in table.beta_cols]
+        order = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        self._xorder = order
+        self._xoff = np.zeros(self.nout + 1, dtype=np.int32)
+        self._xoff[1:] = np.cumsum([len(c) for c in cols])
+        qmax = max([len(c) for c in cols] + [1])
+        Xc = np.zeros((prep.nobs, qmax))
+        ocell = self._sout[prep.slot]
+        for o, c in enumerate(cols):
+            rows = np.flatnonzero(ocell == o)
+            Xc[np.ix_(rows, np.arange(len(c)))] = prep.X[np.ix_(rows, c)]
+        self._Xc = Xc
+        self._gbeta = np.zeros((self._nt, max(self.q, 8)))
+
+    # ---- units --------------------------------------------------------------
+    def outcome_ols(self):
+        """Per outcome: (rows of its cells, OLS beta of its own design columns, mean
+        squared residual)."""
+        prep = self.prep
+        out = []
+        ocell = self._sout[prep.slot]
+        for o in range(self.nout):
+            rows = np.flatnonzero(ocell == o)
+            cols = np.asarray(self.table.beta_cols[o])
+            X = prep.X[np.ix_(rows, cols)]
+            y = prep.y[rows]
+            if len(cols):
+                b = np.linalg.lstsq(X, y, rcond=None)[0]
+                r = y - X @ b
+            else:
+                b, r = np.zeros(0), y - y.mean()
+            out.append((rows, cols, b, float(r @ r) / max(len(y), 1)))
+        return out
+
+    def _outcome_scales(self):
+        """param_scales with one residual scale per outcome: a coefficient of outcome o
+        s_o / sd(x), a (co)variance of outcomes o, o' s_o s_o'."""
+        t = self.table
+        d = np.ones(t.nparams)
+        self._ols_out = self.outcome_ols()
+        s = np.array([np.sqrt(v) if v > 0 else 1.0 for (_, _, _, v) in self._ols_out])
+        X = self.prep.X
+        for o, (rows, cols, _, _) in enumerate(self._ols_out):
+            for c in cols:
+                sx = float(np.std(X[rows, c]))
+                if not sx > 0:
+                    sx = float(np.sqrt(np.mean(X[rows, c] ** 2))) or 1.0
+                d[t.beta_param[c]] = s[o] / sx
+        for p, (a, b) in t.param_outcomes.items():
+            d[p] = s[a] * s[b]
+        return d
+
+    def start_values(self):
+        """OLS per outcome for the coefficients; each outcome's residual variance split
+        equally over its variance components; every covariance across outcomes the
+        correlation of the OLS residuals of the units with both outcomes times its two
+        variances' geometric mean (the optimiser starts nearer: fewer iterations)."""
+        t = self.table
+        prep = self.prep
+        psi = np.zeros(t.nparams)
+        e = np.zeros(prep.nobs)
+        for o, (rows, cols, b, v) in enumerate(self._ols_out):
+            psi[t.beta_param[cols]] = b
+            e[rows] = prep.y[rows] - prep.X[np.ix_(rows, cols)] @ b
+        nlev = 1 + len({p.level for p in t.params if p.kind == "var"})
+        # residual correlations between outcomes, on the units with both observed
+        unit = self._spup[prep.slot].astype(np.int64) + (np.repeat(
+            np.arange(prep.nrows, dtype=np.int64), np.diff(prep.row_ptr)) * (int(self._spup.max()) + 1))
+        ocell = self._sout[prep.slot]
+        corr = np.zeros((self.nout, self.nout))
+        for a in range(self.nout):
+            for b in range(a + 1, self.nout):
+                ia, ib = np.flatnonzero(ocell == a), np.flatnonzero(ocell == b)
+                common, pa, pb = np.intersect1d(unit[ia], unit[ib], return_indices=True)
+                if len(common) > 2:
+                    ea, eb = e[ia[pa]], e[ib[pb]]
+                    den = np.sqrt((ea @ ea) * (eb @ eb))
+                    corr[a, b] = corr[b, a] = float(ea @ eb) / den if den > 0 else 0.0
+        for p, (a, b) in t.param_outcomes.items():
+            va = (self._ols_out[a][3] or 1.0) / nlev
+            vb = (self._ols_out[b][3] or 1.0) / nlev
+            psi[p] = va if a == b else 0.9 * corr[a, b] * np.sqrt(va * vb)
+        return psi
+
+    def ols_loglik(self) -> float:
+        """Sum over the outcomes of each one's least-squares log-likelihood (the
+        separate linear regressions)."""
+        tot = 0.0
+        for rows, cols, b, v in self._ols_out:
+            n = len(rows)
+            tot += -0.5 * n * (np.log(2 * np.pi) + np.log(v) + 1.0)
+        return tot
+
+    # ---- matrices -------------------------------------------------------------
+    def matrices(self, psi):
+        t = self.table
+        beta = psi[t.beta_param] if self.q else np.zeros(0)
+        Phi = np.zeros((self.M, self.M))
+        if len(t.phi_param):
+            Phi[t.phi_row, t.phi_col] = psi[t.phi_param]
+        R = np.zeros((self.nout, self.nout))
+        R[t.theta_row, t.theta_col] = psi[t.theta_param]
+        return beta, Phi, R
+
+    def factor(self, Phi):
+        # the residual block (no latents) is not part of Phi's factor
+        groups = [b for b in self.table.chol_blocks if b.groups]
+        saved = self.table.chol_blocks
+        try:
+            self.table.chol_blocks = groups
+            return super().factor(Phi)
+        finally:
+            self.table.chol_blocks = saved
+
+    def theta_dense(self, R):
+        return _oracle.block_theta(R, self._sout, self._spup)
+
+    # ---- the objective ----------------------------------------------------------
+    def _evaluate(self, psi, need_grad, hess=False):
+        self.nevals += 1
+        fail = None if hess else (None, None)
+        prep = self.prep
+        beta, Phi, R = self.matrices(psi)
+        sub = subset_inverses(R)
+        if sub is None:
+            return fail
+        if self.backend == "numpy":
+            resid = prep.y - prep.X @ beta if self.q else prep.y.copy()
+            ll, gphi, gR, w = _oracle.loglik_blocks(prep.row_ptr, prep.slot, resid, prep.load,
+                                                    prep.slot_lat, Phi, R, self._sout,
+                                                    self._spup, prep.wrow, need_grad)
+            if ll is None:
+                return fail
+            if not need_grad:
+                return ll, None
+            xtw = prep.X.T @ w if self.q else None
+            if hess:
+                H4 = _oracle.phi_hessian(prep.row_ptr, prep.slot, resid, prep.load, prep.slot_lat,
+                                         Phi, self.theta_dense(R), prep.wrow)
+                if H4 is None:
+                    return fail
+                hblock = self._contract_phi_hessian(H4)
+        else:
+            F = self.factor(Phi)
+            if F is None:
+                return fail
+            rinv, rlogdet = sub
+            self._ll[:] = 0.0
+            self._status[:] = 0
+            if need_grad:
+                self._gphi[:] = 0.0
+                self._gth[:] = 0.0
+            nh = len(self.hess_params)
+            hphi = np.zeros((self._nt, nh * nh)) if hess else None
+            _core.mfactor_loglik(prep.pat_ptr, prep.row_ptr, self._slot, self._resid, self._load,
+                                 self._slot_lat, F, self.blk_start, self.blk_end, self._spup,
+                                 self._sout, self.nout, rinv, rlogdet, prep.wrow, self._w,
+                                 self._ll, self._gphi, self._gth, self._status, self._maxn,
+                                 self._maxm, self._maxc, self._nt, int(need_grad), y=prep.y,
+                                 X=self._Xc, beta=np.ascontiguousarray(beta[self._xorder], dtype=float),
+                                 gbeta_t=self._gbeta, unit_load=self._unit_load, xoff=self._xoff,
+                                 hidx=self._hidx if hess else None, hphi_t=hphi,
+                                 validate=not self._layout_ok)
+            self._layout_ok = True
+            if self._status.any():
+                return fail
+            ll = float(self._ll.sum())
+            if not need_grad:
+                return ll, None
+            gphi = self._gphi.sum(axis=0).reshape(self.M, self.M)
+            gR = self._gth.sum(axis=0).reshape(self.nout, self.nout)
+            xtw = None
+            if self.q:
+                xtw = np.zeros(self.q)
+                xtw[self._xorder] = self._gbeta[:, :self.q].sum(axis=0)
+            if hess:
+                hblock = hphi.sum(axis=0).reshape(nh, nh)
+        g = chain_rule(self.table, psi, gphi, gR, xtw)
+        if hess:
+            return ll, g, 0.5 * (hblock + hblock.T)
+        return ll, g
