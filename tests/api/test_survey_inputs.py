@@ -161,3 +161,10 @@ def test_wald_adjusted_f(data):
     assert w["design_df"] == d and w["df_den"] == d - 1
     assert w["F"] == pytest.approx((d - 1) / (2 * d) * w["chi2"], rel=1e-12)
     assert w["p_value_F"] == pytest.approx(stats.f.sf(w["F"], 2, d - 1), rel=1e-12)
+
+
+def test_several_outcomes_refused(data):
+    with pytest.raises(MlsemError, match=r"survey= with several outcomes"):
+        mlsem.fit(data, [FORMULA, "x1 ~ z + (1 | k/j)"], survey=SurveyDesign(weights=W))
+    with pytest.raises(MlsemError, match=r"outcomes= needs several outcomes"):
+        mlsem.fit(data, FORMULA, outcomes={"k": "independent"}, survey=SurveyDesign(weights=W))
