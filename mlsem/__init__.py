@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 from .errors import ConvergenceWarning, MlsemError, PerformanceWarning  # noqa: E402
 from .api.fitting import fit  # noqa: E402
+from .spec.survey import SurveyDesign  # noqa: E402
 from .inference.lrtest import lrtest  # noqa: E402
 from .data.simulate import simulate, example_data  # noqa: E402
 from .api.semfit import sem  # noqa: E402
@@ -36,5 +37,5 @@ from .api.bridge import multilevel, to_wide  # noqa: E402
 from .results.predict import random_effects  # noqa: E402
 from .results.diagram import diagram  # noqa: E402
 
-__all__ = ["fit", "sem", "multilevel", "lrtest", "simulate", "example_data", "random_effects", "to_wide",
+__all__ = ["fit", "SurveyDesign", "sem", "multilevel", "lrtest", "simulate", "example_data", "random_effects", "to_wide",
            "diagram", "MlsemError", "ConvergenceWarning", "PerformanceWarning", "__version__"]

@@ -67,7 +67,7 @@ def fit(data, formula, *, index: str | None = None, vce="mixed",
         effects: dict | None = None, residuals: dict | None = None,
         coefficients: dict | None = None, df: str | None = None,
         backend: str = "auto", nthreads: int | None = None, progress=None,
-        client=None, npartitions: int | None = None) -> FitResult:
+        client=None, npartitions: int | None = None, survey=None) -> FitResult:
     """Fit a nested random-effects model by FIML on its wide SEM form.
 
     ``formula`` is lme4's: ``"y ~ x + (1 | k/j)"`` (= xtmixed y x || k: || j:, mle).
@@ -105,12 +105,30 @@ def fit(data, formula, *, index: str | None = None, vce="mixed",
     readable oracle, ~100x slower) or "dask".  ``nthreads``: the kernel's
     OpenMP threads (default: the CPUs this process may use, or
     MLSEM_NUM_THREADS).
+    ``survey``: an mlsem.SurveyDesign (weights at every level, strata, PSUs,
+    FPC, subpopulation): pseudo-maximum likelihood with design-based
+    (linearised) standard errors; see mlsem.api.survey_fit and docs/survey.md.
     ``formula`` a list of formulas, one per outcome (``["y1 ~ x + (1 | k/j)",
     "y2 ~ x + (1 | k/j)"]``): several outcomes measured on the same units, fitted
     jointly (mlsem.api.multivariate); ``outcomes`` then restricts the covariances
     across outcomes: ``{"k": "independent", "residual": "independent"}`` (default
     "unstructured" at every level and for the residuals).
     """
+    if survey is not None:
+        if isinstance(formula, (list, tuple)):
+            raise MlsemError("survey= with several outcomes (a list of formulas) is not supported: "
+                             "fit one outcome at a time under the design")
+        if outcomes is not None:
+            raise MlsemError("outcomes= needs several outcomes (a list of formulas), which survey= "
+                             "does not support")
+        from .survey_fit import check_survey_options, fit_survey
+        check_survey_options(survey, vce=vce, weights=weights, method=method, effects=effects,
+                             residuals=residuals, coefficients=coefficients, df=df,
+                             backend=backend, client=client, npartitions=npartitions)
+        if backend not in ("auto", "cython", "numpy"):
+            raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
+        return fit_survey(data, formula, survey, index=index, backend=backend,
+                          nthreads=nthreads, progress=progress)
     if isinstance(formula, (list, tuple)):
         from .multivariate import fit_multi
         opts = _check_options("; ".join(map(str, formula)), index, vce, backend, nthreads,

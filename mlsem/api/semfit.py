@@ -88,7 +88,8 @@ def _fixed_x_loglik(X: np.ndarray) -> float:
 
 
 def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None = None,
-        backend: str = "auto", nthreads: int | None = None, start=None, progress=None) -> FitResult:
+        backend: str = "auto", nthreads: int | None = None, start=None, progress=None,
+        survey=None) -> FitResult:
     """Fit a structural equation model written in lavaan syntax by FIML.
 
     Defaults are lavaan's ``sem(missing = "ml", fixed.x = TRUE)``: residual
@@ -103,7 +104,17 @@ def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None =
     standard errors are then the sandwich's, and vce="oim" is refused).
     ``method="adf"`` (or "gmm"): asymptotically distribution-free weighted
     least squares (lavaan's estimator = "WLS"; mlsem.estimate.adf) on complete data.
+    ``survey``: an mlsem.SurveyDesign (the rows are the units: one weight,
+    ``weights={"obs": column}``, strata, PSUs, FPC, subpopulation):
+    pseudo-ML with linearised standard errors (mlsem.api.survey_sem).
     """
+    if survey is not None:
+        from .survey_sem import check_sem_survey, sem_survey
+        check_sem_survey(survey, vce, method, weights)
+        res = sem_survey(sem, model, data, survey, backend=backend, nthreads=nthreads,
+                         start=start, progress=progress)
+        _refresh_sem_rows(res)
+        return res
     if isinstance(method, str) and method.lower() in ADF_NAMES:
         method = "adf"
         if vce not in (None, "oim") or weights is not None:
@@ -462,3 +473,13 @@ def _defined(table, psi, cov):
         out.append({"lhs": d.name, "op": ":=", "rhs": d.expr, "label": d.name, "est": float(v0[k]),
                     "se": float(math.sqrt(max(V[k, k], 0.0)))})
     return out
+
+
+def _refresh_sem_rows(res):
+    """The lavaan-style rows and the := parameters from the result's (new) covariance."""
+    table = res.model.table
+    full = table.full_values(res.estimate)
+    Vfull = table.T @ res.cov @ table.T.T
+    keep_x = [r for r in res.sem_rows if r.get("matrix") == "x"]
+    res.sem_rows = _sem_rows(table, full, Vfull) + keep_x
+    res.defined = _defined(table, res.estimate, res.cov)

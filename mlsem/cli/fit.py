@@ -12,6 +12,7 @@ import warnings
 from .. import __version__
 from ..errors import ConvergenceWarning, MlsemError
 from .options import _relax_options, parse_vce
+from .survey_args import check_survey_cli, survey_data_columns, survey_from_args
 from .output import (EXIT_FLAGGED, EXIT_OK, STATUS_COLUMNS, Progress, _check_out, _command_line, _fit_record,
                      _json_default, _status, _table, _write_parquet, _write_text)
 
@@ -55,7 +56,8 @@ def _read_syntax(args, prog):
         raise MlsemError(f"--by {args.by!r} is a variable of the --syntax model; give another column")
     prog.say(f"reading {args.data}")
     vce = parse_vce(args.vce) if args.vce is not None else None
-    extra = [c for c in (args.by, args.weights, vce[1] if isinstance(vce, tuple) else None)
+    extra = [c for c in (args.by, args.weights, vce[1] if isinstance(vce, tuple) else None,
+                         *survey_data_columns(survey_from_args(args)))
              if c and c not in used]
     df = collect_columns(args.data, used + list(dict.fromkeys(extra)), used, [])
     prog.say(f"read {df.height:,} rows, {len(used)} columns of the model")
@@ -71,6 +73,8 @@ def _fit_options(args):
     if args.partitions is not None and args.partitions < 1:
         raise MlsemError(f"--partitions {args.partitions}: must be a positive integer")
     vce = parse_vce(args.vce) if args.vce is not None else None
+    survey = survey_from_args(args)
+    check_survey_cli(args, survey)
     if args.syntax:
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
                                 ("--coefficients", args.coefficients),
@@ -88,8 +92,12 @@ def _fit_options(args):
         for opt, col in (("--weights", args.weights), ("--vce cluster:", cluster)):
             if args.by and col == args.by:
                 raise MlsemError(f"--by {args.by!r} is also the {opt} column; give another column")
-        return {"vce": vce, "cluster": cluster}
+        return {"vce": vce, "cluster": cluster, "survey": survey}
     if isinstance(args.formula, list):      # several outcomes
+        if survey is not None:
+            raise MlsemError("the survey options (--weight, --strata, --psu, --fpc, --subpop, ...) "
+                             f"are not supported with several outcomes (--formula given "
+                             f"{len(args.formula)} times)")
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
                                 ("--coefficients", args.coefficients), ("--by", args.by),
                                 ("--dask", args.dask), ("--weights", args.weights),
@@ -106,7 +114,7 @@ def _fit_options(args):
         parse_formulas(args.formula)
         args.parsed = {"effects": None, "residuals": None, "coefficients": None}
         return {"vce": vce or "mixed", "cluster": None, "effects": None, "residuals": None,
-                "coefficients": None}
+                "coefficients": None, "survey": None}
     from ..spec.formula import parse_formula
     F = parse_formula(args.formula)
     effects, residuals, coefficients = _relax_options(args, F)
@@ -119,7 +127,7 @@ def _fit_options(args):
             raise MlsemError(f"--by {args.by!r} is also the {opt} column; give another column")
     args.parsed = {"effects": effects, "residuals": residuals, "coefficients": coefficients}
     _check_small_sample(args)
-    return {"F": F, "vce": vce, "cluster": cluster, **args.parsed}
+    return {"F": F, "vce": vce, "cluster": cluster, "survey": survey, **args.parsed}
 
 
 def _check_small_sample(args):
@@ -182,7 +190,7 @@ def _cmd_fit(args, argv) -> int:
 
             def fitter(data):
                 return sem(text, data, vce=o["vce"], method=args.method, weights=args.weights,
-                           progress=prog)
+                           progress=prog, **({"survey": o["survey"]} if o["survey"] else {}))
         else:
             if args.dask:
                 from ..backends.dask import connect
@@ -191,7 +199,8 @@ def _cmd_fit(args, argv) -> int:
             if (args.dask and not args.by) or isinstance(args.formula, list):
                 df = None       # the workers (or fit, for several outcomes) read the data
             else:
-                _, df = _read(args, [args.index, args.by, args.weights, o["cluster"]], prog)
+                _, df = _read(args, [args.index, args.by, args.weights, o["cluster"],
+                                     *survey_data_columns(o["survey"])], prog)
 
             def fitter(data):
                 with _option_names():
@@ -200,6 +209,7 @@ def _cmd_fit(args, argv) -> int:
                                effects=o["effects"],
                                residuals=o["residuals"], coefficients=o["coefficients"],
                                progress=prog,
+                               **({"survey": o["survey"]} if o["survey"] else {}),
                                **({"backend": "dask", "client": client, "npartitions": args.partitions}
                                   if client is not None else {}))
         return _fit_groups(args, argv, fitter, df, t0, prog)

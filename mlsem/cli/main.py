@@ -4,6 +4,8 @@
               [--weights COL] [--method ml|reml|adf] [--dask ADDRESS [--partitions N]]
               [--index COL] [--by COL] --out RES.parquet [--json FIT.json]
               [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
+              [--weight LEVEL=COL ...] [--scale none|size|effective] [--strata COL] [--psu COL]
+              [--fpc COL|NUMBER] [--singleton fail|certainty|scaled|centered] [--subpop COL|EXPR]
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
     mlsem ranef DATA --formula F [RELAX] --out EFFECTS.parquet
     mlsem predict DATA --formula F [RELAX] [--newdata FILE] [--population] [--se] --out PRED.parquet
@@ -37,6 +39,7 @@ from .. import __version__
 from ..errors import ConvergenceWarning, MlsemError
 from .fit import _cmd_fit, _option_names, _read
 from .options import _design, _int_range, _matrix, _relax_options
+from .survey_args import add_survey_arguments
 from .output import (EXIT_FLAGGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress,
                      _check_out, _check_outputs_not_inputs, _status, _write, _write_parquet, _write_text)
 
@@ -253,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the parameter table (name, estimate, std_err, z, p_value, ci_low, ci_high; with "
                         "--by: the group value first and a status per row)")
     f.add_argument("--json", metavar="FIT.json", help="fit record: loglik, convergence, groups, tests, timings")
+    add_survey_arguments(f)
     f.set_defaults(func=_cmd_fit)
 
     s = sub.add_parser("simulate", help="simulate the seed's design (pupils in schools in counties)")

@@ -276,6 +276,10 @@ def _seeds(seed, n):
 
 
 def bootstrap(res, n=1000, seed=None, parallel=None, progress=True) -> Bootstrap:
+    if getattr(res, "survey", None) is not None:
+        raise MlsemError("bootstrap: the parametric bootstrap simulates from the model, not from "
+                         "the sampling design; for a survey fit use the linearised standard errors, "
+                         "or replicate weights by hand from res.scores() (docs/survey.md)")
     _check(res)
     if not isinstance(n, (int, np.integer)) or n < 2:
         raise MlsemError(f"bootstrap: n={n!r} must be an integer of at least 2")

@@ -84,6 +84,10 @@ def lrtest(restricted, relaxed, tol: float = 1e-6, *, bootstrap: int | None = No
     bootstrap p-value (n data sets simulated from the restricted fit, both
     models refitted; mlsem.inference.bootstrap.lr_bootstrap), reproducible with ``seed``."""
     for r in (restricted, relaxed):
+        if getattr(r, "survey", None) is not None:
+            raise MlsemError("lrtest: a fit with survey= maximises a pseudo-likelihood, whose ratio "
+                             "does not follow a chi-squared distribution under the design; test "
+                             "restrictions with res.wald(...) (design-based covariance) instead")
         if r.method == "ADF":
             raise MlsemError("lrtest: an ADF (GMM) fit has no likelihood; compare ADF fits by the "
                              "difference of their fit_test() chi-squares, or fit both by ML")

@@ -269,6 +269,10 @@ def profile_confint(res, level=0.95, parm=None) -> pl.DataFrame:
     effects of one block): a Polars frame name, lower, upper."""
     if not (0.0 < level < 1.0):
         raise MlsemError(f"confint: level={level!r} must be between 0 and 1")
+    if getattr(res, "survey", None) is not None:
+        raise MlsemError("confint(method='profile'): a survey fit maximises a pseudo-likelihood, "
+                         "whose profile does not give valid intervals under the design; use the "
+                         "Wald intervals (design-based standard errors, t on the design df)")
     fit = res
     if res.method == "REML":
         fit = _refit_ml(res)

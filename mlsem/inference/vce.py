@@ -273,4 +273,12 @@ def wald(res, restrictions):
                              f"{list(restrictions)!r} involves a variance parameter")
         out = {"restrictions": list(restrictions), **small.ftest(R[:, small.fixed], r),
                "vce": res.vce}
+    sv = getattr(res, "survey", None)
+    if sv is not None and sv.df >= df:
+        # the design-based adjusted Wald F (Stata's svy test): (d - q + 1) / (d q) chi2 on
+        # (q, d - q + 1) df, d the design df (#PSU - #strata)
+        dd = sv.df
+        F = (dd - df + 1) / (dd * df) * chi2
+        out.update({"F": float(F), "df_num": df, "df_den": dd - df + 1,
+                    "p_value_F": float(stats.f.sf(F, df, dd - df + 1)), "design_df": dd})
     return out

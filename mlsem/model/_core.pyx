@@ -1980,6 +1980,8 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
         free(dbuf)
     _raise_alloc(status_t, (nd + 16 + q + nsb) * sizeof(double))
     return 0
+
+
 # ---- grouped data (issue 14, mlsem.model.reduced) ------------------------------
 # One pass over the observations: the runs of equal slot code within each unit
 # (a group: observations sharing their latents and residual variance), their
@@ -2061,3 +2063,161 @@ def group_sums(const long long[::1] row_ptr, const int[::1] slot,
             for j in range(i):
                 within[s, i, j] = within[s, j, i]
     return g
+
+
+# ==== survey pseudo-likelihood, nested random intercepts (issue 17; mlsem.model.pseudo) ====
+# The closed-form level-by-level integral of mlsem.model.pseudo (its NumPy code is the
+# oracle) for the case every level has one random intercept and every loading is 1:
+# a unit of level d carries c, a (d + 1), B ((d + 1) x (d + 1)) over its path's latents.
+
+def pseudo_intercepts(const double[::1] r, const double[::1] wobs, list obs_ptr_py,
+                      list child_ptr, list wlev, const double[::1] f, double theta,
+                      double[::1] v_out, double[::1] gphi_out):
+    """Returns (ll, dl/dtheta) and fills v_out (per observation W_i w_i (r_i - z_i' mu) /
+    theta, for X'v) and gphi_out (dl/dphi_d per level); ``obs_ptr_py[0]``: the lowest
+    level's units as runs of observations (n + 1 pointers); ``child_ptr[d]`` (d >= 1):
+    level d's units as runs under each unit of level d - 1; ``wlev[d]``: the units' weights
+    (level 0: the top weights).  None where a K is not positive."""
+    cdef int L = f.shape[0], d, k, l, D
+    cdef Py_ssize_t u, i, n_u, p, lo, hi
+    cdef const long long[::1] optr = obs_ptr_py[0]
+    cdef const long long[::1] cptr
+    cdef const double[::1] wd
+    cdef double s0, s1, s2, ao, Boo, K, T, fd, c, lin, g, G, IBT, acc, acc2, th2 = theta * theta
+    cdef double ll = 0.0, gth = 0.0, fit, zsz, W
+    cdef double log2pith = LOG2PI + log(theta)
+    # per level: c (n), A (n, L), B (n, L, L); saved: ao, Boo, Bpo (n, L), T (n)
+    cs, As, Bs, sav = [None] * L, [None] * L, [None] * L, [None] * L
+    cdef double[::1] cv, pcv
+    cdef double[:, ::1] Av, Sa, PA, mu, mup
+    cdef double[:, :, ::1] Bv, PB, Sg, Sgp
+    n_u = optr.shape[0] - 1
+    d = L - 1
+    cv = np.zeros(n_u)
+    Av = np.zeros((n_u, L))
+    Bv = np.zeros((n_u, L, L))
+    for u in range(n_u):
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(optr[u], optr[u + 1]):
+            s0 += wobs[i] * r[i]
+            s1 += wobs[i]
+            s2 += wobs[i] * r[i] * r[i]
+        cv[u] = -0.5 * s1 * log2pith - 0.5 * s2 / theta
+        for k in range(L):
+            Av[u, k] = s0 / theta
+            for l in range(L):
+                Bv[u, k, l] = s1 / theta
+    for d in range(L - 1, -1, -1):
+        n_u = cv.shape[0]
+        fd = f[d]
+        Sa = np.zeros((n_u, d + 3))     # ao, Boo, T, Bpo[0..d-1]
+        for u in range(n_u):
+            ao = Av[u, d]
+            Boo = Bv[u, d, d]
+            K = 1.0 + fd * fd * Boo
+            if not (K > 0.0):
+                return None
+            T = fd * fd / K
+            cv[u] += 0.5 * fd * fd * ao * ao / K - 0.5 * log(K)
+            Sa[u, 0] = ao
+            Sa[u, 1] = Boo
+            Sa[u, 2] = T
+            for k in range(d):
+                Sa[u, 3 + k] = Bv[u, k, d]
+            for k in range(d):
+                Av[u, k] -= Bv[u, k, d] * T * ao
+            for k in range(d):
+                for l in range(d):
+                    Bv[u, k, l] -= Sa[u, 3 + k] * T * Sa[u, 3 + l]
+        sav[d] = Sa
+        wd = wlev[d]
+        if d == 0:
+            for u in range(n_u):
+                ll += wd[u] * cv[u]
+            break
+        cptr = child_ptr[d]
+        p = cptr.shape[0] - 1
+        pcv = np.zeros(p)
+        PA = np.zeros((p, L))
+        PB = np.zeros((p, L, L))
+        for i in range(p):
+            for u in range(cptr[i], cptr[i + 1]):
+                pcv[i] += wd[u] * cv[u]
+                for k in range(d):
+                    PA[i, k] += wd[u] * Av[u, k]
+                    for l in range(d):
+                        PB[i, k, l] += wd[u] * Bv[u, k, l]
+        cv = pcv
+        Av = PA
+        Bv = PB
+    # top-down: the path posterior (mu, Sigma) of every unit and dl/dphi_d
+    cdef double[::1] Wp, Wc
+    mup = np.zeros((1, L))
+    Sgp = np.zeros((1, L, L))
+    Wp = np.ones(1)
+    for d in range(L):
+        Sa = sav[d]
+        n_u = Sa.shape[0]
+        wd = wlev[d]
+        mu = np.zeros((n_u, L))
+        Sg = np.zeros((n_u, L, L))
+        Wc = np.zeros(n_u)
+        if d >= 1:
+            cptr = child_ptr[d]
+        acc2 = 0.0
+        for i in range(Wp.shape[0] if d >= 1 else 1):
+            lo = cptr[i] if d >= 1 else 0
+            hi = cptr[i + 1] if d >= 1 else n_u
+            for u in range(lo, hi):
+                W = (Wp[i] if d >= 1 else 1.0) * wd[u]
+                Wc[u] = W
+                ao = Sa[u, 0]
+                Boo = Sa[u, 1]
+                T = Sa[u, 2]
+                lin = ao
+                for k in range(d):
+                    lin -= Sa[u, 3 + k] * mup[i, k]
+                IBT = 1.0 - Boo * T
+                g = IBT * lin
+                G = Boo - Boo * Boo * T
+                acc = 0.0           # H Sigma_p H', H_k = -IBT Bpo_k
+                for k in range(d):
+                    for l in range(d):
+                        acc += Sa[u, 3 + k] * Sgp[i, k, l] * Sa[u, 3 + l]
+                acc2 += 0.5 * W * (g * g + IBT * IBT * acc - G)
+                for k in range(d):
+                    mu[u, k] = mup[i, k]
+                    for l in range(d):
+                        Sg[u, k, l] = Sgp[i, k, l]
+                mu[u, d] = T * lin
+                zsz = 0.0           # TBo' Sigma_p TBo
+                for k in range(d):
+                    s0 = 0.0        # (Sigma_p TBo)_k
+                    for l in range(d):
+                        s0 += Sgp[i, k, l] * T * Sa[u, 3 + l]
+                    Sg[u, k, d] = -s0
+                    Sg[u, d, k] = -s0
+                    zsz += T * Sa[u, 3 + k] * s0
+                Sg[u, d, d] = T + zsz
+        gphi_out[d] = acc2
+        mup = mu
+        Sgp = Sg
+        Wp = Wc
+    # observations
+    optr = obs_ptr_py[0]
+    for u in range(optr.shape[0] - 1):
+        s0 = 0.0
+        zsz = 0.0
+        for k in range(L):
+            s0 += mup[u, k]
+            for l in range(L):
+                zsz += Sgp[u, k, l]
+        for i in range(optr[u], optr[u + 1]):
+            W = Wp[u] * wobs[i]
+            fit = r[i] - s0
+            gth += W * (-0.5 / theta + 0.5 * (fit * fit + zsz) / th2)
+            v_out[i] = W * fit / theta
+    return ll, gth
+# ==== end of the survey pseudo-likelihood ====

@@ -70,6 +70,7 @@ class FitResult:
     boot: object = field(default=None, repr=False)      # mlsem.inference.bootstrap.Bootstrap
     backend: str = ""               # the kernel that fitted: "cython", "numpy" (the oracle) or "dask"
     adf: dict = field(default=None, repr=False)   # method="adf": F_min, chi2, df, the moments
+    survey: object = field(default=None, repr=False)  # survey= fits: the design, weights, scores
 
     # ---- standard verbs ----------------------------------------------------
     @property
@@ -134,11 +135,36 @@ class FitResult:
 
     @property
     def aic(self) -> float:
+        self._refuse_pseudo("AIC")
         return -2.0 * self.loglik + 2.0 * self.nparams
 
     @property
     def bic(self) -> float:
+        self._refuse_pseudo("BIC")
         return -2.0 * self.loglik + math.log(self.nobs) * self.nparams
+
+    def _refuse_pseudo(self, what):
+        if self.survey is not None:
+            raise MlsemError(f"{what}: a survey fit maximises a pseudo-likelihood, for which {what} "
+                             "is not valid under the design; compare models by Wald tests on the "
+                             "design-based covariance (res.wald)")
+
+    # ---- survey fits (mlsem.inference.design) -------------------------------------
+    def scores(self, by: str = "psu") -> pl.DataFrame:
+        """Score contributions of a survey fit, a Polars frame: one row per PSU
+        (``by="psu"``: stratum, psu, then the PSU totals of w_k dl_k/dpsi per
+        parameter) or per top-level unit (``by="unit"``: its id, stratum, psu,
+        weight, then w_k dl_k/dpsi).  They sum to the gradient (0 at the
+        estimates); with :meth:`hessian` they give other variance estimators
+        (replicate weights, docs/survey.md)."""
+        from ..inference.design import scores_frame
+        return scores_frame(self, by)
+
+    def hessian(self) -> pl.DataFrame:
+        """The Hessian of the (pseudo-)log-likelihood at the estimates, labelled: a
+        ``name`` column, then one column per parameter (minus the observed information)."""
+        from ..inference.design import hessian_frame
+        return hessian_frame(self)
 
     def wald_fixed(self) -> dict:
         """Joint Wald test that the fixed effects other than the intercept are 0."""
@@ -170,12 +196,17 @@ class FitResult:
         """Score tests of every equality constraint and fixed parameter
         (lavaan's lavTestScore / modindices, Stata's estat scoretests)."""
         self._refuse_several_outcomes("score_tests")
+        if self.survey is not None:
+            raise MlsemError("score_tests: the score tests use the model-based information, not "
+                             "valid for a survey fit's pseudo-likelihood; test restrictions with "
+                             "res.wald(...) (design-based covariance)")
         from ..inference.scoretests import score_tests
         return score_tests(self, **kw)
 
     def fit_test(self) -> dict:
         """LR test of the model against the saturated model of the wide form."""
         self._refuse_several_outcomes("fit_test")
+        self._refuse_pseudo("fit_test (an LR test against the saturated model)")
         from ..inference.fittest import fit_test
         return fit_test(self)
 
@@ -227,6 +258,8 @@ class FitResult:
         out = []
         title = {"ML": "Mixed-effects ML regression", "ADF": "Mixed-effects ADF (GMM) regression"}.get(
             self.method, "Mixed-effects REML regression")
+        if self.survey is not None:
+            title = "Mixed-effects pseudo-ML regression (survey)"
         out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
         if self.levels:
             wg = max([15] + [len(lv.name) for lv in self.levels])
@@ -245,7 +278,10 @@ class FitResult:
             fm = f"ADF F_min = {self.adf['fmin']:.6g}"
             out.append(f"{fm:<48}Prob > chi2       = {w['p_value']:>10.4f}")
         else:
-            out.append(f"Log likelihood = {self.loglik:<31.5f}Prob > chi2       = {w['p_value']:>10.4f}")
+            if self.survey is not None:
+                out.append(f"Log pseudolikelihood = {self.loglik:<25.5f}Prob > chi2       = {w['p_value']:>10.4f}")
+            else:
+                out.append(f"Log likelihood = {self.loglik:<31.5f}Prob > chi2       = {w['p_value']:>10.4f}")
         out.append("")
         conv = "observed information matrix (OIM)" if self.vce == "oim" else (
             "mixed-model convention: fixed effects (X'V^-1X)^-1, variance components from their own observed information"
@@ -365,8 +401,8 @@ class FitResult:
             "nslots": self.nslots,
             "dropped_covariate": self.dropped_covariate,
             "missing_outcome": self.missing_outcome,
-            "aic": self.aic,
-            "bic": self.bic,
+            "aic": None if self.survey is not None else self.aic,
+            "bic": None if self.survey is not None else self.bic,
             "groups": [{"level": lv.name, "groups": lv.ngroups, "min_obs": lv.min_obs,
                         "mean_obs": lv.mean_obs, "max_obs": lv.max_obs} for lv in self.levels],
             "lr_test_vs_linear_regression": self.lr_ols,
@@ -380,6 +416,7 @@ class FitResult:
             "notes": list(self.notes),
             **({"adf": {k: self.adf[k] for k in ("fmin", "chi2", "df", "p_value", "nmom")}}
                if self.adf is not None else {}),
+            **({"survey": _survey_record(self)} if self.survey is not None else {}),
         }
 
     def to_json(self, path) -> None:
@@ -418,3 +455,13 @@ def _wald_ci(res, level) -> pl.DataFrame:
         rows.append((n, float(lo), float(hi)))
     return pl.DataFrame(rows, schema={"name": pl.String, "lower": pl.Float64, "upper": pl.Float64},
                         orient="row")
+
+
+def _survey_record(res) -> dict:
+    sv = res.survey
+    d = sv.design
+    return {"weights": dict(d.weights), "scale": d.scale, "strata": d.strata, "psu": d.psu,
+            "fpc": d.fpc, "singleton": d.singleton,
+            "subpop": None if d.subpop is None else str(d.subpop),
+            "nstrata": sv.info.nstrata, "psus": sv.info.npsu, "design_df": sv.df,
+            "weighted_counts": list(sv.weighted_counts), "pseudo_loglik": True}

@@ -37,6 +37,14 @@ def _sem_summary(res) -> str:
                f"  {'Akaike (AIC)':<40}{res.aic:>12.3f}",
                f"  {'Bayesian (BIC)':<40}{res.bic:>12.3f}",
                f"  {'Kernel':<40}{res.kernel:>12}",
+               ""] if getattr(res, "survey", None) is None else [
+               f"mlsem {__version__}: structural equation model, pseudo-ML (survey design)",
+               "",
+               f"  {'Number of observations':<40}{res.nobs:>12,}",
+               f"  {'Number of missing patterns':<40}{res.npatterns:>12,}",
+               f"  {'Number of free parameters':<40}{res.nparams:>12,}",
+               f"  {'Log-pseudolikelihood':<40}{res.loglik:>12.3f}",
+               f"  {'Kernel':<40}{res.kernel:>12}",
                ""]
     out += ["Standard errors: observed information matrix (OIM)" if res.vce == "oim" else (
         "Standard errors: ADF, (Delta' W Delta)^-1 / (N - 1)" if res.vce == "adf" else f"Standard errors: {res.vce}")]
