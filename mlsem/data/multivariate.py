@@ -108,7 +108,9 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     cell = labels["obs"].to_numpy().astype(np.int64)
     sout = (cell % nout).astype(np.int32)
     key_cols = [c for c in labels.columns if c not in ("slot", "obs")]
-    ukey = labels.select(key_cols).with_columns(pl.Series("__u", cell // nout))
+    # with one grouping level there is no key column above the unit: the frame of the unit
+    # numbers alone (labels.select([]) would have height 0)
+    ukey = pl.DataFrame({**{c: labels[c] for c in key_cols}, "__u": cell // nout})
     spup = ukey.select(pl.struct(ukey.columns).rank("dense").cast(pl.Int32)).to_series().to_numpy()
     if np.any(np.diff(spup) < 0):
         raise MlsemError("internal: the slots of a unit are not consecutive")
