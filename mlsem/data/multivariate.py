@@ -45,7 +45,8 @@ def load_multi(data, Fs, levels, index=None, extra=()):
 
 def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     """The CSR layout of the stacked cells (``prep.meta``: ``sout``, ``spup`` per slot,
-    ``outcomes``, ``units``, ``dropped_units``, ``cells_missing`` per outcome)."""
+    ``outcomes``, ``units``, ``dropped_units``, ``cells_missing`` per outcome among the
+    kept units)."""
     nout = len(Fs)
     level_cols = [lv[-1] for lv in levels]
     df = df.with_row_index(_ROW)
@@ -128,6 +129,8 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     prep.latent_names = names
     prep.latent_node = np.asarray(node, dtype=np.int64)
     prep.latent_term = term
+    # a dropped unit has every cell missing: count it once, not among the missing cells
+    missing = [n - dropped_units for n in missing]
     prep.missing_outcome = int(sum(missing))
     prep.meta.update(sout=sout, spup=spup, outcomes=outs, units=int(used.sum()),
                      dropped_units=dropped_units, cells_missing=dict(zip(outs, missing)))

@@ -256,9 +256,16 @@ def test_missing_covariate_makes_that_cell_missing():
     y2 = df["y2"].is_not_null().to_numpy() & df["z"].is_not_null().to_numpy()
     assert prep.nobs == int(y1.sum() + y2.sum())
     assert prep.meta["dropped_units"] == int((~y1 & ~y2).sum())
-    assert prep.meta["cells_missing"] == {"y1": int((~y1).sum()), "y2": int((~y2).sum())}
+    # the missing cells are counted among the kept units, the dropped units apart
+    kept = y1 | y2
+    assert prep.meta["cells_missing"] == {"y1": int((~y1 & kept).sum()), "y2": int((~y2 & kept).sum())}
+    assert prep.missing_outcome == int((~y1 & kept).sum() + (~y2 & kept).sum())
     res = mlsem.fit(df, FORMULAS, index="i")
-    assert res.converged and "dropped" in " ".join(res.notes)
+    nd = int((~kept).sum())
+    assert nd > 0
+    assert res.converged and (f"{nd} unit(s) with no usable outcome dropped; "
+                              f"{res.missing_outcome} missing cell(s) among the kept ones") in " ".join(res.notes)
+    assert res.nobs + res.missing_outcome == 2 * int(kept.sum())
 
 
 def test_row_order_without_index_is_the_units():
