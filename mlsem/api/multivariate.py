@@ -80,11 +80,11 @@ class _Outcomes:
 def _counts_note(prep) -> str:
     m = prep.meta
     miss = ", ".join(f"{o} {n:,}" for o, n in m["cells_missing"].items())
-    s = (f"several outcomes: {prep.nobs:,} observed cells of {m['units']:,} units; missing cells "
-         f"(outcome or a covariate of its formula missing): {miss}")
+    s = f"several outcomes: {prep.nobs:,} observed cells of {m['units']:,} units; "
     if m["dropped_units"]:
-        s += f"; {m['dropped_units']:,} unit(s) with no usable outcome dropped"
-    return s
+        s += f"{m['dropped_units']:,} unit(s) with no usable outcome dropped; "
+    return s + (f"{prep.missing_outcome:,} missing cell(s) among the kept ones (outcome or a "
+                f"covariate of its formula missing): {miss}")
 
 
 def _lr_separate(model, opt, table) -> dict:

@@ -11,7 +11,7 @@ import warnings
 
 from .. import __version__
 from ..errors import ConvergenceWarning, MlsemError
-from .options import _relax_options, parse_vce
+from .options import _relax_options, parse_outcomes, parse_vce
 from .survey_args import check_survey_cli, survey_data_columns, survey_from_args
 from .output import (EXIT_FLAGGED, EXIT_OK, STATUS_COLUMNS, Progress, _check_out, _command_line, _fit_record,
                      _json_default, _status, _table, _write_parquet, _write_text)
@@ -83,6 +83,8 @@ def _fit_options(args):
                                 ("--bootstrap", args.bootstrap)) if v]
         if args.method == "reml":
             given.append(f"--method {args.method}")
+        if args.outcomes:
+            given.append("--outcomes")
         if given:
             raise MlsemError(f"--syntax: {given[0]} applies to --formula models only (write the "
                              "structure into the syntax instead)")
@@ -114,7 +116,8 @@ def _fit_options(args):
         parse_formulas(args.formula)
         args.parsed = {"effects": None, "residuals": None, "coefficients": None}
         return {"vce": vce or "mixed", "cluster": None, "effects": None, "residuals": None,
-                "coefficients": None, "survey": None}
+                "coefficients": None, "survey": None, "outcomes": parse_outcomes(args.outcomes)}
+    refuse_outcomes_one_formula(args)
     from ..spec.formula import parse_formula
     F = parse_formula(args.formula)
     effects, residuals, coefficients = _relax_options(args, F)
@@ -128,6 +131,12 @@ def _fit_options(args):
     args.parsed = {"effects": effects, "residuals": residuals, "coefficients": coefficients}
     _check_small_sample(args)
     return {"F": F, "vce": vce, "cluster": cluster, "survey": survey, **args.parsed}
+
+
+def refuse_outcomes_one_formula(args):
+    if getattr(args, "outcomes", None):
+        raise MlsemError(f"--outcomes {args.outcomes[0]}: needs several outcomes (give --formula "
+                         "once per outcome)")
 
 
 def _check_small_sample(args):
@@ -210,6 +219,7 @@ def _cmd_fit(args, argv) -> int:
                                residuals=o["residuals"], coefficients=o["coefficients"],
                                progress=prog,
                                **({"survey": o["survey"]} if o["survey"] else {}),
+                               **({"outcomes": o["outcomes"]} if o.get("outcomes") else {}),
                                **({"backend": "dask", "client": client, "npartitions": args.partitions}
                                   if client is not None else {}))
         return _fit_groups(args, argv, fitter, df, t0, prog)

@@ -6,8 +6,9 @@
               [--df satterthwaite|kenward-roger] [--ci profile|bootstrap] [--bootstrap N] [--seed S]
               [--weight LEVEL=COL ...] [--scale none|size|effective] [--strata COL] [--psu COL]
               [--fpc COL|NUMBER] [--singleton fail|certainty|scaled|centered] [--subpop COL|EXPR]
+              [--outcomes LEVEL=independent ...]   (--formula once per outcome: several outcomes)
     mlsem simulate --counties N --schools A-B --pupils A-B [...] --out DATA.parquet
-    mlsem ranef DATA --formula F [RELAX] --out EFFECTS.parquet
+    mlsem ranef DATA --formula F [RELAX] --out EFFECTS.parquet   (--formula once per outcome: several)
     mlsem predict DATA --formula F [RELAX] [--newdata FILE] [--population] [--se] --out PRED.parquet
     mlsem diagram [DATA] --formula F [RELAX] --out MODEL.dot|.svg|.png|.pdf
     mlsem wide DATA --formula F --out WIDE.parquet [--syntax-out MODEL.lav]
@@ -37,8 +38,8 @@ import warnings
 
 from .. import __version__
 from ..errors import ConvergenceWarning, MlsemError
-from .fit import _cmd_fit, _option_names, _read
-from .options import _design, _int_range, _matrix, _relax_options
+from .fit import _cmd_fit, _option_names, _read, refuse_outcomes_one_formula
+from .options import _design, _int_range, _matrix, _relax_options, parse_outcomes
 from .survey_args import add_survey_arguments
 from .output import (EXIT_FLAGGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress,
                      _check_out, _check_outputs_not_inputs, _status, _write, _write_parquet, _write_text)
@@ -69,6 +70,17 @@ def _fit_for(args, prog):
     from ..api.fitting import fit
     from ..spec.formula import parse_formula
     _check_out(args.out, "--out", (".parquet", ".pq"))
+    if isinstance(args.formula, list):          # several outcomes (mlsem ranef only)
+        given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
+                                ("--coefficients", args.coefficients)) if v]
+        if given:
+            raise MlsemError(f"{given[0]}: not supported with several outcomes (--formula given "
+                             f"{len(args.formula)} times) yet")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return fit(args.data, args.formula, index=args.index,
+                       outcomes=parse_outcomes(args.outcomes), progress=prog)
+    refuse_outcomes_one_formula(args)
     effects, residuals, coefficients = _relax_options(args, parse_formula(args.formula))
     F, df = _read(args, [args.index], prog)
     with warnings.catch_warnings(), _option_names():
@@ -202,6 +214,14 @@ def relax_options(sp):
                     help="one coefficient of COVARIATE per slot label of LEVEL (repeatable)")
 
 
+def outcomes_option(sp):
+    sp.add_argument("--outcomes", action="append", metavar="LEVEL=independent",
+                    help="with --formula given once per outcome: the covariance across outcomes of "
+                         "LEVEL (a grouping column, or 'residual' for the residuals of one unit) is "
+                         "'unstructured' (the default) or 'independent' (0); repeatable, or "
+                         "LEVEL=...,LEVEL=... (mlsem.fit's outcomes=)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlsem",
@@ -226,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a model; write the parameter table (Parquet) and the fit record (JSON)",
                        epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(f, formula=False)
+    outcomes_option(f)
     f.add_argument("--formula", "-f", action="append",
                    help='lme4 formula, e.g. "y ~ x + (1 | k/j)" (or --syntax); given once per outcome '
                         'for several outcomes fitted jointly (mlsem.fit with a list of formulas)')
@@ -283,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(re_)
     relax_options(re_)
+    re_.set_defaults(several_formulas=True)
+    outcomes_option(re_)
     re_.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
     re_.add_argument("--out", "-o", required=True, metavar="EFFECTS.parquet",
                      help="one row per unit and effect: level, effect, the unit's ids, latent, mean, sd")
@@ -342,9 +365,9 @@ def _formulas(args):
     if isinstance(f, list):
         if len(f) == 1:
             args.formula = f[0]
-        elif args.command != "fit":
+        elif not getattr(args, "several_formulas", False) and args.command != "fit":
             raise MlsemError(f"--formula given {len(f)} times: several outcomes are supported by "
-                             f"`mlsem fit` only, not by `mlsem {args.command}`")
+                             f"`mlsem fit` and `mlsem ranef` only, not by `mlsem {args.command}`")
 
 
 def main(argv=None) -> int:

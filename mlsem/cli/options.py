@@ -200,3 +200,18 @@ def _design(text: str):
     if not sizes or any(s < 1 for s in sizes):
         raise MlsemError(f"--design {text!r}: expected group sizes such as 2x2 (schools x pupils)")
     return sizes
+
+
+def parse_outcomes(items):
+    """--outcomes LEVEL=STRUCTURE (repeatable; LEVEL a grouping column or 'residual',
+    STRUCTURE unstructured | independent) -> the ``outcomes=`` dict of mlsem.fit, or None."""
+    if not items:
+        return None
+    out = {}
+    for text in items:
+        for key, val in _key_values(text, "--outcomes"):
+            if key in out:
+                raise _bad("--outcomes", text, f"{key!r} is given twice")
+            out[key] = val
+    return out
+

@@ -45,7 +45,8 @@ def load_multi(data, Fs, levels, index=None, extra=()):
 
 def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     """The CSR layout of the stacked cells (``prep.meta``: ``sout``, ``spup`` per slot,
-    ``outcomes``, ``units``, ``dropped_units``, ``cells_missing`` per outcome)."""
+    ``outcomes``, ``units``, ``dropped_units``, ``cells_missing`` per outcome among the
+    kept units)."""
     nout = len(Fs)
     level_cols = [lv[-1] for lv in levels]
     df = df.with_row_index(_ROW)
@@ -108,7 +109,9 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     cell = labels["obs"].to_numpy().astype(np.int64)
     sout = (cell % nout).astype(np.int32)
     key_cols = [c for c in labels.columns if c not in ("slot", "obs")]
-    ukey = labels.select(key_cols).with_columns(pl.Series("__u", cell // nout))
+    # with one grouping level there is no key column above the unit: the frame of the unit
+    # numbers alone (labels.select([]) would have height 0)
+    ukey = pl.DataFrame({**{c: labels[c] for c in key_cols}, "__u": cell // nout})
     spup = ukey.select(pl.struct(ukey.columns).rank("dense").cast(pl.Int32)).to_series().to_numpy()
     if np.any(np.diff(spup) < 0):
         raise MlsemError("internal: the slots of a unit are not consecutive")
@@ -126,6 +129,8 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     prep.latent_names = names
     prep.latent_node = np.asarray(node, dtype=np.int64)
     prep.latent_term = term
+    # a dropped unit has every cell missing: count it once, not among the missing cells
+    missing = [n - dropped_units for n in missing]
     prep.missing_outcome = int(sum(missing))
     prep.meta.update(sout=sout, spup=spup, outcomes=outs, units=int(used.sum()),
                      dropped_units=dropped_units, cells_missing=dict(zip(outs, missing)))

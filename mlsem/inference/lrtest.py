@@ -96,7 +96,9 @@ def lrtest(restricted, relaxed, tol: float = 1e-6, *, bootstrap: int | None = No
     df = relaxed.nparams - restricted.nparams
     if df == 0:
         raise MlsemError("lrtest: the two fits have the same number of parameters: they are not nested")
-    if restricted.outcome != relaxed.outcome or restricted.nobs != relaxed.nobs:
+    # several outcomes ("y1, y2"): the same outcomes in any order
+    if (sorted(restricted.outcome.split(", ")) != sorted(relaxed.outcome.split(", "))
+            or restricted.nobs != relaxed.nobs):
         raise MlsemError(
             f"lrtest: the fits are not nested: outcome {restricted.outcome!r} on {restricted.nobs} "
             f"observations vs {relaxed.outcome!r} on {relaxed.nobs}")

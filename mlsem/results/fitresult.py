@@ -167,9 +167,11 @@ class FitResult:
         return hessian_frame(self)
 
     def wald_fixed(self) -> dict:
-        """Joint Wald test that the fixed effects other than the intercept are 0."""
+        """Joint Wald test that the fixed effects other than the intercept are 0
+        (several outcomes: other than each outcome's intercept ``y1:Intercept``)."""
+        icpt = {"Intercept"} | {f"{o}:Intercept" for o in self._outcomes()}
         idx = [i for i, (n, k) in enumerate(zip(self.names, self.kinds))
-               if k == "fixed" and n != "Intercept"]
+               if k == "fixed" and n not in icpt]
         if not idx:
             return {"chi2": float("nan"), "df": 0, "p_value": float("nan")}
         b = self.estimate[idx]
@@ -186,6 +188,15 @@ class FitResult:
         ``["var(k) = var(j)", "x - 2*Intercept = 1"]``."""
         from ..inference.vce import wald
         return wald(self, restrictions)
+
+    def _outcomes(self) -> list:
+        """The outcomes of a fit of several outcomes ([] for one outcome)."""
+        table = getattr(self.model, "table", None)
+        if getattr(table, "nout", 1) > 1:
+            return list(table.outcomes)
+        if table is None and self.sem_rows is None and ", " in (self.outcome or ""):
+            return self.outcome.split(", ")      # a result without its model
+        return []
 
     def _refuse_several_outcomes(self, what):
         if getattr(getattr(self.model, "table", None), "nout", 1) > 1:
@@ -260,7 +271,13 @@ class FitResult:
             self.method, "Mixed-effects REML regression")
         if self.survey is not None:
             title = "Mixed-effects pseudo-ML regression (survey)"
-        out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
+        units = getattr(getattr(self.model, "prep", None), "meta", {}).get("units")
+        if self._outcomes() and units is not None:
+            # several outcomes: an observation is a (unit, outcome) cell
+            out.append(f"{title:<48}Number of cells   = {self.nobs:>10,}")
+            out.append(f"{'':<48}Number of units   = {units:>10,}")
+        else:
+            out.append(f"{title:<48}Number of obs     = {self.nobs:>10,}")
         if self.levels:
             wg = max([15] + [len(lv.name) for lv in self.levels])
             out.append("")

@@ -15,7 +15,9 @@ pattern share Lambda_o and Sigma_o, so the work is one Cholesky per pattern
 and one matrix product for all its rows (a one-time pass; NumPy is enough).
 
 Only latents that have data are reported (a school slot that a county does
-not have is no school).  Each latent is mapped back to the real ids of its
+not have is no school); with several outcomes a unit with data has an effect on
+every outcome, also on one it has no observed cell of (through the covariance
+across outcomes, as nlme's ranef).  Each latent is mapped back to the real ids of its
 unit through the data layer's frame (``prep.meta["frame"]``).
 
 Predictions of the outcome (lme4's ``fitted()``, ``residuals()``,
@@ -95,6 +97,11 @@ def _posterior(res):
         lats = np.unique(lat_sl[lat_sl >= 0])
         if len(lats) == 0:
             continue
+        nout = int(getattr(model.table, "nout", 1))
+        if nout > 1:
+            # several outcomes (latent g * nout + o): a node's effect on an outcome it has no
+            # cell of is still defined through the covariance across outcomes (E[u | data])
+            lats = np.unique((lats // nout)[:, None] * nout + np.arange(nout)[None, :])
         pos = {int(g): i for i, g in enumerate(lats)}
         Lam = np.zeros((n, len(lats)))
         # loadings are the same for every row of a pattern (random slopes make
@@ -117,6 +124,8 @@ def _posterior(res):
         first_slot = np.empty(len(lats), dtype=np.int64)
         for g, i in pos.items():
             rows_i, _ = np.nonzero(lat_sl == g)
+            if len(rows_i) == 0:       # no cell of this outcome: a sibling outcome's slot
+                rows_i, _ = np.nonzero((lat_sl >= 0) & (lat_sl // nout == g // nout))
             first_slot[i] = slots[rows_i.min()]
         nr = r1 - r0
         out_row.append(np.repeat(np.arange(r0, r1), len(lats)))

@@ -61,6 +61,14 @@ def parse_formulas(formulas) -> tuple:
                 raise MlsemError(
                     f"formulas: the random term {rt.text!r} of {F.text!r} has random slopes: with "
                     "several outcomes only random intercepts ((1 | k/j)) are supported")
+    for F in Fs:
+        for o in outs:
+            if o != F.outcome and (o in F.columns or o in F.variables):
+                raise MlsemError(
+                    f"formulas: the outcome {o!r} is a covariate in {F.text!r}: with several "
+                    "outcomes the outcomes are modelled jointly (their covariances across "
+                    f"outcomes), so {o!r} cannot also explain another outcome; remove it from "
+                    "that formula, or fit the outcomes one at a time")
     if any(o in {c for lv in levels for c in lv} for o in outs):
         raise MlsemError("formulas: an outcome is also a grouping column")
     return Fs, levels

@@ -256,9 +256,16 @@ def test_missing_covariate_makes_that_cell_missing():
     y2 = df["y2"].is_not_null().to_numpy() & df["z"].is_not_null().to_numpy()
     assert prep.nobs == int(y1.sum() + y2.sum())
     assert prep.meta["dropped_units"] == int((~y1 & ~y2).sum())
-    assert prep.meta["cells_missing"] == {"y1": int((~y1).sum()), "y2": int((~y2).sum())}
+    # the missing cells are counted among the kept units, the dropped units apart
+    kept = y1 | y2
+    assert prep.meta["cells_missing"] == {"y1": int((~y1 & kept).sum()), "y2": int((~y2 & kept).sum())}
+    assert prep.missing_outcome == int((~y1 & kept).sum() + (~y2 & kept).sum())
     res = mlsem.fit(df, FORMULAS, index="i")
-    assert res.converged and "dropped" in " ".join(res.notes)
+    nd = int((~kept).sum())
+    assert nd > 0
+    assert res.converged and (f"{nd} unit(s) with no usable outcome dropped; "
+                              f"{res.missing_outcome} missing cell(s) among the kept ones") in " ".join(res.notes)
+    assert res.nobs + res.missing_outcome == 2 * int(kept.sum())
 
 
 def test_row_order_without_index_is_the_units():
@@ -309,8 +316,18 @@ def test_random_effects_per_outcome():
     re = ind.random_effects()
     assert set(re["effect"].unique()) == {"y1", "y2"}
     u2 = mlsem.fit(d, "y2 ~ x + (1 | k/j)", index="i").random_effects()
-    got = re.filter(pl.col("effect") == "y2").sort(["level", "k", "j"])
-    want = u2.sort(["level", "k", "j"])
+    key = ["level", "k", "j"]
+    got = re.filter(pl.col("effect") == "y2").with_columns(pl.col("j").fill_null(-1)).sort(key)
+    want = u2.with_columns(pl.col("j").fill_null(-1)).sort(key)
+    # a node without a y2 cell: under independence its y2 effect is the prior (mean 0, sd
+    # the standard deviation of its level); the univariate fit does not list it
+    extra = got.join(want, on=key, how="anti")
+    assert extra.height > 0
+    assert np.allclose(extra["mean"], 0.0, atol=1e-12)
+    est = dict(zip(ind.names, ind.estimate))
+    for row in extra.iter_rows(named=True):
+        assert row["sd"] == pytest.approx(np.sqrt(est[f"var({row['level']}:y2)"]), rel=1e-9)
+    got = got.join(want.select(key), on=key, how="semi").sort(key)
     assert got.height == want.height
     np.testing.assert_allclose(got["mean"].to_numpy(), want["mean"].to_numpy(), rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(got["sd"].to_numpy(), want["sd"].to_numpy(), rtol=2e-3)

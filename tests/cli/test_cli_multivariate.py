@@ -43,6 +43,52 @@ def test_refused_options(data, extra, msg):
 
 
 def test_other_commands_refuse_two_formulas(data):
-    rc, out, err = run_here("ranef", "mv.parquet", "-f", F1, "-f", F2, "--out", "r.parquet",
+    rc, out, err = run_here("predict", "mv.parquet", "-f", F1, "-f", F2, "--out", "r.parquet",
                             cwd=data)
-    assert rc == 2 and "mlsem fit` only" in err
+    assert rc == 2 and "`mlsem fit` and `mlsem ranef` only" in err
+    assert not (data / "r.parquet").exists()
+
+
+def test_outcomes_option(data):
+    """--outcomes LEVEL=independent (repeatable) is mlsem.fit's outcomes= (was missing)."""
+    rc, out, err = run_here("fit", "mv.parquet", "-f", F1, "-f", F2, "--index", "i", "--quiet",
+                            "--outcomes", "k=independent", "--outcomes", "residual=independent",
+                            "--out", "o.parquet", "--json", "o.json", cwd=data)
+    assert rc == 0, err
+    names = pl.read_parquet(data / "o.parquet")["name"].to_list()
+    assert "cov(k:y1,k:y2)" not in names and "cov(Residual:y1,Residual:y2)" not in names
+    assert "cov(j:y1,j:y2)" in names
+    ref = mlsem.fit(mlsem.example_data("multivariate"), [F1, F2], index="i",
+                    outcomes={"k": "independent", "residual": "independent"})
+    rec = json.loads((data / "o.json").read_text())
+    assert rec["loglik"] == pytest.approx(ref.loglik, rel=1e-10)
+    rc, out, err = run_here("fit", "--help", cwd=data)
+    assert "--outcomes" in out and "independent" in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-f", F1, "-f", F2, "--outcomes", "school=independent"], "'school' is not a level"),
+    (["-f", F1, "-f", F2, "--outcomes", "k=diagonal"], "is not one of"),
+    (["-f", F1, "-f", F2, "--outcomes", "k"], "is not KEY=VALUE"),
+    (["-f", F1, "--outcomes", "k=independent"], "--outcomes k=independent: needs several outcomes"),
+])
+def test_outcomes_option_refusals(data, args, msg):
+    rc, out, err = run_here("fit", "mv.parquet", *args, "--out", "z.parquet", cwd=data)
+    assert rc == 2 and msg in err, err
+    assert not (data / "z.parquet").exists()
+
+
+def test_ranef_two_formulas(data):
+    """mlsem ranef with --formula once per outcome (refused before): random_effects() of the fit."""
+    rc, out, err = run_here("ranef", "mv.parquet", "-f", F1, "-f", F2, "--index", "i", "--quiet",
+                            "--outcomes", "j=independent", "--out", "re.parquet", cwd=data)
+    assert rc == 0, err
+    got = pl.read_parquet(data / "re.parquet")
+    want = mlsem.fit(mlsem.example_data("multivariate"), [F1, F2], index="i",
+                     outcomes={"j": "independent"}).random_effects()
+    assert got.columns == want.columns and got.height == want.height
+    assert set(got["effect"].unique()) == {"y1", "y2"}
+    assert (got["mean"] - want["mean"]).abs().max() < 1e-8
+    rc, out, err = run_here("ranef", "mv.parquet", "-f", F1, "-f", F2, "--effects",
+                            "j:variance=slot", "--out", "re2.parquet", cwd=data)
+    assert rc == 2 and "--effects" in err and "several outcomes" in err
