@@ -79,11 +79,17 @@ def fit_survey(data, formula, survey, *, index=None, backend="auto", nthreads=No
         raise MlsemError(f"data: {prep.nobs} observation(s) for {table.nparams} parameters: too "
                          "few to estimate the model")
     w0 = ws[0] if ws[0] is not None else np.ones(prep.nrows)
+    # The pseudo-log-likelihood scales with the top-level weights while the
+    # optimiser's stopping rules are absolute: optimise with the top weights
+    # normalised to sum to the number of top units, then scale the
+    # log-likelihood and the Hessian back (the fit is invariant to their scale).
+    wscale = float(w0.shape[0] / w0.sum())
+    w0n = w0 * wscale
     lower = any(w is not None for w in ws[1:])
     if lower:
-        model = PseudoModel(prep, table, ws, backend=backend, nthreads=nthreads)
+        model = PseudoModel(prep, table, [w0n] + list(ws[1:]), backend=backend, nthreads=nthreads)
     else:
-        prep.wrow = np.ascontiguousarray(w0)
+        prep.wrow = np.ascontiguousarray(w0n)
         model = Model(prep, table, backend=backend, nthreads=nthreads)
     t1 = time.perf_counter()
     if progress is not None and hasattr(progress, "prepared"):
@@ -92,6 +98,19 @@ def fit_survey(data, formula, survey, *, index=None, backend="auto", nthreads=No
     t2 = time.perf_counter()
     psi = opt.final
     info = information(model, psi, opt)
+    # back to the weights as given: the model, the log-likelihood, the Hessian
+    if lower:
+        model.H.w[0] = np.asarray(w0, dtype=float)
+        if getattr(model, "_fast", False):
+            model._wlev[0] = np.ascontiguousarray(model.H.w[0])
+    else:
+        prep.wrow = np.ascontiguousarray(w0)
+    if info is not None:
+        info = info / wscale
+    opt.loglik = float(opt.loglik) / wscale
+    opt.gradient_norm = float(opt.gradient_norm) / wscale
+    if opt.hessian is not None:
+        opt.hessian = opt.hessian / wscale
     names = table.names
     kinds = [p.kind for p in table.params]
     S = model.unit_scores(psi) if lower else row_scores(model, psi)

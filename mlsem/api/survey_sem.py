@@ -88,6 +88,9 @@ def sem_survey(fit_sem, model, data, survey, **kw):
     res.vce = "linearized"
     res.notes = [x for x in res.notes if "sampling weights" not in x and "Huber-White" not in x]
     dfd = dinfo.df
+    if dfd >= 1:        # t tests and intervals on the design df, as fit(survey=) does
+        res.df = np.full(n, float(dfd))
+        res.df_method = f"design (#PSU - #strata = {dfd})"
     res.survey = SimpleNamespace(
         design=survey, info=dinfo, weights=[w], scores=S, top_weights=w, psu_totals=Z, meat=M,
         top=ROW, level_cols=[], top_ids=ids, df=dfd, design_table=tab,

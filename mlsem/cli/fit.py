@@ -197,9 +197,9 @@ def _cmd_fit(args, argv) -> int:
             from ..api.semfit import sem
             text, df = _read_syntax(args, prog)
 
-            def fitter(data):
+            def fitter(data, survey=o["survey"]):
                 return sem(text, data, vce=o["vce"], method=args.method, weights=args.weights,
-                           progress=prog, **({"survey": o["survey"]} if o["survey"] else {}))
+                           progress=prog, **({"survey": survey} if survey else {}))
         else:
             if args.dask:
                 from ..backends.dask import connect
@@ -211,24 +211,42 @@ def _cmd_fit(args, argv) -> int:
                 _, df = _read(args, [args.index, args.by, args.weights, o["cluster"],
                                      *survey_data_columns(o["survey"])], prog)
 
-            def fitter(data):
+            def fitter(data, survey=o["survey"]):
                 with _option_names():
-                        return fit(data, args.formula, index=args.index, vce=o["vce"],
+                    return fit(data, args.formula, index=args.index, vce=o["vce"],
                                weights=args.weights, method=args.method, df=args.df,
                                effects=o["effects"],
                                residuals=o["residuals"], coefficients=o["coefficients"],
                                progress=prog,
-                               **({"survey": o["survey"]} if o["survey"] else {}),
+                               **({"survey": survey} if survey else {}),
                                **({"outcomes": o["outcomes"]} if o.get("outcomes") else {}),
                                **({"backend": "dask", "client": client, "npartitions": args.partitions}
                                   if client is not None else {}))
-        return _fit_groups(args, argv, fitter, df, t0, prog)
+        return _fit_groups(args, argv, fitter, df, t0, prog, survey=o["survey"])
     finally:
         if client is not None:
             client.close()
 
 
-def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
+def _by_subpop(df, by, val, survey):
+    """With survey options, a --by group is a subpopulation of the whole design
+    (its rows' estimates, standard errors from all PSUs): the data with a 0/1
+    column marking the group (within --subpop, if given) and the design."""
+    import polars as pl
+    from dataclasses import replace
+    from ..data.weights import subpop_mask
+    col = df[by]
+    ing = (col.is_null() if val is None else (col == val).fill_null(False)).to_numpy()
+    if survey.subpop is not None:
+        ing = ing & subpop_mask(df, survey.subpop)
+    return (df.with_columns(pl.Series(BY_SUBPOP, ing)), replace(survey, subpop=BY_SUBPOP),
+            int(ing.sum()))
+
+
+BY_SUBPOP = "__mlsem_by_group"
+
+
+def _fit_groups(args, argv, fitter, df, t0, prog, survey=None) -> int:
     import polars as pl
     t_read = time.perf_counter() - t0
     schema = {"name": pl.String, "estimate": pl.Float64, "std_err": pl.Float64, "z": pl.Float64,
@@ -241,15 +259,21 @@ def _fit_groups(args, argv, fitter, df, t0, prog) -> int:
         keys = [(None,)]
     tables, fits, any_bad, errors = [], [], False, []
     for gi, key in enumerate(keys):
-        gdf = groups[key].drop(args.by) if args.by else groups[key]
         val = key[0]
+        gsurvey = None
+        if args.by and survey is not None:
+            gdf, gsurvey, nrows = _by_subpop(df, args.by, val, survey)
+        else:
+            gdf = groups[key].drop(args.by) if args.by else groups[key]
+            nrows = gdf.height if args.by else 0
         if args.by:
             prog.prefix = f"{args.by}={val}: "
-            prog.say(f"group {gi + 1}/{len(keys)}, {gdf.height:,} rows")
+            prog.say(f"group {gi + 1}/{len(keys)}, {nrows:,} rows"
+                     + (" (a subpopulation of the whole design)" if gsurvey is not None else ""))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                res = fitter(gdf)
+                res = fitter(gdf, gsurvey) if gsurvey is not None else fitter(gdf)
                 if not args.syntax:
                     _intervals(args, res, prog)
         except Exception as exc:  # noqa: BLE001 - one failing group must not lose the others

@@ -39,6 +39,7 @@ import warnings
 from .. import __version__
 from ..errors import ConvergenceWarning, MlsemError
 from .fit import _cmd_fit, _option_names, _read, refuse_outcomes_one_formula
+from .survey_args import cli_wording, survey_requested
 from .options import _design, _int_range, _matrix, _relax_options, parse_outcomes
 from .survey_args import add_survey_arguments
 from .output import (EXIT_FLAGGED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress,
@@ -377,7 +378,10 @@ def main(argv=None) -> int:
         _check_outputs_not_inputs(args)
         return args.func(args, argv)
     except MlsemError as exc:
-        print(f"mlsem {args.command}: error: {exc}", file=sys.stderr)
+        msg = str(exc)
+        if survey_requested(args):
+            msg = cli_wording(msg)
+        print(f"mlsem {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"mlsem {args.command}: interrupted; nothing written", file=sys.stderr)

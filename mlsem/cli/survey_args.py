@@ -9,6 +9,8 @@ mlsem.SurveyDesign.
 """
 from __future__ import annotations
 
+import re
+
 from ..errors import MlsemError
 from ..spec.survey import SCALES, SINGLETONS, SurveyDesign
 
@@ -90,3 +92,24 @@ def check_survey_cli(args, design) -> None:
                    "--bootstrap": "the parametric bootstrap simulates from the model, not the design"}[opt]
             raise MlsemError(f"{opt} with the survey options (--weight, --strata, --psu, --fpc, "
                              f"--subpop, ...): {why}")
+
+
+_PY_OPT = re.compile(r"\b(singleton|scale|strata|psu|fpc|subpop)=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;:)]+))")
+
+
+def cli_wording(msg: str) -> str:
+    """A survey message of the Python API in command-line terms:
+    ``singleton='certainty'`` -> ``--singleton certainty``, ``SurveyDesign:`` ->
+    ``survey options:``."""
+    msg = msg.replace("singleton='certainty', 'scaled' or 'centered'",
+                      "--singleton certainty, scaled or centered")
+
+    def opt(m):
+        val = next(g for g in m.groups()[1:] if g is not None)
+        if m.group(1) == "subpop" and (" " in val or not val):
+            val = f'"{val}"'
+        return f"--{m.group(1)} {val}"
+    msg = _PY_OPT.sub(opt, msg)
+    msg = re.sub(r"SurveyDesign\(weights=\{'?([\w]+)'?: (?:'?([\w]+)'?|column)\}\)",
+                 lambda m: f"--weight {m.group(1)}={m.group(2) or 'COLUMN'}", msg)
+    return msg.replace("SurveyDesign: ", "survey options: ")

@@ -265,13 +265,18 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
         df = df.with_columns(_label_expr(df, level_cols[d], parent, mode).alias(name))
         lab_cols.append(name)
     if index is not None:
-        dup = df.filter(pl.struct(level_cols + [index]).is_duplicated())
+        keys = list(dict.fromkeys(level_cols + [index]))   # index may be a grouping column
+        dup = df.filter(pl.struct(keys).is_duplicated())
         if dup.height:
             first = dup.row(0, named=True)
-            key = ", ".join(f"{c}={first[c]!r}" for c in level_cols + [index])
+            key = ", ".join(f"{c}={first[c]!r}" for c in keys)
+            why = (f" (index {index!r} is a grouping column of the formula: it cannot tell the "
+                   f"observations of a group apart)" if index in level_cols else "")
             raise MlsemError(
                 f"data: duplicate observations for ({key}) at rows "
-                f"{_rows_text(dup[_ROW].to_list())}: each ({', '.join(level_cols + [index])}) must be unique")
+                f"{_rows_text(dup[_ROW].to_list())}: index column {index!r} has the value "
+                f"{first[index]!r} more than once in a group; each ({', '.join(keys)}) must be "
+                f"unique{why}")
         df = df.with_columns(pl.col(index).alias("__obs"))
     else:
         # observation number within the innermost group, in row order: a stable

@@ -163,3 +163,16 @@ def hessian_frame(res) -> pl.DataFrame:
         raise MlsemError("hessian(): this fit has no observed information")
     H = -np.asarray(res.info)
     return pl.DataFrame({"name": list(res.names), **{n: H[:, i] for i, n in enumerate(res.names)}})
+
+
+def design_f(chi2: float, q: int, d) -> dict | None:
+    """The design-adjusted Wald F of a survey fit (Stata's svy test): F =
+    (d - q + 1) / (d q) chi2 on (q, d - q + 1) df, d the design df (#PSU -
+    #strata).  None when d < q (no denominator df)."""
+    from scipy import stats
+    if d is None or d < q or q < 1:
+        return None
+    F = (d - q + 1) / (d * q) * chi2
+    return {"F": float(F), "df_num": int(q), "df_den": int(d - q + 1),
+            "p_value": float(stats.f.sf(F, q, d - q + 1)) if np.isfinite(F) else float("nan"),
+            "design_df": int(d)}

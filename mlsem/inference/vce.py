@@ -274,11 +274,13 @@ def wald(res, restrictions):
         out = {"restrictions": list(restrictions), **small.ftest(R[:, small.fixed], r),
                "vce": res.vce}
     sv = getattr(res, "survey", None)
-    if sv is not None and sv.df >= df:
-        # the design-based adjusted Wald F (Stata's svy test): (d - q + 1) / (d q) chi2 on
-        # (q, d - q + 1) df, d the design df (#PSU - #strata)
-        dd = sv.df
-        F = (dd - df + 1) / (dd * df) * chi2
-        out.update({"F": float(F), "df_num": df, "df_den": dd - df + 1,
-                    "p_value_F": float(stats.f.sf(F, df, dd - df + 1)), "design_df": dd})
+    if sv is not None:
+        # the design-based adjusted Wald F (Stata's svy test), the p-value reported;
+        # the chi2 and its p-value kept as p_value_chi2
+        from .design import design_f
+        f = design_f(chi2, df, sv.df)
+        if f is not None:
+            out["p_value_chi2"] = out["p_value"]
+            out.update(f)
+            out["p_value_F"] = f["p_value"]
     return out

@@ -12,7 +12,7 @@ from scipy import stats
 from .. import __version__
 from ..errors import MlsemError
 from .export import _json_default, atomic_write
-from .summary import _backend_footer, _ci_override, _sem_summary
+from .summary import _backend_footer, _ci_override, _design_df, _sem_summary
 
 Z975 = 1.959963984540054
 
@@ -104,11 +104,19 @@ class FitResult:
                       "ci_low": pl.Float64, "ci_high": pl.Float64}
         if self.sem_labels is not None:
             rows = [r + tuple(lab) for r, lab in zip(rows, self.sem_labels)]
+            ddf = _design_df(self)
             for d in self.defined:
                 z = d["est"] / d["se"] if d["se"] > 0 else float("nan")
-                p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
-                rows.append((d["lhs"], d["est"], d["se"], z, p, d["est"] - Z975 * d["se"],
-                             d["est"] + Z975 * d["se"], d["lhs"], ":=", d["rhs"], d["label"]))
+                if ddf is None:
+                    p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
+                    q, head = Z975, (z,)
+                else:           # t on the design df (survey fits)
+                    p = 2.0 * stats.t.sf(abs(z), ddf) if np.isfinite(z) else float("nan")
+                    q, head = float(stats.t.ppf(0.975, ddf)), (z, float(ddf))
+                if self.df is not None and ddf is None:
+                    head = (z, float("nan"))
+                rows.append((d["lhs"], d["est"], d["se"], *head, p, d["est"] - q * d["se"],
+                             d["est"] + q * d["se"], d["lhs"], ":=", d["rhs"], d["label"]))
             schema.update({"lhs": pl.String, "op": pl.String, "rhs": pl.String, "label": pl.String})
         return pl.DataFrame(rows, schema=schema, orient="row")
 
@@ -180,7 +188,14 @@ class FitResult:
             chi2 = float(b @ np.linalg.solve(V, b))
         except np.linalg.LinAlgError:
             chi2 = float("nan")
-        return {"chi2": chi2, "df": len(idx), "p_value": _chi2_sf(chi2, len(idx))}
+        out = {"chi2": chi2, "df": len(idx), "p_value": _chi2_sf(chi2, len(idx))}
+        if self.survey is not None:
+            # survey fits: the design-adjusted F (Stata's svy), its p-value the one reported
+            from ..inference.design import design_f
+            f = design_f(chi2, len(idx), self.survey.df)
+            if f is not None:
+                out = {**out, "p_value_chi2": out["p_value"], **f}
+        return out
 
     # ---- tests (mlsem.inference.vce) ---------------------------------------------
     def wald(self, restrictions) -> dict:
@@ -290,13 +305,17 @@ class FitResult:
             out.append("-" * (wg + 47))
         w = self.wald_fixed()
         out.append("")
-        out.append(f"{'':<48}Wald chi2({w['df']}){'':<6}= {w['chi2']:>10.2f}")
+        if "F" in w:        # survey fits: the design-adjusted F
+            out.append(f"{'':<48}{'F(%d, %d)' % (w['df_num'], w['df_den']):<18}= {w['F']:>10.2f}")
+        else:
+            out.append(f"{'':<48}Wald chi2({w['df']}){'':<6}= {w['chi2']:>10.2f}")
         if self.adf is not None:
             fm = f"ADF F_min = {self.adf['fmin']:.6g}"
             out.append(f"{fm:<48}Prob > chi2       = {w['p_value']:>10.4f}")
         else:
             if self.survey is not None:
-                out.append(f"Log pseudolikelihood = {self.loglik:<25.5f}Prob > chi2       = {w['p_value']:>10.4f}")
+                pl_ = "Prob > F" if "F" in w else "Prob > chi2"
+                out.append(f"Log pseudolikelihood = {self.loglik:<25.5f}{pl_:<18}= {w['p_value']:>10.4f}")
             else:
                 out.append(f"Log likelihood = {self.loglik:<31.5f}Prob > chi2       = {w['p_value']:>10.4f}")
         out.append("")

@@ -13,6 +13,13 @@ _SECTIONS = (("=~", "Latent Variables"), ("~", "Regressions"), ("cov", "Covarian
              ("~1", "Intercepts"), ("var", "Variances"))
 
 
+def _design_df(res):
+    """The design degrees of freedom of a survey fit (None otherwise, or < 1)."""
+    sv = getattr(res, "survey", None)
+    d = getattr(sv, "df", None) if sv is not None else None
+    return float(d) if d is not None and d >= 1 else None
+
+
 def _sem_summary(res) -> str:
     """lavaan's summary layout: header, then the parameter table by section."""
     if res.adf is not None:
@@ -51,13 +58,16 @@ def _sem_summary(res) -> str:
     # the label column grows to fit the longest "name (label)" (18 as lavaan's)
     wl = max([18] + [len(r["lhs"]) + 1 + len(r["label"] or "") + 3 for r in res.sem_rows]
              + [len(r["rhs"]) + len(r["label"] or "") + 3 for r in res.sem_rows])
-    head = f"{'':<{wl + 4}}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}"
+    ddf = _design_df(res)
+    head = (f"{'':<{wl + 4}}{'Estimate':>10}{'Std.Err':>10}{'z-value':>9}{'P(>|z|)':>9}" if ddf is None
+            else f"{'':<{wl + 4}}{'Estimate':>10}{'Std.Err':>10}{'t-value':>9}{'P(>|t|)':>9}")
 
     def fmt(r, name):
         est = f"{r['est']:>10.3f}"
         if r.get("free", True) and np.isfinite(r["se"]):
             z = r["est"] / r["se"] if r["se"] > 0 else float("nan")
-            p = 2.0 * stats.norm.sf(abs(z)) if np.isfinite(z) else float("nan")
+            p = (2.0 * stats.norm.sf(abs(z)) if ddf is None else 2.0 * stats.t.sf(abs(z), ddf)) \
+                if np.isfinite(z) else float("nan")
             return f"    {name:<{wl}}{est}{r['se']:>10.3f}{z:>9.3f}{p:>9.3f}"
         return f"    {name:<{wl}}{est}"
     rows = [r for r in res.sem_rows if r.get("matrix") != "x"]
