@@ -297,7 +297,9 @@ class FitResult:
             wg = max([15] + [len(lv.name) for lv in self.levels])
             out.append("")
             out.append("-" * (wg + 47))
-            out.append(f"{'':>{wg + 1}}|     No. of       Observations per Group")
+            # several outcomes: an observation is a (unit, outcome) cell
+            per = "       Cells per Group" if self._outcomes() else "Observations per Group"
+            out.append(f"{'':>{wg + 1}}|     No. of       {per}")
             out.append(f"{'Group Variable':>{wg}} |     Groups    Minimum    Average    Maximum")
             out.append("-" * (wg + 1) + "+" + "-" * 45)
             for lv in self.levels:

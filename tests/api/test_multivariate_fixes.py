@@ -85,6 +85,8 @@ def test_summary_counts_cells_and_units(two_level):
     s = two_level.summary()
     assert "Number of cells   =      4,971" in s
     assert "Number of units   =      2,619" in s
+    # the per-group table counts cells too, and says so
+    assert "Cells per Group" in s and "Observations per Group" not in s
 
 
 def _blank_y2(d):
