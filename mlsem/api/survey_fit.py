@@ -12,7 +12,7 @@ import numpy as np
 
 from ..data.encode import load
 from ..data.prepare import prepare
-from ..data.weights import level_weights, subpop_mask, survey_columns, top_design
+from ..data.weights import level_weights, subpop_rows, survey_columns, top_design
 from ..errors import MlsemError
 from ..estimate.optimize import identification, information, optimize
 from ..inference.design import design_info, linearized, meat, psu_totals
@@ -64,13 +64,7 @@ def fit_survey(data, formula, survey, *, index=None, backend="auto", nthreads=No
     df_all, F, encoding = load(data, F, extra)
     tab = top_design(df_all, top, survey)
     dinfo = design_info(tab, top, survey)
-    df = df_all
-    if survey.subpop is not None:
-        mask = subpop_mask(df_all, survey.subpop)
-        if not mask.any():
-            raise MlsemError(f"SurveyDesign: subpop={survey.subpop!r} selects no row")
-        import polars as pl
-        df = df_all.filter(pl.Series(mask))
+    df = subpop_rows(df_all, survey.subpop)
     prep = prepare(df, F.outcome, list(F.fixed), F.intercept, levels, effects_of(F), index=index)
     H = Hierarchy(prep, [None] * (L + 1))
     ws = level_weights(df, prep, H, survey, level_cols)

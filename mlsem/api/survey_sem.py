@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from ..data.prepare import scan
-from ..data.weights import subpop_mask, top_design
+from ..data.weights import subpop_rows, top_design
 from ..errors import MlsemError
 from ..estimate.optimize import information
 from ..inference.design import design_info, linearized, meat, psu_totals
@@ -50,12 +50,7 @@ def sem_survey(fit_sem, model, data, survey, **kw):
     df_all = lf.collect().with_row_index(ROW)
     tab = top_design(df_all, ROW, survey)
     dinfo = design_info(tab, ROW, survey)
-    sub = df_all
-    if survey.subpop is not None:
-        mask = subpop_mask(df_all, survey.subpop)
-        if not mask.any():
-            raise MlsemError(f"SurveyDesign: subpop={survey.subpop!r} selects no row")
-        sub = df_all.filter(pl.Series(mask))
+    sub = subpop_rows(df_all, survey.subpop)
     if wcol is not None:
         if wcol not in sub.columns:
             raise MlsemError(f"data: column {wcol!r} (the design's weights) is not in the data")

@@ -49,6 +49,17 @@ def subpop_columns(sp) -> list:
                          f"expression Polars can read ({exc})") from None
 
 
+def subpop_rows(df: pl.DataFrame, sp) -> pl.DataFrame:
+    """The rows of ``df`` in the subpopulation ``sp`` (``df`` itself when None);
+    an error when it selects no row."""
+    if sp is None:
+        return df
+    mask = subpop_mask(df, sp)
+    if not mask.any():
+        raise MlsemError(f"SurveyDesign: subpop={sp!r} selects no row")
+    return df.filter(pl.Series(mask))
+
+
 def subpop_mask(df: pl.DataFrame, sp) -> np.ndarray:
     """The rows of ``df`` in the subpopulation (a boolean array)."""
     what = f"subpop={sp!r}" if not isinstance(sp, pl.Expr) else f"subpop={sp}"

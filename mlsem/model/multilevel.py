@@ -282,14 +282,7 @@ class Model:
 
     def __setstate__(self, d):
         self.__dict__.update(d)
-        ctl = None
-        if d.get("_blas_ctl"):
-            try:
-                from threadpoolctl import ThreadpoolController
-                ctl = ThreadpoolController()
-            except Exception:  # threadpoolctl is optional
-                ctl = None
-        self._blas_ctl = ctl
+        self._blas_ctl = _blas_controller() if d.get("_blas_ctl") else None
 
     def _one_blas_thread(self):
         if self._blas_ctl is None:
