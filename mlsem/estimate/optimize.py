@@ -501,18 +501,29 @@ def vcov_from_information(info, groups=None):
         if len(idx) == 0:
             continue
         B = info[np.ix_(idx, idx)]
-        lam = np.abs(np.linalg.eigvalsh(0.5 * (B + B.T))) if np.all(np.isfinite(B)) else None
+        # scaled to unit diagonal first: the condition of the raw block mixes the
+        # parameters' units (an outcome in milliseconds beside one in proportions:
+        # curvatures 1e-5 and 5e8 in one block looked singular, and the
+        # pseudo-inverse then gave standard errors 1e4 too small)
+        d = np.sqrt(np.abs(np.diag(B))) if np.all(np.isfinite(B)) else None
+        if d is not None:
+            d[d == 0] = 1.0
+            S = B / np.outer(d, d)
+            lam = np.abs(np.linalg.eigvalsh(0.5 * (S + S.T)))
+        else:
+            d, S, lam = np.ones(len(idx)), B, None
         if lam is not None and lam.size and lam.min() <= SINGULAR_RCOND * lam.max():
             # numerically singular (a model that is not identified): inv() of it
             # is rounding noise that reaches the identified parameters' variances
             # too (0.4% on hetero_corr12's slope); the pseudo-inverse gives those
             # their value (estimable functions do not depend on the g-inverse)
-            Vi = np.linalg.pinv(B, rcond=SINGULAR_RCOND, hermitian=True)
+            Vi = np.linalg.pinv(S, rcond=SINGULAR_RCOND, hermitian=True)
         else:
             try:
-                Vi = np.linalg.inv(B)
+                Vi = np.linalg.inv(S)
             except np.linalg.LinAlgError:
-                Vi = np.linalg.pinv(B)
+                Vi = np.linalg.pinv(S)
+        Vi = Vi / np.outer(d, d)
         V[np.ix_(idx, idx)] = Vi
     return V
 
