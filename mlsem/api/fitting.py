@@ -12,6 +12,7 @@ from ..data.prepare import prepare
 from ..data.encode import load
 from ..errors import ConvergenceWarning, MlsemError
 from ..estimate.optimize import identification, information, optimize, vcov_from_information
+from ..results.boundary import boundary_note, singular_blocks
 from ..estimate.grouped import optimize_auto
 from ..spec.formula import effects_of, nest_levels, parse_formula
 from ..model.multilevel import Model
@@ -260,6 +261,9 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
             bad = [names.index(c) for c in confounded]
             cov[bad, :] = np.nan
             cov[:, bad] = np.nan
+    boundary = singular_blocks(names, kinds, psi)
+    if boundary:
+        notes.append(boundary_note(boundary))
     lr = {}
     # parameters beyond linear regression's: variance components, residual
     # correlations, and residual variances beyond the first (relaxations)
@@ -278,7 +282,7 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         formula=opts.formula, names=names, kinds=kinds, estimate=psi.copy(), cov=cov,
         loglik=float(opt.loglik), converged=opt.converged, nobs=prep.nobs, vce=opts.vce,
         levels=prep.levels, opt=opt, outcome=F.outcome, identified=identified,
-        confounded=confounded, lr_ols=lr, dropped_covariate=prep.dropped_covariate,
+        confounded=confounded, boundary=boundary, lr_ols=lr, dropped_covariate=prep.dropped_covariate,
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
         timings=timings, model=model, info=info, notes=notes,
         backend=getattr(model, "backend", ""))
@@ -316,7 +320,8 @@ def fit_reml(model, opts, F, prep, t0, t1):
         formula=opts.formula, names=names, kinds=kinds, estimate=psi.copy(), cov=cov,
         loglik=float(opt.loglik), converged=opt.converged, nobs=prep.nobs, vce="mixed",
         levels=prep.levels, opt=opt, outcome=F.outcome, identified=identified,
-        confounded=confounded, dropped_covariate=prep.dropped_covariate,
+        confounded=confounded, boundary=singular_blocks(names, kinds, psi),
+        dropped_covariate=prep.dropped_covariate,
         missing_outcome=prep.missing_outcome, npatterns=prep.npatterns, nslots=prep.nslots,
         timings={"prepare": t1 - t0, "optimize": t2 - t1,
                  "inference": time.perf_counter() - t2},
@@ -324,4 +329,6 @@ def fit_reml(model, opts, F, prep, t0, t1):
         reml_info_params=np.flatnonzero(~obj.fixed))
     res.notes.append(f"REML criterion = {-2.0 * opt.loglik:.6f} (lme4's; the log-likelihood "
                      "shown is the restricted one)")
+    if res.boundary:
+        res.notes.append(boundary_note(res.boundary))
     return res

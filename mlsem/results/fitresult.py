@@ -40,6 +40,7 @@ class FitResult:
     outcome: str
     identified: bool = True
     confounded: list = field(default_factory=list)
+    boundary: list = field(default_factory=list)   # singular random-effect blocks (results.boundary)
     lr_ols: dict = field(default_factory=dict)
     dropped_covariate: int = 0
     missing_outcome: int = 0
@@ -384,7 +385,12 @@ class FitResult:
             out.append(f"Note: {self.missing_outcome} observation(s) with a missing outcome are missing cells (FIML).")
         if not self.converged:
             out.append(f"WARNING: the fit did NOT converge ({self.opt.message}); the estimates are not reliable.")
-        if not self.identified:
+        at_bound = {p for _, ps, _ in self.boundary for p in ps}
+        if not self.identified and self.confounded and set(self.confounded) <= at_bound:
+            out.append("WARNING: boundary (singular) fit: the information matrix is singular at this "
+                       "estimate because a random-effect covariance is (see the note); no standard "
+                       f"errors for: {', '.join(self.confounded)}.")
+        elif not self.identified:
             out.append("WARNING: the model is NOT identified: the information matrix is singular; "
                        f"confounded parameters: {', '.join(self.confounded)}.")
             out.append("         The data cannot tell these parameters apart: their estimates are one "
@@ -434,6 +440,7 @@ class FitResult:
             "converged": self.converged,
             "identified": self.identified,
             "confounded": list(self.confounded),
+            "boundary": [{"level": lv, "parameters": ps, "why": why} for lv, ps, why in self.boundary],
             "nobs": self.nobs,
             "npatterns": self.npatterns,
             "nslots": self.nslots,
