@@ -208,10 +208,22 @@ def _pinv_sub(info, keep):
     eigen-decomposition (as lmerTest's Moore-Penrose inverse of the Hessian)."""
     A = np.zeros(info.shape)
     sub = info[np.ix_(keep, keep)]
-    lam, Qv = np.linalg.eigh(0.5 * (sub + sub.T))
+    # on the unit-diagonal scale: the variance parameters' units differ (a slope's
+    # variance is in y^2 / x^2), and a threshold on the raw eigenvalues dropped the
+    # slope's direction when x was in large units (df 4,244 instead of 17)
+    d = _unit_scale(sub)
+    S = sub / np.outer(d, d)
+    lam, Qv = np.linalg.eigh(0.5 * (S + S.T))
     pos = lam > 1e-8 * max(lam.max(initial=0.0), 1e-300)
-    A[np.ix_(keep, keep)] = (Qv[:, pos] / lam[pos]) @ Qv[:, pos].T
+    A[np.ix_(keep, keep)] = ((Qv[:, pos] / lam[pos]) @ Qv[:, pos].T) / np.outer(d, d)
     return A
+
+
+def _unit_scale(B):
+    """sqrt of B's diagonal (1 where it is 0): B / outer(d, d) has a unit diagonal."""
+    d = np.sqrt(np.abs(np.diag(B)))
+    d[d == 0] = 1.0
+    return d
 
 
 class SmallSample:
@@ -252,11 +264,13 @@ class SmallSample:
                     IE[i, j] = (K[i, j] - 2.0 * np.sum(Phi * Q[i, j])
                                 + np.sum((Phi @ P[i]) * (P[j] @ Phi)))
             IE = 0.5 * (IE + IE.T)
-            ev = np.abs(np.linalg.eigvalsh(IE))
+            d = _unit_scale(IE)          # judged and inverted on the unit-diagonal scale
+            IEs = IE / np.outer(d, d)
+            ev = np.abs(np.linalg.eigvalsh(IEs))
             if ev.min() > KR_RCOND * ev.max():
-                W = 2.0 * np.linalg.inv(IE)
+                W = 2.0 * np.linalg.inv(IEs) / np.outer(d, d)
             else:
-                W = 2.0 * np.linalg.pinv(IE, rcond=KR_RCOND, hermitian=True)
+                W = 2.0 * np.linalg.pinv(IEs, rcond=KR_RCOND, hermitian=True) / np.outer(d, d)
                 self.notes.append(f"Kenward-Roger: the expected information of the variance "
                                   f"parameters is singular (smallest/largest eigenvalue "
                                   f"{ev.min() / ev.max():.2g}); its pseudo-inverse is used")

@@ -252,9 +252,10 @@ def test_kr_singular_information_threshold_is_relative_and_announced(monkeypatch
     d = pl.read_parquet(REF / "pastes.parquet")
     base = mlsem.fit(d, CASES["pastes"], method="reml", df="kenward-roger")
     assert not any("pseudo-inverse" in n for n in base.notes)
-    W = base.small.W
-    ev = np.abs(np.linalg.eigvalsh(W))
-    ratio = ev.min() / ev.max()                  # that of IE = 2 W^-1
+    IE = 2.0 * np.linalg.inv(base.small.W)
+    u = np.sqrt(np.diag(IE))                     # the decision is on IE scaled to unit diagonal
+    ev = np.abs(np.linalg.eigvalsh(IE / np.outer(u, u)))
+    ratio = ev.min() / ev.max()
     for scale in (1.0, 1e-4):                    # the same decision in other units of y
         ds = d.with_columns(pl.col("strength") * scale)
         monkeypatch.setattr(S, "KR_RCOND", 0.5 * ratio)
