@@ -463,7 +463,10 @@ def _defined(table, psi, cov):
     v0 = values(psi)
     J = np.zeros((len(v0), len(psi)))
     for i in range(len(psi)):
-        h = 1e-6 * max(abs(psi[i]), 1.0)
+        # relative to the parameter's size or standard error (not to 1: a path of
+        # 1e-5 would be stepped by a tenth of itself)
+        se_i = math.sqrt(cov[i, i]) if np.isfinite(cov[i, i]) and cov[i, i] > 0 else 0.0
+        h = 1e-6 * (max(abs(psi[i]), se_i) or 1.0)
         up, dn = psi.copy(), psi.copy()
         up[i] += h
         dn[i] -= h

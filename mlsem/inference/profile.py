@@ -101,6 +101,14 @@ class Profiler:
             return 1e10, np.zeros_like(tau)
         return -ll / self.N, -self.m.grad_tau(tau, g) / self.N
 
+    def _unit(self, target) -> float:
+        """The target's unit (a correlation: 1): tolerances on x are relative to it, so
+        that an outcome in small units (variances ~1e-10) is profiled as finely as in
+        large ones (an absolute 1e-10 stopped the bracket at once: intervals off by 1%)."""
+        if target.kind == "cor":
+            return 1.0
+        return max(float(self.m._scale()[target.idx]), 1e-300)
+
     def _plain(self, target):
         """Position of the target in tau when it is a plain coordinate there."""
         if target.kind == "cor":
@@ -146,7 +154,7 @@ class Profiler:
                 r = optimize.minimize(self._f, start, jac=True, method="SLSQP", bounds=self.bounds,
                                       constraints=[{"type": "eq", "fun": con, "jac": jac}],
                                       options={"maxiter": 500, "ftol": 1e-12})
-            ok = abs(con(r.x)[0]) <= 1e-7 * max(1.0, abs(x)) and r.fun < 1e9
+            ok = abs(con(r.x)[0]) <= 1e-7 * max(self._unit(target), abs(x)) and r.fun < 1e9
             if ok:
                 ll = -r.fun * self.N
                 if best is None or ll > best[0]:
@@ -201,7 +209,7 @@ class Profiler:
         z = math.sqrt(crit)
         if target.kind == "cor" and np.isfinite(bound):
             bound = bound - side * 1e-9
-        step = se if (np.isfinite(se) and se > 0) else max(abs(est), 1.0) * 0.5
+        step = se if (np.isfinite(se) and se > 0) else max(abs(est), self._unit(target)) * 0.5
         pts = [(est, 0.0, self.m.psi_to_tau(self.psi_hat))]    # (x, zeta, tau)
         x = est + side * z * step
         inside = pts[0]
@@ -231,7 +239,7 @@ class Profiler:
                 lo, hi = sorted((inside[0], outside[0]))
                 if not (lo < xn < hi):
                     xn = 0.5 * (inside[0] + outside[0])
-                if abs(outside[0] - inside[0]) <= 1e-10 * max(1.0, abs(est)):
+                if abs(outside[0] - inside[0]) <= 1e-10 * max(self._unit(target), abs(est)):
                     return float(inside[0] + (outside[0] - inside[0]) * (z - inside[1])
                                  / (outside[1] - inside[1]))
             elif (xn - x1) * side <= 0 or abs(xn - est) > 4 * abs(x1 - est):

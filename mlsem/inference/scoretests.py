@@ -16,6 +16,7 @@ import polars as pl
 from scipy import stats
 
 from ..errors import MlsemError
+from ..estimate.optimize import param_scale
 from .scorespace import ScoreSpace
 
 
@@ -55,8 +56,11 @@ def score_tests(res, information="expected", fixed=True):
         I = sp.information_observed(rho)
     K = sp.K
     # parameters at a bound (variance 0) are held fixed
-    at_bound = np.array([np.isfinite(p.lower) and v - p.lower <= 1e-7 * max(1.0, abs(v))
-                         for p, v in zip(res.model.table.params, res.estimate)])
+    # (relative to each parameter's unit: a variance of 1e-10 in an outcome of small
+    # units is not at its bound)
+    unit = param_scale(res.model)
+    at_bound = np.array([np.isfinite(p.lower) and v - p.lower <= 1e-7 * max(u, abs(v))
+                         for p, v, u in zip(res.model.table.params, res.estimate, unit)])
     Kf = K[:, ~at_bound]
     free = np.flatnonzero(~at_bound)
     IK = I @ Kf

@@ -56,7 +56,7 @@ class SemModel:
         P, M, q = table.P, table.M, table.q
         self.P, self.M, self.q = P, M, q
         self.ntau = table.nparams
-        # tau = psi: every parameter is "plain" (mlsem.estimate.optimize's bound handling)
+        # tau = psi / pscale: every parameter is "plain" (mlsem.estimate.optimize's bound handling)
         self.free_plain = np.arange(table.nparams)
         self.nevals = 0
         # index arrays per matrix: fixed base and free entries (both triangles of psi/theta)
@@ -182,6 +182,7 @@ class SemModel:
         # objective for the line search): bound those at a tiny positive value
         sv = np.array([d.y[d.slot == s_].var() if np.sum(d.slot == s_) > 1 else 1.0 for s_ in range(P)])
         sv[~(sv > 0)] = 1.0
+        self.pscale = self._units(np.sqrt(sv))
         col_of_full = {int(f): c for c, f in enumerate(table.free_full)}
         for c, prm in enumerate(table.params):
             if prm.lower != 0.0:
@@ -191,18 +192,78 @@ class SemModel:
                 prm.lower = 1e-6 * float(min(sv[e.i] for e in ents))
         del col_of_full
 
-    # ---- tau = psi (no reparameterisation) --------------------------------------
+    def _units(self, sd_slot) -> np.ndarray:
+        """Each free parameter's unit from the observed variables' sds: a loading
+        sd(y) / sd(latent), a (co)variance the product of the two sds, an intercept
+        sd(y), a regression sd(lhs) / sd(rhs); a latent's sd is its marker indicator's
+        over the marker's fixed loading (1 where the latent's variance is fixed, as
+        with std.lv).  The optimiser works on psi / unit (``psi_to_tau``), so that it
+        sees the same problem in any units: with two indicators in units 1e5 times
+        smaller, L-BFGS-B on psi itself stopped at its start (|gradient| 4e11)."""
+        t, d = self.table, self.prep
+        P, M = self.P, self.M
+        X = np.asarray(d.X, dtype=float)
+        sdx = np.ones(X.shape[1] if X.ndim == 2 else 0)
+        for c in range(len(sdx)):
+            v = float(np.std(X[:, c]))
+            sdx[c] = v if v > 0 and np.isfinite(v) else 1.0
+        lat = np.full(M, np.nan)
+        for _ in range(M + 1):          # markers, then higher-order factors on markers
+            for e in t.entries:
+                if e.full >= 0 or e.value == 0.0:
+                    continue
+                if e.matrix == "lambda" and np.isnan(lat[e.j]):
+                    lat[e.j] = sd_slot[e.i] / abs(e.value)
+                elif e.matrix == "beta" and e.op == "=~" and np.isnan(lat[e.j]) and not np.isnan(lat[e.i]):
+                    lat[e.j] = lat[e.i] / abs(e.value)
+        lat[~(np.isfinite(lat) & (lat > 0))] = 1.0
+
+        def unit(e):
+            m = e.matrix
+            if m == "lambda":
+                return sd_slot[e.i] / lat[e.j]
+            if m == "theta":
+                return sd_slot[e.i] * sd_slot[e.j]
+            if m == "nu":
+                return sd_slot[e.i]
+            if m == "psi":
+                return lat[e.i] * lat[e.j]
+            if m == "alpha":
+                return lat[e.i]
+            if m == "beta":
+                return lat[e.i] / lat[e.j]
+            if m == "gy":
+                return sd_slot[e.i] / sdx[e.j]
+            if m == "geta":
+                return lat[e.i] / sdx[e.j]
+            return 1.0
+        full_unit = np.full(len(t.full_names), np.nan)
+        for e in t.entries:
+            if e.full >= 0 and np.isnan(full_unit[e.full]):
+                full_unit[e.full] = unit(e)
+        self._full_unit = full_unit
+        units = np.ones(t.nparams)
+        for c in range(t.nparams):
+            col = t.T[:, c]
+            nz = np.flatnonzero((col != 0) & np.isfinite(full_unit))
+            if len(nz):
+                u = full_unit[nz[0]] / abs(col[nz[0]])
+                units[c] = u if np.isfinite(u) and u > 0 else 1.0
+        return units
+
+    # ---- tau = psi / pscale (each parameter in its unit) ---------------------------
     def tau_to_psi(self, tau):
-        return np.asarray(tau, dtype=float).copy()
+        return np.asarray(tau, dtype=float) * self.pscale
 
     def psi_to_tau(self, psi):
-        return np.asarray(psi, dtype=float).copy()
+        return np.asarray(psi, dtype=float) / self.pscale
 
     def grad_tau(self, tau, g):
-        return g
+        return g * self.pscale
 
     def tau_bounds(self):
-        return [(p.lower if np.isfinite(p.lower) else None, None) for p in self.table.params]
+        return [(p.lower / u if np.isfinite(p.lower) else None, None)
+                for p, u in zip(self.table.params, self.pscale)]
 
     def matrices(self, psi):
         full = self.table.full_values(psi)
@@ -256,7 +317,11 @@ class SemModel:
             if e.full < 0:
                 continue
             if e.matrix in ("lambda",) or (e.matrix == "beta" and e.op == "=~"):
-                v = 1.0
+                # 1 in the ratio of the indicator's sd to the latent's (lavaan's 1 when
+                # the variables share their units; a loading of 1 on an indicator in
+                # units 1e5 times smaller would start 1e5 units from the estimate)
+                u = self._full_unit[e.full]
+                v = float(u) if np.isfinite(u) and u > 0 else 1.0
             elif e.matrix == "nu":
                 v = mean[e.i]
             elif e.matrix == "alpha":
