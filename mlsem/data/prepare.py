@@ -201,9 +201,11 @@ def _radix_key(df: pl.DataFrame, cols: list, limit: int):
             return None
         lo, hi = int(s.min()), int(s.max())
         r = hi - lo + 1
-        if r <= 0 or size * r > limit:
+        if r <= 0 or size * r > limit or hi >= 2**63:
             return None
-        v = s.to_numpy()
+        # as int64: an unsigned column times an int64 key is float64 in NumPy (an
+        # UInt64 id column crashed the fit with an IndexError)
+        v = s.to_numpy().astype(np.int64, copy=False)
         v = (v - lo) if lo else v
         key = v.astype(np.int64) if key is None else key * r + v
         size *= r
