@@ -250,11 +250,21 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
                      "covariance block): identification is unchecked, every parameter is "
                      "listed as possibly confounded, and there are no standard errors")
     else:
-        identified, confounded = identification(info, names)
         if opts.vce == "mixed":
             fixed = np.array([k == "fixed" for k in kinds])
             groups = [np.flatnonzero(fixed), np.flatnonzero(~fixed)]
+            # judged block by block, as the covariance is computed: at a boundary fit
+            # the variance block is singular while (X'V^-1X) is not, and the fixed
+            # effects keep their standard errors (as in lme4); the cross terms of the
+            # whole information made them look confounded too
+            identified, confounded = True, []
+            for idx in groups:
+                if len(idx):
+                    ok, conf = identification(info[np.ix_(idx, idx)], [names[i] for i in idx])
+                    identified, confounded = identified and ok, confounded + conf
+            confounded = [n for n in names if n in set(confounded)]
         else:
+            identified, confounded = identification(info, names)
             groups = None
         cov = vcov_from_information(info, groups)
         if not identified:  # no standard error for what the data cannot tell apart

@@ -385,8 +385,8 @@ class FitResult:
             out.append(f"Note: {self.missing_outcome} observation(s) with a missing outcome are missing cells (FIML).")
         if not self.converged:
             out.append(f"WARNING: the fit did NOT converge ({self.opt.message}); the estimates are not reliable.")
-        at_bound = {p for _, ps, _ in self.boundary for p in ps}
-        if not self.identified and self.confounded and set(self.confounded) <= at_bound:
+        variance = {n for n, k in zip(self.names, self.kinds) if k != "fixed"}
+        if not self.identified and self.boundary and set(self.confounded) <= variance:
             out.append("WARNING: boundary (singular) fit: the information matrix is singular at this "
                        "estimate because a random-effect covariance is (see the note); no standard "
                        f"errors for: {', '.join(self.confounded)}.")
