@@ -237,6 +237,49 @@ def _label_expr(df: pl.DataFrame, col: str, parent: list, mode: str | None = Non
     return pl.col(col)
 
 
+def latents(slots: pl.DataFrame, lab_cols: list, levels: list, level_cols: list, effects: dict):
+    """(slot_lat, M, latent_names, latent_node, latent_term, level_labels) from the
+    slot table (slot, labels below the top, obs; sorted by the labels)."""
+    P = slots.height
+    # latents: per level with effects, one block of len(effects) latents per node
+    nl = sum(len(effects.get(d, [])) for d in range(len(levels)))
+    slot_lat = np.full((P, max(nl, 1)), -1, dtype=np.int32)
+    latent_names, latent_node, latent_term = [], [], []
+    level_labels = []
+    k = 0
+    M = 0
+    node_base = 0
+    for d in range(len(levels)):
+        if d >= 1:
+            level_labels.append(slots[lab_cols[d - 1]].unique().sort().to_list())
+        eff = effects.get(d, [])
+        if not eff:
+            continue
+        node_cols = lab_cols[:d]
+        if d == 0:
+            node_of_slot = np.zeros(P, dtype=np.int64)
+            node_labels = [()]
+        else:
+            nodes = slots.select(node_cols).unique().sort(node_cols).with_row_index("__node")
+            node_of_slot = slots.join(nodes, on=node_cols, how="left").sort("__slot")["__node"].to_numpy()
+            node_labels = [tuple(r) for r in nodes.select(node_cols).iter_rows()]
+        nn = len(node_labels)
+        for ni, lab in enumerate(node_labels):
+            for ei, e in enumerate(eff):
+                base = level_cols[d]
+                suffix = "" if d == 0 else "[" + ",".join(str(v) for v in lab) + "]"
+                latent_names.append(f"{base}{suffix}" if e == "Intercept" else f"{base}{suffix}:{e}")
+                latent_node.append(node_base + ni)
+                latent_term.append((d, e))
+        for ei in range(len(eff)):
+            slot_lat[:, k + ei] = M + node_of_slot * len(eff) + ei
+        k += len(eff)
+        M += nn * len(eff)
+        node_base += nn
+    return (slot_lat, M, latent_names, np.asarray(latent_node, dtype=np.int64), latent_term,
+            level_labels)
+
+
 def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
             levels: list, effects: dict, index: str | None = None,
             weights: str | None = None, design=None, label_modes: list | None = None,
@@ -255,6 +298,15 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     """
     level_cols = [lv[-1] for lv in levels]
     top = level_cols[0]
+    used_x = [c for c in covariates]
+    for eff in effects.values():
+        used_x += [e for e in eff if e != "Intercept" and e not in used_x]
+    from . import prepfast
+    if prepfast.applies(df, level_cols, index, label_modes, slots, keys_only):
+        prep = prepfast.prepare_fast(df, outcome, covariates, intercept, levels, effects,
+                                     weights, design, used_x)
+        if prep is not None:
+            return prep
     df = df.with_row_index(_ROW)
     # labels of the levels below the top, and the observation index
     lab_cols = []
@@ -297,9 +349,6 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
         first = np.maximum.accumulate(np.where(same, 0, idx))
         df = df.with_columns(pl.Series("__obs", idx - first + 1))
     # drop what cannot be used: null covariates (counted), null outcomes (missing cells)
-    used_x = [c for c in covariates]
-    for eff in effects.values():
-        used_x += [e for e in eff if e != "Intercept" and e not in used_x]
     dropped = 0
     if used_x:
         keep = pl.all_horizontal([pl.col(c).is_not_null() for c in used_x])
@@ -337,42 +386,10 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
             slots = df.select(slot_keys).unique().sort(slot_keys)
         slots = slots.with_row_index("__slot")
         df = df.join(slots, on=slot_keys, how="left")
+    slot_lat, M, latent_names, latent_node, latent_term, level_labels = latents(
+        slots, lab_cols, levels, level_cols, effects)
     P = slots.height
-    # latents: per level with effects, one block of len(effects) latents per node
     nl = sum(len(effects.get(d, [])) for d in range(len(levels)))
-    slot_lat = np.full((P, max(nl, 1)), -1, dtype=np.int32)
-    latent_names, latent_node, latent_term = [], [], []
-    level_labels = []
-    k = 0
-    M = 0
-    node_base = 0
-    for d in range(len(levels)):
-        if d >= 1:
-            level_labels.append(slots[lab_cols[d - 1]].unique().sort().to_list())
-        eff = effects.get(d, [])
-        if not eff:
-            continue
-        node_cols = lab_cols[:d]
-        if d == 0:
-            node_of_slot = np.zeros(P, dtype=np.int64)
-            node_labels = [()]
-        else:
-            nodes = slots.select(node_cols).unique().sort(node_cols).with_row_index("__node")
-            node_of_slot = slots.join(nodes, on=node_cols, how="left").sort("__slot")["__node"].to_numpy()
-            node_labels = [tuple(r) for r in nodes.select(node_cols).iter_rows()]
-        nn = len(node_labels)
-        for ni, lab in enumerate(node_labels):
-            for ei, e in enumerate(eff):
-                base = level_cols[d]
-                suffix = "" if d == 0 else "[" + ",".join(str(v) for v in lab) + "]"
-                latent_names.append(f"{base}{suffix}" if e == "Intercept" else f"{base}{suffix}:{e}")
-                latent_node.append(node_base + ni)
-                latent_term.append((d, e))
-        for ei in range(len(eff)):
-            slot_lat[:, k + ei] = M + node_of_slot * len(eff) + ei
-        k += len(eff)
-        M += nn * len(eff)
-        node_base += nn
     # rows and patterns
     per_row = df.group_by(top, maintain_order=True).agg(pl.col("__slot").sort().alias("__pat_slots"))
     has_slopes = any(e != "Intercept" for eff in effects.values() for e in eff)
@@ -446,7 +463,7 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     return Prepared(
         y=y, X=X, slot=df["__slot"].cast(pl.Int32).to_numpy().copy(), load=load,
         row_ptr=row_ptr, pat_ptr=pat_ptr, slot_lat=slot_lat, nlatent=M,
-        latent_names=latent_names, latent_node=np.asarray(latent_node, dtype=np.int64),
+        latent_names=latent_names, latent_node=latent_node,
         latent_term=latent_term, slot_labels=slot_labels, level_labels=level_labels,
         top_ids=top_ids, obs_row=df[_ROW].to_numpy().copy(), wrow=wrow, levels=infos,
         xnames=xnames, nobs=df.height, dropped_covariate=dropped,
