@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import MlsemError
+from .layout import LevelInfo, Prepared, label_mode, latents
 
 _ROW = "__mlsem_row"
 _RNG_SEED = 0x6D6C73656D
@@ -173,7 +174,6 @@ def _i64(a) -> np.ndarray:
 def prepare_fast(df, outcome, covariates, intercept, levels, effects, weights, design, used_x):
     """The Prepared of mlsem.data.prepare.prepare, or None (hash collision of two
     missing patterns: the caller takes the Polars path)."""
-    from .prepare import LevelInfo, Prepared, latents, label_mode
     level_cols = [lv[-1] for lv in levels]
     top = level_cols[0]
     schema = df.schema
