@@ -86,6 +86,15 @@ def _check_has_values(lf: pl.LazyFrame, data, c: str) -> None:
         raise MlsemError(f"data: column {c!r} has no values (all {n:,} rows are empty)")
 
 
+def _nonfinite_columns(df: pl.DataFrame, cols: list) -> set:
+    """The columns among ``cols`` (float) holding an infinite or NaN value."""
+    cols = list(dict.fromkeys(cols))
+    if not cols:
+        return set()
+    row = df.select([(pl.col(c).is_infinite() | pl.col(c).is_nan()).any().alias(c) for c in cols]).row(0)
+    return {c for c, b in zip(cols, row) if b}
+
+
 def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFrame:
     """Project ``data`` on ``columns`` and collect once, checking names and types."""
     lf = scan(data)
@@ -109,17 +118,20 @@ def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFra
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     if df.height == 0:
         raise MlsemError("data: the data set is empty (0 rows)")
+    # one pass over the float columns says whether any value is not finite (the
+    # rows are listed only then)
+    suspect = _nonfinite_columns(df, [c for c in list(ids) + list(numeric) if df.schema[c].is_float()])
     for c in ids:
         nnull = df[c].null_count()
         if nnull:
             rows = df.with_row_index(_ROW).filter(pl.col(c).is_null())[_ROW].to_list()
             raise MlsemError(f"data: id column {c!r} has {nnull} null value(s), rows {_rows_text(rows)}")
-        if df.schema[c].is_float():
+        if c in suspect:
             bad = df.with_row_index(_ROW).filter(~pl.col(c).is_finite())[_ROW].to_list()
             if bad:
                 raise MlsemError(f"data: id column {c!r} has non-finite values, rows {_rows_text(bad)}")
     for c in numeric:
-        if df.schema[c].is_float():
+        if c in suspect:
             bad = df.with_row_index(_ROW).filter(pl.col(c).is_infinite() | pl.col(c).is_nan())[_ROW].to_list()
             if bad:
                 raise MlsemError(
