@@ -79,22 +79,26 @@ def slot_codes(list cols, list offsets, list radices, int64_t size):
     and the first row of each: (codes int32, P, first rows int64)."""
     cdef Py_ssize_t i, n = len(cols[0]), P
     cdef int k, K = len(cols)
+    if K > 8:
+        raise ValueError("slot_codes: at most 8 columns")
+    cdef const int64_t* vp[8]
+    cdef int64_t lo[8]
+    cdef int64_t rd[8]
     cdef const int64_t[::1] v
-    key_a = np.zeros(n, dtype=np.int64)
-    cdef int64_t[::1] key = key_a
-    cdef int64_t lo, r
     for k in range(K):
         v = cols[k]
-        lo = offsets[k]
-        r = radices[k]
-        with nogil:
-            for i in range(n):
-                key[i] = key[i] * r + (v[i] - lo)
+        vp[k] = &v[0]
+        lo[k] = offsets[k]
+        rd[k] = radices[k]
     lookup_a = np.full(size, -1, dtype=np.int64)
     cdef int64_t[::1] lookup = lookup_a
+    cdef int64_t key, s
     with nogil:
         for i in range(n):
-            lookup[key[i]] = 0
+            key = 0
+            for k in range(K):
+                key = key * rd[k] + (vp[k][i] - lo[k])
+            lookup[key] = 0
         P = 0
         for i in range(size):
             if lookup[i] == 0:
@@ -104,14 +108,55 @@ def slot_codes(list cols, list offsets, list radices, int64_t size):
     first_a = np.full(P, -1, dtype=np.int64)
     cdef int32_t[::1] codes = codes_a
     cdef int64_t[::1] first = first_a
-    cdef int64_t s
     with nogil:
         for i in range(n):
-            s = lookup[key[i]]
+            key = 0
+            for k in range(K):
+                key = key * rd[k] + (vp[k][i] - lo[k])
+            s = lookup[key]
             codes[i] = <int32_t>s
             if first[s] < 0:
                 first[s] = i
     return codes_a, P, first_a
+
+
+def n_distinct(const int64_t[::1] v, int64_t lo, int64_t r):
+    """Number of distinct values of ``v`` (all in lo .. lo + r - 1)."""
+    cdef Py_ssize_t i, n = v.shape[0], c = 0
+    seen_a = np.zeros(r, dtype=np.uint8)
+    cdef uint8_t[::1] seen = seen_a
+    with nogil:
+        for i in range(n):
+            if not seen[v[i] - lo]:
+                seen[v[i] - lo] = 1
+                c += 1
+    return c
+
+
+def unit_perm(const int64_t[::1] tstart, const int64_t[::1] row_order, const int64_t[::1] counts):
+    """The rows of the units in the order ``row_order`` (each unit's rows kept
+    in order): perm[row_ptr[u] + o] = tstart[row_order[u]] + o."""
+    cdef Py_ssize_t u, o, p = 0, nu = row_order.shape[0], m = 0
+    for u in range(nu):
+        m += counts[u]
+    out = np.empty(m, dtype=np.int64)
+    cdef int64_t[::1] perm = out
+    cdef int64_t a
+    with nogil:
+        for u in range(nu):
+            a = tstart[row_order[u]]
+            for o in range(counts[u]):
+                perm[p] = a + o
+                p += 1
+    return out
+
+
+def gather_into(const double[::1] v, const int64_t[::1] perm, double[:, ::1] out, int col):
+    """out[i, col] = v[perm[i]]."""
+    cdef Py_ssize_t i, n = perm.shape[0]
+    with nogil:
+        for i in range(n):
+            out[i, col] = v[perm[i]]
 
 
 def unit_hash(const int32_t[::1] slot, const int64_t[::1] tstart, const uint64_t[::1] R):

@@ -21,11 +21,13 @@ share options (see :func:`applies`); anything else takes the Polars path.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import polars as pl
 
 from ..errors import MlsemError
-from .layout import LevelInfo, Prepared, label_mode, latents
+from .layout import LazyMeta, LevelInfo, Prepared, label_mode, latents
 
 _ROW = "__mlsem_row"
 _RNG_SEED = 0x6D6C73656D
@@ -95,6 +97,22 @@ class _NumpyPasses:
         return codes, P, first
 
     @staticmethod
+    def n_distinct(v, lo, r):
+        seen = np.zeros(r, dtype=bool)
+        seen[v - lo] = True
+        return int(np.count_nonzero(seen))
+
+    @staticmethod
+    def unit_perm(tstart, row_order, counts):
+        starts = np.zeros(len(counts), dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        return np.repeat(tstart[row_order] - starts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+    @staticmethod
+    def gather_into(v, perm, out, col):
+        out[:, col] = v[perm]
+
+    @staticmethod
     def unit_hash(slot, tstart, R):
         n = len(slot)
         cnt = np.diff(np.append(tstart, n))
@@ -128,9 +146,7 @@ def _n_distinct(v: np.ndarray) -> int:
     lo, hi = int(v.min()), int(v.max())
     r = hi - lo + 1
     if r <= 4 * len(v) + 1024:
-        seen = np.zeros(r, dtype=bool)
-        seen[v - lo] = True
-        return int(np.count_nonzero(seen))
+        return int(_K.n_distinct(v, lo, r))
     return int(np.unique(v).shape[0])
 
 
@@ -144,7 +160,7 @@ def _slot_codes(cols: list):
     for r in radices:
         size *= r
     if size <= 4 * m + 1024:
-        return _K.slot_codes(cols, los, radices, size)
+        return (_K if len(cols) <= 8 else _NumpyPasses).slot_codes(cols, los, radices, size)
     code, size = _dense(cols[0])
     for v in cols[1:]:      # wide ranges: pairwise dense codes (no overflow)
         c2, n2 = _dense(v)
@@ -261,25 +277,37 @@ def prepare_fast(df, outcome, covariates, intercept, levels, effects, weights, d
     change = np.flatnonzero(np.diff(pat_of_row[row_order])) + 1
     pat_ptr = np.concatenate([[0], change, [nrows]]).astype(np.int64)
     # the final order: whole units moved, each keeping its (slot-sorted) rows
-    if np.array_equal(row_order, np.arange(nrows)):
-        perm = None
-    else:
-        perm = np.repeat(tstart[row_order] - row_ptr[:-1], counts) + np.arange(m, dtype=np.int64)
-    if src is None:
-        obs_row = np.arange(m, dtype=np.int64) if perm is None else perm
-    else:
-        obs_row = src if perm is None else src[perm]
-    take = (lambda v: v) if perm is None else (lambda v: v[perm])
-    slot = take(slot)
-    labs = [take(v) for v in labs]
+    up = None if np.array_equal(row_order, np.arange(nrows)) else _K.unit_perm(
+        _i64(tstart), _i64(row_order), _i64(counts))      # positions in id order
+    if up is not None:
+        slot = slot[up]
+    perm = up if src is None else (src if up is None else src[up])   # original rows (None: as they are)
+    del up
     top_f = ids[0][tstart[row_order]]
-    rowid = np.repeat(np.arange(nrows, dtype=np.int64), counts)
+    # group counts per level (the same runs in id order and in the final order:
+    # units move whole)
+    gn, gmin, gmax = _K.run_stats(lvl, L)
+    infos = [LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), int(gn[d]), int(gmin[d]),
+                       float(m / gn[d]), int(gmax[d])) for d in range(L)]
+    del ids, lvl
     # arrays
-    y = df[outcome].cast(pl.Float64).to_numpy()[obs_row]
-    frame = None
+
+    def column(c):
+        v = df[c].cast(pl.Float64).to_numpy()
+        return v if perm is None else v[perm]
+
+    def fill(c, out, j):
+        v = df[c].cast(pl.Float64).to_numpy()
+        if perm is None:
+            out[:, j] = v
+        else:
+            _K.gather_into(np.ascontiguousarray(v), perm, out, j)
+
+    y = np.ascontiguousarray(column(outcome))
     if design is not None:
-        frame = df[obs_row].with_columns(
-            [pl.Series(nm, v).cast(dt) for nm, v, dt in zip(lab_cols, labs, lab_dtypes)])
+        frame = (df if perm is None else df[perm]).with_columns(
+            [pl.Series(nm, slots[nm].to_numpy()[slot]).cast(dt)
+             for nm, dt in zip(lab_cols, lab_dtypes)])
         exprs, xnames = design(frame)
     else:
         exprs = ([None] if intercept else []) + list(covariates)
@@ -289,7 +317,7 @@ def prepare_fast(df, outcome, covariates, intercept, levels, effects, weights, d
         if ex is None:
             X[:, j] = 1.0
         elif isinstance(ex, str):
-            X[:, j] = df[ex].cast(pl.Float64).to_numpy()[obs_row]
+            fill(ex, X, j)
         else:
             X[:, j] = frame.select(ex.cast(pl.Float64)).to_series().to_numpy()
     nl = sum(len(effects.get(d, [])) for d in range(L))
@@ -298,32 +326,47 @@ def prepare_fast(df, outcome, covariates, intercept, levels, effects, weights, d
     for d in range(L):
         for e in effects.get(d, []):
             if e != "Intercept":
-                load[:, k] = df[e].cast(pl.Float64).to_numpy()[obs_row]
+                fill(e, load, k)
             k += 1
+    idx_dt = _index_dtype()
+    obs_row = (np.arange(m) if perm is None else perm).astype(
+        np.uint64 if idx_dt == pl.UInt64 else np.uint32)
     if weights is not None:
         wrow = df[weights].cast(pl.Float64).to_numpy()[obs_row[row_ptr[:-1]]]
     else:
         wrow = np.ones(nrows)
-    # group counts per level (the same runs in id order and in the final order:
-    # units move whole)
-    gn, gmin, gmax = _K.run_stats(lvl, L)
-    infos = [LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), int(gn[d]), int(gmin[d]),
-                       float(m / gn[d]), int(gmax[d])) for d in range(L)]
     lat = latents(slots, lab_cols, levels, level_cols, effects)
     slot_labels = slots.rename({c: level_cols[i + 1] for i, c in enumerate(lab_cols)}).rename(
         {"__obs": "obs", "__slot": "slot"})
-    idx_dt = _index_dtype()
-    meta_cols = [pl.Series(level_cols[0], np.repeat(top_f, counts)).cast(schema[top])]
-    meta_cols += [pl.Series(c, labs[d - 1] if is_value[d - 1] else take(ids[d])).cast(schema[c])
-                  for d, c in enumerate(level_cols) if d >= 1]
-    meta_cols += [pl.Series(_ROW, obs_row).cast(idx_dt), pl.Series("__slot", slot).cast(idx_dt),
-                  pl.Series("__rowid", rowid).cast(idx_dt)]
-    meta_cols += [pl.Series(nm, v).cast(dt) for nm, v, dt in zip(lab_cols, labs, lab_dtypes)]
+    top_ids = pl.Series(top, top_f).cast(schema[top])
+    # the frame of ids per observation, built when asked for (predictions, survey weights)
+    ids_orig = {c: df[c] for d, c in enumerate(level_cols) if d >= 1 and not is_value[d - 1]}
+    frame = partial(_meta_frame, level_cols, lab_cols, lab_dtypes, is_value, ids_orig, slots,
+                    top_ids, row_ptr, obs_row, slot)
     return Prepared(
         y=y, X=X, slot=slot, load=load, row_ptr=row_ptr, pat_ptr=pat_ptr, slot_lat=lat[0],
         nlatent=lat[1], latent_names=lat[2], latent_node=lat[3], latent_term=lat[4],
-        slot_labels=slot_labels, level_labels=lat[5],
-        top_ids=pl.Series(top, top_f).cast(schema[top]), obs_row=obs_row.astype(
-            np.uint64 if idx_dt == pl.UInt64 else np.uint32), wrow=wrow, levels=infos,
-        xnames=xnames, nobs=m, dropped_covariate=dropped, missing_outcome=n_missing_y,
-        max_row_obs=int(counts.max()), meta={"frame": pl.DataFrame(meta_cols)})
+        slot_labels=slot_labels, level_labels=lat[5], top_ids=top_ids, obs_row=obs_row,
+        wrow=wrow, levels=infos, xnames=xnames, nobs=m, dropped_covariate=dropped,
+        missing_outcome=n_missing_y, max_row_obs=int(counts.max()),
+        meta=LazyMeta({"frame": frame}))
+
+
+def _meta_frame(level_cols, lab_cols, lab_dtypes, is_value, ids_orig, slots, top_ids, row_ptr,
+                obs_row, slot) -> pl.DataFrame:
+    """The Polars path's ``meta["frame"]``: per observation (final order) its ids,
+    original row, slot, CSR row and labels."""
+    idx_dt = _index_dtype()
+    counts = np.diff(row_ptr)
+    labs = [slots[nm].to_numpy()[slot] for nm in lab_cols]
+    cols = [pl.Series(level_cols[0], np.repeat(top_ids.to_numpy(), counts)).cast(top_ids.dtype)]
+    for d, c in enumerate(level_cols[1:], start=1):
+        if is_value[d - 1]:
+            cols.append(pl.Series(c, labs[d - 1]).cast(lab_dtypes[d - 1]))
+        else:
+            s = ids_orig[c]
+            cols.append(s.gather(pl.Series(obs_row)).alias(c))
+    cols += [pl.Series(_ROW, obs_row).cast(idx_dt), pl.Series("__slot", slot).cast(idx_dt),
+             pl.Series("__rowid", np.repeat(np.arange(len(counts), dtype=np.int64), counts)).cast(idx_dt)]
+    cols += [pl.Series(nm, v).cast(dt) for nm, v, dt in zip(lab_cols, labs, lab_dtypes)]
+    return pl.DataFrame(cols)

@@ -198,3 +198,31 @@ def test_hash_collision_falls_back(monkeypatch, passes):
     assert calls == [None]
     for f in slow.__dataclass_fields__:
         _same(getattr(again, f), getattr(slow, f), f)
+
+
+def test_lazy_meta_builds_on_first_use():
+    import pickle
+    from mlsem.data.layout import LazyMeta
+    built = []
+    m = LazyMeta({"frame": lambda: built.append(1) or "F"}, other=2)
+    assert "frame" in m and len(m) == 2 and built == []
+    assert m.get("missing") is None and m["other"] == 2 and built == []
+    assert m.get("frame") == "F" and m["frame"] == "F" and built == [1]
+    m2 = LazyMeta({"frame": lambda: built.append(2) or "G"})
+    m2["frame"] = "mine"                        # an explicit value wins, nothing built
+    assert dict(m2) == {"frame": "mine"} and built == [1]
+    m3 = LazyMeta({"frame": lambda: "H"})
+    assert pickle.loads(pickle.dumps(m3)) == {"frame": "H"}
+    m4 = LazyMeta({"frame": lambda: "I"})
+    m4.update(sout=1)
+    assert sorted(m4) == ["frame", "sout"] and m4.pop("frame") == "I" and "frame" not in m4
+    with pytest.raises(KeyError):
+        m4["nothing"]
+
+
+def test_prepared_frame_is_built_when_asked(monkeypatch):
+    df = _shuffle(_sim())
+    fast = _run(df, "y ~ x + (1 | k/j)")
+    assert not dict.__contains__(fast.meta, "frame")         # not built by prepare
+    frame = fast.meta["frame"]
+    assert frame.height == fast.nobs and frame["__mlsem_row"].to_numpy().tolist() == fast.obs_row.tolist()
