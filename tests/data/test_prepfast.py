@@ -226,3 +226,20 @@ def test_prepared_frame_is_built_when_asked(monkeypatch):
     assert not dict.__contains__(fast.meta, "frame")         # not built by prepare
     frame = fast.meta["frame"]
     assert frame.height == fast.nobs and frame["__mlsem_row"].to_numpy().tolist() == fast.obs_row.tolist()
+
+
+def test_fit_with_string_ids_matches_integer_ids():
+    """String ids take the Polars path: the same model, the same fit."""
+    df = _shuffle(_sim(counties=60))
+    a = mlsem.fit(df, "y ~ x + (1 | k/j)")
+    b = mlsem.fit(df.with_columns(pl.col("k").cast(pl.String), (pl.col("j") * 7).cast(pl.String)),
+                  "y ~ x + (1 | k/j)")
+    assert a.nslots == b.nslots and a.npatterns == b.npatterns
+    assert abs(a.loglik - b.loglik) < 1e-8 * abs(a.loglik)
+    np.testing.assert_allclose(a.estimate, b.estimate, rtol=1e-5, atol=1e-7)
+
+
+def test_huge_unsigned_ids_take_the_polars_path():
+    df = _sim().with_columns((pl.col("k").cast(pl.UInt64) + 2**63).alias("k"))
+    assert not PF.applies(df, ["k", "j"], None, None, None, False)
+    assert PF.applies(df.with_columns(pl.col("k") - 2**63), ["k", "j"], None, None, None, False)
