@@ -205,7 +205,7 @@ def prepare_fast(df, outcome, covariates, intercept, levels, effects, weights, d
         ids = [v[order] for v in ids]
         lvl, _ = _levels(ids)
     # labels below the top (on every row, as the Polars path: before dropping nulls)
-    ng = np.cumsum(np.bincount(lvl, minlength=L + 1))     # groups per level: rows with lvl <= d
+    ng = [int(np.count_nonzero(lvl <= d)) for d in range(L)]    # groups per level: rows with lvl <= d
     labs, lab_dtypes, is_value = [], [], []
     for d in range(1, L):
         mode = label_mode(_n_distinct(ids[d]), int(ng[d]), int(ng[d - 1]))
