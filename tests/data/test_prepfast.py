@@ -243,3 +243,11 @@ def test_huge_unsigned_ids_take_the_polars_path():
     df = _sim().with_columns((pl.col("k").cast(pl.UInt64) + 2**63).alias("k"))
     assert not PF.applies(df, ["k", "j"], None, None, None, False)
     assert PF.applies(df.with_columns(pl.col("k") - 2**63), ["k", "j"], None, None, None, False)
+
+
+def test_rows_already_in_final_order(monkeypatch):
+    """Balanced, sorted data: no row moves (the permutation is skipped)."""
+    df = mlsem.simulate(30, (3, 3), (2, 2), seed=4, x="normal")
+    _both(monkeypatch, df, "y ~ x + (1 | k/j)", coefficients={"x": "j"})
+    _both(monkeypatch, df.with_columns(w=(pl.col("k") % 2 + 1).cast(pl.Float64)), "y ~ x + (1 | k/j)",
+          weights="w")
