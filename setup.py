@@ -1,4 +1,4 @@
-"""Build of the Cython kernel mlsem.model._core.
+"""Build of the Cython kernel mlsem.model._core and the data layer's passes mlsem.data._prep.
 
 OpenMP is used when the compiler accepts -fopenmp (gcc, clang with libomp);
 otherwise the kernel is built serial.  Set MLSEM_NO_OPENMP=1 to force a serial
@@ -44,4 +44,12 @@ ext = Extension(
     extra_link_args=lflags,
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
-setup(ext_modules=cythonize([ext], compiler_directives={"language_level": "3"}))
+# the data layer's linear passes over integer ids (mlsem.data.prepfast; serial)
+prep = Extension(
+    "mlsem.data._prep",
+    ["mlsem/data/_prep.pyx"],
+    include_dirs=[np.get_include()],
+    extra_compile_args=["-O3"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+setup(ext_modules=cythonize([ext, prep], compiler_directives={"language_level": "3"}))

@@ -160,7 +160,8 @@ class Encoding:
         self.numeric = numeric
         self._check_finite(df)
         rows = self._complete(df, with_outcome=True)
-        sub = df.filter(rows)
+        n_used = int(rows.sum())
+        sub = df if n_used == df.height else df.filter(rows)   # (no copy when every row is used)
         if levels is not None:
             self.factors = {c: list(levels[c]) for c in factors}
         else:
@@ -240,8 +241,14 @@ class Encoding:
 
     # ---- application -----------------------------------------------------------
     def _check_finite(self, df):
-        for c in self.numeric:
-            if df.schema[c].is_float():
+        floats = [c for c in self.numeric if df.schema[c].is_float()]
+        if not floats:
+            return
+        # one pass says whether any value is not finite; the rows are listed only then
+        row = df.select([(pl.col(c).is_infinite() | pl.col(c).is_nan()).any().alias(c)
+                         for c in floats]).row(0)
+        for c, suspect in zip(floats, row):
+            if suspect:
                 bad = np.flatnonzero((df[c].is_infinite() | df[c].is_nan()).fill_null(False).to_numpy())
                 if len(bad):
                     raise MlsemError(f"data: column {c!r} has infinite or NaN values, rows {_rows_text(bad)}")
@@ -340,12 +347,13 @@ class Encoding:
                                  f"{_rows_text(idx[bad])}")
         return rows.to_numpy(), X, S
 
-    def apply(self, df: pl.DataFrame, with_outcome: bool = True) -> pl.DataFrame:
+    def apply(self, df: pl.DataFrame, with_outcome: bool = True, _checked: bool = False) -> pl.DataFrame:
         """``df`` with the design columns added (numeric covariates read as they
         are).  A row with a null covariate gets nulls; with ``with_outcome`` a row
         whose outcome is null (a missing cell) is not encoded and gets zeros."""
         if self.plain:
-            self._check_finite(df)       # the design is the data's own numeric columns
+            if not _checked:             # (encode: learn() has just checked this frame)
+                self._check_finite(df)   # the design is the data's own numeric columns
             return df
         rows, X, S = self.design(df, with_outcome)
         n = df.height
@@ -370,7 +378,7 @@ def encode(df: pl.DataFrame, F, levels: dict | None = None):
     """(frame with the design columns, the resolved Formula, the Encoding)."""
     slopes = [e for rt in F.random for e in rt.effects]
     enc = Encoding(F.fixed_text, slopes, F.variables, F.outcome).learn(df, levels)
-    return enc.apply(df), enc.resolve(F), enc
+    return enc.apply(df, _checked=True), enc.resolve(F), enc
 
 
 def load(data, F, extra=(), numeric=(), encoding=None):

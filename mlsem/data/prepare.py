@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import glob as _glob
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
 from ..errors import MlsemError
+from .layout import LevelInfo, Prepared, label_mode, latents  # noqa: F401  (re-exported)
+from . import prepfast
 
 _ROW = "__mlsem_row"
 
@@ -85,6 +86,15 @@ def _check_has_values(lf: pl.LazyFrame, data, c: str) -> None:
         raise MlsemError(f"data: column {c!r} has no values (all {n:,} rows are empty)")
 
 
+def _nonfinite_columns(df: pl.DataFrame, cols: list) -> set:
+    """The columns among ``cols`` (float) holding an infinite or NaN value."""
+    cols = list(dict.fromkeys(cols))
+    if not cols:
+        return set()
+    row = df.select([(pl.col(c).is_infinite() | pl.col(c).is_nan()).any().alias(c) for c in cols]).row(0)
+    return {c for c, b in zip(cols, row) if b}
+
+
 def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFrame:
     """Project ``data`` on ``columns`` and collect once, checking names and types."""
     lf = scan(data)
@@ -108,82 +118,25 @@ def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFra
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     if df.height == 0:
         raise MlsemError("data: the data set is empty (0 rows)")
+    # one pass over the float columns says whether any value is not finite (the
+    # rows are listed only then)
+    suspect = _nonfinite_columns(df, [c for c in list(ids) + list(numeric) if df.schema[c].is_float()])
     for c in ids:
         nnull = df[c].null_count()
         if nnull:
             rows = df.with_row_index(_ROW).filter(pl.col(c).is_null())[_ROW].to_list()
             raise MlsemError(f"data: id column {c!r} has {nnull} null value(s), rows {_rows_text(rows)}")
-        if df.schema[c].is_float():
+        if c in suspect:
             bad = df.with_row_index(_ROW).filter(~pl.col(c).is_finite())[_ROW].to_list()
             if bad:
                 raise MlsemError(f"data: id column {c!r} has non-finite values, rows {_rows_text(bad)}")
     for c in numeric:
-        if df.schema[c].is_float():
+        if c in suspect:
             bad = df.with_row_index(_ROW).filter(pl.col(c).is_infinite() | pl.col(c).is_nan())[_ROW].to_list()
             if bad:
                 raise MlsemError(
                     f"data: column {c!r} has infinite or NaN values, rows {_rows_text(bad)}")
     return df
-
-
-@dataclass
-class LevelInfo:
-    name: str                # the id column naming the level
-    columns: tuple           # id columns identifying a group of this level
-    ngroups: int
-    min_obs: int
-    mean_obs: float
-    max_obs: int
-
-
-@dataclass
-class Prepared:
-    """The compact arrays the kernel reads, plus what results need to say."""
-    y: np.ndarray            # (nobs,)
-    X: np.ndarray            # (nobs, q) C-contiguous
-    slot: np.ndarray         # (nobs,) int32
-    load: np.ndarray         # (nobs, nl) loadings on the slot's latents
-    row_ptr: np.ndarray      # (nrows + 1,) int64
-    pat_ptr: np.ndarray      # (npatterns + 1,) int64
-    slot_lat: np.ndarray     # (P, nl) int32 global latent index, -1 none
-    nlatent: int
-    latent_names: list       # M names, e.g. "k", "j[1]"
-    latent_node: np.ndarray  # (M,) node id per latent (latents of one node form a block)
-    latent_term: list        # (level index, effect name) per latent
-    slot_labels: pl.DataFrame  # P rows: slot, and the label of each level below the top + obs
-    level_labels: list       # per level below the top: sorted label values
-    top_ids: pl.Series       # id of each row of the CSR layout, in order
-    obs_row: np.ndarray      # original row number of each observation (0-based)
-    wrow: np.ndarray         # (nrows,) row weights
-    levels: list             # LevelInfo, outermost first
-    xnames: list
-    nobs: int
-    dropped_covariate: int   # observations dropped for a null covariate
-    missing_outcome: int     # observations whose outcome is null (missing cells)
-    max_row_obs: int
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def nrows(self) -> int:
-        return len(self.row_ptr) - 1
-
-    @property
-    def npatterns(self) -> int:
-        return len(self.pat_ptr) - 1
-
-    @property
-    def nslots(self) -> int:
-        return self.slot_lat.shape[0]
-
-
-def label_mode(n_id: int, n_pair: int, n_parent: int) -> str:
-    """How a level's ids become slot labels, from the number of distinct ids,
-    (parent, id) pairs and parents: "rank", "one" or "value"."""
-    if n_id == n_pair and n_pair > n_parent:
-        return "rank"     # every id value has one parent: a global id -> rank within the parent
-    if n_id == n_pair:
-        return "one"      # one group per parent: label 1 whatever the id
-    return "value"
 
 
 def _radix_key(df: pl.DataFrame, cols: list, limit: int):
@@ -257,6 +210,14 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     """
     level_cols = [lv[-1] for lv in levels]
     top = level_cols[0]
+    used_x = [c for c in covariates]
+    for eff in effects.values():
+        used_x += [e for e in eff if e != "Intercept" and e not in used_x]
+    if prepfast.applies(df, level_cols, index, label_modes, slots, keys_only):
+        prep = prepfast.prepare_fast(df, outcome, covariates, intercept, levels, effects,
+                                     weights, design, used_x)
+        if prep is not None:
+            return prep
     df = df.with_row_index(_ROW)
     # labels of the levels below the top, and the observation index
     lab_cols = []
@@ -299,9 +260,6 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
         first = np.maximum.accumulate(np.where(same, 0, idx))
         df = df.with_columns(pl.Series("__obs", idx - first + 1))
     # drop what cannot be used: null covariates (counted), null outcomes (missing cells)
-    used_x = [c for c in covariates]
-    for eff in effects.values():
-        used_x += [e for e in eff if e != "Intercept" and e not in used_x]
     dropped = 0
     if used_x:
         keep = pl.all_horizontal([pl.col(c).is_not_null() for c in used_x])
@@ -339,42 +297,10 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
             slots = df.select(slot_keys).unique().sort(slot_keys)
         slots = slots.with_row_index("__slot")
         df = df.join(slots, on=slot_keys, how="left")
+    slot_lat, M, latent_names, latent_node, latent_term, level_labels = latents(
+        slots, lab_cols, levels, level_cols, effects)
     P = slots.height
-    # latents: per level with effects, one block of len(effects) latents per node
     nl = sum(len(effects.get(d, [])) for d in range(len(levels)))
-    slot_lat = np.full((P, max(nl, 1)), -1, dtype=np.int32)
-    latent_names, latent_node, latent_term = [], [], []
-    level_labels = []
-    k = 0
-    M = 0
-    node_base = 0
-    for d in range(len(levels)):
-        if d >= 1:
-            level_labels.append(slots[lab_cols[d - 1]].unique().sort().to_list())
-        eff = effects.get(d, [])
-        if not eff:
-            continue
-        node_cols = lab_cols[:d]
-        if d == 0:
-            node_of_slot = np.zeros(P, dtype=np.int64)
-            node_labels = [()]
-        else:
-            nodes = slots.select(node_cols).unique().sort(node_cols).with_row_index("__node")
-            node_of_slot = slots.join(nodes, on=node_cols, how="left").sort("__slot")["__node"].to_numpy()
-            node_labels = [tuple(r) for r in nodes.select(node_cols).iter_rows()]
-        nn = len(node_labels)
-        for ni, lab in enumerate(node_labels):
-            for ei, e in enumerate(eff):
-                base = level_cols[d]
-                suffix = "" if d == 0 else "[" + ",".join(str(v) for v in lab) + "]"
-                latent_names.append(f"{base}{suffix}" if e == "Intercept" else f"{base}{suffix}:{e}")
-                latent_node.append(node_base + ni)
-                latent_term.append((d, e))
-        for ei in range(len(eff)):
-            slot_lat[:, k + ei] = M + node_of_slot * len(eff) + ei
-        k += len(eff)
-        M += nn * len(eff)
-        node_base += nn
     # rows and patterns
     per_row = df.group_by(top, maintain_order=True).agg(pl.col("__slot").sort().alias("__pat_slots"))
     has_slopes = any(e != "Intercept" for eff in effects.values() for e in eff)
@@ -448,7 +374,7 @@ def prepare(df: pl.DataFrame, outcome: str, covariates: list, intercept: bool,
     return Prepared(
         y=y, X=X, slot=df["__slot"].cast(pl.Int32).to_numpy().copy(), load=load,
         row_ptr=row_ptr, pat_ptr=pat_ptr, slot_lat=slot_lat, nlatent=M,
-        latent_names=latent_names, latent_node=np.asarray(latent_node, dtype=np.int64),
+        latent_names=latent_names, latent_node=latent_node,
         latent_term=latent_term, slot_labels=slot_labels, level_labels=level_labels,
         top_ids=top_ids, obs_row=df[_ROW].to_numpy().copy(), wrow=wrow, levels=infos,
         xnames=xnames, nobs=df.height, dropped_covariate=dropped,

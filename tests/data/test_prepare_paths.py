@@ -42,6 +42,8 @@ def _prep(name, formula, index):
 
 @pytest.mark.parametrize("name,formula,index", CASES)
 def test_radix_path_equals_hash_path(monkeypatch, name, formula, index):
+    import mlsem.data.prepfast as PF
+    monkeypatch.setattr(PF, "applies", lambda *a, **k: False)   # the Polars path (tests/data/test_prepfast.py: the NumPy one)
     calls = []
     real = D._radix_key
 
