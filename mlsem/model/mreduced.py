@@ -59,6 +59,7 @@ class MultiReduced(MultiModel):
     def __init__(self, full, rprep, Xc, within, nthreads):
         Model.__init__(self, rprep, full.table, backend=full.backend, nthreads=nthreads,
                        units=(full.ols, full.pscale))
+        self.ols = full.ols
         self.full = full
         self.nout = full.nout
         self.dense = False
@@ -76,7 +77,92 @@ class MultiReduced(MultiModel):
         self._kx = Xc.shape[1]
 
     def start_values(self):
-        return self.full.start_values()
+        """Moment estimates from the grouped data, near the ML estimates on the nested
+        designs (Newton then needs a few steps): the coefficients by least squares per
+        outcome; R from the within-group cross products at them; with one or two
+        grouping levels, the innermost level's covariance from the spread of the
+        pseudo-units' mean residuals around their row's mean, the top level's from the
+        spread of the rows' means, each less the share of the levels below (clipped to
+        positive definite).  The full model's rule where that does not apply."""
+        t = self.table
+        psi = np.zeros(t.nparams)
+        for rows, cols, b, _ in self._ols_out:
+            psi[t.beta_param[cols]] = b
+        try:
+            got = self._moments(psi)
+        except (np.linalg.LinAlgError, FloatingPointError, ValueError):
+            got = None
+        return self.full.start_values() if got is None else got
+
+    def _moments(self, psi):
+        t = self.table
+        nout = self.nout
+        beta = psi[t.beta_param] if self.q else np.zeros(0)
+        G = self._gammas(beta)
+        num = np.zeros((nout, nout))
+        den = np.zeros((nout, nout))
+        for mask, n, C in zip(self._wmasks, self._wcount, self._wC):
+            S = [o for o in range(nout) if (mask >> o) & 1]
+            W = np.einsum("ai,aibj,bj->ab", G[S], C, G[S])
+            num[np.ix_(S, S)] += W
+            den[np.ix_(S, S)] += n
+        if np.any(den <= 2):
+            return None
+        R = _psd(num / den)
+        nl = self.prep.slot_lat.shape[1]
+        if R is None or nl > 2:
+            return None
+        # the full pseudo-units (every outcome observed): mean residual per outcome
+        prep = self.prep
+        e = (prep.y - prep.X @ beta if self.q else prep.y.copy()) / prep.load[:, 0]
+        n = prep.load[:, 0] ** 2
+        spup = self._spup[prep.slot]
+        new = np.ones(len(e), dtype=bool)
+        new[1:] = spup[1:] != spup[:-1]
+        new[prep.row_ptr[:-1][prep.row_ptr[:-1] < len(e)]] = True
+        first = np.flatnonzero(new)
+        size = np.diff(np.append(first, len(e)))
+        full = first[size == nout]
+        if len(full) < 10 * nout:
+            return None
+        E = e[full[:, None] + np.arange(nout)]                     # (units, nout)
+        nu = n[full]
+        row = np.searchsorted(prep.row_ptr, full, side="right") - 1
+        J = np.bincount(row, minlength=prep.nrows).astype(float)
+        used = J > 0
+        mrow = np.zeros((prep.nrows, nout))
+        for o in range(nout):
+            mrow[:, o] = np.bincount(row, weights=E[:, o], minlength=prep.nrows)
+        mrow[used] /= J[used, None]
+        inv_n = 1.0 / nu
+        Phi = {}
+        levels = [lv.name for lv in prep.levels] if hasattr(prep, "levels") else None
+        if nl == 1:
+            D = E - E.mean(axis=0)
+            Phi[0] = _psd(D.T @ D / max(len(E) - 1, 1) - R * inv_n.mean())
+        else:
+            D = E - mrow[row]
+            df = float(np.sum(J[used] - 1))
+            if df < 10 * nout or used.sum() < 10 * nout:
+                return None
+            Pj = _psd(D.T @ D / df - R * inv_n.mean())
+            M = mrow[used] - mrow[used].mean(axis=0)
+            mean_inv_n = np.bincount(row, weights=inv_n, minlength=prep.nrows)[used] / J[used]
+            Pk = _psd(M.T @ M / max(used.sum() - 1, 1) - (Pj * np.mean(1.0 / J[used]) if Pj is not None else 0.0)
+                      - R * np.mean(mean_inv_n / J[used]))
+            Phi[0], Phi[1] = Pk, Pj
+        if any(v is None for v in Phi.values()) or levels is None:
+            return None
+        out = psi.copy()
+        for p, (a, b) in t.param_outcomes.items():
+            lv = t.params[p].level
+            if lv == "Residual":
+                out[p] = R[a, b]
+            elif lv in levels and levels.index(lv) in Phi:
+                out[p] = Phi[levels.index(lv)][a, b]
+            else:
+                return None
+        return out
 
     def _gammas(self, beta):
         """(nout, 1 + qmax): (1, -beta_o) of each outcome, zero-padded."""
@@ -141,6 +227,17 @@ class MultiReduced(MultiModel):
         if hess:
             return out[0] + wl, out[1] + g, out[2]
         return out[0] + wl, out[1] + g
+
+
+def _psd(S, floor=0.05):
+    """S made symmetric positive definite: eigenvalues raised to ``floor`` times
+    the mean diagonal (a variance that is not positive cannot start Newton's method)."""
+    S = 0.5 * (S + S.T)
+    if not np.all(np.isfinite(S)):
+        return None
+    lam, Q = np.linalg.eigh(S)
+    lo = floor * max(float(np.mean(np.abs(np.diag(S)))), 1e-300)
+    return (Q * np.maximum(lam, lo)) @ Q.T
 
 
 def reduce_multi(model, max_share=MAX_GROUP_SHARE):
@@ -239,7 +336,7 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
         y=np.ascontiguousarray(vals[:, 0]), X=Xs, slot=cslot, slot_lat=prep.slot_lat, load=load,
         wrow=np.ascontiguousarray(wrow[rorder]), row_ptr=rptr, pat_ptr=pat_ptr, nobs=ncell,
         nrows=nrows, npatterns=len(pat_ptr) - 1, max_row_obs=maxc, nslots=prep.nslots,
-        xnames=prep.xnames, meta=prep.meta)
+        xnames=prep.xnames, meta=prep.meta, levels=prep.levels)
     nt = model.nthreads if ncell >= SERIAL_BELOW else 1
     red = MultiReduced(model, rprep, Xg, (masks, counts, Cs), nt)
     rprep.nobs = nobs            # the optimiser's scale: the full data's
