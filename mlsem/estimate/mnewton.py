@@ -34,6 +34,10 @@ from .optimize import REUSE_HESSIAN_STEP, OptSummary, _judge, _serial_blas, opti
 MAX_ITER = 40
 STOP_GAIN = 1e-9
 C_REFRESH = 0.5
+# a last Newton step shorter than this share of every parameter's unit is not taken: it
+# moves the estimates by far less than any tolerance and the log-likelihood by O(1e-13)
+# relative, and saves an evaluation with the Phi Hessian (the costliest kind)
+SKIP_STEP = 1e-7
 # forward-difference step of the Hessian columns, relative to max(|psi_i|, 0.1 unit_i)
 FD_STEP = 1e-6
 
@@ -172,6 +176,8 @@ def newton_multi(model, psi, progress=None):
         if not (np.all(np.isfinite(d)) and float(g @ d) > 0):
             break
         scale = np.maximum(np.abs(psi), 0.1 * unit)
+        if np.max(np.abs(d) / scale) <= SKIP_STEP:
+            break           # the estimate already: the step moves nothing results show
         got = model.phi_hessian(psi + d)
         if got is None or not got[0] >= ll - 1e-12 * abs(ll):
             break
