@@ -61,18 +61,15 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     qs = [len(e.names) for e in encs]
     q = sum(qs)
     ok = np.zeros((nout, df.height), dtype=bool)
-    pos = []                          # each row's position among outcome o's encoded rows
-    Xo = []
+    Xo, idxs = [], []
     missing = []
     for o, (F, enc) in enumerate(zip(Fs, encs)):
         rows, X, _ = enc.design(df, with_outcome=True)
         idx = np.flatnonzero(rows)
         missing.append(int(df.height - len(idx)))
         ok[o, idx] = True
-        p = np.full(df.height, -1, dtype=np.int64)
-        p[idx] = np.arange(len(idx))
-        pos.append(p)
         Xo.append(X)
+        idxs.append(idx)
         xnames += [f"{F.outcome}:{n}" for n in enc.names]
     used = ok.any(axis=0)
     dropped_units = int(df.height - used.sum())
@@ -82,22 +79,30 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     # a null value): prepare numbers the cells of a group 1, 2, ... in this order, so
     # cell c of a group is its unit c // nout's outcome c % nout; with an index the
     # units of a group are in the order of the index
-    uidx = np.flatnonzero(used)
+    everyone = bool(used.all())
+    uidx = np.arange(df.height) if everyone else np.flatnonzero(used)
     if index is not None:
         order = df.select(level_cols + [index]).filter(pl.Series(used)).select(
             pl.arg_sort_by(level_cols + [index], maintain_order=True)).to_series().to_numpy()
         uidx = uidx[order]
     nu = len(uidx)
-    crow = np.repeat(uidx, nout)
-    cout = np.tile(np.arange(nout), nu)
-    cok = ok[cout, crow]
-    yv = np.full(nu * nout, np.nan)
+    # values and the block design of every (kept unit, outcome) cell, unit-major
+    Y = np.full((nu, nout), np.nan)
+    Xall = np.zeros((nu, nout, q))
+    rank = None if (everyone and index is None) else np.full(df.height, -1, dtype=np.int64)
+    if rank is not None:
+        rank[uidx] = np.arange(nu)
+    off = 0
     for o, F in enumerate(Fs):
-        sel = cok & (cout == o)
-        yv[sel] = df[F.outcome].cast(pl.Float64).to_numpy()[crow[sel]]
-    cidx = pl.Series(crow)
+        yo = df[F.outcome].cast(pl.Float64).to_numpy()
+        idx = idxs[o]
+        at = idx if rank is None else rank[idx]
+        Y[at, o] = yo[idx]
+        Xall[at, o, off:off + qs[o]] = Xo[o]
+        off += qs[o]
+    cidx = pl.Series(np.repeat(uidx, nout))
     stacked = pl.DataFrame([df[c].gather(cidx) for c in level_cols]
-                           + [pl.Series(_VAL, yv, nan_to_null=True)])
+                           + [pl.Series(_VAL, Y.ravel(), nan_to_null=True)])
 
     def design(d):
         return [], []
@@ -105,16 +110,13 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     effects = {d: ["Intercept"] for d in range(len(levels))
                if any(len(rt.group) == d + 1 for rt in Fs[0].random)}
     prep = prepare(stacked, _VAL, [], False, levels, effects, design=design)
-    # the design: each kept cell's outcome's columns (the others 0)
-    ocell = prep.obs_row % nout
-    urow = crow[prep.obs_row]
-    X = np.zeros((prep.nobs, q))
-    off = 0
-    for o in range(nout):
-        sel = np.flatnonzero(ocell == o)
-        X[sel, off:off + qs[o]] = Xo[o][pos[o][urow[sel]]]
-        off += qs[o]
-    prep.X = X
+    # the design of the kept cells (a cell's row is 0 outside its outcome's columns)
+    Xall = Xall.reshape(nu * nout, q)
+    ob = prep.obs_row
+    if len(ob) == len(Xall) and np.array_equal(ob, np.arange(len(ob))):
+        prep.X = Xall
+    else:
+        prep.X = Xall[ob]
     prep.xnames = xnames
     # one latent per (node, outcome): latent g of prepare -> g * nout + o
     labels = prep.slot_labels
