@@ -14,7 +14,7 @@ import numpy as np
 
 from ..data.multivariate import load_multi, prepare_multi
 from ..errors import MlsemError
-from ..estimate.optimize import optimize
+from ..estimate.mnewton import optimize_multi
 from ..model.multivariate import MultiModel
 from ..spec.multivariate import check_structures, multivariate_table, parse_formulas
 
@@ -57,7 +57,7 @@ def fit_multi(data, formulas, *, outcomes=None, index=None, opts=None, df=None, 
         raise MlsemError(f"data: {prep.nobs} observed cells for {table.nparams} parameters: "
                          "too few to estimate the model")
     model = MultiModel(prep, table, backend=opts.backend, nthreads=opts.nthreads)
-    opt = optimize(model, progress=progress)
+    opt = optimize_multi(model, progress=progress)
     t2 = time.perf_counter()
     res = finish(model, opt, opts, _Outcomes(outs), prep,
                   {"prepare": t1 - t0, "optimize": t2 - t1}, t2)

@@ -2,12 +2,13 @@
 
 Each outcome's fixed part is encoded on its own (factors, transforms: mlsem.data.encode),
 on the rows where that outcome and its covariates are observed.  The cells are stacked
-(one per observed outcome of a unit) with a block design (outcome o's columns named
-``o:name``, zero in the other outcomes' cells), and laid out by
-:func:`mlsem.data.prepare.prepare` with the observation index ``unit * nout + outcome``:
-the slots of one unit are then consecutive, in outcome order.  A missing outcome is a
-missing cell (FIML); a covariate missing for one outcome's formula makes that outcome's
-cell missing; a unit with no usable outcome is dropped and counted.  The latents are one
+(one per outcome of a kept unit, consecutive, a missing one null) and laid out by
+:func:`mlsem.data.prepare.prepare` (no design: only the ids and the values pass through
+it); cell c of an innermost group is then its unit c // nout's outcome c % nout, so the
+slots of one unit are consecutive, in outcome order.  The block design (outcome o's
+columns named ``o:name``, zero in the other outcomes' cells) is gathered afterwards.  A
+missing outcome is a missing cell (FIML); a covariate missing for one outcome's formula
+makes that outcome's cell missing; a unit with no usable outcome is dropped and counted.  The latents are one
 per (node, outcome): ``k:y1``, ``j[1]:y2``.
 """
 from __future__ import annotations
@@ -19,10 +20,7 @@ from ..errors import MlsemError
 from .encode import Encoding
 from .prepare import _ROW, collect_columns, prepare
 
-_UNIT = "__mlsem_unit"
-_CELL = "__mlsem_cell"
 _VAL = "__mlsem_value"
-_ORIG = "__mlsem_unit_row"
 
 
 def load_multi(data, Fs, levels, index=None, extra=()):
@@ -50,7 +48,6 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     nout = len(Fs)
     level_cols = [lv[-1] for lv in levels]
     df = df.with_row_index(_ROW)
-    # the unit's observation number within its innermost group (as prepare numbers it)
     if index is not None:
         if df[index].null_count():
             raise MlsemError(f"data: the index column {index!r} has null values")
@@ -60,53 +57,70 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
             key = ", ".join(f"{c}={first[c]!r}" for c in level_cols + [index])
             raise MlsemError(f"data: duplicate units for ({key}): each "
                              f"({', '.join(level_cols + [index])}) must be unique")
-        if df.schema[index].is_integer():
-            unit = df[index].cast(pl.Int64).to_numpy()
-        else:
-            unit = df.select(pl.col(index).rank("dense").over(level_cols).cast(pl.Int64)
-                             ).to_series().to_numpy()
-    else:
-        unit = df.select(pl.int_range(pl.len()).over(level_cols).cast(pl.Int64)
-                         ).to_series().to_numpy() + 1
-    parts = []
     xnames = []
     qs = [len(e.names) for e in encs]
     q = sum(qs)
-    used = np.zeros(df.height, dtype=bool)
+    ok = np.zeros((nout, df.height), dtype=bool)
+    Xo, idxs = [], []
     missing = []
-    off = 0
     for o, (F, enc) in enumerate(zip(Fs, encs)):
         rows, X, _ = enc.design(df, with_outcome=True)
         idx = np.flatnonzero(rows)
         missing.append(int(df.height - len(idx)))
-        used[idx] = True
-        names = [f"{F.outcome}:{n}" for n in enc.names]
-        xnames += names
-        Xs = np.zeros((len(idx), q))
-        Xs[:, off:off + qs[o]] = X
-        off += qs[o]
-        cols = {c: df[c].gather(idx) for c in level_cols}
-        cols[_ORIG] = df[_ROW].gather(idx)
-        cols[_CELL] = pl.Series(_CELL, unit[idx] * nout + o)
-        cols[_VAL] = df[F.outcome].gather(idx).cast(pl.Float64)
-        part = pl.DataFrame(cols)
-        part = part.with_columns([pl.Series(f"__x{c}", Xs[:, c]) for c in range(q)])
-        parts.append(part)
-    stacked = pl.concat(parts, how="vertical")
+        ok[o, idx] = True
+        Xo.append(X)
+        idxs.append(idx)
+        xnames += [f"{F.outcome}:{n}" for n in enc.names]
+    used = ok.any(axis=0)
     dropped_units = int(df.height - used.sum())
-    if stacked.height == 0:
+    if not used.any():
         raise MlsemError("data: no unit has an outcome with its covariates observed")
-    xcols = [f"__x{c}" for c in range(q)]
+    # the kept units, each as nout consecutive cells (outcome order; a missing cell has
+    # a null value): prepare numbers the cells of a group 1, 2, ... in this order, so
+    # cell c of a group is its unit c // nout's outcome c % nout; with an index the
+    # units of a group are in the order of the index
+    everyone = bool(used.all())
+    uidx = np.arange(df.height) if everyone else np.flatnonzero(used)
+    if index is not None:
+        order = df.select(level_cols + [index]).filter(pl.Series(used)).select(
+            pl.arg_sort_by(level_cols + [index], maintain_order=True)).to_series().to_numpy()
+        uidx = uidx[order]
+    nu = len(uidx)
+    # values and the block design of every (kept unit, outcome) cell, unit-major
+    Y = np.full((nu, nout), np.nan)
+    Xall = np.zeros((nu, nout, q))
+    rank = None if (everyone and index is None) else np.full(df.height, -1, dtype=np.int64)
+    if rank is not None:
+        rank[uidx] = np.arange(nu)
+    off = 0
+    for o, F in enumerate(Fs):
+        yo = df[F.outcome].cast(pl.Float64).to_numpy()
+        idx = idxs[o]
+        at = idx if rank is None else rank[idx]
+        Y[at, o] = yo[idx]
+        Xall[at, o, off:off + qs[o]] = Xo[o]
+        off += qs[o]
+    cidx = pl.Series(np.repeat(uidx, nout))
+    stacked = pl.DataFrame([df[c].gather(cidx) for c in level_cols]
+                           + [pl.Series(_VAL, Y.ravel(), nan_to_null=True)])
 
     def design(d):
-        return [pl.col(c) for c in xcols], list(xnames)
+        return [], []
 
     effects = {d: ["Intercept"] for d in range(len(levels))
                if any(len(rt.group) == d + 1 for rt in Fs[0].random)}
-    prep = prepare(stacked, _VAL, [], False, levels, effects, index=_CELL, design=design)
+    prep = prepare(stacked, _VAL, [], False, levels, effects, design=design)
+    # the design of the kept cells (a cell's row is 0 outside its outcome's columns)
+    Xall = Xall.reshape(nu * nout, q)
+    ob = prep.obs_row
+    if len(ob) == len(Xall) and np.array_equal(ob, np.arange(len(ob))):
+        prep.X = Xall
+    else:
+        prep.X = Xall[ob]
+    prep.xnames = xnames
     # one latent per (node, outcome): latent g of prepare -> g * nout + o
     labels = prep.slot_labels
-    cell = labels["obs"].to_numpy().astype(np.int64)
+    cell = labels["obs"].to_numpy().astype(np.int64) - 1
     sout = (cell % nout).astype(np.int32)
     key_cols = [c for c in labels.columns if c not in ("slot", "obs")]
     # with one grouping level there is no key column above the unit: the frame of the unit

@@ -1128,8 +1128,8 @@ cdef int mfactor_pattern(
             tbn[bs + j] = bn
             for j2 in range(bn):
                 Dm[(bs + j) * nout + j2] = rinv[mask * nn2 + j * nout + j2]
-    if USE_BARROW and unit and nl == 2:
-        status = barrow_pattern(p, pat_ptr, row_ptr, slot, resid, slot_lat, F, blk_start, blk_end,
+    if USE_BARROW and nl == 2:
+        status = barrow_pattern(p, pat_ptr, row_ptr, slot, resid, load, slot_lat, F, blk_start, blk_end,
                                 sout, nout, wrow, w_out, ll, gphi, gR, M, need_grad, n, logth,
                                 tb, tbn, Dm, rinv, jt, jnode, sinvb, W2b, dvec, lh, wv, Sb, maxj,
                                 hidx, hphi, nh, ASA, U, AL, ent, hglob)
@@ -1370,7 +1370,8 @@ cdef inline void v_bwd(const double* C, double* x, int b) noexcept nogil:
 
 cdef int barrow_pattern(
         Py_ssize_t p, const long long[::1] pat_ptr, const long long[::1] row_ptr,
-        const int[::1] slot, const double[::1] resid, const int[:, ::1] slot_lat,
+        const int[::1] slot, const double[::1] resid, const double[:, ::1] load,
+        const int[:, ::1] slot_lat,
         const double[:, ::1] F, const int[::1] blk_start, const int[::1] blk_end,
         const int[::1] sout, int nout, const double[::1] wrow,
         double[::1] w_out, double* ll, double* gphi, double* gR, int M, int need_grad,
@@ -1379,7 +1380,10 @@ cdef int barrow_pattern(
         double* S, int maxj, const int* hidx, double* hphi, int nh, double* HS, double* HU,
         double* HR, int* ent, int* hglob) noexcept nogil:
     """One pattern on the block-arrowhead path; returns 0, 2 (K not positive definite)
-    or -1 (the pattern does not have the structure: the caller takes the general path)."""
+    or -1 (the pattern does not have the structure: the caller takes the general path).
+    A cell's two loadings are one value l_t, the same for every cell of a unit (1 on the
+    data; sqrt(n) on the grouped data of mlsem.model.mreduced): A_j gains l_t l_t' D,
+    Lambda' d and u gain l_t, and a unit's block of Sigma^-1 is D - l^2 D Q_j D."""
     cdef Py_ssize_t r0 = pat_ptr[p], r1 = pat_ptr[p + 1], r
     cdef long long o0 = row_ptr[r0], o
     cdef int b = nout, bb = nout * nout, J = 0, t, j, i, x, z, jj, bs, bn, gu, vb, ox, oz, s
@@ -1390,6 +1394,7 @@ cdef int barrow_pattern(
     cdef double* cnt
     cdef const double* Dp
     cdef double* Wacc = S + 11 * bb
+    cdef double lt
     s = slot[o0]
     if slot_lat[s, 0] < 0:
         return -1
@@ -1411,6 +1416,9 @@ cdef int barrow_pattern(
             J += 1
         jt[t] = J - 1
         ot[t] = sout[s]
+        lt = load[o0 + t, 0]
+        if load[o0 + t, 1] != lt or load[o0 + tb[t], 0] != lt:
+            return -1      # (mfast) loadings not one value per unit
     # the latents node * b .. node * b + b - 1 of a node, their factor inside the node
     for x in range(b):
         if blk_start[gu + x] < gu or blk_end[gu + x] > gu + b:
@@ -1436,7 +1444,7 @@ cdef int barrow_pattern(
     cdef double* uU = bU + 3 * b
     cdef double* base = bU + 4 * b
     cdef int VOFF = 11 * bb
-    cdef int per = VOFF + 6 * b + (1 << nout)
+    cdef int per = VOFF + 6 * b + 2 * (1 << nout)
     cdef double* Aj
     cdef double* Fj
     cdef double* Cj
@@ -1466,9 +1474,11 @@ cdef int barrow_pattern(
         Aj = base + jt[t] * per
         ox = ot[t]
         bs = tb[t]
+        lt = load[o0 + t, 0]
+        lt = lt * lt
         for jj in range(tbn[t]):
             oz = ot[bs + jj]
-            Aj[ox * b + oz] += Dm[t * nout + jj]
+            Aj[ox * b + oz] += lt * Dm[t * nout + jj]
     # K_j, C_j, E_j; K_U
     for x in range(b):
         for z in range(b):
@@ -1609,7 +1619,7 @@ cdef int barrow_pattern(
         # outcomes only: count the units per (school, outcome set); their sum enters dl/dR
         for j in range(J):
             cnt = base + j * per + VOFF + 6 * b
-            for x in range(nmask):
+            for x in range(2 * nmask):
                 cnt[x] = 0.0
         t = 0
         while t < n:
@@ -1618,7 +1628,10 @@ cdef int barrow_pattern(
             mask = 0
             for x in range(bn):
                 mask = mask | (1 << ot[bs + x])
-            (base + jt[bs] * per + VOFF + 6 * b)[mask] += 1.0
+            cnt = base + jt[bs] * per + VOFF + 6 * b
+            cnt[mask] += 1.0
+            lt = load[o0 + bs, 0]
+            cnt[nmask + mask] += lt * lt           # (mfast) sum of l^2 per outcome set
             t += bn
         for x in range(bb):
             Wacc[x] = 0.0
@@ -1640,6 +1653,7 @@ cdef int barrow_pattern(
             dvec[t] = acc
             quad0 += resid[o + t] * acc
             ox = ot[t]
+            acc = acc * load[o0 + t, 0]
             bU[ox] += acc
             (base + jt[t] * per + VOFF)[ox] += acc
         # beta = F' Lambda' d; forward solve (schools, then U), back solve
@@ -1707,7 +1721,7 @@ cdef int barrow_pattern(
                     uj[x] = 0.0
             for t in range(n):
                 ox = ot[t]
-                lh[t] = hU[ox] + (base + jt[t] * per + VOFF + 2 * b)[ox]
+                lh[t] = load[o0 + t, 0] * (hU[ox] + (base + jt[t] * per + VOFF + 2 * b)[ox])
             for t in range(n):
                 bs = tb[t]
                 acc = dvec[t]
@@ -1716,6 +1730,7 @@ cdef int barrow_pattern(
                 wv[t] = acc
                 w_out[o + t] = wr * acc
                 ox = ot[t]
+                acc = acc * load[o0 + t, 0]
                 uU[ox] += acc
                 (base + jt[t] * per + VOFF + 3 * b)[ox] += acc
             for t in range(n):
@@ -1771,11 +1786,12 @@ cdef int barrow_pattern(
                 Dp = rinv + mask * bb
                 for i in range(bn):
                     for jj in range(bn):
-                        acc = Dp[i * b + jj]
+                        acc = 0.0
                         for x in range(bn):
                             for z in range(bn):
-                                acc -= Dp[i * b + x] * Qj[sel[x] * b + sel[z]] * Dp[z * b + jj]
-                        gR[sel[i] * nout + sel[jj]] -= 0.5 * wsum * cnt[mask] * acc
+                                acc += Dp[i * b + x] * Qj[sel[x] * b + sel[z]] * Dp[z * b + jj]
+                        gR[sel[i] * nout + sel[jj]] -= 0.5 * wsum * (cnt[mask] * Dp[i * b + jj]
+                                                                     - cnt[nmask + mask] * acc)
         if hphi != NULL:
             hess_accum(hm, hglob, HS, HU, wsum, hidx, M, hphi, nh, ent, HR)
     return 0
@@ -1814,9 +1830,10 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     of S, and ``rlogdet[mask]`` log|R[S, S]|.  Outputs as factor_loglik's, with gR_t[nt,
     nout * nout] = dl/dR instead of dl/dtheta; fused mode (y, X, beta, gbeta_t) as there.
     O(observations * (latents touched + nout)) per evaluation, no dense per-row matrix.
-    ``unit_load`` (every loading 1) and two latent columns (random intercepts at two nested
-    levels, latent g of outcome o of node v numbered v * nout + o): the block-arrowhead path
-    (barrow_pattern), O(schools * nout^3) per pattern.  Hessian mode (hidx, hphi_t) as
+    Two latent columns (random intercepts at two nested levels, latent g of outcome o of
+    node v numbered v * nout + o) with a cell's two loadings one value, the same for every
+    cell of a unit (1 on the data, sqrt(n) on grouped data): the block-arrowhead path
+    (barrow_pattern), O(schools * nout^3) per pattern; ``unit_load`` is not needed for it.  Hessian mode (hidx, hphi_t) as
     factor_loglik's: d2l/dpsi2 of the parameters linear in Phi.  ``xoff`` (nout + 1 column
     offsets): X is compact, a cell of outcome o holding its outcome's design columns
     xoff[o] .. xoff[o + 1] - 1 (of beta) in its first xoff[o + 1] - xoff[o] columns."""
@@ -1866,7 +1883,7 @@ def mfactor_loglik(const long long[::1] pat_ptr, const long long[::1] row_ptr,
     cdef Py_ssize_t no = nout
     cdef Py_ssize_t nd = (3 * nn * no + 3 * nn + no * no + mm * cc * 2 + cc * cc + big * big
                           + 4 * mm * mm + 3 * mm)
-    cdef Py_ssize_t nsb = 12 * no * no + 4 * no + nn * (11 * no * no + 6 * no + (1 << nout))
+    cdef Py_ssize_t nsb = 12 * no * no + 4 * no + nn * (11 * no * no + 6 * no + 2 * (1 << nout))
     if nthreads < 1 or not MLSEM_HAVE_OPENMP:
         nthreads = 1
     if validate:
@@ -2221,3 +2238,163 @@ def pseudo_intercepts(const double[::1] r, const double[::1] wobs, list obs_ptr_
             v_out[i] = W * fit / theta
     return ll, gth
 # ==== end of the survey pseudo-likelihood ====
+
+
+# --- mfast --- grouped data of several outcomes (issue 15, mlsem.model.mreduced) ------------------
+# A unit (a pupil: consecutive cells of one spup within a row) belongs to the group of its innermost
+# node (a school: ``snode[slot]``, runs within a row) and its set of observed outcomes (bit mask).
+# One pass: per group its first unit's first cell, size, mask, row and the sums of the centred
+# [y, X] per outcome; per mask the weighted within-group cross products of [y, X] over the
+# outcomes (nout * k square, k = 1 + X's columns), and the weighted count of contrasts.
+
+def mgroup_count(const long long[::1] row_ptr, const int[::1] slot, const int[::1] spup,
+                 const int[::1] sout, const int[::1] snode, int nout):
+    """(units, groups, the most groups of one row)."""
+    cdef Py_ssize_t nrows = row_ptr.shape[0] - 1, r
+    cdef long long o, o1, nu = 0, ng = 0, rg, maxg = 0
+    cdef int mask, node, cur, nm = 1 << nout
+    if nout < 1 or nout > 16:
+        raise ValueError("mgroup_count: 1 to 16 outcomes")
+    for o in range(slot.shape[0]):
+        if slot[o] < 0 or slot[o] >= spup.shape[0] or slot[o] >= sout.shape[0] \
+                or slot[o] >= snode.shape[0]:
+            raise ValueError(f"mgroup_count: slot[{o}] = {slot[o]} out of range")
+        if sout[slot[o]] < 0 or sout[slot[o]] >= nout:
+            raise ValueError(f"mgroup_count: outcome of slot {slot[o]} out of range")
+    cdef int* seen = <int*>malloc(nm * sizeof(int))
+    if seen == NULL:
+        raise MemoryError()
+    with nogil:
+        for mask in range(nm):
+            seen[mask] = 0
+        for r in range(nrows):
+            o = row_ptr[r]
+            cur = -1
+            rg = 0
+            while o < row_ptr[r + 1]:
+                node = snode[slot[o]]
+                if node != cur:
+                    for mask in range(nm):
+                        seen[mask] = 0
+                    cur = node
+                mask = 0
+                o1 = o
+                while o1 < row_ptr[r + 1] and spup[slot[o1]] == spup[slot[o]]:
+                    mask = mask | (1 << sout[slot[o1]])
+                    o1 += 1
+                nu += 1
+                if not seen[mask]:
+                    seen[mask] = 1
+                    ng += 1
+                    rg += 1
+                o = o1
+            if rg > maxg:
+                maxg = rg
+    free(seen)
+    return nu, ng, maxg
+
+
+def mgroup_sums(const long long[::1] row_ptr, const int[::1] slot, const int[::1] spup,
+                const int[::1] sout, const int[::1] snode, int nout, const double[::1] y,
+                const double[:, ::1] X, const double[:, ::1] mu, const double[::1] wrow,
+                long long[::1] gfirst, long long[::1] gn, int[::1] gmask, long long[::1] grow,
+                double[:, ::1] gsum, double[:, :, ::1] C, double[::1] ccount):
+    """Fills per group g (``mgroup_count``'s number, in the order of their first units
+    within each node): ``gfirst[g]`` its first unit's first cell, ``gn[g]`` its units,
+    ``gmask[g]`` their outcomes, ``grow[g]`` its row and ``gsum[g, o * k + i]`` the sum
+    of z_i - mu[o, i] over its units' cells of outcome o (z = [y, X], k = 1 + X's
+    columns); adds wrow * sum (z - mean_g)(z - mean_g)' over the outcome pairs of each
+    unit to ``C[mask]`` (nout * k square) and wrow * (n - 1) to ``ccount[mask]``."""
+    cdef Py_ssize_t nrows = row_ptr.shape[0] - 1, r
+    cdef int kx = X.shape[1], k = kx + 1, nk = nout * k, nm = 1 << nout
+    cdef long long o, o1, oa, ob, gg, g = 0, ng = gfirst.shape[0]
+    cdef int mask, node, cur, i, j, a, b, na, m, li
+    cdef double wr, va, n
+    if y.shape[0] != slot.shape[0] or X.shape[0] != slot.shape[0] or mu.shape[0] != nout \
+            or mu.shape[1] != k or wrow.shape[0] < nrows:
+        raise ValueError("mgroup_sums: shapes of y, X, mu, wrow do not agree")
+    if gn.shape[0] != ng or gmask.shape[0] != ng or grow.shape[0] != ng or gsum.shape[0] != ng \
+            or gsum.shape[1] != nk or C.shape[0] != nm or C.shape[1] != nk or C.shape[2] != nk \
+            or ccount.shape[0] != nm:
+        raise ValueError("mgroup_sums: outputs sized for mgroup_count groups, nout * k columns")
+    if nrows > 0 and (row_ptr[0] != 0 or row_ptr[nrows] > y.shape[0]):
+        raise ValueError("mgroup_sums: row_ptr is not a range of the cells")
+    # per node: the group of each mask (-1 none), the masks in order of appearance
+    cdef long long* gof = <long long*>malloc(nm * sizeof(long long))
+    cdef int* order = <int*>malloc(nm * sizeof(int))
+    cdef double* v = <double*>malloc(nk * sizeof(double))
+    cdef int* oc = <int*>malloc(nout * sizeof(int))
+    if gof == NULL or order == NULL or v == NULL or oc == NULL:
+        free(gof); free(order); free(v); free(oc)
+        raise MemoryError()
+    with nogil:
+        for m in range(nm):
+            gof[m] = -1
+        for r in range(nrows):
+            wr = wrow[r]
+            o = row_ptr[r]
+            cur = -1
+            li = 0
+            while o <= row_ptr[r + 1]:
+                node = snode[slot[o]] if o < row_ptr[r + 1] else -2
+                if node != cur:
+                    # close the previous node's groups: subtract n mean mean'
+                    for i in range(li):
+                        m = order[i]
+                        gg = gof[m]
+                        n = <double>gn[gg]
+                        for a in range(nk):
+                            if gsum[gg, a] == 0.0:
+                                continue
+                            va = wr * gsum[gg, a] / n
+                            for b in range(nk):
+                                C[m, a, b] -= va * gsum[gg, b]
+                        ccount[m] += wr * (n - 1.0)
+                        gof[m] = -1
+                    li = 0
+                    cur = node
+                if o == row_ptr[r + 1]:
+                    break
+                mask = 0
+                na = 0
+                o1 = o
+                while o1 < row_ptr[r + 1] and spup[slot[o1]] == spup[slot[o]]:
+                    mask = mask | (1 << sout[slot[o1]])
+                    oc[na] = sout[slot[o1]]
+                    na += 1
+                    o1 += 1
+                if gof[mask] < 0:
+                    if g >= ng:
+                        break
+                    gof[mask] = g
+                    order[li] = mask
+                    li += 1
+                    gfirst[g] = o
+                    gn[g] = 0
+                    gmask[g] = mask
+                    grow[g] = r
+                    for a in range(nk):
+                        gsum[g, a] = 0.0
+                    g += 1
+                ob = gof[mask]
+                gn[ob] += 1
+                # the unit's centred values, then its cross products
+                for a in range(na):
+                    oa = o + a
+                    v[oc[a] * k] = y[oa] - mu[oc[a], 0]
+                    for i in range(kx):
+                        v[oc[a] * k + 1 + i] = X[oa, i] - mu[oc[a], 1 + i]
+                for a in range(na):
+                    for i in range(k):
+                        va = v[oc[a] * k + i]
+                        gsum[ob, oc[a] * k + i] += va
+                        va = wr * va
+                        for b in range(na):
+                            for j in range(k):
+                                C[mask, oc[a] * k + i, oc[b] * k + j] += va * v[oc[b] * k + j]
+                o = o1
+    free(gof); free(order); free(v); free(oc)
+    if g != ng:
+        raise ValueError(f"mgroup_sums: {g} groups found, {ng} expected (mgroup_count's)")
+    return 0
+# --- end mfast ---

@@ -109,3 +109,36 @@ def loglik_blocks(row_ptr, slot, resid, load, slot_lat, Phi, R, sout, spup, wrow
         np.add.at(gR, (sout[:, None].repeat(len(sout), 1)[same],
                        sout[None, :].repeat(len(sout), 0)[same]), gth[same])
     return ll, gphi, gR, w
+
+
+def group_within_multi(row_ptr, slot, spup, sout, snode, nout, y, X, wrow):
+    """The grouping of several outcomes' units (``_core.mgroup_sums``) the plain way: a
+    group is the units of one row with the same innermost node (``snode[slot]``) and the
+    same set of observed outcomes (bit mask); returns {mask: (C, count)} with C (nout * k
+    square, k = 1 + X's columns) the weighted within-group cross products of z = [y, X]
+    over the outcome pairs of each unit, count the weighted number of contrasts, and the
+    groups as a list of (row, node, mask, number of units, sums of z per outcome)."""
+    k = 1 + X.shape[1]
+    groups = {}
+    for r in range(len(row_ptr) - 1):
+        o = row_ptr[r]
+        while o < row_ptr[r + 1]:
+            o1 = o
+            while o1 < row_ptr[r + 1] and spup[slot[o1]] == spup[slot[o]]:
+                o1 += 1
+            v = np.zeros(nout * k)
+            mask = 0
+            for c in range(o, o1):
+                oc = sout[slot[c]]
+                mask |= 1 << oc
+                v[oc * k] = y[c]
+                v[oc * k + 1: (oc + 1) * k] = X[c]
+            groups.setdefault((r, snode[slot[o]], mask), []).append(v)
+            o = o1
+    out = {}
+    for (r, node, mask), vs in groups.items():
+        V = np.array(vs)
+        D = V - V.mean(axis=0)
+        C, n = out.get(mask, (np.zeros((nout * k, nout * k)), 0.0))
+        out[mask] = (C + wrow[r] * D.T @ D, n + wrow[r] * (len(vs) - 1))
+    return out, [(r, node, mask, len(vs), np.sum(vs, axis=0)) for (r, node, mask), vs in groups.items()]

@@ -47,14 +47,16 @@ class MultiModel(Model):
     """:class:`Model` for several outcomes: Theta is R per unit (see the module)."""
 
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
-        super().__init__(prep, table, backend=backend, nthreads=nthreads)
+        # the units (pscale) are the outcomes' own (_outcome_scales), not the stacked
+        # least-squares fit's: Model's are not computed
+        super().__init__(prep, table, backend=backend, nthreads=nthreads,
+                         units=((None, 1.0), None))
         self.nout = int(table.nout)
         self.dense = False
         self._hess_layout(table)      # the kernel's exact d2l/dPhi2 (all the Phi parameters)
         self._gth = np.zeros((self._nt, self.nout * self.nout))
         self._sout = np.ascontiguousarray(prep.meta["sout"], dtype=np.int32)
         self._spup = np.ascontiguousarray(prep.meta["spup"], dtype=np.int32)
-        self.pscale = self._outcome_scales()
         # the design is block-diagonal by outcome: the kernel reads each cell's own columns
         # only (a compact X, half the memory traffic of the stacked one for two outcomes)
         cols = [np.asarray(c, dtype=np.int64) for c in table.beta_cols]
@@ -63,32 +65,60 @@ class MultiModel(Model):
         self._xoff = np.zeros(self.nout + 1, dtype=np.int32)
         self._xoff[1:] = np.cumsum([len(c) for c in cols])
         qmax = max([len(c) for c in cols] + [1])
-        Xc = np.zeros((prep.nobs, qmax))
         ocell = self._sout[prep.slot]
+        self._orows = [np.flatnonzero(ocell == o) for o in range(self.nout)]
+        # a cell's row of the stacked X is 0 outside its outcome's columns: column a of
+        # the compact X is the sum over the outcomes of their a-th columns
+        Xc = np.zeros((prep.nobs, qmax))
         for o, c in enumerate(cols):
-            rows = np.flatnonzero(ocell == o)
-            Xc[np.ix_(rows, np.arange(len(c)))] = prep.X[np.ix_(rows, c)]
+            for a, col in enumerate(c):
+                Xc[:, a] += prep.X[:, col]
         self._Xc = Xc
+        self._ocell = ocell
+        self.pscale = self._outcome_scales()
+        self.ols = (None, float(np.mean([v for (_, _, _, v) in self._ols_out])))
         self._gbeta = np.zeros((self._nt, max(self.q, 8)))
 
     # ---- units --------------------------------------------------------------
     def outcome_ols(self):
         """Per outcome: (rows of its cells, OLS beta of its own design columns, mean
-        squared residual)."""
+        squared residual), by the normal equations on the compact design (least squares
+        where X'X is singular)."""
         prep = self.prep
         out = []
-        ocell = self._sout[prep.slot]
-        for o in range(self.nout):
-            rows = np.flatnonzero(ocell == o)
+        nout, oc, Xc, y = self.nout, self._ocell, self._Xc, prep.y
+        k = Xc.shape[1]
+        # the cross products of [X y] per outcome in one pass each (no gathers)
+        Z = [Xc[:, a] for a in range(k)] + [y]
+        P = np.zeros((nout, k + 1, k + 1))
+        for a in range(k + 1):
+            for b in range(a, k + 1):
+                P[:, a, b] = P[:, b, a] = np.bincount(oc, weights=Z[a] * Z[b], minlength=nout)
+        cnt = np.bincount(oc, minlength=nout)
+        for o in range(nout):
+            rows = self._orows[o]
             cols = np.asarray(self.table.beta_cols[o])
-            X = prep.X[np.ix_(rows, cols)]
-            y = prep.y[rows]
-            if len(cols):
-                b = np.linalg.lstsq(X, y, rcond=None)[0]
-                r = y - X @ b
+            qo = len(cols)
+            n = max(int(cnt[o]), 1)
+            b = None
+            if qo:
+                try:
+                    b = np.linalg.solve(P[o, :qo, :qo], P[o, :qo, k])
+                    rss = P[o, k, k] - 2 * b @ P[o, :qo, k] + b @ P[o, :qo, :qo] @ b
+                    if not (np.all(np.isfinite(b)) and rss > 1e-8 * P[o, k, k]):
+                        b = None
+                except np.linalg.LinAlgError:
+                    b = None
+                if b is None:    # singular or nearly collinear: least squares on the cells
+                    X = Xc[rows, :qo]
+                    b = np.linalg.lstsq(X, y[rows], rcond=None)[0]
+                    r = y[rows] - X @ b
+                    rss = float(r @ r)
             else:
-                b, r = np.zeros(0), y - y.mean()
-            out.append((rows, cols, b, float(r @ r) / max(len(y), 1)))
+                b = np.zeros(0)
+                yo = y[rows]
+                rss = float(np.sum((yo - yo.mean()) ** 2)) if len(yo) else 0.0
+            out.append((rows, cols, b, float(rss) / n))
         return out
 
     def _outcome_scales(self):
@@ -98,12 +128,12 @@ class MultiModel(Model):
         d = np.ones(t.nparams)
         self._ols_out = self.outcome_ols()
         s = np.array([np.sqrt(v) if v > 0 else 1.0 for (_, _, _, v) in self._ols_out])
-        X = self.prep.X
         for o, (rows, cols, _, _) in enumerate(self._ols_out):
-            for c in cols:
-                sx = float(np.std(X[rows, c]))
+            for a, c in enumerate(cols):
+                x = self._Xc[rows, a]
+                sx = float(np.std(x))
                 if not sx > 0:
-                    sx = float(np.sqrt(np.mean(X[rows, c] ** 2))) or 1.0
+                    sx = float(np.sqrt(np.mean(x ** 2))) or 1.0
                 d[t.beta_param[c]] = s[o] / sx
         for p, (a, b) in t.param_outcomes.items():
             d[p] = s[a] * s[b]
@@ -120,7 +150,7 @@ class MultiModel(Model):
         e = np.zeros(prep.nobs)
         for o, (rows, cols, b, v) in enumerate(self._ols_out):
             psi[t.beta_param[cols]] = b
-            e[rows] = prep.y[rows] - prep.X[np.ix_(rows, cols)] @ b
+            e[rows] = prep.y[rows] - self._Xc[rows, :len(cols)] @ b
         nlev = 1 + len({p.level for p in t.params if p.kind == "var"})
         # residual correlations between outcomes, on the units with both observed
         unit = self._spup[prep.slot].astype(np.int64) + (np.repeat(
