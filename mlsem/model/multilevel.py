@@ -144,6 +144,20 @@ def ols_fit(prep):
     return b, float(r @ r) / y.size
 
 
+def _column_sd(X):
+    """The columns' standard deviations (np.std's two-pass formula, over row
+    blocks of a C-ordered X instead of strided columns)."""
+    n, q = X.shape
+    if not n or not q:
+        return np.zeros(q)
+    mu = X.mean(axis=0)
+    ss = np.zeros(q)
+    for i in range(0, n, 1 << 16):
+        d = X[i:i + (1 << 16)] - mu
+        ss += np.einsum("ij,ij->j", d, d)
+    return np.sqrt(ss / n)
+
+
 def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
     """The unit of each parameter, from the data: s the root mean square
     residual of the outcome's least-squares fit on the design (the outcome's sd
@@ -167,10 +181,11 @@ def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
         s = float(np.sqrt(np.mean(y * y))) or 1.0
     if not np.isfinite(s) or s <= 0:
         s = 1.0
+    sds = _column_sd(X)
     for c, prm in enumerate(np.asarray(table.beta_param)):
-        col = X[:, c]
-        sx = float(np.std(col))
+        sx = float(sds[c])
         if not (sx > 0):
+            col = X[:, c]
             sx = float(np.sqrt(np.mean(col * col)))
         d[prm] = s / sx if sx > 0 and np.isfinite(sx) else s
     if len(table.phi_param) and unit_load:       # every loading 1 (random intercepts)
@@ -246,7 +261,9 @@ class Model:
         self._slot_lat = np.ascontiguousarray(prep.slot_lat, dtype=np.int32)
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
         # random intercepts only: the kernel's row loops need not read the loadings
-        self._unit_load = bool(np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
+        # (every loading 1 settles it without gathering slot_lat per observation)
+        self._unit_load = bool(np.all(self._load == 1.0)) or bool(
+            np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
         if units is None:
             self.ols = ols_fit(prep)
             self.pscale = param_scales(table, prep, self._unit_load, self.ols)
