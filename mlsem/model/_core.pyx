@@ -2231,10 +2231,10 @@ def pseudo_intercepts(const double[::1] r, const double[::1] wobs, list obs_ptr_
 # O(m (q^2 + 1)) per unit plus O(k^2) for the k variance parameters the unit touches.
 
 cdef int ri2_unit(long long o0, long long o1, double wr,
-                  const int[::1] slot, const double[::1] y, const double[:, ::1] X,
-                  const double[::1] beta, const double[::1] l0, const double[::1] l1,
-                  const double[::1] tau_s, const double[::1] theta_s,
-                  const int[::1] ptau_s, const int[::1] pth_s, double gamma, int pgam,
+                  const int* slot, const double* y, const double* X,
+                  const double* beta, const double* l0, const double* l1,
+                  const double* tau_s, const double* theta_s,
+                  const int* ptau_s, const int* pth_s, double gamma, int pgam,
                   int q, int nv, int need_grad, int need_hess,
                   double* ll, double* gv, double* gb, double* hvv, double* hvb, double* hbb,
                   double* dv, double* ev, double* A, double* B, int* flag, int* touched,
@@ -2251,7 +2251,7 @@ cdef int ri2_unit(long long o0, long long o1, double wr,
         dd = 1.0 / D
         e = y[o]
         for c in range(q):
-            e = e - X[o, c] * beta[c]
+            e = e - X[o * q + c] * beta[c]
         f = l0[o] * dd
         s += l0[o] * f
         g += f * e
@@ -2288,8 +2288,8 @@ cdef int ri2_unit(long long o0, long long o1, double wr,
         if ph >= 0:
             gv[ph] += gi
         for c in range(q):
-            gb[c] += wr * X[o, c] * r
-            hx[c] += f * X[o, c]
+            gb[c] += wr * X[o * q + c] * r
+            hx[c] += f * X[o * q + c]
         if need_hess:
             tt = wr * (0.5 * (dd * dd - 2.0 * rho * dd * f * f) - dd * r * r)
             hgi = wr / (kap * kap) * (0.5 * f * f - g * f * r)
@@ -2311,7 +2311,7 @@ cdef int ri2_unit(long long o0, long long o1, double wr,
                     hvv[p * nv + pgam] += cc * hgi
                 xr = -wr * cc * dd * r
                 for c in range(q):
-                    hvb[p * q + c] += xr * X[o, c]
+                    hvb[p * q + c] += xr * X[o * q + c]
             if pt >= 0:
                 hvv[pt * nv + pt] += c1 * c1 * tt
             if ph >= 0:
@@ -2320,9 +2320,9 @@ cdef int ri2_unit(long long o0, long long o1, double wr,
                 hvv[pt * nv + ph] += c1 * tt
                 hvv[ph * nv + pt] += c1 * tt
             for c in range(q):
-                xr = -wr * dd * X[o, c]
+                xr = -wr * dd * X[o * q + c]
                 for c2 in range(c + 1):
-                    hbb[c * q + c2] += xr * X[o, c2]
+                    hbb[c * q + c2] += xr * X[o * q + c2]
     if need_hess:
         if pgam >= 0:
             hvv[pgam * nv + pgam] += wr * (0.5 * (s / kap) * (s / kap) - gk * gk * s / kap)
@@ -2391,6 +2391,19 @@ def ri2_eval(const long long[::1] row_ptr, const int[::1] slot, const double[::1
         if slot[o] < 0 or slot[o] >= P:
             raise ValueError(f"ri2_eval: slot[{o}] = {slot[o]} out of range")
     cdef Py_ssize_t nd = 2 * maxn + 2 * nv + q + 1 + nv + q + nv * nv + nv * q + q * q
+    # raw pointers into the unit loop (memoryview arguments of a nogil function are
+    # reference-counted atomically on every call: threads then fight over the counters)
+    cdef double dummy = 0.0
+    cdef const int* slot_p = &slot[0] if nobs > 0 else NULL
+    cdef const double* y_p = &y[0] if nobs > 0 else NULL
+    cdef const double* X_p = &X[0, 0] if nobs > 0 and q > 0 else &dummy
+    cdef const double* beta_p = &beta[0] if q > 0 else &dummy
+    cdef const double* l0_p = &l0[0] if nobs > 0 else NULL
+    cdef const double* l1_p = &l1[0] if nobs > 0 else NULL
+    cdef const double* tau_p = &tau_s[0] if P > 0 else NULL
+    cdef const double* theta_p = &theta_s[0] if P > 0 else NULL
+    cdef const int* ptau_p = &ptau_s[0] if P > 0 else NULL
+    cdef const int* pth_p = &pth_s[0] if P > 0 else NULL
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
         dbuf = <double*>malloc(nd * sizeof(double))
@@ -2402,8 +2415,8 @@ def ri2_eval(const long long[::1] row_ptr, const int[::1] slot, const double[::1
             loc = dbuf + 2 * maxn + 2 * nv + q
             for r in prange(nrows, schedule='dynamic', chunksize=256):
                 if status_t[tid] == 0:
-                    st = ri2_unit(row_ptr[r], row_ptr[r + 1], wrow[r], slot, y, X, beta, l0, l1,
-                                  tau_s, theta_s, ptau_s, pth_s, gamma, pgam, q, nv,
+                    st = ri2_unit(row_ptr[r], row_ptr[r + 1], wrow[r], slot_p, y_p, X_p, beta_p,
+                                  l0_p, l1_p, tau_p, theta_p, ptau_p, pth_p, gamma, pgam, q, nv,
                                   need_grad, need_hess, loc, loc + 1, loc + 1 + nv,
                                   loc + 1 + nv + q, loc + 1 + nv + q + nv * nv,
                                   loc + 1 + nv + q + nv * nv + nv * q,

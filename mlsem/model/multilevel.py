@@ -144,20 +144,6 @@ def ols_fit(prep):
     return b, float(r @ r) / y.size
 
 
-def _column_sd(X):
-    """The columns' standard deviations (np.std's two-pass formula, over row
-    blocks of a C-ordered X instead of strided columns)."""
-    n, q = X.shape
-    if not n or not q:
-        return np.zeros(q)
-    mu = X.mean(axis=0)
-    ss = np.zeros(q)
-    for i in range(0, n, 1 << 16):
-        d = X[i:i + (1 << 16)] - mu
-        ss += np.einsum("ij,ij->j", d, d)
-    return np.sqrt(ss / n)
-
-
 def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
     """The unit of each parameter, from the data: s the root mean square
     residual of the outcome's least-squares fit on the design (the outcome's sd
@@ -181,11 +167,10 @@ def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
         s = float(np.sqrt(np.mean(y * y))) or 1.0
     if not np.isfinite(s) or s <= 0:
         s = 1.0
-    sds = _column_sd(X)
     for c, prm in enumerate(np.asarray(table.beta_param)):
-        sx = float(sds[c])
+        col = X[:, c]
+        sx = float(np.std(col))
         if not (sx > 0):
-            col = X[:, c]
             sx = float(np.sqrt(np.mean(col * col)))
         d[prm] = s / sx if sx > 0 and np.isfinite(sx) else s
     if len(table.phi_param) and unit_load:       # every loading 1 (random intercepts)
