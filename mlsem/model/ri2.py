@@ -129,24 +129,25 @@ class ExactGrouped:
         gamma = float(Phid[self.top]) if self.top >= 0 else 0.0
         beta = np.ascontiguousarray(psi[self.beta]) if red.q else np.zeros(0)
         self._status[:] = 0
-        with red._one_blas_thread():
-            _core.ri2_eval(self._row_ptr, red._slot, self._y, red._X, beta, self.l0, self.l1,
-                           tau_s, theta_s, self.ptau, self.pth, gamma, self.pgam, self._wrow,
-                           self._ll, self._gv, self._gb, self._hvv, self._hvb, self._hbb,
-                           self._status, red._nt, 1, int(hess))
+        # (no BLAS inside the kernel: no thread limit needed around it)
+        _core.ri2_eval(self._row_ptr, red._slot, self._y, red._X, beta, self.l0, self.l1,
+                       tau_s, theta_s, self.ptau, self.pth, gamma, self.pgam, self._wrow,
+                       self._ll, self._gv, self._gb, self._hvv, self._hvb, self._hbb,
+                       self._status, red._nt, 1, int(hess))
         if self._status.any():
             return None
         q, nv = red.q, self.nv
-        ll = float(self._ll.sum())
-        g = self._gv.sum(axis=0)
+        one = self._ll.shape[0] == 1
+        ll = float(self._ll[0] if one else self._ll.sum())
+        g = self._gv[0].copy() if one else self._gv.sum(axis=0)
         if q:
-            g[self.beta] += self._gb[:, :q].sum(axis=0)
+            g[self.beta] += self._gb[0, :q] if one else self._gb[:, :q].sum(axis=0)
         H = None
         if hess:
-            H = self._hvv.sum(axis=0).reshape(nv, nv)
+            H = (self._hvv[0].copy() if one else self._hvv.sum(axis=0)).reshape(nv, nv)
             if q:
-                hvb = self._hvb[:, :nv * q].sum(axis=0).reshape(nv, q)
-                hbb = self._hbb[:, :q * q].sum(axis=0).reshape(q, q)
+                hvb = (self._hvb[0] if one else self._hvb.sum(axis=0))[:nv * q].reshape(nv, q)
+                hbb = (self._hbb[0] if one else self._hbb.sum(axis=0))[:q * q].reshape(q, q)
                 hbb = np.tril(hbb) + np.tril(hbb, -1).T
                 H[:, self.beta] += hvb
                 H[self.beta, :] += hvb.T
@@ -171,17 +172,20 @@ class ExactGrouped:
         W = np.maximum(W, 0.0)
         ll = -0.5 * float(np.sum(cnt * (LOG2PI + np.log(th)) + W / th))
         p = self._wpar
-        np.add.at(g, p, -0.5 * cnt / th + 0.5 * W / (th * th))
+        nv = self.nv
+        g += np.bincount(p, weights=-0.5 * cnt / th + 0.5 * W / (th * th), minlength=nv)
         if red.q:
-            g[self.beta] += (R / th[:, None]).sum(axis=0)
+            g[self.beta] += (1.0 / th) @ R
         if H is not None:
-            np.add.at(H, (p, p), 0.5 * cnt / th ** 2 - W / th ** 3)
+            d = np.diag_indices(nv)
+            H[d] += np.bincount(p, weights=0.5 * cnt / th ** 2 - W / th ** 3, minlength=nv)
             if red.q:
-                H[np.ix_(self.beta, self.beta)] -= np.einsum("sij,s->ij", Wxx, 1.0 / th)
+                H[np.ix_(self.beta, self.beta)] -= np.tensordot(1.0 / th, Wxx, axes=1)
                 cross = -R / (th * th)[:, None]           # (ns, q)
                 for c, b in enumerate(self.beta):
-                    np.add.at(H[:, b], p, cross[:, c])
-                    np.add.at(H[b, :], p, cross[:, c])
+                    col = np.bincount(p, weights=cross[:, c], minlength=nv)
+                    H[:, b] += col
+                    H[b, :] += col
         return ll
 
 
