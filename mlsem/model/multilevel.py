@@ -169,6 +169,9 @@ def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
         s = 1.0
     for c, prm in enumerate(np.asarray(table.beta_param)):
         col = X[:, c]
+        if bool(np.all(col == 1.0)):     # the intercept: np.std 0, root mean square 1
+            d[prm] = s
+            continue
         sx = float(np.std(col))
         if not (sx > 0):
             sx = float(np.sqrt(np.mean(col * col)))
