@@ -2242,7 +2242,9 @@ cdef int ri2_unit(long long o0, long long o1, double wr,
     cdef long long o
     cdef int t, c, c2, m = <int>(o1 - o0), ntouch = 0, i, j, pt, ph, k, p
     cdef double D, dd, e, f, s = 0.0, g = 0.0, logdet = 0.0, quad = 0.0, kap, rho, gk
-    cdef double r, Pii, c1, gi, tt, hgi, xr, cc
+    cdef double r, Pii, c1, gi, tt, hgi, xr, cc, prod = 1.0
+    # log|D| as the log of a running product (one log per unit, not per row), flushed
+    # before it could leave the range of doubles
     for t in range(m):
         o = o0 + t
         D = l1[o] * l1[o] * tau_s[slot[o]] + theta_s[slot[o]]
@@ -2255,7 +2257,10 @@ cdef int ri2_unit(long long o0, long long o1, double wr,
         f = l0[o] * dd
         s += l0[o] * f
         g += f * e
-        logdet += log(D)
+        prod *= D
+        if prod > 1e150 or prod < 1e-150:
+            logdet += log(prod)
+            prod = 1.0
         quad += dd * e * e
         dv[t] = dd
         ev[t] = e
@@ -2263,7 +2268,7 @@ cdef int ri2_unit(long long o0, long long o1, double wr,
     if not (kap > 0.0):
         return 2
     rho = gamma / kap
-    logdet += log(kap)
+    logdet += log(prod * kap)
     quad -= rho * g * g
     ll[0] += wr * (-0.5) * (m * LOG2PI + logdet + quad)
     if not need_grad:
