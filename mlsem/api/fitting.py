@@ -286,8 +286,8 @@ def _finish(model, opt, opts, F, prep, timings, t2) -> FitResult:
         ll0 = model.ols_loglik() if hasattr(model, "ols_loglik") else _ols_loglik(
             prep.y, prep.X, getattr(model, "ols", None))
         chi2 = max(0.0, 2.0 * (opt.loglik - ll0))
-        from scipy import stats
-        p = float(stats.chi2.sf(chi2, nvc))
+        from scipy.special import chdtrc    # = stats.chi2.sf, without its ~3 ms of overhead
+        p = float(chdtrc(nvc, chi2))
         if nvc == 1 and kinds.count("var") == 1:
             p *= 0.5
         lr = {"chi2": chi2, "df": nvc, "p_value": p, "loglik_linear_regression": ll0}

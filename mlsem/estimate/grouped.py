@@ -23,7 +23,9 @@ import numpy as np
 
 from ..errors import ConvergenceWarning
 from ..model.reduced import reduce_model
+from ..model.ri2 import build_exact, why_not_exact
 from .newton import newton, why_not_newton
+from .newton_exact import newton_exact
 from .optimize import REUSE_HESSIAN_STEP, _serial_blas, hessian, optimize, param_scale, start_values
 
 
@@ -34,15 +36,37 @@ def optimize_auto(model, start=None, maxiter=5000, progress=None):
     :mod:`mlsem.estimate.newton`; else "lbfgsb" with ``opt.newton_reason``), by
     :func:`mlsem.estimate.optimize.optimize` otherwise or when Newton does not
     converge.  ``opt.evaluations`` counts every evaluation, of either data."""
-    red, why = reduce_model(model)
-    target = model if red is None else red
     psi0 = start_values(model) if start is None else np.asarray(start, dtype=float)
-    n_red = red.nevals if red is not None else 0
     n_full = model.nevals
     opt = None
-    why_newton = why_not_newton(target) if model.backend == "cython" else f"backend {model.backend!r}"
     psi_lb = psi0
-    if why_newton is None:
+    ex = None
+    evals = 0
+    why_exact = why_not_exact(model)
+    if why_exact is None:
+        # grouped random intercepts: the whole exact Hessian from one pass per
+        # iteration (mlsem.model.ri2); the units need not be sorted by pattern
+        red, why = reduce_model(model, patterns=False)
+        ex, why_exact = build_exact(red) if red is not None else (None, why)
+        if ex is not None:
+            handover = []
+            opt = newton_exact(ex, psi0, progress, handover)
+            evals = red.nevals
+            if isinstance(opt, str):
+                why_exact = f"Newton (exact Hessian) stopped ({opt})"
+                if handover:
+                    psi_lb = handover[0]
+                opt = None
+    if opt is None:
+        red, why = reduce_model(model)
+    target = model if red is None else red
+    n_red = red.nevals if red is not None else 0
+    why_newton = why_not_newton(target) if model.backend == "cython" else f"backend {model.backend!r}"
+    if opt is not None:
+        why_newton = None
+    elif why_newton is not None and ex is not None:
+        why_newton = f"{why_exact}; {why_newton}"
+    if opt is None and why_newton is None:
         handover = []
         opt = newton(target, psi0, progress, handover)
         if isinstance(opt, str):
@@ -67,7 +91,8 @@ def optimize_auto(model, start=None, maxiter=5000, progress=None):
     opt.grouped_reason = why if opt.path == "full" else None
     opt.method = "newton" if why_newton is None else "lbfgsb"
     opt.newton_reason = why_newton
-    opt.evaluations = (red.nevals - n_red if red is not None else 0) + model.nevals - n_full
+    opt.exact_hessian_reason = why_exact   # None: Newton with the whole exact Hessian (ri2)
+    opt.evaluations = evals + (red.nevals - n_red if red is not None else 0) + model.nevals - n_full
     return opt
 
 

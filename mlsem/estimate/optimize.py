@@ -74,7 +74,10 @@ def start_values(model) -> np.ndarray:
         else:
             resid = prep.y - prep.y.mean()
         s2 = float(np.mean(resid ** 2)) or 1.0
-    xvar = {n: float(np.var(prep.X[:, c])) for c, n in enumerate(prep.xnames)}
+    # the covariates' variances scale the start of a slope variance only
+    slopes = any(p.kind == "var" and ":" in p.name and not p.name.endswith(":Intercept)")
+                 for p in t.params)
+    xvar = {n: float(np.var(prep.X[:, c])) for c, n in enumerate(prep.xnames)} if slopes else {}
     return variance_starts(t, psi, s2, xvar)
 
 

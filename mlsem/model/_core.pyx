@@ -2398,3 +2398,229 @@ def mgroup_sums(const long long[::1] row_ptr, const int[::1] slot, const int[::1
         raise ValueError(f"mgroup_sums: {g} groups found, {ng} expected (mgroup_count's)")
     return 0
 # --- end mfast ---
+
+# --- opt ---------------------------------------------------------------------------------------
+# Grouped random intercepts at two nested levels (issue 14, mlsem.model.reduced): per unit,
+# Sigma = D + gamma a a' with D diagonal (D_i = l1_i^2 tau_i + theta_i, a_i = l0_i), so that
+# log|Sigma|, the quadratic form, the gradient and the WHOLE Hessian (variance parameters and
+# fixed effects, cross terms included) are closed-form sums over the unit's pseudo-observations:
+# O(m (q^2 + 1)) per unit plus O(k^2) for the k variance parameters the unit touches.
+
+cdef int ri2_unit(long long o0, long long o1, double wr,
+                  const int* slot, const double* y, const double* X,
+                  const double* beta, const double* l0, const double* l1,
+                  const double* tau_s, const double* theta_s,
+                  const int* ptau_s, const int* pth_s, double gamma, int pgam,
+                  int q, int nv, int need_grad, int need_hess,
+                  double* ll, double* gv, double* gb, double* hvv, double* hvb, double* hbb,
+                  double* dv, double* ev, double* A, double* B, int* flag, int* touched,
+                  double* hx) noexcept nogil:
+    cdef long long o
+    cdef int t, c, c2, m = <int>(o1 - o0), ntouch = 0, i, j, pt, ph, k, p
+    cdef double D, dd, e, f, s = 0.0, g = 0.0, logdet = 0.0, quad = 0.0, kap, rho, gk
+    cdef double r, Pii, c1, gi, tt, hgi, xr, cc, prod = 1.0
+    # log|D| as the log of a running product (one log per unit, not per row), flushed
+    # before it could leave the range of doubles
+    for t in range(m):
+        o = o0 + t
+        D = l1[o] * l1[o] * tau_s[slot[o]] + theta_s[slot[o]]
+        if not (D > 0.0):
+            return 2
+        dd = 1.0 / D
+        e = y[o]
+        for c in range(q):
+            e = e - X[o * q + c] * beta[c]
+        f = l0[o] * dd
+        s += l0[o] * f
+        g += f * e
+        prod *= D
+        if prod > 1e150 or prod < 1e-150:
+            logdet += log(prod)
+            prod = 1.0
+        quad += dd * e * e
+        dv[t] = dd
+        ev[t] = e
+    kap = 1.0 + gamma * s
+    if not (kap > 0.0):
+        return 2
+    rho = gamma / kap
+    logdet += log(prod * kap)
+    quad -= rho * g * g
+    ll[0] += wr * (-0.5) * (m * LOG2PI + logdet + quad)
+    if not need_grad:
+        return 0
+    gk = g / kap
+    if pgam >= 0:
+        gv[pgam] += -0.5 * wr * (s / kap - gk * gk)
+    for c in range(q):
+        hx[c] = 0.0
+    for t in range(m):
+        o = o0 + t
+        dd = dv[t]
+        f = l0[o] * dd
+        r = dd * ev[t] - rho * f * g
+        Pii = dd - rho * f * f
+        pt = ptau_s[slot[o]]
+        ph = pth_s[slot[o]]
+        c1 = l1[o] * l1[o]
+        gi = -0.5 * wr * (Pii - r * r)
+        if pt >= 0:
+            gv[pt] += c1 * gi
+        if ph >= 0:
+            gv[ph] += gi
+        for c in range(q):
+            gb[c] += wr * X[o * q + c] * r
+            hx[c] += f * X[o * q + c]
+        if need_hess:
+            tt = wr * (0.5 * (dd * dd - 2.0 * rho * dd * f * f) - dd * r * r)
+            hgi = wr / (kap * kap) * (0.5 * f * f - g * f * r)
+            for k in range(2):
+                p = pt if k == 0 else ph
+                cc = c1 if k == 0 else 1.0
+                if p < 0:
+                    continue
+                if flag[p] == 0:
+                    flag[p] = 1
+                    touched[ntouch] = p
+                    ntouch += 1
+                    A[p] = 0.0
+                    B[p] = 0.0
+                A[p] += cc * f * f
+                B[p] += cc * r * f
+                if pgam >= 0:
+                    hvv[pgam * nv + p] += cc * hgi
+                    hvv[p * nv + pgam] += cc * hgi
+                xr = -wr * cc * dd * r
+                for c in range(q):
+                    hvb[p * q + c] += xr * X[o * q + c]
+            if pt >= 0:
+                hvv[pt * nv + pt] += c1 * c1 * tt
+            if ph >= 0:
+                hvv[ph * nv + ph] += tt
+            if pt >= 0 and ph >= 0:
+                hvv[pt * nv + ph] += c1 * tt
+                hvv[ph * nv + pt] += c1 * tt
+            for c in range(q):
+                xr = -wr * dd * X[o * q + c]
+                for c2 in range(c + 1):
+                    hbb[c * q + c2] += xr * X[o * q + c2]
+    if need_hess:
+        if pgam >= 0:
+            hvv[pgam * nv + pgam] += wr * (0.5 * (s / kap) * (s / kap) - gk * gk * s / kap)
+            for c in range(q):
+                hvb[pgam * q + c] += -wr * g / (kap * kap) * hx[c]
+        for i in range(ntouch):
+            p = touched[i]
+            for j in range(ntouch):
+                k = touched[j]
+                hvv[p * nv + k] += wr * (0.5 * rho * rho * A[p] * A[k] + rho * B[p] * B[k])
+            for c in range(q):
+                hvb[p * q + c] += wr * rho * hx[c] * B[p]
+            flag[p] = 0
+        for c in range(q):
+            for c2 in range(c + 1):
+                hbb[c * q + c2] += wr * rho * hx[c] * hx[c2]
+    return 0
+
+
+def ri2_eval(const long long[::1] row_ptr, const int[::1] slot, const double[::1] y,
+             const double[:, ::1] X, const double[::1] beta, const double[::1] l0,
+             const double[::1] l1, const double[::1] tau_s, const double[::1] theta_s,
+             const int[::1] ptau_s, const int[::1] pth_s, double gamma, int pgam,
+             const double[::1] wrow, double[::1] ll_t, double[:, ::1] gv_t, double[:, ::1] gb_t,
+             double[:, ::1] hvv_t, double[:, ::1] hvb_t, double[:, ::1] hbb_t,
+             int[::1] status_t, int nthreads, int need_grad, int need_hess):
+    """Log-likelihood (``ll_t``), gradient (``gv_t``: variance parameters, indexed by
+    ``pgam``, ``ptau_s``, ``pth_s`` in [0, nv), -1 for none; ``gb_t``: dl/dbeta) and, with
+    ``need_hess``, the whole Hessian (``hvv_t`` nv x nv, ``hvb_t`` nv x q, ``hbb_t`` q x q,
+    lower triangle) of the grouped random-intercept model; per-thread rows, summed by the
+    caller.  Unit r holds pseudo-observations row_ptr[r]..row_ptr[r+1]-1, each with its own
+    lower latent (loading l1, variance tau_s[slot]) and the unit's top latent (loading l0,
+    variance gamma); residual variance theta_s[slot].  status_t != 0: Sigma of some unit
+    is not positive definite (2) or scratch allocation failed."""
+    cdef Py_ssize_t nrows = row_ptr.shape[0] - 1, r, P = tau_s.shape[0]
+    cdef long long nobs = y.shape[0], o
+    cdef int q = X.shape[1], nv = gv_t.shape[1], tid, st, i, maxn = 1
+    cdef double* dbuf
+    cdef int* ibuf
+    cdef double* loc
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    if X.shape[0] != nobs or slot.shape[0] != nobs or l0.shape[0] != nobs or l1.shape[0] != nobs:
+        raise ValueError("ri2_eval: per-observation arrays differ in length")
+    if beta.shape[0] != q or theta_s.shape[0] != P or ptau_s.shape[0] != P or pth_s.shape[0] != P:
+        raise ValueError("ri2_eval: shapes of beta or the per-slot arrays do not agree")
+    if (ll_t.shape[0] < nthreads or gv_t.shape[0] < nthreads or gb_t.shape[0] < nthreads
+            or status_t.shape[0] < nthreads or gb_t.shape[1] < q
+            or (need_hess and (hvv_t.shape[0] < nthreads or hvb_t.shape[0] < nthreads
+                               or hbb_t.shape[0] < nthreads or hvv_t.shape[1] < nv * nv
+                               or hvb_t.shape[1] < nv * q or hbb_t.shape[1] < q * q))):
+        raise ValueError("ri2_eval: per-thread outputs too small")
+    if wrow.shape[0] < nrows or (nrows > 0 and (row_ptr[0] != 0 or row_ptr[nrows] != nobs)):
+        raise ValueError("ri2_eval: row_ptr / wrow do not describe the observations")
+    if pgam >= nv:
+        raise ValueError("ri2_eval: pgam out of range")
+    for r in range(nrows):
+        if row_ptr[r + 1] < row_ptr[r]:
+            raise ValueError("ri2_eval: row_ptr is not increasing")
+        if row_ptr[r + 1] - row_ptr[r] > maxn:
+            maxn = <int>(row_ptr[r + 1] - row_ptr[r])
+    for i in range(P):
+        if ptau_s[i] >= nv or pth_s[i] >= nv:
+            raise ValueError("ri2_eval: a parameter index is not below nv")
+    for o in range(nobs):
+        if slot[o] < 0 or slot[o] >= P:
+            raise ValueError(f"ri2_eval: slot[{o}] = {slot[o]} out of range")
+    cdef Py_ssize_t nd = 2 * maxn + 2 * nv + q + 1 + nv + q + nv * nv + nv * q + q * q
+    # raw pointers into the unit loop (memoryview arguments of a nogil function are
+    # reference-counted atomically on every call: threads then fight over the counters)
+    cdef double dummy = 0.0
+    cdef const int* slot_p = &slot[0] if nobs > 0 else NULL
+    cdef const double* y_p = &y[0] if nobs > 0 else NULL
+    cdef const double* X_p = &X[0, 0] if nobs > 0 and q > 0 else &dummy
+    cdef const double* beta_p = &beta[0] if q > 0 else &dummy
+    cdef const double* l0_p = &l0[0] if nobs > 0 else NULL
+    cdef const double* l1_p = &l1[0] if nobs > 0 else NULL
+    cdef const double* tau_p = &tau_s[0] if P > 0 else NULL
+    cdef const double* theta_p = &theta_s[0] if P > 0 else NULL
+    cdef const int* ptau_p = &ptau_s[0] if P > 0 else NULL
+    cdef const int* pth_p = &pth_s[0] if P > 0 else NULL
+    with nogil, parallel(num_threads=nthreads):
+        tid = threadid()
+        dbuf = <double*>malloc(nd * sizeof(double))
+        ibuf = <int*>malloc((2 * nv + 1) * sizeof(int))
+        if dbuf != NULL and ibuf != NULL:
+            memset(dbuf, 0, nd * sizeof(double))
+            memset(ibuf, 0, (2 * nv + 1) * sizeof(int))
+            # layout: dv, ev (maxn), A, B (nv), hx (q), ll (1), gv (nv), gb (q), hvv, hvb, hbb
+            loc = dbuf + 2 * maxn + 2 * nv + q
+            for r in prange(nrows, schedule='dynamic', chunksize=256):
+                if status_t[tid] == 0:
+                    st = ri2_unit(row_ptr[r], row_ptr[r + 1], wrow[r], slot_p, y_p, X_p, beta_p,
+                                  l0_p, l1_p, tau_p, theta_p, ptau_p, pth_p, gamma, pgam, q, nv,
+                                  need_grad, need_hess, loc, loc + 1, loc + 1 + nv,
+                                  loc + 1 + nv + q, loc + 1 + nv + q + nv * nv,
+                                  loc + 1 + nv + q + nv * nv + nv * q,
+                                  dbuf, dbuf + maxn, dbuf + 2 * maxn, dbuf + 2 * maxn + nv,
+                                  ibuf, ibuf + nv, dbuf + 2 * maxn + 2 * nv)
+                    if st != 0:
+                        status_t[tid] = st
+            ll_t[tid] = loc[0]
+            for i in range(nv):
+                gv_t[tid, i] = loc[1 + i]
+            for i in range(q):
+                gb_t[tid, i] = loc[1 + nv + i]
+            if need_hess:
+                for i in range(nv * nv):
+                    hvv_t[tid, i] = loc[1 + nv + q + i]
+                for i in range(nv * q):
+                    hvb_t[tid, i] = loc[1 + nv + q + nv * nv + i]
+                for i in range(q * q):
+                    hbb_t[tid, i] = loc[1 + nv + q + nv * nv + nv * q + i]
+        else:
+            status_t[tid] = ALLOC_FAIL
+        free(dbuf)
+        free(ibuf)
+    _raise_alloc(status_t, nd * sizeof(double))
+    return 0
+# --- end opt ---

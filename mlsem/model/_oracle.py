@@ -142,3 +142,56 @@ def group_within_multi(row_ptr, slot, spup, sout, snode, nout, y, X, wrow):
         C, n = out.get(mask, (np.zeros((nout * k, nout * k)), 0.0))
         out[mask] = (C + wrow[r] * D.T @ D, n + wrow[r] * (len(vs) - 1))
     return out, [(r, node, mask, len(vs), np.sum(vs, axis=0)) for (r, node, mask), vs in groups.items()]
+
+def ri2_dense(row_ptr, slot, y, X, beta, l0, l1, tau_s, theta_s, ptau, pth, gamma, pgam,
+              wrow, nv):
+    """The oracle of ``_core.ri2_eval`` (grouped random intercepts, mlsem.model.ri2):
+    per unit the dense Sigma = diag(l1^2 tau + theta) + gamma l0 l0', and the
+    textbook derivatives with Sigma_k = dSigma/dv_k (Sigma linear in v):
+    dl/dv_k = -1/2 w [tr(P Sigma_k) - r' Sigma_k r], dl/dbeta = w X'r,
+    d2l/dv_k dv_l = w [1/2 tr(P Sigma_k P Sigma_l) - r' Sigma_k P Sigma_l r],
+    d2l/dbeta dv_k = -w X' P Sigma_k r, d2l/dbeta2 = -w X'PX (P = Sigma^-1,
+    r = P e).  Returns (ll, g (nv), H (nv, nv), gb (q), Hvb (nv, q), Hbb (q, q))
+    or None where a Sigma is not positive definite."""
+    q = X.shape[1]
+    ll = 0.0
+    g = np.zeros(nv)
+    gb = np.zeros(q)
+    H = np.zeros((nv, nv))
+    Hvb = np.zeros((nv, q))
+    Hbb = np.zeros((q, q))
+    for r_ in range(len(row_ptr) - 1):
+        o0, o1 = row_ptr[r_], row_ptr[r_ + 1]
+        m = o1 - o0
+        s = slot[o0:o1]
+        a = l0[o0:o1]
+        c1 = l1[o0:o1] ** 2
+        S = np.diag(c1 * tau_s[s] + theta_s[s]) + gamma * np.outer(a, a)
+        try:
+            np.linalg.cholesky(S)
+        except np.linalg.LinAlgError:
+            return None
+        Xu = X[o0:o1]
+        e = y[o0:o1] - Xu @ beta
+        P = np.linalg.inv(S)
+        r = P @ e
+        w = wrow[r_]
+        ll += w * -0.5 * (m * LOG2PI + np.linalg.slogdet(S)[1] + e @ r)
+        # dSigma / dv_k for every parameter k
+        D = {}
+        if pgam >= 0:
+            D[pgam] = D.get(pgam, 0.0) + np.outer(a, a)
+        for i in range(m):
+            for p, c in ((ptau[s[i]], c1[i]), (pth[s[i]], 1.0)):
+                if p >= 0:
+                    E = np.zeros((m, m))
+                    E[i, i] = c
+                    D[p] = D.get(p, 0.0) + E
+        for k, Sk in D.items():
+            g[k] += -0.5 * w * (np.trace(P @ Sk) - r @ Sk @ r)
+            Hvb[k] += -w * Xu.T @ P @ Sk @ r
+            for l_, Sl in D.items():
+                H[k, l_] += w * (0.5 * np.trace(P @ Sk @ P @ Sl) - r @ Sk @ P @ Sl @ r)
+        gb += w * Xu.T @ r
+        Hbb += -w * Xu.T @ P @ Xu
+    return ll, g, H, gb, Hvb, Hbb

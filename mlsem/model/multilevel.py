@@ -169,6 +169,9 @@ def param_scales(table, prep, unit_load=False, ols=None) -> np.ndarray:
         s = 1.0
     for c, prm in enumerate(np.asarray(table.beta_param)):
         col = X[:, c]
+        if bool(np.all(col == 1.0)):     # the intercept: np.std 0, root mean square 1
+            d[prm] = s
+            continue
         sx = float(np.std(col))
         if not (sx > 0):
             sx = float(np.sqrt(np.mean(col * col)))
@@ -246,7 +249,9 @@ class Model:
         self._slot_lat = np.ascontiguousarray(prep.slot_lat, dtype=np.int32)
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
         # random intercepts only: the kernel's row loops need not read the loadings
-        self._unit_load = bool(np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
+        # (every loading 1 settles it without gathering slot_lat per observation)
+        self._unit_load = bool(np.all(self._load == 1.0)) or bool(
+            np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
         if units is None:
             self.ols = ols_fit(prep)
             self.pscale = param_scales(table, prep, self._unit_load, self.ols)

@@ -178,8 +178,11 @@ class ReducedModel(Model):
         return out[0] + wl, out[1] + wg
 
 
-def reduce_model(model):
-    """(ReducedModel, None) for ``model``, or (None, reason)."""
+def reduce_model(model, patterns=True):
+    """(ReducedModel, None) for ``model``, or (None, reason).  ``patterns=False``
+    skips sorting the units by pattern (each unit its own pattern: the same
+    likelihood, for evaluators that do not share work between units, such as
+    mlsem.model.ri2)."""
     why = why_not_reducible(model)
     if why is not None:
         return None, why
@@ -234,18 +237,24 @@ def reduce_model(model):
     # pattern of a unit: its groups' (slot, size); units sorted by it
     gptr = np.zeros(nrows + 1, dtype=np.int64)
     np.cumsum(gcount, out=gptr[1:])
-    pos = np.arange(ng) - gptr[grow]
-    kmat = np.full((nrows, maxg), -1, dtype=np.int64)
-    kmat[grow, pos] = rep * (int(counts.max()) + 1) + counts
-    order = np.lexsort(kmat.T[::-1])
-    ks = kmat[order]
-    newpat = np.ones(nrows, dtype=bool)
-    newpat[1:] = np.any(ks[1:] != ks[:-1], axis=1)
-    pat_ptr = np.append(np.flatnonzero(newpat), nrows).astype(np.int64)
-    gc = gcount[order]
-    rptr = np.zeros(nrows + 1, dtype=np.int64)
-    np.cumsum(gc, out=rptr[1:])
-    gidx = np.arange(ng) - np.repeat(rptr[:-1], gc) + np.repeat(gptr[order], gc)
+    if patterns:
+        pos = np.arange(ng) - gptr[grow]
+        kmat = np.full((nrows, maxg), -1, dtype=np.int64)
+        kmat[grow, pos] = rep * (int(counts.max()) + 1) + counts
+        order = np.lexsort(kmat.T[::-1])
+        ks = kmat[order]
+        newpat = np.ones(nrows, dtype=bool)
+        newpat[1:] = np.any(ks[1:] != ks[:-1], axis=1)
+        pat_ptr = np.append(np.flatnonzero(newpat), nrows).astype(np.int64)
+        gc = gcount[order]
+        rptr = np.zeros(nrows + 1, dtype=np.int64)
+        np.cumsum(gc, out=rptr[1:])
+        gidx = np.arange(ng) - np.repeat(rptr[:-1], gc) + np.repeat(gptr[order], gc)
+    else:   # units in their order, each its own pattern
+        order = slice(None)
+        pat_ptr = np.arange(nrows + 1, dtype=np.int64)
+        rptr = gptr
+        gidx = np.arange(ng)
     sq = np.sqrt(counts.astype(np.float64))
     zr = sz / sq[:, None]
     cnt = np.bincount(rep, weights=wg * (counts - 1), minlength=P)
