@@ -64,7 +64,15 @@ def optimize_multi(model, progress=None):
             opt = optimize(red, start=psi0, progress=progress)
         opt.method, opt.newton_reason = "lbfgsb", f"Newton stopped ({reason})"
         if not opt.converged:
-            full = optimize(model, start=psi0, progress=progress)
+            # the full data from the default start (the path before grouping), then
+            # from the moment start: a fuzz case (outcomes in units 1e-3 and 1e3) failed
+            # on the grouped data and on the full data from the moment start, but
+            # converged from the default one
+            full = optimize(model, start=model.start_values(), progress=progress)
+            if not full.converged:
+                other = optimize(model, start=psi0, progress=progress)
+                if other.converged or other.loglik > full.loglik:
+                    full = other
             if full.converged or not (opt.loglik >= full.loglik):
                 full.path, full.grouped_reason = "full", "the run on the grouped data did not converge"
                 full.method, full.newton_reason = opt.method, opt.newton_reason
