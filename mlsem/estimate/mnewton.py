@@ -27,8 +27,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..errors import ConvergenceWarning
 from ..model.mreduced import reduce_multi
+from .newton import backtrack, fraction_to_bound
 from .optimize import REUSE_HESSIAN_STEP, OptSummary, _judge, _serial_blas, optimize, param_scale
 
 MAX_ITER = 40
@@ -146,19 +146,11 @@ def newton_multi(model, psi, progress=None):
         if gain < STOP_GAIN or np.max(np.abs(g * unit)) < 1e-9 * N ** 0.5:
             break
         # a variance moves at most 90% of the way to 0
-        neg = d[var] < 0
-        ratio = np.full(len(var), np.inf)
-        ratio[neg] = -psi[var][neg] / d[var][neg]
-        tmax = min(1.0, 0.9 * float(np.min(ratio, initial=np.inf)))
-        accepted = False
-        for shrink in (1.0, 0.5, 0.25, 0.1, 0.03):
-            cand = psi + tmax * shrink * d
-            got = model.phi_hessian(cand)
-            if got is not None and got[0] >= ll - 1e-12 * abs(ll):
-                psi = cand
-                ll, g, Hphi = got
-                accepted = True
-                break
+        tmax, _ = fraction_to_bound(psi[var], d[var])
+        psi, got = backtrack(model.phi_hessian, psi, d, tmax, ll)
+        accepted = got is not None
+        if accepted:
+            ll, g, Hphi = got
         steps += 1
         log.append(("newton", steps, ll))
         if progress is not None:

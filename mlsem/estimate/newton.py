@@ -51,6 +51,31 @@ STOP_GAIN = 1e-9
 C_REFRESH = 0.5
 
 
+SHRINKS = (1.0, 0.5, 0.25, 0.1, 0.03)
+
+
+def fraction_to_bound(v, dv):
+    """(tmax, ratio): the step fraction that moves no coordinate more than 90% of
+    the way to 0 (v the distances to the bound, dv their steps), at most 1, and
+    each coordinate's fraction to its bound (inf where it moves away)."""
+    neg = dv < 0
+    ratio = np.full(len(v), np.inf)
+    ratio[neg] = -v[neg] / dv[neg]
+    return min(1.0, 0.9 * float(np.min(ratio, initial=np.inf))), ratio
+
+
+def backtrack(evaluate, psi, step, tmax, ll):
+    """The first of psi + tmax * s * step (s in SHRINKS) whose evaluation does not
+    lower ll (to rounding): (point, evaluation), or (psi, None) if none does.
+    ``evaluate`` returns a tuple whose first entry is the log-likelihood, or None."""
+    for shrink in SHRINKS:
+        cand = psi + tmax * shrink * step
+        got = evaluate(cand)
+        if got is not None and got[0] >= ll - 1e-12 * abs(ll):
+            return cand, got
+    return psi, None
+
+
 def why_not_newton(model) -> str | None:
     """None if :func:`newton` applies to ``model``, else the reason."""
     t = model.table
@@ -301,21 +326,12 @@ def _newton(model, psi, progress, handover):
         if not np.all(np.isfinite(step)):
             return "an evaluation or a linear solve failed"
         # stay inside: a variance moves at most 90% of the way to 0
-        v, dv = psi[vidx], step[vidx]
-        neg = dv < 0
-        ratio = np.full(len(vidx), np.inf)
-        ratio[neg] = -v[neg] / dv[neg]
-        tmax = min(1.0, 0.9 * float(np.min(ratio)))
-        accepted = False
-        for shrink in (1.0, 0.5, 0.25, 0.1, 0.03):
-            cand = psi + tmax * shrink * step
-            got = model.phi_hessian(cand)
-            if got is not None and got[0] >= ll - 1e-12 * abs(ll):
-                psi = cand
-                ll, g, Hphi = got
-                w = model._w.copy()
-                accepted = True
-                break
+        tmax, ratio = fraction_to_bound(psi[vidx], step[vidx])
+        psi, got = backtrack(model.phi_hessian, psi, step, tmax, ll)
+        accepted = got is not None
+        if accepted:
+            ll, g, Hphi = got
+            w = model._w.copy()
         steps += 1
         log.append(("newton", steps, ll))
         if progress is not None:

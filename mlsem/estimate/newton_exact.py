@@ -101,20 +101,11 @@ def _run(ex, psi, progress, handover):
         step[free] = d
         if not np.all(np.isfinite(step)):
             return "a linear solve failed"
-        v, dv = psi[bounded] - lo[bounded], step[bounded]
-        neg = dv < 0
-        ratio = np.full(len(bounded), np.inf)
-        ratio[neg] = -v[neg] / dv[neg]
-        tmax = min(1.0, 0.9 * float(np.min(ratio, initial=np.inf)))
-        accepted = False
-        for shrink in (1.0, 0.5, 0.25, 0.1, 0.03):
-            cand = psi + tmax * shrink * step
-            got = ex.evaluate(cand)
-            if got is not None and got[0] >= ll - 1e-12 * abs(ll):
-                psi = cand
-                ll, g, H = got
-                accepted = True
-                break
+        tmax, ratio = NW.fraction_to_bound(psi[bounded] - lo[bounded], step[bounded])
+        psi, got = NW.backtrack(ex.evaluate, psi, step, tmax, ll)
+        accepted = got is not None
+        if accepted:
+            ll, g, H = got
         steps += 1
         log.append(("newton", steps, ll))
         if progress is not None:
