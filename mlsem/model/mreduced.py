@@ -30,6 +30,7 @@ import numpy as np
 
 from .multilevel import SERIAL_BELOW, Model, _core, chain_rule
 from .multivariate import MultiModel, subset_inverses
+from .reduced import order_by_pattern
 
 LOG2PI = math.log(2.0 * math.pi)
 # group only when the pseudo-units are at most this share of the units
@@ -305,20 +306,8 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     maxc = int(rcount.max()) if nrows else 0
     if nrows * maxc > 50_000_000:
         return None, "too many pseudo-units in one row"
-    rptr0 = np.zeros(nrows + 1, dtype=np.int64)
-    np.cumsum(rcount, out=rptr0[1:])
-    pos = np.arange(ncell) - rptr0[crow]
-    kmat = np.full((nrows, maxc), -1, dtype=np.int64)
-    kmat[crow, pos] = cslot.astype(np.int64) * (int(gcount.max()) + 1) + gcount[cg]
-    rorder = np.lexsort(kmat.T[::-1])
-    kso = kmat[rorder]
-    newpat = np.ones(nrows, dtype=bool)
-    newpat[1:] = np.any(kso[1:] != kso[:-1], axis=1)
-    pat_ptr = np.append(np.flatnonzero(newpat), nrows).astype(np.int64)
-    rc = rcount[rorder]
-    rptr = np.zeros(nrows + 1, dtype=np.int64)
-    np.cumsum(rc, out=rptr[1:])
-    cidx = np.arange(ncell) - np.repeat(rptr[:-1], rc) + np.repeat(rptr0[rorder], rc)
+    rorder, pat_ptr, rptr, cidx = order_by_pattern(
+        rcount, crow, cslot.astype(np.int64) * (int(gcount.max()) + 1) + gcount[cg])
     vals = vals[cidx]
     cslot = np.ascontiguousarray(cslot[cidx], dtype=np.int32)
     Xg = np.ascontiguousarray(vals[:, 1:])

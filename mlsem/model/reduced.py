@@ -177,6 +177,29 @@ class ReducedModel(Model):
             return out[0] + wl, out[1] + wg, out[2]
         return out[0] + wl, out[1] + wg
 
+def order_by_pattern(count, item_row, key):
+    """Units sorted by their pattern, the sequence of their items' keys (int64).
+    ``count``: items per unit; ``item_row``: the unit of each item (items grouped
+    by unit, in order).  Returns (order, pat_ptr, ptr, idx): the units' order, the
+    pattern pointer over the sorted units, the item pointer of the sorted units and
+    the index that gathers the items in that order."""
+    nrows, n = len(count), len(key)
+    ptr0 = np.zeros(nrows + 1, dtype=np.int64)
+    np.cumsum(count, out=ptr0[1:])
+    kmat = np.full((nrows, int(count.max()) if nrows else 0), -1, dtype=np.int64)
+    kmat[item_row, np.arange(n) - ptr0[item_row]] = key
+    order = np.lexsort(kmat.T[::-1])
+    ks = kmat[order]
+    newpat = np.ones(nrows, dtype=bool)
+    newpat[1:] = np.any(ks[1:] != ks[:-1], axis=1)
+    pat_ptr = np.append(np.flatnonzero(newpat), nrows).astype(np.int64)
+    c = count[order]
+    ptr = np.zeros(nrows + 1, dtype=np.int64)
+    np.cumsum(c, out=ptr[1:])
+    idx = np.arange(n) - np.repeat(ptr[:-1], c) + np.repeat(ptr0[order], c)
+    return order, pat_ptr, ptr, idx
+
+
 
 def reduce_model(model, patterns=True):
     """(ReducedModel, None) for ``model``, or (None, reason).  ``patterns=False``
@@ -235,25 +258,13 @@ def reduce_model(model, patterns=True):
     if nrows * maxg > 50_000_000:
         return None, "too many groups in one unit"
     # pattern of a unit: its groups' (slot, size); units sorted by it
-    gptr = np.zeros(nrows + 1, dtype=np.int64)
-    np.cumsum(gcount, out=gptr[1:])
     if patterns:
-        pos = np.arange(ng) - gptr[grow]
-        kmat = np.full((nrows, maxg), -1, dtype=np.int64)
-        kmat[grow, pos] = rep * (int(counts.max()) + 1) + counts
-        order = np.lexsort(kmat.T[::-1])
-        ks = kmat[order]
-        newpat = np.ones(nrows, dtype=bool)
-        newpat[1:] = np.any(ks[1:] != ks[:-1], axis=1)
-        pat_ptr = np.append(np.flatnonzero(newpat), nrows).astype(np.int64)
-        gc = gcount[order]
-        rptr = np.zeros(nrows + 1, dtype=np.int64)
-        np.cumsum(gc, out=rptr[1:])
-        gidx = np.arange(ng) - np.repeat(rptr[:-1], gc) + np.repeat(gptr[order], gc)
+        order, pat_ptr, rptr, gidx = order_by_pattern(gcount, grow, rep * (int(counts.max()) + 1) + counts)
     else:   # units in their order, each its own pattern
         order = slice(None)
         pat_ptr = np.arange(nrows + 1, dtype=np.int64)
-        rptr = gptr
+        rptr = np.zeros(nrows + 1, dtype=np.int64)
+        np.cumsum(gcount, out=rptr[1:])
         gidx = np.arange(ng)
     sq = np.sqrt(counts.astype(np.float64))
     zr = sz / sq[:, None]
