@@ -27,7 +27,7 @@ tests/test_layers.py; one line per module in docs/design.md):
 """
 __version__ = "0.1.0"
 
-from .errors import ConvergenceWarning, MlsemError, PerformanceWarning  # noqa: E402
+from .errors import ConvergenceWarning, MlsemError, PerformanceWarning, RankDeficiencyWarning  # noqa: E402
 from .api.fitting import fit  # noqa: E402
 from .spec.survey import SurveyDesign  # noqa: E402
 from .inference.lrtest import lrtest  # noqa: E402
@@ -38,4 +38,5 @@ from .results.predict import random_effects  # noqa: E402
 from .results.diagram import diagram  # noqa: E402
 
 __all__ = ["fit", "SurveyDesign", "sem", "multilevel", "lrtest", "simulate", "example_data", "random_effects", "to_wide",
-           "diagram", "MlsemError", "ConvergenceWarning", "PerformanceWarning", "__version__"]
+           "diagram", "MlsemError", "ConvergenceWarning", "PerformanceWarning",
+           "RankDeficiencyWarning", "__version__"]

@@ -13,3 +13,8 @@ class ConvergenceWarning(UserWarning):
 class PerformanceWarning(UserWarning):
     """mlsem runs a slower path than it could (e.g. the NumPy oracle because
     the compiled kernel could not be imported)."""
+
+
+class RankDeficiencyWarning(UserWarning):
+    """Design columns of the fixed part were dropped because they are linear
+    combinations of earlier columns (as lme4 drops them)."""

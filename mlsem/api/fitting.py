@@ -203,14 +203,14 @@ def fit(data, formula, *, index: str | None = None, vce="mixed",
     if opts.method == "adf":
         from .semfit import multilevel_adf
         res = multilevel_adf(model, opts, F, prep, t0, t1)
-        res.encoding = encoding
+        res.attach_encoding(encoding)
         return res
     if opts.method == "reml":
         if relaxed:
             raise MlsemError("method='reml' is not supported with effects=, residuals= or "
                              "coefficients= yet: fit the relaxed model by ML")
         res = fit_reml(model, opts, F, prep, t0, t1)
-        res.encoding = encoding
+        res.attach_encoding(encoding)
         if df_method is not None:
             from ..inference.smallsample import apply_df
             t3 = time.perf_counter()
@@ -228,7 +228,7 @@ def fit(data, formula, *, index: str | None = None, vce="mixed",
         progress.stage("standard errors: observed information")
     t2 = time.perf_counter()
     res = _finish(model, opt, opts, F, prep, {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
-    res.encoding = encoding
+    res.attach_encoding(encoding)
     res = apply_vce(res, opts, unit)
     if df_method is not None:
         from ..inference.smallsample import apply_df

@@ -62,6 +62,10 @@ def fit_multi(data, formulas, *, outcomes=None, index=None, opts=None, df=None, 
     res = finish(model, opt, opts, _Outcomes(outs), prep,
                   {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
     res.encoding = encs
+    for o, e in zip(outs, encs):
+        note = e.dropped_note()
+        if note:
+            res.notes.append(f"{o}: {note}")
     res.outcome = ", ".join(outs)
     res.lr_ols = _lr_separate(model, opt, table)
     res.notes.append(_counts_note(prep))

@@ -130,7 +130,7 @@ def fit_survey(data, formula, survey, *, index=None, backend="auto", nthreads=No
         timings={"prepare": t1 - t0, "optimize": t2 - t1,
                  "inference": time.perf_counter() - t2},
         model=model, info=info, notes=notes, backend=getattr(model, "backend", ""))
-    res.encoding = encoding
+    res.attach_encoding(encoding)
     if dfd >= 1:
         res.df = np.array([float(dfd) if k == "fixed" else np.nan for k in kinds])
         res.df_method = f"design (#PSU - #strata = {dfd})"

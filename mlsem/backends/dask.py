@@ -342,6 +342,9 @@ def _build(data, client, F, levels, effects, index, npartitions, backend, nthrea
         npartitions = max(1, len(client.ncores()))
     if not isinstance(npartitions, int) or npartitions < 1:
         raise MlsemError(f"npartitions={npartitions!r} must be a positive integer")
+    if F.outcome_vars:
+        raise MlsemError(f"backend='dask': the transformed outcome {F.outcome!r} is not computed on the "
+                         "partitions; make it a column before fitting, or fit in process")
     level_cols = [lv[-1] for lv in levels]
     top = level_cols[0]
     cols = F.columns + ([index] if index else [])

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import polars as pl
 
-from ..data.prepare import collect_columns, prepare, scan
+from ..data.prepare import CSV_NULLS, collect_columns, prepare, scan
 from ..data.encode import factor_levels
 from ..errors import MlsemError
 from ..model.multilevel import Model
@@ -80,7 +80,7 @@ def _lazy(src):
     if isinstance(src, str) and "://" in src:
         low = src.lower()
         if low.endswith(".csv") or low.endswith(".csv.gz"):
-            return pl.scan_csv(src)
+            return pl.scan_csv(src, null_values=CSV_NULLS)
         return pl.scan_parquet(src)
     return src
 
@@ -130,7 +130,7 @@ def _factor_pass(raw, enc):
 
 
 def _learn_encoding(raw, enc, levels):
-    return enc.learn(raw, levels)
+    return enc.learn(raw, levels, check_rank=False)   # a share: rank is not judged on it
 
 
 def _merge_levels(passes) -> dict:

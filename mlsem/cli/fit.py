@@ -273,6 +273,9 @@ def _fit_groups(args, argv, fitter, df, t0, prog, survey=None) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
+                if args.by:     # a warning names its group, as an error does
+                    warnings.showwarning = (lambda message, *a, _p=f"{args.by}={val}: ", **k: print(
+                        f"mlsem fit: {_p}warning: {message}", file=sys.stderr))
                 res = fitter(gdf, gsurvey) if gsurvey is not None else fitter(gdf)
                 if not args.syntax:
                     _intervals(args, res, prog)

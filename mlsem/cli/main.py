@@ -371,12 +371,22 @@ def _formulas(args):
                              f"`mlsem fit` and `mlsem ranef` only, not by `mlsem {args.command}`")
 
 
+def _warning_printer(command: str):
+    """Warnings on stderr as the command's own lines ("mlsem fit: warning: ..."),
+    not Python's file:line form."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"mlsem {command}: warning: {message}", file=sys.stderr if file is None else file)
+    return show
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _formulas(args)
-        _check_outputs_not_inputs(args)
-        return args.func(args, argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command)
+            _formulas(args)
+            _check_outputs_not_inputs(args)
+            return args.func(args, argv)
     except MlsemError as exc:
         msg = str(exc)
         if survey_requested(args):

@@ -37,7 +37,7 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 
-from ..errors import MlsemError
+from ..errors import MlsemError, RankDeficiencyWarning
 
 _PLAIN = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
 
@@ -48,6 +48,12 @@ def _rows_text(rows, limit: int = 5) -> str:
     if len(rows) > limit:
         s += f", ... ({len(rows)} rows)"
     return s
+
+
+def _context() -> dict:
+    """Names formulaic evaluates besides its own: R's ``factor(x)`` is ``C(x)``."""
+    from formulaic.transforms import C
+    return {"factor": C}
 
 
 def _plain(fixed_text: str):
@@ -103,6 +109,8 @@ class Encoding:
         self.names: list = []
         self.slope_names: dict = {}
         self.plain = False   # every design column is a numeric data column (nothing to compute)
+        self.dropped: list = []   # design columns dropped as linear combinations of earlier ones
+        self._keep = None    # indices of the kept columns among formulaic's (None: all)
         self._learned = None  # (frame, X, slopes) of the rows learned on, for the apply() after learn()
 
     def __getstate__(self):   # (sent to Dask workers: not the learned matrices)
@@ -149,10 +157,12 @@ class Encoding:
                         "slope must be a numeric column or a transform of one")
         return factors, numeric
 
-    def learn(self, df: pl.DataFrame, levels: dict | None = None) -> "Encoding":
+    def learn(self, df: pl.DataFrame, levels: dict | None = None, check_rank: bool = True) -> "Encoding":
         """Learn the encoding on the estimation rows of ``df`` (outcome and every
         covariate observed).  ``levels``: {column: levels} computed elsewhere (on
-        the whole data set, for data spread over Dask workers)."""
+        the whole data set, for data spread over Dask workers).  ``check_rank``:
+        drop design columns that are linear combinations of earlier ones on these
+        rows, with a warning, as lme4 does (not for a share of the data)."""
         for c in self.variables:      # (a CSV reader types an empty column as text)
             if df.height and not df.schema[c].is_numeric() and df[c].null_count() == df.height:
                 raise MlsemError(f"data: column {c!r} has no values (all {df.height:,} rows are empty)")
@@ -168,6 +178,13 @@ class Encoding:
             self.factors = {c: factor_levels(sub[c]) for c in factors}
         if sub.height == 0:
             raise MlsemError(f"data: no observation has both {self.outcome!r} and the covariates observed")
+        if self.outcome in sub.columns and sub.height > 1:
+            y = sub[self.outcome]
+            lo, hi = y.min(), y.max()
+            if lo is not None and lo == hi:
+                raise MlsemError(
+                    f"data: the outcome {self.outcome!r} has the one value {lo!r} in all {sub.height:,} rows "
+                    "used for estimation: there is no variance to model")
         for c, lv in self.factors.items():
             if len(lv) < 2:
                 raise MlsemError(
@@ -182,6 +199,10 @@ class Encoding:
             self.spec = None
             self.names = (["Intercept"] if plain[0] else []) + plain[1]
             self.slope_names = {e: e for e in self.slopes}
+            if check_rank:
+                n = sub.height
+                self._drop([None if c == "Intercept" else sub[c].cast(pl.Float64).to_numpy()
+                            for c in self.names], n)
             return self
         import formulaic
 
@@ -189,7 +210,8 @@ class Encoding:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    return formulaic.model_matrix(self.fixed_text, self._pandas(rows), na_action="ignore")
+                    return formulaic.model_matrix(self.fixed_text, self._pandas(rows),
+                                                  na_action="ignore", context=_context())
                 except MlsemError:
                     raise
                 except Exception as exc:
@@ -198,6 +220,9 @@ class Encoding:
         mm = learn_on(sub)
         self.spec = mm.model_spec
         self.names = [str(c) for c in mm.columns]
+        X = np.asarray(mm, dtype=np.float64)
+        if check_rank and self._drop(X):
+            X = X[:, self._keep]
         if "Intercept" in self.names and self.names[0] != "Intercept":
             raise MlsemError(f"internal: formulaic put the intercept at column "
                              f"{self.names.index('Intercept')} of {self.fixed_text!r}")
@@ -210,7 +235,8 @@ class Encoding:
             if pdf is None:
                 pdf = self._pandas(sub)
             try:
-                smm = formulaic.model_matrix("0 + " + e, pdf, na_action="ignore")
+                smm = formulaic.model_matrix("0 + " + e, pdf, na_action="ignore",
+                                             context=_context())
             except Exception as exc:
                 raise MlsemError(f"formula: cannot encode the random slope {e!r}: "
                                  f"{type(exc).__name__}: {exc}") from None
@@ -223,13 +249,40 @@ class Encoding:
             self.slope_names[e] = str(smm.columns[0])
             learned_S[self.slope_names[e]] = np.asarray(smm, dtype=np.float64)[:, 0]
         # the matrices just built are the design of these rows: apply(df) reuses them
-        self._learned = (df, np.asarray(mm, dtype=np.float64), learned_S)
+        self._learned = (df, X, learned_S)
         taken = set(df.columns) - set(numeric)
         for n in self.fixed + list(self.slope_names.values()):
             if n in taken:
                 raise MlsemError(f"formula: the design column {n!r} has the name of the data column "
                                  f"{n!r}, which is not a numeric covariate; rename that column")
         return self
+
+    def _drop(self, X, n=None) -> bool:
+        """Drop the columns of the design ``X`` (of the estimation rows; see
+        mlsem.data.rank) that are linear combinations of earlier ones; True if any was."""
+        from .rank import deficient_columns
+        bad = deficient_columns(X, n)
+        if not bad:
+            return False
+        self.dropped = [self.names[j] for j in bad]
+        self._keep = [j for j in range(len(self.names)) if j not in set(bad)]
+        self.names = [self.names[j] for j in self._keep]
+        k = len(bad)
+        warnings.warn(
+            f"the fixed-effect design is rank deficient, so {k} column{'s' if k > 1 else ''} "
+            f"({', '.join(self.dropped)}) {'are' if k > 1 else 'is'} dropped: each is a linear "
+            "combination of the columns before it in the estimation rows (as lme4 drops them)",
+            RankDeficiencyWarning, stacklevel=4)
+        return True
+
+    def dropped_note(self) -> str | None:
+        """The results' note on the dropped design columns (None if none)."""
+        dropped = getattr(self, "dropped", None)
+        if not dropped:
+            return None
+        return (f"{', '.join(dropped)} dropped from the fixed part: a linear combination of the design "
+                "columns before it in the estimation rows (the design is rank deficient; lme4 drops "
+                "such columns too)")
 
     def resolve(self, F):
         """The Formula ``F`` with the design's names (``fixed``, ``intercept``,
@@ -298,7 +351,7 @@ class Encoding:
     def _matrix(self, spec, pdf, what):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            mm = spec.get_model_matrix(pdf, na_action="ignore")
+            mm = spec.get_model_matrix(pdf, na_action="ignore", context=_context())
         for w in caught:
             if "categories outside" in str(w.message) or "not seen" in str(w.message):
                 raise MlsemError(f"data: {what}: {w.message}")
@@ -324,8 +377,12 @@ class Encoding:
             pdf = self._pandas(sub, idx)
             X = np.asarray(self._matrix(self.spec, pdf, f"the fixed part {self.fixed_text!r}"),
                            dtype=np.float64)
-            if list(map(str, self.spec.column_names)) != self.names:  # pragma: no cover - defensive
+            keep = getattr(self, "_keep", None)
+            names = list(map(str, self.spec.column_names))
+            if (names if keep is None else [names[j] for j in keep]) != self.names:  # pragma: no cover
                 raise MlsemError("internal: the encoding's column names changed")
+            if keep is not None:
+                X = X[:, keep]
             S = {}
         for e, name in self.slope_names.items():
             if name in S:
@@ -381,6 +438,35 @@ def encode(df: pl.DataFrame, F, levels: dict | None = None):
     return enc.apply(df, _checked=True), enc.resolve(F), enc
 
 
+def outcome_column(df: pl.DataFrame, F) -> pl.DataFrame:
+    """``df`` with the column of a transformed outcome (``log(Reaction) ~ ...``:
+    F.outcome is the expression, F.outcome_vars the columns it reads) computed
+    through formulaic as R computes it; a null input gives a null (a missing cell)."""
+    if not getattr(F, "outcome_vars", ()):
+        return df
+    import formulaic
+    from ..spec.formula import formulaic_text
+    import pandas as pd
+    pdf = pd.DataFrame({c: df[c].cast(pl.Float64).to_numpy() for c in F.outcome_vars})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mm = formulaic.model_matrix("0 + " + formulaic_text(F.outcome), pdf, na_action="ignore",
+                                        context=_context())
+    except Exception as exc:
+        raise MlsemError(f"formula: cannot compute the outcome {F.outcome!r}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if mm.shape[1] != 1:
+        raise MlsemError(f"formula: the outcome {F.outcome!r} gives {mm.shape[1]} columns; it must be one")
+    y = np.asarray(mm, dtype=np.float64)[:, 0]
+    observed = df.select(pl.all_horizontal([pl.col(c).is_not_null() for c in F.outcome_vars])).to_series()
+    bad = np.flatnonzero(observed.to_numpy() & ~np.isfinite(y))
+    if len(bad):
+        raise MlsemError(f"data: the outcome {F.outcome!r} is not finite (log of a value <= 0?) at rows "
+                         f"{_rows_text(bad)}")
+    return df.with_columns(pl.Series(F.outcome, y, nan_to_null=True))
+
+
 def load(data, F, extra=(), numeric=(), encoding=None):
     """Read the formula's columns (and ``extra``) once and encode them: (frame,
     resolved Formula, Encoding).  ``numeric``: extra columns that must be numeric;
@@ -391,7 +477,8 @@ def load(data, F, extra=(), numeric=(), encoding=None):
         if c and c not in cols:
             cols.append(c)
     ids = list(dict.fromkeys(c for rt in F.random for c in rt.group))
-    df = collect_columns(data, cols, [F.outcome, *numeric], ids)
+    df = collect_columns(data, cols, [*(F.outcome_vars or (F.outcome,)), *numeric], ids)
+    df = outcome_column(df, F)
     if encoding is not None:
         return encoding.apply(df), encoding.resolve(F), encoding
     return encode(df, F)

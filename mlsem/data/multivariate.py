@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import MlsemError
-from .encode import Encoding
+from .encode import Encoding, outcome_column
 from .prepare import _ROW, collect_columns, prepare
 
 _VAL = "__mlsem_value"
@@ -31,12 +31,14 @@ def load_multi(data, Fs, levels, index=None, extra=()):
         for c in F.columns:
             if c not in cols:
                 cols.append(c)
-        numeric.append(F.outcome)
+        numeric += list(F.outcome_vars or (F.outcome,))
     for c in ([index] if index else []) + list(extra):
         if c and c not in cols:
             cols.append(c)
     ids = [lv[-1] for lv in levels]
-    df = collect_columns(data, cols, numeric, ids)
+    df = collect_columns(data, cols, list(dict.fromkeys(numeric)), ids)
+    for F in Fs:
+        df = outcome_column(df, F)
     encs = [Encoding(F.fixed_text, [], F.variables, F.outcome).learn(df) for F in Fs]
     return df, encs
 

@@ -36,6 +36,12 @@ def _rows_text(rows: list, limit: int = 5) -> str:
     return s
 
 
+# the text a CSV file writes for a missing value, read as null: pandas' default
+# set (R's write.csv writes NA; empty fields are null anyway)
+CSV_NULLS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+             "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+
+
 def scan(data) -> pl.LazyFrame:
     """Anything mlsem accepts as data, as a Polars LazyFrame."""
     if isinstance(data, pl.LazyFrame):
@@ -58,12 +64,17 @@ def scan(data) -> pl.LazyFrame:
             raise MlsemError(f"data: file {path!r} does not exist")
         low = path.lower()
         if low.endswith(".csv") or low.endswith(".csv.gz") or low.endswith(".tsv"):
-            return pl.scan_csv(path, separator="\t" if low.endswith(".tsv") else ",")
+            return pl.scan_csv(path, separator="\t" if low.endswith(".tsv") else ",",
+                               null_values=CSV_NULLS)
         if low.endswith(".parquet") or low.endswith(".pq"):
             return pl.scan_parquet(path)
         raise MlsemError(f"data: cannot tell the format of {path!r} (expected .parquet or .csv)")
     mod = type(data).__module__
     if mod.startswith("pandas"):
+        # named index levels (ids after set_index or groupby) are columns too
+        named = [n for n in getattr(data.index, "names", [None]) if n is not None]
+        if named and not any(n in data.columns for n in named):
+            return pl.from_pandas(data, include_index=True).lazy()
         return pl.from_pandas(data).lazy()
     if mod.startswith("pyarrow"):
         return pl.from_arrow(data).lazy()
@@ -84,6 +95,24 @@ def _check_has_values(lf: pl.LazyFrame, data, c: str) -> None:
         raise MlsemError("data: the data set is empty (0 rows)")
     if nulls == n:
         raise MlsemError(f"data: column {c!r} has no values (all {n:,} rows are empty)")
+
+
+def _not_a_number(lf: pl.LazyFrame, c: str, dt) -> str:
+    """For a text column that should be numeric: the first value that is not a
+    number and its row (a missing-value code such as '.' or 'missing', or a
+    decimal comma)."""
+    if dt != pl.String:
+        return ""
+    try:
+        bad = (lf.select(pl.col(c)).with_row_index(_ROW)
+               .filter(pl.col(c).is_not_null() & pl.col(c).str.strip_chars().cast(pl.Float64, strict=False).is_null())
+               .head(1).collect())
+    except Exception:    # noqa: BLE001 - only a hint for the message
+        return ""
+    if bad.height == 0:
+        return ""
+    return (f" (row {bad[_ROW][0] + 1} holds {bad[c][0]!r}, which is not a number; a code for missing "
+            "values must be empty or NA in a CSV file, or null in a data frame)")
 
 
 def _nonfinite_columns(df: pl.DataFrame, cols: list) -> set:
@@ -111,7 +140,7 @@ def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFra
         dt = schema[c]
         if not (dt.is_numeric() or dt == pl.Boolean):
             _check_has_values(lf, data, c)
-            raise MlsemError(f"data: column {c!r} must be numeric, but it is {dt}")
+            raise MlsemError(f"data: column {c!r} must be numeric, but it is {dt}{_not_a_number(lf, c, dt)}")
     try:
         df = lf.select(columns).collect()
     except Exception as exc:

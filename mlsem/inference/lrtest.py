@@ -94,14 +94,21 @@ def lrtest(restricted, relaxed, tol: float = 1e-6, *, bootstrap: int | None = No
     if restricted.nparams > relaxed.nparams:
         restricted, relaxed = relaxed, restricted
     df = relaxed.nparams - restricted.nparams
-    if df == 0:
-        raise MlsemError("lrtest: the two fits have the same number of parameters: they are not nested")
     # several outcomes ("y1, y2"): the same outcomes in any order
     if (sorted(restricted.outcome.split(", ")) != sorted(relaxed.outcome.split(", "))
             or restricted.nobs != relaxed.nobs):
         raise MlsemError(
             f"lrtest: the fits are not nested: outcome {restricted.outcome!r} on {restricted.nobs} "
             f"observations vs {relaxed.outcome!r} on {relaxed.nobs}")
+    if df == 0:
+        raise MlsemError("lrtest: the two fits have the same number of parameters: they are not nested")
+    fixed = [[n for n, k in zip(r.names, r.kinds) if k == "fixed"] for r in (restricted, relaxed)]
+    if "REML" in (restricted.method, relaxed.method) and fixed[0] != fixed[1]:
+        raise MlsemError(
+            "lrtest: REML fits with different fixed effects cannot be compared (the REML likelihood "
+            f"depends on the fixed-effect design: {', '.join(fixed[0]) or 'none'} vs "
+            f"{', '.join(fixed[1]) or 'none'}); fit both with method='ml' to test fixed effects, as "
+            "lme4's anova() refits them by ML")
     for r in (restricted, relaxed):
         if not r.converged:
             raise MlsemError(f"lrtest: the fit {r.formula!r} did not converge")

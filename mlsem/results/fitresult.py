@@ -73,6 +73,14 @@ class FitResult:
     adf: dict = field(default=None, repr=False)   # method="adf": F_min, chi2, df, the moments
     survey: object = field(default=None, repr=False)  # survey= fits: the design, weights, scores
 
+    def attach_encoding(self, encoding) -> None:
+        """Keep the fixed part's encoding (for predict on new data) and note the
+        design columns it dropped as linear combinations of earlier ones."""
+        self.encoding = encoding
+        note = encoding.dropped_note() if encoding is not None else None
+        if note and note not in self.notes:
+            self.notes.append(note)
+
     # ---- standard verbs ----------------------------------------------------
     @property
     def std_err(self) -> np.ndarray:

@@ -45,11 +45,12 @@ class Formula:
     fixed_text: str = "1"   # the fixed part in formulaic's grammar
     variables: tuple = ()   # data columns the fixed part and the random slopes read
     encoded: bool = False   # fixed/intercept/slope names are the design's (mlsem.data.encode)
+    outcome_vars: tuple = ()  # a transformed outcome (log(y) ~ ...): the columns it reads
 
     @property
     def columns(self) -> list:
         """The data columns the model reads: outcome, covariates, ids."""
-        cols = [self.outcome, *self.variables]
+        cols = [*(self.outcome_vars or (self.outcome,)), *self.variables]
         for rt in self.random:
             cols += list(rt.group)
         out = []
@@ -87,6 +88,22 @@ def _check_name(name: str, where: str) -> str:
     if not _NAME.match(name):
         raise MlsemError(f"formula: {name!r} in {where!r} is not a column name")
     return name
+
+
+def _outcome(lhs: str, where: str):
+    """(outcome, columns read): a column name, or a transform of columns such as
+    ``log(Reaction)`` or ``I(y / 1000)`` (mlsem.data.encode computes it as a column of
+    that name; the columns it reads are then the second item, else empty)."""
+    lhs = lhs.strip()
+    if _NAME.match(lhs):
+        return lhs, []
+    if not lhs or "|" in lhs or "~" in lhs or not re.fullmatch(r"[A-Za-z_.][A-Za-z0-9_.]*\(.*\)", lhs):
+        raise MlsemError(f"formula: {lhs!r} in {where!r} is not a column name or a transform of one "
+                         "such as log(y)")
+    cols = _variables(formulaic_text(lhs), where)
+    if not cols:
+        raise MlsemError(f"formula: the outcome {lhs!r} in {where!r} reads no column")
+    return lhs, cols
 
 
 def _expand_group(g: str, term: str) -> list:
@@ -164,13 +181,72 @@ def _plain_terms(parts):
     return intercept, names
 
 
+def formulaic_text(text: str) -> str:
+    """R's spellings that formulaic would read otherwise: ``^`` inside a call's
+    parentheses (``I(x^2)``, ``log(x^2)``) is R's power, Python's ``**`` (in
+    Python it is a bitwise xor: ``I(Days^2)`` of an integer column would be a
+    silent wrong column); ``as.factor(x)`` is ``factor(x)`` (mlsem.data.encode evaluates ``factor`` as formulaic's ``C``)."""
+    text = re.sub(r"(?<![A-Za-z0-9_.])as\.factor\(", "factor(", text)
+    if "^" not in text:
+        return text
+    out, stack, prev = [], [], ""
+    for ch in text:
+        if ch == "(":
+            stack.append(bool(re.match(r"[A-Za-z0-9_.]", prev)))   # a call's parenthesis
+        elif ch == ")" and stack:
+            stack.pop()
+        if ch == "^" and any(stack):
+            out.append("**")
+        else:
+            out.append(ch)
+        if not ch.isspace():
+            prev = ch
+    return "".join(out)
+
+
+def _merge_same_level(random: list) -> list:
+    """lme4's ``(1 | g) + (0 + x | g)``: terms of one grouping level whose effects
+    are uncorrelated with each other are one ``(1 + x || g)`` term.  Terms whose
+    union would need a block-diagonal covariance (``(1 + x | g) + (0 + z | g)``)
+    or that repeat an effect are refused with the reason."""
+    by_group: dict = {}
+    for rt in random:
+        by_group.setdefault(rt.group, []).append(rt)
+    out, done = [], set()
+    for rt in random:
+        terms = by_group[rt.group]
+        if len(terms) == 1:
+            out.append(rt)
+            continue
+        if rt.group in done:
+            continue
+        done.add(rt.group)
+        texts = " + ".join(t.text for t in terms)
+        level = ":".join(rt.group)
+        effects = []
+        for t in terms:
+            if t.correlated and len(t.effects) > 1:
+                raise MlsemError(
+                    f"formula: {texts}: several random terms for the level {level!r} are read as one "
+                    f"term with uncorrelated effects, which {t.text!r} (correlated effects) is not; "
+                    "write the effects in one term, correlated ((1 + x + z | g)) or not ((1 + x + z || g))")
+            for e in t.effects:
+                if e in effects:
+                    raise MlsemError(f"formula: {texts}: the random effect {e!r} of the level {level!r} "
+                                     "is given twice")
+                effects.append(e)
+        out.append(RandomTerm(tuple(effects), rt.group, False, texts))
+    return out
+
+
 def parse_formula(text: str) -> Formula:
     if not isinstance(text, str) or "~" not in text:
         raise MlsemError(f"formula: expected 'outcome ~ terms', got {text!r}")
     lhs, _, rhs = text.partition("~")
     if "~" in rhs:
         raise MlsemError(f"formula: more than one '~' in {text!r}")
-    outcome = _check_name(lhs, text)
+    outcome, outcome_vars = _outcome(lhs, text)
+    rhs = formulaic_text(rhs)
     fixed_parts, random = [], []
     variables = []
     for term in _split_top(rhs):
@@ -219,6 +295,7 @@ def parse_formula(text: str) -> Formula:
         fixed_parts.append(term)
     if not random:
         raise MlsemError(f"formula: {text!r} has no random term such as (1 | k/j)")
+    random = _merge_same_level(random)
     fixed_text = ""
     for t in fixed_parts:
         if t.startswith("-"):
@@ -229,12 +306,14 @@ def parse_formula(text: str) -> Formula:
     plain = _plain_terms(fixed_parts)
     fixed_vars = plain[1] if plain is not None else _variables(fixed_text, text)
     variables = list(dict.fromkeys(fixed_vars + variables))
-    if outcome in variables:
-        raise MlsemError(f"formula: the outcome {outcome!r} is also a covariate in {text!r}")
+    for o in outcome_vars or (outcome,):
+        if o in variables:
+            raise MlsemError(f"formula: the outcome {o!r} is also a covariate in {text!r}")
     # a fixed part of plain column names (the grammar before formulaic) is known
     # without the data: fill it in for callers that prepare numeric columns themselves
     intercept, names = plain if plain is not None else (True, [])
-    return Formula(outcome, intercept, tuple(names), tuple(random), text, fixed_text, tuple(variables))
+    return Formula(outcome, intercept, tuple(names), tuple(random), text, fixed_text, tuple(variables),
+                   outcome_vars=tuple(outcome_vars))
 
 
 def effects_of(formula: Formula) -> dict:

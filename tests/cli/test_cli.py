@@ -174,11 +174,12 @@ def test_by_group_with_one_observation(pipeline, tmp_path):
     rc, out, err = run("fit", "bad.parquet", "-f", FORMULA, "--by", "region", "-q",
                        "--out", "r.parquet", "--json", "r.json", cwd=tmp_path)
     assert rc == 1
-    assert "region=4: error: data: 1 observation(s) for 5 parameters" in err
+    assert "region=4: error: data: 1 observation(s) for 4 parameters" in err
+    assert "region=4: warning: the fixed-effect design is rank deficient, so 1 column (x) is dropped" in err
     res = pl.read_parquet(tmp_path / "r.parquet")
     bad = res.filter(pl.col("region") == 4)
     assert bad.height == 1 and bad["name"][0] is None and bad["estimate"][0] is None
-    assert bad["status"][0].startswith("error: data: 1 observation(s) for 5 parameters")
+    assert bad["status"][0].startswith("error: data: 1 observation(s) for 4 parameters")
     good = res.filter(pl.col("region") != 4)
     assert good.height == 15 and (good["status"] == "ok").all()
     rec = json.loads((tmp_path / "r.json").read_text())

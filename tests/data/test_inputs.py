@@ -96,6 +96,8 @@ def test_null_outcome_is_missing_cell_and_null_covariate_drops(seed):
     (lambda d: d, "y ~ x + nosuchfn(x) + (1 | k)", r"cannot encode the fixed part 'x \+ nosuchfn\(x\)'.*name 'nosuchfn' is not defined"),
     (lambda d: d, "y x (1 | k)", r"expected 'outcome ~ terms'"),
     (lambda d: d, "y ~ x + (1 | k", r"unbalanced"),
+    (lambda d: d.with_columns(pl.lit(2.5).alias("y")), "y ~ x + (1 | k/j)",
+     r"outcome 'y' has the one value 2.5 in all 400 rows used for estimation"),
 ])
 def test_bad_input(seed, mutate, formula, match):
     with pytest.raises(MlsemError, match=match):
@@ -149,3 +151,28 @@ def test_zero_variance_is_a_legitimate_answer():
     for name in ("Intercept", "x", "var(k)", "var(Residual)"):
         assert res.coef[name] == pytest.approx(without.coef[name], rel=1e-5)
     assert "var(j) | 0 (boundary)" in res.summary()
+
+
+def test_csv_missing_value_codes(seed, tmp_path):
+    """R's write.csv writes NA for a missing value: read as null (pandas' set of
+    codes); a code that is not one of them is named with its row."""
+    d = seed.with_columns(pl.when(pl.col("i") == 1).then(None).otherwise(pl.col("y")).alias("y"))
+    ref = mlsem.fit(d, "y ~ x + (1 | k/j)")
+    for code in ("NA", "", "NaN", "N/A"):
+        path = tmp_path / "na.csv"
+        d.write_csv(path, null_value=code)
+        res = mlsem.fit(path, "y ~ x + (1 | k/j)")
+        assert res.missing_outcome == ref.missing_outcome > 0
+        assert res.loglik == pytest.approx(ref.loglik, rel=1e-12)
+    d.write_csv(tmp_path / "dot.csv", null_value=".")
+    with pytest.raises(MlsemError, match=r"column 'y' must be numeric, but it is String \(row 1 holds '\.'"):
+        mlsem.fit(tmp_path / "dot.csv", "y ~ x + (1 | k/j)")
+
+
+def test_pandas_ids_in_the_index(seed):
+    """Ids moved into a pandas index (set_index, groupby) are read as columns."""
+    ref = mlsem.fit(seed, "y ~ x + (1 | k/j)")
+    res = mlsem.fit(seed.to_pandas().set_index(["k", "j"]), "y ~ x + (1 | k/j)")
+    assert res.loglik == pytest.approx(ref.loglik, rel=1e-12)
+    # an unnamed (default) index is not a column
+    assert mlsem.fit(seed.to_pandas(), "y ~ x + (1 | k/j)").loglik == pytest.approx(ref.loglik, rel=1e-12)
