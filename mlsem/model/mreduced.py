@@ -260,15 +260,15 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     Xc = model._Xc
     k = 1 + Xc.shape[1]
     y = np.ascontiguousarray(prep.y, dtype=np.float64)
-    cout = model._sout[slot]
-    # each outcome's mean of [y, X]: the sums are centred on it (the within-group
-    # products then do not cancel against a large common mean)
-    cnt = np.bincount(cout, minlength=nout).astype(np.float64)
+    cout = model._ocell
+    # each outcome's mean of [y, X] (from the sums of MultiModel.outcome_ols): the sums
+    # are centred on it (the within-group products then do not cancel against a large
+    # common mean)
+    zs = model._zsums
     mu = np.zeros((nout, k))
-    mu[:, 0] = np.bincount(cout, weights=y, minlength=nout)
-    for c in range(k - 1):
-        mu[:, 1 + c] = np.bincount(cout, weights=Xc[:, c], minlength=nout)
-    mu /= np.maximum(cnt, 1.0)[:, None]
+    mu[:, 0] = zs[:, -1]
+    mu[:, 1:] = zs[:, 1:k]
+    mu /= np.maximum(zs[:, :1], 1.0)
     wrow = np.ascontiguousarray(prep.wrow, dtype=np.float64)
     nm = 1 << nout
     gfirst = np.empty(ng, dtype=np.int64)
