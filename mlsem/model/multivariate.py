@@ -69,11 +69,17 @@ class MultiModel(Model):
         self._orows = [np.flatnonzero(ocell == o) for o in range(self.nout)]
         # a cell's row of the stacked X is 0 outside its outcome's columns: column a of
         # the compact X is the sum over the outcomes of their a-th columns
-        Xc = np.zeros((prep.nobs, qmax))
-        for o, c in enumerate(cols):
-            for a, col in enumerate(c):
-                Xc[:, a] += prep.X[:, col]
-        self._Xc = Xc
+        Xc = prep.meta.get("Xc") if isinstance(prep.meta, dict) else None
+        if Xc is None or Xc.shape != (prep.nobs, qmax) or any(
+                not np.array_equal(c, np.arange(o, o + len(c))) for o, c in
+                zip(np.cumsum([0] + [len(c) for c in cols]), cols)):
+            # (data.multivariate.prepare_multi's compact design when the table's columns
+            # are the design's, in order)
+            Xc = np.zeros((prep.nobs, qmax))
+            for o, c in enumerate(cols):
+                for a, col in enumerate(c):
+                    Xc[:, a] += prep.X[:, col]
+        self._Xc = np.ascontiguousarray(Xc, dtype=np.float64)
         self._ocell = ocell
         self.pscale = self._outcome_scales()
         self.ols = (None, float(np.mean([v for (_, _, _, v) in self._ols_out])))
@@ -98,7 +104,8 @@ class MultiModel(Model):
             # [1, X_o, y] of the outcome's cells gathered once: one BLAS product
             Z = np.empty((len(rows), qo + 2))
             Z[:, 0] = 1.0
-            Z[:, 1:1 + qo] = Xc[rows, :qo]
+            Z[:, 1:1 + qo] = (np.take(Xc, rows, axis=0) if qo == Xc.shape[1]
+                              else np.take(Xc[:, :qo], rows, axis=0))
             Z[:, qo + 1] = y[rows]
             P = Z.T @ Z
             self._zsums[o, 0] = P[0, 0]
@@ -142,6 +149,8 @@ class MultiModel(Model):
                 var = self._zsq[o, a] / n - m * m
                 if var > 1e-6 * m * m:            # the one-pass variance is accurate
                     sx = float(np.sqrt(var))
+                elif self._zsums[o, 1 + a] == n and self._zsq[o, a] == n:
+                    sx = 1.0                      # a column of ones (sum(x - 1)^2 = 0)
                 else:                             # else (or constant) the two-pass one
                     x = Z[:, 1 + a]
                     sx = float(np.std(x)) if len(x) else 0.0
