@@ -176,12 +176,16 @@ def newton_multi(model, psi, progress=None):
     else:
         return f"no convergence in {MAX_ITER} Newton iterations"
     # the other columns afresh at the estimate, one last step with the whole Hessian;
-    # it is the information if that step is negligible (else recomputed there)
+    # it is the information if that step is negligible (a step within the reuse radius
+    # is judged by the gradient alone: the Hessian stays the one before it, as
+    # optimize.information accepts; else recomputed there)
+    H_at = psi.copy()
     for _ in range(2):
         Hoth = _fd_columns(model, psi, g, other, unit)
         if Hoth is None:
             return "an evaluation failed"
         H = _assemble(t.nparams, hp, Hphi, other, Hoth)
+        H_at = psi.copy()
         try:
             d = np.linalg.solve(H, -g)
         except np.linalg.LinAlgError:
@@ -191,15 +195,16 @@ def newton_multi(model, psi, progress=None):
         scale = np.maximum(np.abs(psi), 0.1 * unit)
         if np.max(np.abs(d) / scale) <= SKIP_STEP:
             break           # the estimate already: the step moves nothing results show
-        got = model.phi_hessian(psi + d)
-        if got is None or not got[0] >= ll - 1e-12 * abs(ll):
+        small = np.max(np.abs(d) / scale) <= REUSE_HESSIAN_STEP
+        got = model.evaluate(psi + d) if small else model.phi_hessian(psi + d)
+        if got is None or got[0] is None or not got[0] >= ll - 1e-12 * abs(ll):
             break
         psi = psi + d
-        ll, g, Hphi = got
+        ll, g = got[0], got[1]
         steps += 1
-        if np.max(np.abs(d) / scale) <= REUSE_HESSIAN_STEP:
-            H = _assemble(t.nparams, hp, Hphi, other, Hoth)
+        if small:
             break
+        Hphi = got[2]
     else:
         return "the last Newton steps did not settle"
     gnorm, converged = _judge(model, psi, ll, g, SimpleNamespace(success=True), N)
@@ -213,7 +218,7 @@ def newton_multi(model, psi, progress=None):
                       evaluations=model.nevals - n0, gradient_norm=gnorm, converged=True,
                       message="Newton steps on the grouped data converged", newton_steps=steps,
                       seconds=time.perf_counter() - t0, log=log, hessian=H,
-                      hessian_at=psi.copy())
+                      hessian_at=H_at)
 
 
 def _assemble(n, hp, Hphi, other, Hoth):
