@@ -6,12 +6,14 @@ log-likelihood, gradient and exact Hessian block of the random effects' (co)vari
 about a tenth of the cells.  On them, Newton's method: each iteration is one kernel pass
 (log-likelihood, gradient and the exact Phi block of the Hessian); the Hessian's other
 columns (coefficients and residual (co)variances) are forward differences of the analytic
-gradient (one evaluation each), recomputed only when a variance parameter has moved by
-more than ``C_REFRESH`` of itself since.  Steps are modified Newton steps (curvatures made
+gradient (one evaluation each; on large data on a subsample of the grouped rows,
+:func:`mlsem.model.mreduced.subsample`, about a seventh of the cost), recomputed only
+when a variance parameter has moved by more than ``C_REFRESH`` of itself since.  Steps are modified Newton steps (curvatures made
 negative), damped to keep the variances positive and to increase the log-likelihood.  The
 run ends with the whole Hessian (the Phi block exact, the other columns by forward
-differences at the estimate), a last Newton step with it, and that Hessian as the
-observed information.
+differences of the whole data at the estimate), a last Newton step with it, and that
+Hessian as the observed information (a last step within the reuse radius is judged by
+its gradient alone).
 
 Where Newton does not apply or stops (a variance heading for its bound of 0, a failed
 step, ``MAX_ITER`` iterations) the L-BFGS-B driver (:func:`mlsem.estimate.optimize.optimize`)
