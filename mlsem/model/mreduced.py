@@ -333,8 +333,9 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
 
 
 # the Hessian of the Newton iterations from a share of the rows (mfast2)
-SUB_MIN_ROWS = 4000      # rows of the grouped data below which the subsample is not used
-SUB_ROWS = 2500          # about this many rows in the subsample
+SUB_MIN_ROWS = 15000     # rows of the grouped data below which the subsample is not used
+SUB_ROWS = 5000          # about this many rows in the subsample (its Hessian error, and so
+#                          the iterations, depend on this number, not on the share)
 
 
 def subsample(red, rows=None, min_rows=None):
