@@ -9,11 +9,11 @@ columns (coefficients and residual (co)variances) are forward differences of the
 gradient (one evaluation each; on large data on a subsample of the grouped rows,
 :func:`mlsem.model.mreduced.subsample`, a third to a tenth of the cost), recomputed only
 when a variance parameter has moved by more than ``C_REFRESH`` of itself since.  Steps
-are modified Newton steps (curvatures made negative), damped to keep the variances positive and to increase the log-likelihood.  The
-run ends with the whole Hessian (the Phi block exact, the other columns by forward
-differences of the whole data at the estimate), a last Newton step with it, and that
-Hessian as the observed information (a last step within the reuse radius is judged by
-its gradient alone).
+are modified Newton steps (curvatures made negative), damped to keep the variances
+positive and to increase the log-likelihood. The run ends with the whole Hessian (the Phi
+block exact, the other columns by forward differences of the whole data at the estimate),
+a last Newton step with it, and that Hessian as the observed information (a last step
+within the reuse radius is judged by its gradient alone).
 
 Where Newton does not apply or stops (a variance heading for its bound of 0, a failed
 step, ``MAX_ITER`` iterations) the L-BFGS-B driver (:func:`mlsem.estimate.optimize.optimize`)
