@@ -88,23 +88,35 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
             pl.arg_sort_by(level_cols + [index], maintain_order=True)).to_series().to_numpy()
         uidx = uidx[order]
     nu = len(uidx)
-    # values and the block design of every (kept unit, outcome) cell, unit-major
+    # values and the compact design of every (kept unit, outcome) cell, unit-major: a
+    # cell's own outcome's columns (column a of outcome o in column a)
+    qmax = max(qs + [1])
     Y = np.full((nu, nout), np.nan)
-    Xall = np.zeros((nu, nout, q))
+    Xcu = np.zeros((nu, nout, qmax))
     rank = None if (everyone and index is None) else np.full(df.height, -1, dtype=np.int64)
     if rank is not None:
         rank[uidx] = np.arange(nu)
-    off = 0
     for o, F in enumerate(Fs):
         yo = df[F.outcome].cast(pl.Float64).to_numpy()
         idx = idxs[o]
-        at = idx if rank is None else rank[idx]
-        Y[at, o] = yo[idx]
-        Xall[at, o, off:off + qs[o]] = Xo[o]
-        off += qs[o]
-    cidx = pl.Series(np.repeat(uidx, nout))
-    stacked = pl.DataFrame([df[c].gather(cidx) for c in level_cols]
-                           + [pl.Series(_VAL, Y.ravel(), nan_to_null=True)])
+        if rank is None and len(idx) == nu:          # every unit: no gathers
+            Y[:, o] = yo
+            Xcu[:, o, :qs[o]] = Xo[o]
+        else:
+            at = idx if rank is None else rank[idx]
+            Y[at, o] = yo[idx]
+            Xcu[at, o, :qs[o]] = Xo[o]
+    if rank is None and uidx is not None and nu == df.height:
+        # every unit in the frame's order: integer ids repeated (no gather in Polars)
+        cols = []
+        for c in level_cols:
+            col = df[c]
+            cols.append(pl.Series(c, np.repeat(col.to_numpy(), nout)) if col.dtype.is_integer()
+                        and not col.null_count() else col.gather(pl.Series(np.repeat(uidx, nout))))
+    else:
+        cidx = pl.Series(np.repeat(uidx, nout))
+        cols = [df[c].gather(cidx) for c in level_cols]
+    stacked = pl.DataFrame(cols + [pl.Series(_VAL, Y.ravel(), nan_to_null=True)])
 
     def design(d):
         return [], []
@@ -112,13 +124,21 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None):
     effects = {d: ["Intercept"] for d in range(len(levels))
                if any(len(rt.group) == d + 1 for rt in Fs[0].random)}
     prep = prepare(stacked, _VAL, [], False, levels, effects, design=design)
-    # the design of the kept cells (a cell's row is 0 outside its outcome's columns)
-    Xall = Xall.reshape(nu * nout, q)
+    # the compact design of the kept cells and the block design (a cell's row is 0
+    # outside its outcome's columns), built from it column block by column block
+    Xc = Xcu.reshape(nu * nout, qmax)
     ob = prep.obs_row
-    if len(ob) == len(Xall) and np.array_equal(ob, np.arange(len(ob))):
-        prep.X = Xall
-    else:
-        prep.X = Xall[ob]
+    if not (len(ob) == len(Xc) and np.array_equal(ob, np.arange(len(ob)))):
+        Xc = np.take(Xc, ob, axis=0)
+    ocell = (np.asarray(ob) % nout).astype(np.int32)
+    X = np.zeros((len(Xc), q))
+    off = 0
+    for o in range(nout):
+        if qs[o]:
+            np.multiply(Xc[:, :qs[o]], (ocell == o)[:, None], out=X[:, off:off + qs[o]])
+        off += qs[o]
+    prep.X = X
+    prep.meta["Xc"] = Xc
     prep.xnames = xnames
     # one latent per (node, outcome): latent g of prepare -> g * nout + o
     labels = prep.slot_labels

@@ -260,15 +260,15 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     Xc = model._Xc
     k = 1 + Xc.shape[1]
     y = np.ascontiguousarray(prep.y, dtype=np.float64)
-    cout = model._sout[slot]
-    # each outcome's mean of [y, X]: the sums are centred on it (the within-group
-    # products then do not cancel against a large common mean)
-    cnt = np.bincount(cout, minlength=nout).astype(np.float64)
+    cout = model._ocell
+    # each outcome's mean of [y, X] (from the sums of MultiModel.outcome_ols): the sums
+    # are centred on it (the within-group products then do not cancel against a large
+    # common mean)
+    zs = model._zsums
     mu = np.zeros((nout, k))
-    mu[:, 0] = np.bincount(cout, weights=y, minlength=nout)
-    for c in range(k - 1):
-        mu[:, 1 + c] = np.bincount(cout, weights=Xc[:, c], minlength=nout)
-    mu /= np.maximum(cnt, 1.0)[:, None]
+    mu[:, 0] = zs[:, -1]
+    mu[:, 1:] = zs[:, 1:k]
+    mu /= np.maximum(zs[:, :1], 1.0)
     wrow = np.ascontiguousarray(prep.wrow, dtype=np.float64)
     nm = 1 << nout
     gfirst = np.empty(ng, dtype=np.int64)
@@ -330,3 +330,49 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     red = MultiReduced(model, rprep, Xg, (masks, counts, Cs), nt)
     rprep.nobs = nobs            # the optimiser's scale: the full data's
     return red, None
+
+
+# the Hessian of the Newton iterations from a share of the rows (mfast2)
+SUB_MIN_ROWS = 15000     # rows of the grouped data below which the subsample is not used
+SUB_ROWS = 5000          # about this many rows in the subsample (its Hessian error, and so
+#                          the iterations, depend on this number, not on the share)
+
+
+def subsample(red, rows=None, min_rows=None):
+    """A :class:`MultiReduced` on every k-th row of ``red``'s grouped data (rows sorted by
+    pattern: every pattern keeps about its share), their weights scaled by the whole's
+    total weight over the kept rows', and the whole within part: the same log-likelihood
+    to sampling error, at about ``rows / nrows`` of an evaluation's cost.  Newton's
+    iterations take their coefficient and residual columns of the Hessian from it (the
+    Phi block, the gradient and the final Hessian stay the whole data's); None below
+    ``min_rows`` rows (an evaluation of the whole is cheap then)."""
+    rows = SUB_ROWS if rows is None else rows
+    min_rows = SUB_MIN_ROWS if min_rows is None else min_rows
+    p = red.prep
+    nrows = int(p.nrows)
+    if nrows < min_rows or not isinstance(red, MultiReduced):
+        return None
+    k = max(2, nrows // rows)
+    keep = np.arange(0, nrows, k)
+    rp = np.asarray(p.row_ptr, dtype=np.int64)
+    lens = rp[keep + 1] - rp[keep]
+    rptr = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(lens, out=rptr[1:])
+    cells = np.repeat(rp[keep], lens) + (np.arange(int(rptr[-1])) - np.repeat(rptr[:-1], lens))
+    # a pattern's kept rows are consecutive: the new pattern pointers
+    pat = np.searchsorted(np.asarray(p.pat_ptr, dtype=np.int64), keep, side="right") - 1
+    first = np.flatnonzero(np.r_[True, pat[1:] != pat[:-1]])
+    pat_ptr = np.append(first, len(keep)).astype(np.int64)
+    wrow = np.asarray(p.wrow, dtype=np.float64)
+    scale = float(wrow.sum()) / float(wrow[keep].sum())
+    sprep = SimpleNamespace(
+        y=np.ascontiguousarray(p.y[cells]), X=np.ascontiguousarray(p.X[cells]),
+        slot=np.ascontiguousarray(p.slot[cells]), slot_lat=p.slot_lat,
+        load=np.ascontiguousarray(p.load[cells]), wrow=np.ascontiguousarray(wrow[keep] * scale),
+        row_ptr=rptr, pat_ptr=pat_ptr, nobs=len(cells), nrows=len(keep),
+        npatterns=len(pat_ptr) - 1, max_row_obs=int(lens.max()), nslots=p.nslots,
+        xnames=p.xnames, meta=p.meta, levels=p.levels)
+    within = (red._wmasks, red._wcount, red._wC)
+    sub = MultiReduced(red.full, sprep, np.ascontiguousarray(red._Xc[cells]), within, 1)
+    sprep.nobs = p.nobs
+    return sub

@@ -411,7 +411,10 @@ class Model:
                 try:
                     L = np.linalg.cholesky(S)
                 except np.linalg.LinAlgError:
-                    L = np.linalg.cholesky(S + 1e-8 * np.eye(b) * max(1.0, np.trace(S)))
+                    try:
+                        L = np.linalg.cholesky(S + 1e-8 * np.eye(b) * max(1.0, np.trace(S)))
+                    except np.linalg.LinAlgError:    # indefinite beyond rounding (a
+                        L = psd_cholesky(S)          # polish step): its PSD pivots
             tau[pos: pos + b * (b + 1) // 2] = L[np.tril_indices(b)]
             pos += b * (b + 1) // 2
         return tau

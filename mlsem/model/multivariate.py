@@ -69,11 +69,17 @@ class MultiModel(Model):
         self._orows = [np.flatnonzero(ocell == o) for o in range(self.nout)]
         # a cell's row of the stacked X is 0 outside its outcome's columns: column a of
         # the compact X is the sum over the outcomes of their a-th columns
-        Xc = np.zeros((prep.nobs, qmax))
-        for o, c in enumerate(cols):
-            for a, col in enumerate(c):
-                Xc[:, a] += prep.X[:, col]
-        self._Xc = Xc
+        Xc = prep.meta.get("Xc") if isinstance(prep.meta, dict) else None
+        if Xc is None or Xc.shape != (prep.nobs, qmax) or any(
+                not np.array_equal(c, np.arange(o, o + len(c))) for o, c in
+                zip(np.cumsum([0] + [len(c) for c in cols]), cols)):
+            # (data.multivariate.prepare_multi's compact design when the table's columns
+            # are the design's, in order)
+            Xc = np.zeros((prep.nobs, qmax))
+            for o, c in enumerate(cols):
+                for a, col in enumerate(c):
+                    Xc[:, a] += prep.X[:, col]
+        self._Xc = np.ascontiguousarray(Xc, dtype=np.float64)
         self._ocell = ocell
         self.pscale = self._outcome_scales()
         self.ols = (None, float(np.mean([v for (_, _, _, v) in self._ols_out])))
@@ -83,42 +89,49 @@ class MultiModel(Model):
     def outcome_ols(self):
         """Per outcome: (rows of its cells, OLS beta of its own design columns, mean
         squared residual), by the normal equations on the compact design (least squares
-        where X'X is singular)."""
+        where X'X is singular).  Keeps ``_zsums`` (nout, 2 + qmax): per outcome its number
+        of cells and the sums of its X columns and y (the grouping's centring, the units)."""
         prep = self.prep
         out = []
-        nout, oc, Xc, y = self.nout, self._ocell, self._Xc, prep.y
-        k = Xc.shape[1]
-        # the cross products of [X y] per outcome in one pass each (no gathers)
-        Z = [Xc[:, a] for a in range(k)] + [y]
-        P = np.zeros((nout, k + 1, k + 1))
-        for a in range(k + 1):
-            for b in range(a, k + 1):
-                P[:, a, b] = P[:, b, a] = np.bincount(oc, weights=Z[a] * Z[b], minlength=nout)
-        cnt = np.bincount(oc, minlength=nout)
+        nout, Xc, y = self.nout, self._Xc, prep.y
+        self._zsums = np.zeros((nout, Xc.shape[1] + 2))
+        self._zsq = np.zeros((nout, Xc.shape[1]))
         for o in range(nout):
             rows = self._orows[o]
             cols = np.asarray(self.table.beta_cols[o])
             qo = len(cols)
-            n = max(int(cnt[o]), 1)
+            n = max(len(rows), 1)
+            # [1, X_o, y] of the outcome's cells gathered once: one BLAS product
+            Z = np.empty((len(rows), qo + 2))
+            Z[:, 0] = 1.0
+            Z[:, 1:1 + qo] = (np.take(Xc, rows, axis=0) if qo == Xc.shape[1]
+                              else np.take(Xc[:, :qo], rows, axis=0))
+            Z[:, qo + 1] = y[rows]
+            P = Z.T @ Z
+            self._zsums[o, 0] = P[0, 0]
+            self._zsums[o, 1:1 + qo] = P[0, 1:1 + qo]
+            self._zsums[o, -1] = P[0, qo + 1]
+            self._zsq[o, :qo] = np.diag(P)[1:1 + qo]
             b = None
             if qo:
+                XX, Xy, yy = P[1:1 + qo, 1:1 + qo], P[1:1 + qo, qo + 1], P[qo + 1, qo + 1]
                 try:
-                    b = np.linalg.solve(P[o, :qo, :qo], P[o, :qo, k])
-                    rss = P[o, k, k] - 2 * b @ P[o, :qo, k] + b @ P[o, :qo, :qo] @ b
-                    if not (np.all(np.isfinite(b)) and rss > 1e-8 * P[o, k, k]):
+                    b = np.linalg.solve(XX, Xy)
+                    rss = yy - 2 * b @ Xy + b @ XX @ b
+                    if not (np.all(np.isfinite(b)) and rss > 1e-8 * yy):
                         b = None
                 except np.linalg.LinAlgError:
                     b = None
                 if b is None:    # singular or nearly collinear: least squares on the cells
-                    X = Xc[rows, :qo]
-                    b = np.linalg.lstsq(X, y[rows], rcond=None)[0]
-                    r = y[rows] - X @ b
+                    X = Z[:, 1:1 + qo]
+                    b = np.linalg.lstsq(X, Z[:, qo + 1], rcond=None)[0]
+                    r = Z[:, qo + 1] - X @ b
                     rss = float(r @ r)
             else:
                 b = np.zeros(0)
-                yo = y[rows]
+                yo = Z[:, 1]
                 rss = float(np.sum((yo - yo.mean()) ** 2)) if len(yo) else 0.0
-            out.append((rows, cols, b, float(rss) / n))
+            out.append((rows, cols, b, float(rss) / n, Z))
         return out
 
     def _outcome_scales(self):
@@ -126,14 +139,24 @@ class MultiModel(Model):
         s_o / sd(x), a (co)variance of outcomes o, o' s_o s_o'."""
         t = self.table
         d = np.ones(t.nparams)
-        self._ols_out = self.outcome_ols()
+        got = self.outcome_ols()
+        self._ols_out = [g[:4] for g in got]
         s = np.array([np.sqrt(v) if v > 0 else 1.0 for (_, _, _, v) in self._ols_out])
-        for o, (rows, cols, _, _) in enumerate(self._ols_out):
+        for o, (rows, cols, _, _, Z) in enumerate(got):
+            n = max(len(rows), 1)
             for a, c in enumerate(cols):
-                x = self._Xc[rows, a]
-                sx = float(np.std(x))
-                if not sx > 0:
-                    sx = float(np.sqrt(np.mean(x ** 2))) or 1.0
+                m = self._zsums[o, 1 + a] / n
+                var = self._zsq[o, a] / n - m * m
+                if var > 1e-6 * m * m:            # the one-pass variance is accurate
+                    sx = float(np.sqrt(var))
+                elif self._zsums[o, 1 + a] == n and self._zsq[o, a] == n:
+                    sx = 1.0                      # a column of ones (sum(x - 1)^2 = 0)
+                else:                             # else (or constant) the two-pass one
+                    x = Z[:, 1 + a]
+                    sx = float(np.std(x)) if len(x) else 0.0
+                    if not sx > 0:
+                        sx = float(np.sqrt(np.mean(x ** 2))) if len(x) else 0.0
+                        sx = sx or 1.0
                 d[t.beta_param[c]] = s[o] / sx
         for p, (a, b) in t.param_outcomes.items():
             d[p] = s[a] * s[b]

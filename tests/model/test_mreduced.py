@@ -219,3 +219,31 @@ def test_newton_on_grouped_equals_lbfgsb_on_full(sim):
     np.testing.assert_allclose(se1, se2, rtol=1e-4)
     r = mlsem.fit(sim, fs)
     assert r.loglik == pytest.approx(opt.loglik, rel=1e-12) and r.opt.path == "grouped"
+
+
+def test_newton_with_subsampled_iteration_hessian_equals_whole(sim, monkeypatch):
+    """mfast2: the Newton iterations take the coefficient and residual columns of the
+    Hessian from a subsample of the grouped rows (large data); the estimate, the
+    log-likelihood and the information (the final Hessian, from the whole grouped data)
+    equal the path without the subsample."""
+    from mlsem.model import mreduced
+    fs = ["y1 ~ x + (1 | k/j)", "y2 ~ x + (1 | k/j)"]
+    prep, tab = build(sim, fs, index=None)
+    opt0 = optimize_multi(MultiModel(prep, tab, backend="cython"))
+    assert not any(e[0] == "subsample evaluations" for e in opt0.log)
+    monkeypatch.setattr(mreduced, "SUB_MIN_ROWS", 10)
+    monkeypatch.setattr(mreduced, "SUB_ROWS", 40)
+    model = MultiModel(prep, tab, backend="cython")
+    red, _ = reduce_multi(model)
+    sub = mreduced.subsample(red)
+    assert sub is not None and sub.prep.nrows < red.prep.nrows / 2
+    assert sub.prep.wrow.sum() == pytest.approx(red.prep.wrow.sum(), rel=1e-12)
+    opt = optimize_multi(model)
+    assert (opt.path, opt.method, opt.converged) == ("grouped", "newton", True)
+    assert any(e[0] == "subsample evaluations" and e[1] > 0 for e in opt.log)
+    assert opt.loglik == pytest.approx(opt0.loglik, rel=1e-12)
+    unit = model.pscale
+    np.testing.assert_allclose(opt.final / unit, opt0.final / unit, atol=1e-6)
+    se1 = np.sqrt(np.diag(np.linalg.inv(information(model, opt.final, opt))))
+    se0 = np.sqrt(np.diag(np.linalg.inv(information(model, opt0.final, opt0))))
+    np.testing.assert_allclose(se1, se0, rtol=1e-6)
