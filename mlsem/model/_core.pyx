@@ -2626,6 +2626,9 @@ def ri2_eval(const long long[::1] row_ptr, const int[::1] slot, const double[::1
 # --- end opt ---
 
 # --- semfast --- the expected information of a general SEM's FIML (mlsem.model.seminfo) ------------------
+from scipy.linalg.cython_blas cimport dgemm
+
+
 def sem_expected_info(const long long[::1] pat_ptr, const long long[::1] row_ptr, const int[::1] slot,
                       const double[:, ::1] Sigma, const double[:, :, ::1] dS, const double[:, :, ::1] dM,
                       const double[::1] wrow, double[:, ::1] Ic, double[:, ::1] Im):
@@ -2640,6 +2643,8 @@ def sem_expected_info(const long long[::1] pat_ptr, const long long[::1] row_ptr
     cdef int m, a, b, c, k, l, status = 0
     cdef long long p, r, o0
     cdef double wp, acc
+    cdef double one = 1.0, zero = 0.0
+    cdef char nn = b'N'
     if Ic.shape[0] != kc or Ic.shape[1] != kc or Im.shape[0] != km or Im.shape[1] != km:
         raise ValueError("sem_expected_info: Ic must be (kc, kc) and Im (km, km)")
     if (kc and (dS.shape[1] != P or dS.shape[2] != P)) or (km and (dM.shape[1] < pat_ptr[npat] or dM.shape[2] != P)):
@@ -2701,14 +2706,8 @@ def sem_expected_info(const long long[::1] pat_ptr, const long long[::1] row_ptr
                 for c in range(m):                       # G = dS_k,OO, contiguous
                     for b in range(m):
                         G[c * m + b] = dS[k, idx[c], idx[b]]
-                for a in range(m):
-                    for b in range(m):
-                        A[(k * m + a) * m + b] = 0.0
-                    for c in range(m):
-                        acc = S[a * m + c]
-                        if acc != 0.0:
-                            for b in range(m):
-                                A[(k * m + a) * m + b] += acc * G[c * m + b]
+                # A_k = S G (row-major); in BLAS's column-major terms A' = G' S
+                dgemm(&nn, &nn, &m, &m, &m, &one, G, &m, S, &m, &zero, &A[k * m * m], &m)
             for k in range(kc):
                 for l in range(k + 1):
                     acc = 0.0
