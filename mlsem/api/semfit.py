@@ -6,7 +6,6 @@ The nested model as that wide data plus syntax: mlsem.api.bridge.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -16,12 +15,13 @@ import polars as pl
 
 from ..data.prepare import scan
 from ..errors import ConvergenceWarning, MlsemError
-from ..estimate.optimize import identification, information, optimize, vcov_from_information
+from ..estimate.optimize import _serial_blas, identification, information, optimize, vcov_from_information
 from ..results.fitresult import FitResult
 from ..data.wide import prepare_wide
 from ..model.sem import SemModel
 from ..spec.semtable import build_table, count_moments
 from ..estimate.adf import ADF_NAMES
+from ..estimate.semscoring import fit as scoring_fit
 from ..inference.vce import check_inference_options
 from ..spec.lavaan import parse
 
@@ -30,20 +30,10 @@ LOG2PI = math.log(2.0 * math.pi)
 
 def _one_blas_thread():
     """The optimiser's and the model's matrices are tiny: a multithreaded BLAS on
-    them is many times slower than one thread (DESIGN.md section 5)."""
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _CONTROLLER = ThreadpoolController()      # scans the loaded libraries once
-        except ImportError:  # pragma: no cover
-            _CONTROLLER = False
-    if _CONTROLLER is False:  # pragma: no cover
-        return contextlib.nullcontext()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
-
-
-_CONTROLLER = None
+    them is many times slower than one thread (DESIGN.md section 5).  The
+    controller is mlsem.estimate.optimize's, built once at its import (a second
+    one here cost 5-7 ms on the first fit of a process)."""
+    return _serial_blas()
 
 
 def _wide_arrays(lf, observed, covariates, data):
@@ -132,6 +122,14 @@ def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None =
             raise MlsemError(f"method={method!r}: SEM fits support method='ml' (FIML) and 'adf' (GMM)")
     if backend not in ("auto", "cython", "numpy"):
         raise MlsemError(f"backend={backend!r} is not one of 'auto', 'cython', 'numpy'")
+    # one BLAS thread for the whole fit (the matrices are at most P x P or
+    # rows x covariates): the first multithreaded BLAS call of a process (e.g.
+    # the covariates' slogdet) woke OpenBLAS's threads for 5-20 ms
+    with _one_blas_thread():
+        return _fit_ml(model, data, vce_, cluster, weights, method, backend, nthreads, start, progress)
+
+
+def _fit_ml(model, data, vce_, cluster, weights, method, backend, nthreads, start, progress):
     t0 = time.perf_counter()
     stmts = parse(model)
     lf = scan(data)
@@ -171,7 +169,7 @@ def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None =
     blas = _one_blas_thread()
     with blas, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = optimize(m, start=start, progress=progress)
+        opt = scoring_fit(m, start, progress=progress)
     lo = np.array([p.lower for p in table.params])
     at = np.isfinite(lo) & (opt.final - lo <= 1e-7 * np.maximum(1.0, np.abs(opt.final)) + 1e-12)
     if at.any():
@@ -191,7 +189,7 @@ def sem(model: str, data, *, vce=None, method: str = "ml", weights: str | None =
     else:
         notes_pre = []
     for w in caught:
-        warnings.warn(w.message, w.category, stacklevel=2)
+        warnings.warn(w.message, w.category, stacklevel=3)
     t2 = time.perf_counter()
     psi = opt.final
     with _one_blas_thread():

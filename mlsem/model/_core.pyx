@@ -2624,3 +2624,121 @@ def ri2_eval(const long long[::1] row_ptr, const int[::1] slot, const double[::1
     _raise_alloc(status_t, nd * sizeof(double))
     return 0
 # --- end opt ---
+
+# --- semfast --- the expected information of a general SEM's FIML (mlsem.model.seminfo) ------------------
+from scipy.linalg.cython_blas cimport dgemm
+
+
+def sem_expected_info(const long long[::1] pat_ptr, const long long[::1] row_ptr, const int[::1] slot,
+                      const double[:, ::1] Sigma, const double[:, :, ::1] dS, const double[:, :, ::1] dM,
+                      const double[::1] wrow, double[:, ::1] Ic, double[:, ::1] Im):
+    """Adds, per missing-data pattern (S = Sigma_O^-1, w_p its rows' summed weights),
+    Ic[k, l] += w_p / 2 tr(S dS_k,OO S dS_l,OO) (dS: (kc, P, P)) and, per row r,
+    Im[k, l] += w_r dM_k,r,O' S dM_l,r,O (dM: (km, nrows, P)).  Serial: a few
+    operations per pattern.  Returns 0, or 1 when some Sigma_O is not positive
+    definite (the outputs are then incomplete)."""
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1
+    cdef int P = Sigma.shape[0]
+    cdef int kc = dS.shape[0], km = dM.shape[0]
+    cdef int m, a, b, c, k, l, status = 0
+    cdef long long p, r, o0
+    cdef double wp, acc
+    cdef double one = 1.0, zero = 0.0
+    cdef char nn = b'N'
+    if Ic.shape[0] != kc or Ic.shape[1] != kc or Im.shape[0] != km or Im.shape[1] != km:
+        raise ValueError("sem_expected_info: Ic must be (kc, kc) and Im (km, km)")
+    if (kc and (dS.shape[1] != P or dS.shape[2] != P)) or (km and (dM.shape[1] < pat_ptr[npat] or dM.shape[2] != P)):
+        raise ValueError("sem_expected_info: dS must be (kc, P, P) and dM (km, nrows, P)")
+    if row_ptr.shape[0] < pat_ptr[npat] + 1 or wrow.shape[0] < pat_ptr[npat]:
+        raise ValueError("sem_expected_info: row_ptr and wrow must cover every row")
+    cdef double[::1] Sb = np.empty(P * P)
+    cdef double[::1] Lib = np.empty(P * P)
+    cdef double[::1] Gb = np.empty(P * P)
+    cdef double[::1] Ab = np.empty(max(kc, 1) * P * P)
+    cdef double[::1] Db = np.empty(max(km, 1) * P)
+    cdef double[::1] SDb = np.empty(max(km, 1) * P)
+    cdef int[::1] idxb = np.empty(max(P, 1), dtype=np.int32)
+    cdef double* S = &Sb[0]
+    cdef double* Li = &Lib[0]
+    cdef double* G = &Gb[0]
+    cdef double* A = &Ab[0]
+    cdef double* D = &Db[0]
+    cdef double* SD = &SDb[0]
+    cdef int* idx = &idxb[0]
+    with nogil:
+        for p in range(npat):
+            o0 = row_ptr[pat_ptr[p]]
+            m = <int>(row_ptr[pat_ptr[p] + 1] - o0)
+            if m <= 0:
+                continue
+            for a in range(m):
+                idx[a] = slot[o0 + a]
+                if idx[a] < 0 or idx[a] >= P:
+                    status = 2
+            if status:
+                break
+            wp = 0.0
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                wp += wrow[r]
+            for a in range(m):
+                for b in range(m):
+                    S[a * m + b] = Sigma[idx[a], idx[b]]
+            # S^-1 = L^-T L^-1 (own loops: LAPACK's call overhead, and its
+            # threads, cost more than the work on matrices this small)
+            if chol_lower(S, m):
+                status = 1
+                break
+            for b in range(m):               # Li = L^-1 (row-major, lower triangle)
+                for a in range(b, m):
+                    acc = 1.0 if a == b else 0.0
+                    for c in range(b, a):
+                        acc = acc - S[a * m + c] * Li[c * m + b]
+                    Li[a * m + b] = acc / S[a * m + a]
+            for a in range(m):
+                for b in range(a + 1):
+                    acc = 0.0
+                    for c in range(a, m):
+                        acc = acc + Li[c * m + a] * Li[c * m + b]
+                    S[a * m + b] = acc
+                    S[b * m + a] = acc
+            # the covariance part: A_k = S dS_k,OO
+            for k in range(kc):
+                for c in range(m):                       # G = dS_k,OO, contiguous
+                    for b in range(m):
+                        G[c * m + b] = dS[k, idx[c], idx[b]]
+                # A_k = S G (row-major); in BLAS's column-major terms A' = G' S
+                dgemm(&nn, &nn, &m, &m, &m, &one, G, &m, S, &m, &zero, &A[k * m * m], &m)
+            for k in range(kc):
+                for l in range(k + 1):
+                    acc = 0.0
+                    for a in range(m):
+                        for b in range(m):
+                            acc = acc + A[(k * m + a) * m + b] * A[(l * m + b) * m + a]
+                    Ic[k, l] += 0.5 * wp * acc
+                    if l != k:
+                        Ic[l, k] += 0.5 * wp * acc
+            # the mean part, per row
+            if km == 0:
+                continue
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                for k in range(km):
+                    for a in range(m):
+                        D[k * m + a] = dM[k, r, idx[a]]
+                for k in range(km):
+                    for a in range(m):
+                        acc = 0.0
+                        for b in range(m):
+                            acc = acc + S[a * m + b] * D[k * m + b]
+                        SD[k * m + a] = acc
+                for k in range(km):
+                    for l in range(k + 1):
+                        acc = 0.0
+                        for a in range(m):
+                            acc = acc + D[k * m + a] * SD[l * m + a]
+                        Im[k, l] += wrow[r] * acc
+                        if l != k:
+                            Im[l, k] += wrow[r] * acc
+    if status == 2:
+        raise ValueError("sem_expected_info: a slot index outside 0..P-1")
+    return status
+# --- end semfast ---
