@@ -2797,12 +2797,16 @@ cdef int unst_unit(long long o0, long long o1, double wr, double sw, int nl, int
                 htt[pt * nt + pu] += wr * (0.5 * s * s - rr[t] * rr[u] * s)
             for c in range(q):
                 htb[pt * q + c] -= wr * XS[c * m + t] * rr[t]
+            # one triangle: entry (max(a, b), min(a, b)); the caller mirrors it
+            la = 0.5 * wr
             for i in range(nq):
                 a = lst[i]
-                for j in range(nq):
+                v = V[t * M + a]
+                s = rr[t] * g[a]
+                for j in range(i + 1):
                     b = lst[j]
-                    hpt[(a * M + b) * nt + pt] += 0.5 * wr * (
-                        V[t * M + a] * V[t * M + b] - rr[t] * (V[t * M + a] * g[b] + g[a] * V[t * M + b]))
+                    c1 = a * M + b if a >= b else b * M + a
+                    hpt[c1 * nt + pt] += la * (v * (V[t * M + b] - rr[t] * g[b]) - s * V[t * M + b])
         for i in range(nq):
             a = lst[i]
             for j in range(nq):
@@ -2825,7 +2829,8 @@ def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const in
     load[o, c] on latent lat[s, c] (c < nl, -1 none), has residual variance theta_s[s] (compact
     parameter pth_s[s] < nt) and mean X[o] beta.  Adds, per thread, to acc_t[tid] the layout
     [ll | dl/dPhi (M*M, entries) | dl/dtheta (nt) | dl/dbeta (q) | H theta-theta (nt*nt) |
-    H theta-beta (nt*q) | H beta-beta (q*q, lower) | H Phi-theta (M*M*nt) | H Phi-beta (M*M*q)]
+    H theta-beta (nt*q) | H beta-beta (q*q, lower) | H Phi-theta (M*M*nt, the lower triangle
+    of entries) | H Phi-beta (M*M*q)]
     (the Hessian parts with ``need_hess``) and writes row r - r0 of Kv, Gv: sqrt(wrow[r]) times
     vech(K) and vech(g g') (vech index vi[a, b] < ne).  status_t != 0: a unit's Sigma is not
     positive definite (2) or scratch allocation failed."""

@@ -55,6 +55,8 @@ MAX_LATENTS = 24
 MAX_UNIT_GROUPS = 64
 # units per kernel call (bounds the per-unit rows of vech(K), vech(g g'))
 CHUNK_UNITS = 1 << 15
+# units of one set of latents that get their own (narrower) products in the Phi-Phi block
+MIN_RUN = 32
 
 
 def why_not_unst(model, grouped=False) -> str | None:
@@ -101,8 +103,8 @@ class ExactCov:
         self.M = M
         self.nv = nv = t.nparams
         self.beta = np.asarray(t.beta_param, dtype=np.int64)
-        self.load = np.ascontiguousarray(prep.load, dtype=np.float64)
         self.lat = np.ascontiguousarray(prep.slot_lat, dtype=np.int32)
+        self._order_units(red)
         thp = np.full(P, -1, dtype=np.int64)
         thp[np.asarray(t.theta_row)] = np.asarray(t.theta_param)
         self.theta_params, pth = np.unique(thp, return_inverse=True)
@@ -136,9 +138,6 @@ class ExactCov:
         self.nacc = 1 + M * M + self.nt + q + self.nt ** 2 + self.nt * q + q * q + M * M * (self.nt + q)
         self._acc = np.zeros((red._nt, self.nacc))
         self._status = np.zeros(red._nt, dtype=np.int32)
-        self._y = np.ascontiguousarray(prep.y, dtype=np.float64)
-        self._wrow = np.ascontiguousarray(prep.wrow, dtype=np.float64)
-        self._row_ptr = np.ascontiguousarray(prep.row_ptr, dtype=np.int64)
         nrows = len(self._row_ptr) - 1
         ch = min(nrows, CHUNK_UNITS)
         self._Kv = np.zeros((max(ch, 1), self.ne))
@@ -146,6 +145,71 @@ class ExactCov:
         # the blocks of Phi that must stay positive semi-definite: the connected
         # latents of Phi's free entries
         self.blocks = _phi_blocks(M, t.phi_row, t.phi_col)
+
+    def _order_units(self, red):
+        """The units sorted by the set of latents they touch (their pseudo-observations
+        gathered in that order: ``_row_ptr``, ``_slot``, ``_y``, ``_X``, ``load``,
+        ``_wrow``), and the runs of one set (``_runs``: (first unit, last unit + 1,
+        the set's vech columns)) with at least MIN_RUN units: the Phi-Phi block's
+        products then use the set's columns only (a county of 3 schools: 6 of 55)."""
+        prep = red.prep
+        M = red.M
+        rp = np.asarray(prep.row_ptr, dtype=np.int64)
+        nu = len(rp) - 1
+        cnt = np.diff(rp)
+        slot = np.asarray(red._slot)
+        unit = np.repeat(np.arange(nu), cnt)
+        pres = np.zeros((nu, M), dtype=bool)
+        for c in range(self.lat.shape[1]):
+            lc = self.lat[slot, c]
+            ok = lc >= 0
+            pres[unit[ok], lc[ok]] = True
+        bits = pres.astype(np.int64) @ (np.int64(1) << np.arange(M, dtype=np.int64))
+        order = np.argsort(bits, kind="stable")
+        c2 = cnt[order]
+        rp2 = np.zeros(nu + 1, dtype=np.int64)
+        np.cumsum(c2, out=rp2[1:])
+        idx = np.arange(rp2[-1]) - np.repeat(rp2[:-1], c2) + np.repeat(rp[order], c2)
+        self._row_ptr = rp2
+        self._slot = np.ascontiguousarray(slot[idx], dtype=np.int32)
+        self._y = np.ascontiguousarray(np.asarray(prep.y, dtype=np.float64)[idx])
+        self._X = np.ascontiguousarray(red._X[idx])
+        self.load = np.ascontiguousarray(np.asarray(prep.load, dtype=np.float64)[idx])
+        self._wrow = np.ascontiguousarray(np.asarray(prep.wrow, dtype=np.float64)[order])
+        sb = bits[order]
+        cut = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1], True])
+        self._runs = []
+        rest = []
+        vi = np.zeros((M, M), dtype=np.int64)
+        iu = np.triu_indices(M)
+        vi[iu] = np.arange(len(iu[0]))
+        for u0, u1 in zip(cut[:-1], cut[1:]):
+            if u1 - u0 >= MIN_RUN:
+                S = np.flatnonzero(pres[order[u0]])
+                a, b = np.triu_indices(len(S))
+                self._runs.append((int(u0), int(u1), vi[S[a], S[b]]))
+            else:
+                rest.append(np.arange(u0, u1))
+        self._rest = np.concatenate(rest) if rest else None
+
+    def _phi_products(self, Kv, Gv, r0, T1, T2):
+        """Add Kv'Kv and Kv'Gv over the rows of units r0.. (the chunk in Kv) to T1, T2,
+        run by run of one set of latents."""
+        r1 = r0 + Kv.shape[0]
+        for u0, u1, cols in self._runs:
+            a, b = max(u0, r0), min(u1, r1)
+            if a >= b:
+                continue
+            Kc = Kv[a - r0:b - r0][:, cols]
+            ix = np.ix_(cols, cols)
+            T1[ix] += Kc.T @ Kc
+            T2[ix] += Kc.T @ Gv[a - r0:b - r0][:, cols]
+        if self._rest is not None:
+            rows = self._rest[(self._rest >= r0) & (self._rest < r1)] - r0
+            if len(rows):
+                Kc = Kv[rows]
+                T1 += Kc.T @ Kc
+                T2 += Kc.T @ Gv[rows]
 
     def phi(self, psi):
         Phi = np.zeros((self.M, self.M))
@@ -209,18 +273,16 @@ class ExactCov:
             psi[self.theta_params[ok]] = num[ok] / den[ok]
         theta_s = np.zeros(red.P)
         theta_s[t.theta_row] = psi[t.theta_param]
-        slot = red._slot
-        z = self._y - (red._X @ beta if self.q else 0.0)
+        slot = self._slot
+        z = self._y - (self._X @ beta if self.q else 0.0)
         n = self.load[:, 0] ** 2
-        lat = self.lat[slot]                                   # (ng, nl)
-        keys, code = np.unique(lat, axis=0, return_inverse=True)
-        code = code.ravel()
+        keys, code_s = np.unique(self.lat, axis=0, return_inverse=True)   # the slots' latents
+        code = code_s.ravel()[slot]
         nc = len(keys)
-        unit = np.repeat(np.arange(len(self._row_ptr) - 1), np.diff(self._row_ptr))
-        Zs = np.zeros((unit[-1] + 1 if len(unit) else 0, nc))
-        Ns = np.zeros_like(Zs)
-        np.add.at(Zs, (unit, code), z * np.sqrt(n))
-        np.add.at(Ns, (unit, code), n)
+        nu = len(self._row_ptr) - 1
+        unit = np.repeat(np.arange(nu), np.diff(self._row_ptr))
+        Zs = np.bincount(unit * nc + code, weights=z * np.sqrt(n), minlength=nu * nc).reshape(nu, nc)
+        Ns = np.bincount(unit * nc + code, weights=n, minlength=nu * nc).reshape(nu, nc)
         SZ = Zs.T @ Zs
         SN = Ns.T @ Ns
         SZ[np.diag_indices(nc)] -= np.bincount(code, weights=theta_s[slot] * n, minlength=nc)
@@ -274,15 +336,13 @@ class ExactCov:
         r0 = 0
         while r0 < nrows:
             r1 = min(nrows, r0 + self._Kv.shape[0])
-            _core.unst_eval(self._row_ptr, r0, r1, red._slot, self._y, red._X, beta, self.load,
+            _core.unst_eval(self._row_ptr, r0, r1, self._slot, self._y, self._X, beta, self.load,
                             self.lat, Phi, theta_s, self.pth, self._wrow, self.vi, acc,
                             self._Kv, self._Gv, self._status, red._nt, int(hess))
             if self._status.any():
                 return None
             if hess:
-                Kc = self._Kv[:r1 - r0]
-                T1 += Kc.T @ Kc
-                T2 += Kc.T @ self._Gv[:r1 - r0]
+                self._phi_products(self._Kv[:r1 - r0], self._Gv[:r1 - r0], r0, T1, T2)
             r0 = r1
         tot = acc.sum(axis=0) if acc.shape[0] > 1 else acc[0]
         o = 0
@@ -309,7 +369,9 @@ class ExactCov:
         A = self.A
         H[np.ix_(pp, pp)] = A @ hE @ A.T
         H[np.ix_(tp, tp)] = htt
-        hpt_p = A @ hpt[self.ent]
+        h3 = hpt.reshape(M, M, nt)
+        h3 = h3 + h3.transpose(1, 0, 2) - np.einsum("aat->at", h3)[:, None, :] * np.eye(M)[:, :, None]
+        hpt_p = A @ h3.reshape(M * M, nt)[self.ent]
         H[np.ix_(pp, tp)] = hpt_p
         H[np.ix_(tp, pp)] = hpt_p.T
         if q:
