@@ -63,8 +63,11 @@ def optimize_auto(model, start=None, maxiter=5000, progress=None):
             evals = red.nevals
             if isinstance(opt, str):
                 why_exact = f"Newton (exact Hessian) stopped ({opt})"
-                if handover:
+                if handover and builder is build_exact:
                     psi_lb = handover[0]
+                # (covariance blocks: L-BFGS-B from the start, the path without
+                # mlsem.model.unst; from Newton's last point near a singular block it
+                # can stop on a lower point)
                 opt = None
     if opt is None:
         red, why = reduce_model(model)
