@@ -2659,7 +2659,7 @@ cdef int unst_unit(long long o0, long long o1, double wr, double sw, int nl, int
                    const int* slot, const double* y, const double* X, const double* beta,
                    const double* load, const int* lat, const double* Phi, const double* theta_s,
                    const int* pth, int need_hess, const int* vi, int ne,
-                   double* acc, double* kvrow, double* gvrow, double* vout, double* rout, double* gout,
+                   double* acc, double* kvrow, double* gvrow, double* vout, double* rout,
                    double* S, double* W, double* e, double* rr, double* V, double* K, double* g,
                    double* XS, double* Z, int* lst, int* flag) noexcept nogil:
     cdef int m = <int>(o1 - o0), nq = 0, t, u, c, c1, c2, a, b, i, j, st, su, pt, pu, ret = 0
@@ -2671,6 +2671,7 @@ cdef int unst_unit(long long o0, long long o1, double wr, double sw, int nl, int
     cdef double* htt = gb + q
     cdef double* htb = htt + nt * nt
     cdef double* hbb = htb + nt * q
+    cdef double* hpb = hbb + q * q
     for t in range(m):
         ot = o0 + t
         st = slot[ot]
@@ -2765,13 +2766,12 @@ cdef int unst_unit(long long o0, long long o1, double wr, double sw, int nl, int
             gvrow[vi[a * M + b]] = sw * g[a] * g[b]
     for t in range(m):
         rout[t] = rr[t]
-        for a in range(M):
-            vout[t * M + a] = 0.0
-            gout[t * M + a] = 0.0
+        for a in range(2 * M):
+            vout[t * 2 * M + a] = 0.0
         for i in range(nq):
             a = lst[i]
-            vout[t * M + a] = V[t * M + a]
-            gout[t * M + a] = g[a]
+            vout[t * 2 * M + a] = V[t * M + a]
+            vout[t * 2 * M + M + a] = rr[t] * g[a]
     for t in range(m):
         ot = o0 + t
         pt = pth[slot[ot]]
@@ -2790,6 +2790,19 @@ cdef int unst_unit(long long o0, long long o1, double wr, double sw, int nl, int
                 for u in range(m):
                     v += XS[c * m + u] * X[(o0 + u) * q + c2]
                 hbb[c * q + c2] -= wr * v
+            # Z = X'V (q x M) and the Phi-beta block -Z_a g_b
+            for i in range(nq):
+                a = lst[i]
+                v = 0.0
+                for t in range(m):
+                    v += X[(o0 + t) * q + c] * V[t * M + a]
+                Z[c * M + a] = v
+        for i in range(nq):
+            a = lst[i]
+            for j in range(nq):
+                b = lst[j]
+                for c in range(q):
+                    hpb[(a * M + b) * q + c] -= wr * Z[c * M + a] * g[b]
         for t in range(m):
             pt = pth[slot[o0 + t]]
             for u in range(m):
@@ -2808,18 +2821,18 @@ def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const in
               const double[:, ::1] load, const int[:, ::1] lat, const double[:, ::1] Phi,
               const double[::1] theta_s, const int[::1] pth_s, const double[::1] wrow,
               const int[:, ::1] vi, double[:, ::1] acc_t, double[:, ::1] Kv, double[:, ::1] Gv,
-              double[:, ::1] Vo, double[::1] ro, double[:, ::1] Go,
+              double[:, ::1] Vo, double[::1] ro,
               int[::1] status_t, int nthreads, int need_hess):
     """Units r0..r1-1 of the grouped model with a general Phi (mlsem.model.unst).  Unit r holds
     pseudo-observations row_ptr[r]..row_ptr[r+1]-1; pseudo-observation o of slot s loads
     load[o, c] on latent lat[s, c] (c < nl, -1 none), has residual variance theta_s[s] (compact
     parameter pth_s[s] < nt) and mean X[o] beta.  Adds, per thread, to acc_t[tid] the layout
     [ll | dl/dPhi (M*M, entries) | dl/dtheta (nt) | dl/dbeta (q) | H theta-theta (nt*nt) |
-    H theta-beta (nt*q) | H beta-beta (q*q, lower)]
+    H theta-beta (nt*q) | H beta-beta (q*q, lower) | H Phi-beta (M*M*q, entries)]
     (the Hessian parts with ``need_hess``) and writes row r - r0 of Kv, Gv: sqrt(wrow[r]) times
     vech(K) and vech(g g') (vech index vi[a, b] < ne), and per pseudo-observation o (row
-    o - row_ptr[r0] of Vo, ro, Go) its row of V = Sigma^-1 L (M), its r = (Sigma^-1 e)_o and
-    its unit's g (M), from which the caller forms the Phi-theta and Phi-beta blocks.  status_t != 0: a unit's Sigma is not
+    o - row_ptr[r0] of Vo (2M), ro) its row of V = Sigma^-1 L (M), then r_o g (M, g its unit's),
+    and its r = (Sigma^-1 e)_o, from which the caller forms the Phi-theta block.  status_t != 0: a unit's Sigma is not
     positive definite (2) or scratch allocation failed."""
     cdef long long nrows = row_ptr.shape[0] - 1, r, o, nobs = y.shape[0]
     cdef int q = X.shape[1], nl = lat.shape[1], M = Phi.shape[0], P = theta_s.shape[0]
@@ -2849,10 +2862,10 @@ def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const in
         for st in range(nl):
             if lat[i, st] >= M:
                 raise ValueError("unst_eval: a latent index is not below M")
-    nacc = 1 + M * M + nt + q + nt * nt + nt * q + q * q
+    nacc = 1 + M * M + nt + q + nt * nt + nt * q + q * q + M * M * q
     cdef long long ob = row_ptr[r0] if nrows > 0 else 0, no = (row_ptr[r1] if nrows > 0 else 0) - ob
-    if Vo.shape[0] < no or Go.shape[0] < no or ro.shape[0] < no or Vo.shape[1] != M or Go.shape[1] != M:
-        raise ValueError("unst_eval: Vo / ro / Go too small")
+    if Vo.shape[0] < no or ro.shape[0] < no or Vo.shape[1] != 2 * M:
+        raise ValueError("unst_eval: Vo / ro too small")
     if acc_t.shape[0] < nthreads or status_t.shape[0] < nthreads or acc_t.shape[1] < nacc:
         raise ValueError("unst_eval: per-thread outputs too small")
     if wrow.shape[0] < nrows or (nrows > 0 and (row_ptr[0] != 0 or row_ptr[nrows] != nobs)):
@@ -2881,7 +2894,6 @@ def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const in
     cdef double* gv_p = &Gv[0, 0] if r1 > r0 and ne > 0 else &dummy
     cdef double* vo_p = &Vo[0, 0] if no > 0 and M > 0 else &dummy
     cdef double* ro_p = &ro[0] if no > 0 else &dummy
-    cdef double* go_p = &Go[0, 0] if no > 0 and M > 0 else &dummy
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
         dbuf = <double*>malloc(nd * sizeof(double))
@@ -2895,8 +2907,7 @@ def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const in
                     st = unst_unit(row_ptr[r], row_ptr[r + 1], wrow[r], sqrt(wrow[r]), nl, M, q, nt,
                                    slot_p, y_p, X_p, beta_p, load_p, lat_p, Phi_p, theta_p, pth_p,
                                    need_hess, vi_p, ne, loc, kv_p + (r - r0) * ne, gv_p + (r - r0) * ne,
-                                   vo_p + (row_ptr[r] - ob) * M, ro_p + (row_ptr[r] - ob),
-                                   go_p + (row_ptr[r] - ob) * M,
+                                   vo_p + (row_ptr[r] - ob) * 2 * M, ro_p + (row_ptr[r] - ob),
                                    dbuf, dbuf + maxn * maxn, dbuf + 2 * maxn * maxn,
                                    dbuf + 2 * maxn * maxn + maxn,
                                    dbuf + 2 * maxn * maxn + 2 * maxn,

@@ -135,7 +135,7 @@ class ExactCov:
         self.phi_row, self.phi_col, self.phi_param = t.phi_row, t.phi_col, t.phi_param
         q = red.q
         self.q = q
-        self.nacc = 1 + M * M + self.nt + q + self.nt ** 2 + self.nt * q + q * q
+        self.nacc = 1 + M * M + self.nt + q + self.nt ** 2 + self.nt * q + q * q + M * M * q
         self._acc = np.zeros((red._nt, self.nacc))
         self._status = np.zeros(red._nt, dtype=np.int32)
         nrows = len(self._row_ptr) - 1
@@ -144,8 +144,7 @@ class ExactCov:
         self._Gv = np.zeros((max(ch, 1), self.ne))
         rp = self._row_ptr
         big = max([int(rp[min(r + ch, nrows)] - rp[r]) for r in range(0, nrows, max(ch, 1))] + [1])
-        self._Vo = np.zeros((big, M))
-        self._Go = np.zeros((big, M))
+        self._Vo = np.zeros((big, 2 * M))
         self._ro = np.zeros(big)
         # per pseudo-observation: its unit's weight, its residual variance's class
         w = np.repeat(self._wrow, np.diff(rp))
@@ -221,27 +220,23 @@ class ExactCov:
                 T1 += Kc.T @ Kc
                 T2 += Kc.T @ Gv[rows]
 
-    def _cross(self, o0, o1, hpt, hpb):
-        """Add the Phi-theta and Phi-beta blocks (entry-level) of pseudo-observations
-        o0..o1-1 (rows 0.. of the kernel's V, r, g) to hpt (M, M, nt), hpb (M, M, q):
-        sum_t w [V_ta V_tb - r_t (V_ta g_b + g_a V_tb)] / 2 per class of theta, and
-        -sum_t w X_tc V_ta g_b, as products of the (n x M) matrices V, g."""
+    def _cross(self, o0, o1, hpt):
+        """Add the Phi-theta block (entry-level) of pseudo-observations o0..o1-1 (rows 0..
+        of the kernel's [V, r g] and r) to hpt (M, M, nt): per class of theta,
+        sum_t w [V_ta V_tb - r_t (V_ta g_b + g_a V_tb)] / 2, as one product V'[V, r g]."""
         n = o1 - o0
-        V, G, r = self._Vo[:n], self._Go[:n], self._ro[:n]
+        M = self.M
+        W = self._Vo[:n]
         w = self._wobs[o0:o1] if self._wobs is not None else None
-        Vw = V if w is None else V * w[:, None]
-        rG = G * r[:, None]
+        Vw = W[:, :M] if w is None else W[:, :M] * w[:, None]
         if self._cls is None:
-            B = Vw.T @ rG
-            hpt[:, :, 0] += 0.5 * (Vw.T @ V - B - B.T)
+            P = Vw.T @ W
+            hpt[:, :, 0] += 0.5 * (P[:, :M] - P[:, M:] - P[:, M:].T)
         else:
             for k, rows in enumerate(self._cls):
                 rows = rows[(rows >= o0) & (rows < o1)] - o0
-                B = Vw[rows].T @ rG[rows]
-                hpt[:, :, k] += 0.5 * (Vw[rows].T @ V[rows] - B - B.T)
-        X = self._X[o0:o1]
-        for c in range(self.q):
-            hpb[:, :, c] -= (Vw * X[:, c][:, None]).T @ G
+                P = Vw[rows].T @ W[rows]
+                hpt[:, :, k] += 0.5 * (P[:, :M] - P[:, M:] - P[:, M:].T)
 
     def phi(self, psi):
         Phi = np.zeros((self.M, self.M))
@@ -366,20 +361,19 @@ class ExactCov:
         T1 = np.zeros((ne, ne)) if hess else None
         T2 = np.zeros((ne, ne)) if hess else None
         hpt = np.zeros((M, M, nt)) if hess else None
-        hpb = np.zeros((M, M, q)) if hess else None
         rp = self._row_ptr
         r0 = 0
         while r0 < nrows:
             r1 = min(nrows, r0 + self._Kv.shape[0])
             _core.unst_eval(rp, r0, r1, self._slot, self._y, self._X, beta, self.load,
                             self.lat, Phi, theta_s, self.pth, self._wrow, self.vi, acc,
-                            self._Kv, self._Gv, self._Vo, self._ro, self._Go,
+                            self._Kv, self._Gv, self._Vo, self._ro,
                             self._status, red._nt, int(hess))
             if self._status.any():
                 return None
             if hess:
                 self._phi_products(self._Kv[:r1 - r0], self._Gv[:r1 - r0], r0, T1, T2)
-                self._cross(rp[r0], rp[r1], hpt, hpb)
+                self._cross(rp[r0], rp[r1], hpt)
             r0 = r1
         tot = acc.sum(axis=0) if acc.shape[0] > 1 else acc[0]
         o = 0
@@ -399,8 +393,8 @@ class ExactCov:
         htt = tot[o:o + nt * nt].reshape(nt, nt); o += nt * nt
         htb = tot[o:o + nt * q].reshape(nt, q); o += nt * q
         hbb = tot[o:o + q * q].reshape(q, q); o += q * q
+        hpb = tot[o:o + M * M * q].reshape(M * M, q)
         hpt = hpt.reshape(M * M, nt)
-        hpb = hpb.reshape(M * M, q)
         H = np.zeros((nv, nv))
         hE = 0.5 * (T1[self._i_ac, self._i_db] - T2[self._i_ac, self._i_db] - T2[self._i_bc, self._i_da])
         A = self.A
