@@ -71,6 +71,8 @@ def why_not_unst(model, grouped=False) -> str | None:
         return "loadings other than 1 (random slopes)"
     if not len(t.phi_param):
         return "no random effects"
+    if np.all(np.asarray(t.phi_row) == np.asarray(t.phi_col)):
+        return "no covariances of random effects (the paths of mlsem.model.ri2 and mlsem.estimate.newton)"
     if model.M > MAX_LATENTS:
         return f"more than {MAX_LATENTS} latent variables"
     beta = np.asarray(t.beta_param)
