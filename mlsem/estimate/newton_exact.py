@@ -85,7 +85,7 @@ def _run(ex, psi, progress, handover):
                 # stays inside and does not lower the log-likelihood
                 cand = psi.copy()
                 cand[free] += d
-                big_step = np.max(np.abs(d) / np.maximum(np.abs(psi[free]), 0.1 * uf)) > 1e-9
+                big_step = np.max(np.abs(d) / np.maximum(np.abs(psi[free]), 0.1 * uf)) > 1e-12
                 if gain > 0 and big_step and np.all(cand[bounded] >= lo[bounded]):
                     got = ex.evaluate(cand)
                     if got is not None and got[0] >= ll - 1e-12 * abs(ll):
