@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import ConvergenceWarning
 from ..model.reduced import reduce_model
 from ..model.ri2 import build_exact, why_not_exact
+from ..model.unst import build_unst, why_not_unst
 from .newton import newton, why_not_newton
 from .newton_exact import newton_exact
 from .optimize import REUSE_HESSIAN_STEP, _serial_blas, hessian, optimize, param_scale, start_values
@@ -43,19 +44,30 @@ def optimize_auto(model, start=None, maxiter=5000, progress=None):
     ex = None
     evals = 0
     why_exact = why_not_exact(model)
+    builder = build_exact
+    if why_exact is not None and why_not_unst(model) is None:
+        # covariances of random intercepts: mlsem.model.unst
+        why_exact, builder = None, build_unst
     if why_exact is None:
         # grouped random intercepts: the whole exact Hessian from one pass per
-        # iteration (mlsem.model.ri2); the units need not be sorted by pattern
+        # iteration (mlsem.model.ri2, mlsem.model.unst); the units need not be
+        # sorted by pattern
         red, why = reduce_model(model, patterns=False)
-        ex, why_exact = build_exact(red) if red is not None else (None, why)
+        ex, why_exact = builder(red) if red is not None else (None, why)
         if ex is not None:
             handover = []
-            opt = newton_exact(ex, psi0, progress, handover)
+            first = psi0
+            if start is None and hasattr(ex, "moment_start"):
+                first = ex.moment_start(psi0)   # covariance blocks: a start from moments
+            opt = newton_exact(ex, first, progress, handover)
             evals = red.nevals
             if isinstance(opt, str):
                 why_exact = f"Newton (exact Hessian) stopped ({opt})"
-                if handover:
+                if handover and builder is build_exact:
                     psi_lb = handover[0]
+                # (covariance blocks: L-BFGS-B from the start, the path without
+                # mlsem.model.unst; from Newton's last point near a singular block it
+                # can stop on a lower point)
                 opt = None
     if opt is None:
         red, why = reduce_model(model)
@@ -91,7 +103,7 @@ def optimize_auto(model, start=None, maxiter=5000, progress=None):
     opt.grouped_reason = why if opt.path == "full" else None
     opt.method = "newton" if why_newton is None else "lbfgsb"
     opt.newton_reason = why_newton
-    opt.exact_hessian_reason = why_exact   # None: Newton with the whole exact Hessian (ri2)
+    opt.exact_hessian_reason = why_exact   # None: Newton with the whole exact Hessian (ri2, unst)
     opt.evaluations = evals + (red.nevals - n_red if red is not None else 0) + model.nevals - n_full
     return opt
 

@@ -1,5 +1,6 @@
 """Estimation: Newton's method with the whole exact Hessian from one kernel pass
-per iteration (grouped random intercepts, :mod:`mlsem.model.ri2`; issue 14).
+per iteration (grouped random intercepts, :mod:`mlsem.model.ri2`, and with
+covariances of the random intercepts, :mod:`mlsem.model.unst`; issue 14).
 
 Each evaluation returns the log-likelihood, the gradient and the Hessian in all
 parameters (fixed effects, variances, cross terms), so every iteration is one
@@ -11,7 +12,10 @@ variances inside (at most 90% of the way to 0) and to increase the
 log-likelihood.  A random effect's variance cut short on its way to 0 twice is
 put on 0 and held there while its gradient points outside (an active set); a
 residual variance heading for 0, a failed line search or too many iterations
-hand back a reason (a string), and the caller falls back
+hand back a reason (a string), and the caller falls back.  With covariance
+blocks (the evaluator's ``step_cap``) a step goes at most 90% of the way to the
+blocks' boundary (positive semi-definite); cut short there twice, the run hands
+back its last point and the reason, and the caller falls back
 (:func:`mlsem.estimate.grouped.optimize_auto`).
 """
 from __future__ import annotations
@@ -49,6 +53,7 @@ def _run(ex, psi, progress, handover):
     if got is None:
         return "Sigma is not positive definite at the start"
     ll, g, H = got
+    cap = getattr(ex, "step_cap", None)          # keeps covariance blocks PSD (model.unst)
     active = np.zeros(t.nparams, dtype=bool)     # variances held at their bound of 0
     capped = releases = steps = 0
     log = []
@@ -102,6 +107,10 @@ def _run(ex, psi, progress, handover):
         if not np.all(np.isfinite(step)):
             return "a linear solve failed"
         tmax, ratio = NW.fraction_to_bound(psi[bounded] - lo[bounded], step[bounded])
+        tcap = cap(psi, step) if cap is not None else np.inf
+        block_cap = tcap < tmax                    # a covariance block's boundary binds
+        if block_cap:
+            tmax = tcap
         psi, got = NW.backtrack(ex.evaluate, psi, step, tmax, ll)
         accepted = got is not None
         if accepted:
@@ -113,6 +122,9 @@ def _run(ex, psi, progress, handover):
         if not accepted:
             return "no step along the Newton direction increased the log-likelihood"
         capped = capped + 1 if tmax < 1.0 else 0
+        if capped >= 2 and block_cap:
+            handover[:] = [psi.copy()]
+            return "a covariance block heading for its boundary (singular)"
         if capped >= 2:
             hit = bounded[ratio <= 1.0 / 0.9 * tmax * (1 + 1e-9)]
             if not hit.size or any(int(i) in resid for i in hit):
@@ -134,6 +146,7 @@ def _run(ex, psi, progress, handover):
         return "the gradient at the last Newton step does not pass the convergence rule"
     return OptSummary(start=start, final=psi, loglik=ll, iterations=steps,
                       evaluations=model.nevals - n0, gradient_norm=gnorm, converged=True,
-                      message="Newton steps with the whole closed-form Hessian (mlsem.model.ri2) converged",
+                      message=f"Newton steps with the whole closed-form Hessian "
+                              f"({getattr(ex, 'label', 'mlsem.model.ri2')}) converged",
                       newton_steps=steps, seconds=time.perf_counter() - t0, log=log,
                       hessian=H, hessian_at=psi.copy())

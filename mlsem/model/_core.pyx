@@ -2742,3 +2742,305 @@ def sem_expected_info(const long long[::1] pat_ptr, const long long[::1] row_ptr
         raise ValueError("sem_expected_info: a slot index outside 0..P-1")
     return status
 # --- end semfast ---
+# --- unst --------------------------------------------------------------------------------------
+# Grouped random intercepts with a general covariance of the latents (issue 14, mlsem.model.unst):
+# per unit (m pseudo-observations) Sigma = L Phi_c L' + D is formed and factored (m x m), and
+# the unit's log-likelihood, its derivatives in Phi (entry-level), theta and beta, and every
+# second derivative except the Phi-Phi block are accumulated per thread.  The Phi-Phi block is
+# sum_units of products of K = L'Sigma^-1 L and g g' (g = L'Sigma^-1 e): the kernel writes each
+# unit's vech(K) and vech(g g') (times sqrt(weight)) into rows of Kv, Gv, and the caller forms
+# Kv'Kv and Kv'Gv with one matrix product each (see mlsem.model.unst for the algebra).
+
+cdef inline void unst_chol_inv(double* A, double* W, int m) noexcept nogil:
+    """A holds the lower Cholesky factor L (row-major m x m); on return A = (L L')^-1
+    (both triangles).  W: m x m scratch (gets L^-1 in its lower triangle)."""
+    cdef int i, j, k, a, b
+    cdef double s
+    for j in range(m):
+        W[j * m + j] = 1.0 / A[j * m + j]
+        for i in range(j + 1, m):
+            s = 0.0
+            for k in range(j, i):
+                s -= A[i * m + k] * W[k * m + j]
+            W[i * m + j] = s / A[i * m + i]
+    for a in range(m):
+        for b in range(a + 1):
+            s = 0.0
+            for k in range(a, m):
+                s += W[k * m + a] * W[k * m + b]
+            A[a * m + b] = s
+            A[b * m + a] = s
+
+
+cdef int unst_unit(long long o0, long long o1, double wr, double sw, int nl, int M, int q, int nt,
+                   const int* slot, const double* y, const double* X, const double* beta,
+                   const double* load, const int* lat, const double* Phi, const double* theta_s,
+                   const int* pth, int need_hess, const int* vi, int ne,
+                   double* acc, double* kvrow, double* gvrow, double* vout, double* rout,
+                   double* S, double* W, double* e, double* rr, double* V, double* K, double* g,
+                   double* XS, double* Z, int* lst, int* flag) noexcept nogil:
+    cdef int m = <int>(o1 - o0), nq = 0, t, u, c, c1, c2, a, b, i, j, st, su, pt, pu, ret = 0
+    cdef long long ot, ou
+    cdef double v, la, th, logdet = 0.0, quad = 0.0, s
+    cdef double* gphi = acc + 1
+    cdef double* gth = gphi + M * M
+    cdef double* gb = gth + nt
+    cdef double* htt = gb + q
+    cdef double* htb = htt + nt * nt
+    cdef double* hbb = htb + nt * q
+    cdef double* hpb = hbb + q * q
+    for t in range(m):
+        ot = o0 + t
+        st = slot[ot]
+        if not (theta_s[st] > 0.0):
+            ret = 2
+        v = y[ot]
+        for c in range(q):
+            v -= X[ot * q + c] * beta[c]
+        e[t] = v
+        for c in range(nl):
+            a = lat[st * nl + c]
+            if a >= 0 and flag[a] == 0:
+                flag[a] = 1
+                lst[nq] = a
+                nq = nq + 1
+    if ret == 0:
+        for t in range(m):
+            ot = o0 + t
+            st = slot[ot]
+            for u in range(t + 1):
+                ou = o0 + u
+                su = slot[ou]
+                v = 0.0
+                for c1 in range(nl):
+                    a = lat[st * nl + c1]
+                    if a < 0:
+                        continue
+                    la = load[ot * nl + c1]
+                    for c2 in range(nl):
+                        b = lat[su * nl + c2]
+                        if b >= 0:
+                            v += la * load[ou * nl + c2] * Phi[a * M + b]
+                if u == t:
+                    v += theta_s[st]
+                S[t * m + u] = v
+                S[u * m + t] = v
+        if chol_lower(S, m) != 0:
+            ret = 2
+    if ret != 0:
+        for i in range(nq):
+            flag[lst[i]] = 0
+        return ret
+    for t in range(m):
+        logdet += 2.0 * log(S[t * m + t])
+    unst_chol_inv(S, W, m)
+    for t in range(m):
+        v = 0.0
+        for u in range(m):
+            v += S[t * m + u] * e[u]
+        rr[t] = v
+        quad += e[t] * v
+    acc[0] += wr * (-0.5) * (m * LOG2PI + logdet + quad)
+    # V = Sigma^-1 L (m x M, the unit's latents only), K = L'V, g = L'r
+    for t in range(m):
+        for i in range(nq):
+            V[t * M + lst[i]] = 0.0
+    for i in range(nq):
+        g[lst[i]] = 0.0
+        for j in range(nq):
+            K[lst[i] * M + lst[j]] = 0.0
+    for u in range(m):
+        ou = o0 + u
+        su = slot[ou]
+        for c in range(nl):
+            a = lat[su * nl + c]
+            if a < 0:
+                continue
+            la = load[ou * nl + c]
+            g[a] += la * rr[u]
+            for t in range(m):
+                V[t * M + a] += S[t * m + u] * la
+    for u in range(m):
+        ou = o0 + u
+        su = slot[ou]
+        for c in range(nl):
+            a = lat[su * nl + c]
+            if a < 0:
+                continue
+            la = load[ou * nl + c]
+            for j in range(nq):
+                b = lst[j]
+                K[a * M + b] += la * V[u * M + b]
+    for i in range(ne):
+        kvrow[i] = 0.0
+        gvrow[i] = 0.0
+    for i in range(nq):
+        a = lst[i]
+        for j in range(nq):
+            b = lst[j]
+            gphi[a * M + b] += 0.5 * wr * (g[a] * g[b] - K[a * M + b])
+            kvrow[vi[a * M + b]] = sw * K[a * M + b]
+            gvrow[vi[a * M + b]] = sw * g[a] * g[b]
+    for t in range(m):
+        rout[t] = rr[t]
+        for a in range(2 * M):
+            vout[t * 2 * M + a] = 0.0
+        for i in range(nq):
+            a = lst[i]
+            vout[t * 2 * M + a] = V[t * M + a]
+            vout[t * 2 * M + M + a] = rr[t] * g[a]
+    for t in range(m):
+        ot = o0 + t
+        pt = pth[slot[ot]]
+        gth[pt] += 0.5 * wr * (rr[t] * rr[t] - S[t * m + t])
+        for c in range(q):
+            gb[c] += wr * X[ot * q + c] * rr[t]
+    if need_hess:
+        for c in range(q):
+            for u in range(m):
+                v = 0.0
+                for t in range(m):
+                    v += X[(o0 + t) * q + c] * S[t * m + u]
+                XS[c * m + u] = v
+            for c2 in range(c + 1):
+                v = 0.0
+                for u in range(m):
+                    v += XS[c * m + u] * X[(o0 + u) * q + c2]
+                hbb[c * q + c2] -= wr * v
+            # Z = X'V (q x M) and the Phi-beta block -Z_a g_b
+            for i in range(nq):
+                a = lst[i]
+                v = 0.0
+                for t in range(m):
+                    v += X[(o0 + t) * q + c] * V[t * M + a]
+                Z[c * M + a] = v
+        for i in range(nq):
+            a = lst[i]
+            for j in range(nq):
+                b = lst[j]
+                for c in range(q):
+                    hpb[(a * M + b) * q + c] -= wr * Z[c * M + a] * g[b]
+        for t in range(m):
+            pt = pth[slot[o0 + t]]
+            for u in range(m):
+                pu = pth[slot[o0 + u]]
+                s = S[t * m + u]
+                htt[pt * nt + pu] += wr * (0.5 * s * s - rr[t] * rr[u] * s)
+            for c in range(q):
+                htb[pt * q + c] -= wr * XS[c * m + t] * rr[t]
+    for i in range(nq):
+        flag[lst[i]] = 0
+    return 0
+
+
+def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const int[::1] slot,
+              const double[::1] y, const double[:, ::1] X, const double[::1] beta,
+              const double[:, ::1] load, const int[:, ::1] lat, const double[:, ::1] Phi,
+              const double[::1] theta_s, const int[::1] pth_s, const double[::1] wrow,
+              const int[:, ::1] vi, double[:, ::1] acc_t, double[:, ::1] Kv, double[:, ::1] Gv,
+              double[:, ::1] Vo, double[::1] ro,
+              int[::1] status_t, int nthreads, int need_hess):
+    """Units r0..r1-1 of the grouped model with a general Phi (mlsem.model.unst).  Unit r holds
+    pseudo-observations row_ptr[r]..row_ptr[r+1]-1; pseudo-observation o of slot s loads
+    load[o, c] on latent lat[s, c] (c < nl, -1 none), has residual variance theta_s[s] (compact
+    parameter pth_s[s] < nt) and mean X[o] beta.  Adds, per thread, to acc_t[tid] the layout
+    [ll | dl/dPhi (M*M, entries) | dl/dtheta (nt) | dl/dbeta (q) | H theta-theta (nt*nt) |
+    H theta-beta (nt*q) | H beta-beta (q*q, lower) | H Phi-beta (M*M*q, entries)]
+    (the Hessian parts with ``need_hess``) and writes row r - r0 of Kv, Gv: sqrt(wrow[r]) times
+    vech(K) and vech(g g') (vech index vi[a, b] < ne), and per pseudo-observation o (row
+    o - row_ptr[r0] of Vo (2M), ro) its row of V = Sigma^-1 L (M), then r_o g (M, g its unit's),
+    and its r = (Sigma^-1 e)_o, from which the caller forms the Phi-theta block.  status_t != 0: a unit's Sigma is not
+    positive definite (2) or scratch allocation failed."""
+    cdef long long nrows = row_ptr.shape[0] - 1, r, o, nobs = y.shape[0]
+    cdef int q = X.shape[1], nl = lat.shape[1], M = Phi.shape[0], P = theta_s.shape[0]
+    cdef int ne = Kv.shape[1], nt = 0, tid, st, i, maxn = 1
+    cdef Py_ssize_t nacc
+    cdef double* dbuf
+    cdef int* ibuf
+    cdef double* loc
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    if r0 < 0 or r1 > nrows or r1 < r0 or Kv.shape[0] < r1 - r0 or Gv.shape[0] < r1 - r0 or Gv.shape[1] != ne:
+        raise ValueError("unst_eval: unit range or Kv / Gv rows do not agree")
+    if X.shape[0] != nobs or slot.shape[0] != nobs or load.shape[0] != nobs or load.shape[1] != nl:
+        raise ValueError("unst_eval: per-observation arrays differ in length")
+    if beta.shape[0] != q or pth_s.shape[0] != P or lat.shape[0] != P or Phi.shape[1] != M:
+        raise ValueError("unst_eval: shapes of beta, Phi or the per-slot arrays do not agree")
+    if vi.shape[0] != M or vi.shape[1] != M:
+        raise ValueError("unst_eval: vi must be M x M")
+    for i in range(M * M):
+        if vi[i // M, i % M] < 0 or vi[i // M, i % M] >= ne:
+            raise ValueError("unst_eval: a vech index is out of range")
+    for i in range(P):
+        if pth_s[i] < 0:
+            raise ValueError("unst_eval: a slot without a residual variance parameter")
+        if pth_s[i] + 1 > nt:
+            nt = pth_s[i] + 1
+        for st in range(nl):
+            if lat[i, st] >= M:
+                raise ValueError("unst_eval: a latent index is not below M")
+    nacc = 1 + M * M + nt + q + nt * nt + nt * q + q * q + M * M * q
+    cdef long long ob = row_ptr[r0] if nrows > 0 else 0, no = (row_ptr[r1] if nrows > 0 else 0) - ob
+    if Vo.shape[0] < no or ro.shape[0] < no or Vo.shape[1] != 2 * M:
+        raise ValueError("unst_eval: Vo / ro too small")
+    if acc_t.shape[0] < nthreads or status_t.shape[0] < nthreads or acc_t.shape[1] < nacc:
+        raise ValueError("unst_eval: per-thread outputs too small")
+    if wrow.shape[0] < nrows or (nrows > 0 and (row_ptr[0] != 0 or row_ptr[nrows] != nobs)):
+        raise ValueError("unst_eval: row_ptr / wrow do not describe the observations")
+    for r in range(nrows):
+        if row_ptr[r + 1] < row_ptr[r]:
+            raise ValueError("unst_eval: row_ptr is not increasing")
+        if r >= r0 and r < r1 and row_ptr[r + 1] - row_ptr[r] > maxn:
+            maxn = <int>(row_ptr[r + 1] - row_ptr[r])
+    for o in range(nobs):
+        if slot[o] < 0 or slot[o] >= P:
+            raise ValueError(f"unst_eval: slot[{o}] = {slot[o]} out of range")
+    cdef Py_ssize_t nd = nacc + 2 * maxn * maxn + 2 * maxn + maxn * M + M * M + M + q * maxn + q * M
+    cdef double dummy = 0.0
+    cdef const int* slot_p = &slot[0] if nobs > 0 else NULL
+    cdef const double* y_p = &y[0] if nobs > 0 else NULL
+    cdef const double* X_p = &X[0, 0] if nobs > 0 and q > 0 else &dummy
+    cdef const double* beta_p = &beta[0] if q > 0 else &dummy
+    cdef const double* load_p = &load[0, 0] if nobs > 0 and nl > 0 else &dummy
+    cdef const int* lat_p = &lat[0, 0] if P > 0 and nl > 0 else NULL
+    cdef const double* Phi_p = &Phi[0, 0] if M > 0 else &dummy
+    cdef const double* theta_p = &theta_s[0] if P > 0 else NULL
+    cdef const int* pth_p = &pth_s[0] if P > 0 else NULL
+    cdef const int* vi_p = &vi[0, 0] if M > 0 else NULL
+    cdef double* kv_p = &Kv[0, 0] if r1 > r0 and ne > 0 else &dummy
+    cdef double* gv_p = &Gv[0, 0] if r1 > r0 and ne > 0 else &dummy
+    cdef double* vo_p = &Vo[0, 0] if no > 0 and M > 0 else &dummy
+    cdef double* ro_p = &ro[0] if no > 0 else &dummy
+    with nogil, parallel(num_threads=nthreads):
+        tid = threadid()
+        dbuf = <double*>malloc(nd * sizeof(double))
+        ibuf = <int*>malloc((2 * M + 1) * sizeof(int))
+        if dbuf != NULL and ibuf != NULL:
+            memset(dbuf, 0, nd * sizeof(double))
+            memset(ibuf, 0, (2 * M + 1) * sizeof(int))
+            loc = dbuf + (nd - nacc)
+            for r in prange(r0, r1, schedule='dynamic', chunksize=256):
+                if status_t[tid] == 0:
+                    st = unst_unit(row_ptr[r], row_ptr[r + 1], wrow[r], sqrt(wrow[r]), nl, M, q, nt,
+                                   slot_p, y_p, X_p, beta_p, load_p, lat_p, Phi_p, theta_p, pth_p,
+                                   need_hess, vi_p, ne, loc, kv_p + (r - r0) * ne, gv_p + (r - r0) * ne,
+                                   vo_p + (row_ptr[r] - ob) * 2 * M, ro_p + (row_ptr[r] - ob),
+                                   dbuf, dbuf + maxn * maxn, dbuf + 2 * maxn * maxn,
+                                   dbuf + 2 * maxn * maxn + maxn,
+                                   dbuf + 2 * maxn * maxn + 2 * maxn,
+                                   dbuf + 2 * maxn * maxn + 2 * maxn + maxn * M,
+                                   dbuf + 2 * maxn * maxn + 2 * maxn + maxn * M + M * M,
+                                   dbuf + 2 * maxn * maxn + 2 * maxn + maxn * M + M * M + M,
+                                   dbuf + 2 * maxn * maxn + 2 * maxn + maxn * M + M * M + M + q * maxn,
+                                   ibuf, ibuf + M)
+                    if st != 0:
+                        status_t[tid] = st
+            for i in range(nacc):
+                acc_t[tid, i] += loc[i]
+        else:
+            status_t[tid] = ALLOC_FAIL
+        free(dbuf)
+        free(ibuf)
+    _raise_alloc(status_t, nd * sizeof(double))
+    return nt
+# --- end unst ---

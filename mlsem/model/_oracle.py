@@ -195,3 +195,60 @@ def ri2_dense(row_ptr, slot, y, X, beta, l0, l1, tau_s, theta_s, ptau, pth, gamm
         gb += w * Xu.T @ r
         Hbb += -w * Xu.T @ P @ Xu
     return ll, g, H, gb, Hvb, Hbb
+
+
+def unst_dense(row_ptr, slot, y, X, beta, load, slot_lat, Phi, theta_s, wrow,
+               phi_row, phi_col, phi_param, pth, beta_param, nv):
+    """The oracle of ``_core.unst_eval`` (grouped random intercepts with a general
+    Phi, mlsem.model.unst), in the parameters: per unit the dense
+    Sigma = L Phi L' + diag(theta_s[slot]) with Phi linear in the parameters (entry
+    (phi_row, phi_col) is parameter phi_param, both triangles listed), the residual
+    variance of slot s parameter pth[s], the mean X beta (coefficient c parameter
+    beta_param[c]).  The textbook derivatives of ``ri2_dense`` (Sigma_k = dSigma/dv_k):
+    dl/dv_k = -1/2 w [tr(P Sigma_k) - r' Sigma_k r], dl/dbeta = w X'r,
+    d2l/dv_k dv_l = w [1/2 tr(P Sigma_k P Sigma_l) - r' Sigma_k P Sigma_l r],
+    d2l/dbeta dv_k = -w X' P Sigma_k r, d2l/dbeta2 = -w X'PX.  Returns
+    (ll, g (nv), H (nv, nv)) or None where a Sigma is not positive definite."""
+    q = X.shape[1]
+    M = Phi.shape[0]
+    ll = 0.0
+    g = np.zeros(nv)
+    H = np.zeros((nv, nv))
+    bp = np.asarray(beta_param, dtype=int)
+    dphi = {}
+    for a, b, p in zip(phi_row, phi_col, phi_param):
+        dphi.setdefault(int(p), np.zeros((M, M)))[a, b] += 1.0
+    for r_ in range(len(row_ptr) - 1):
+        o0, o1 = row_ptr[r_], row_ptr[r_ + 1]
+        m = o1 - o0
+        if m == 0:
+            continue
+        s = slot[o0:o1]
+        L = _lambda(s, load[o0:o1], slot_lat, M)
+        S = L @ Phi @ L.T + np.diag(theta_s[s])
+        try:
+            np.linalg.cholesky(S)
+        except np.linalg.LinAlgError:
+            return None
+        Xu = X[o0:o1]
+        e = y[o0:o1] - Xu @ beta
+        P = np.linalg.inv(S)
+        r = P @ e
+        w = wrow[r_]
+        ll += w * -0.5 * (m * LOG2PI + np.linalg.slogdet(S)[1] + e @ r)
+        D = {p: L @ E @ L.T for p, E in dphi.items()}
+        for i in range(m):
+            E = np.zeros((m, m))
+            E[i, i] = 1.0
+            p = int(pth[s[i]])
+            D[p] = D.get(p, 0.0) + E
+        for k, Sk in D.items():
+            g[k] += -0.5 * w * (np.trace(P @ Sk) - r @ Sk @ r)
+            hb = -w * Xu.T @ P @ Sk @ r
+            H[k, bp] += hb
+            H[bp, k] += hb
+            for l_, Sl in D.items():
+                H[k, l_] += w * (0.5 * np.trace(P @ Sk @ P @ Sl) - r @ Sk @ P @ Sl @ r)
+        g[bp] += w * Xu.T @ r
+        H[np.ix_(bp, bp)] += -w * Xu.T @ P @ Xu
+    return ll, g, H

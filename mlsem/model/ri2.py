@@ -157,36 +157,44 @@ class ExactGrouped:
 
     def _within(self, psi, beta, theta_s, g, H):
         """The within-group part (see mlsem.model.reduced) added to g and H; its ll."""
-        red = self.red
-        s = red._wslots
-        if not len(s):
-            return 0.0
-        th = theta_s[s]
-        Wxx, Wxy, Wyy, cnt = red._Wxx[s], red._Wxy[s], red._Wyy[s], red._wcnt[s]
+        return add_within(self.red, self._wpar, self.beta, beta, theta_s, g, H)
+
+
+def add_within(red, wpar, beta_idx, beta, theta_s, g, H):
+    """The within-group part of the grouped model ``red`` (see mlsem.model.reduced) at
+    the coefficients ``beta`` (parameters ``beta_idx``) and the slots' residual
+    variances ``theta_s``: its log-likelihood, its gradient added to g and (H not
+    None) its Hessian added to H; ``wpar`` the theta parameter of each of
+    ``red._wslots``."""
+    s = red._wslots
+    if not len(s):
+        return 0.0
+    th = theta_s[s]
+    Wxx, Wxy, Wyy, cnt = red._Wxx[s], red._Wxy[s], red._Wyy[s], red._wcnt[s]
+    if red.q:
+        Wb = Wxx @ beta
+        W = Wyy - 2.0 * (Wxy @ beta) + Wb @ beta
+        R = Wxy - Wb                                   # (ns, q)
+    else:
+        W = Wyy.copy()
+    W = np.maximum(W, 0.0)
+    ll = -0.5 * float(np.sum(cnt * (LOG2PI + np.log(th)) + W / th))
+    p = wpar
+    nv = len(g)
+    g += np.bincount(p, weights=-0.5 * cnt / th + 0.5 * W / (th * th), minlength=nv)
+    if red.q:
+        g[beta_idx] += (1.0 / th) @ R
+    if H is not None:
+        d = np.diag_indices(nv)
+        H[d] += np.bincount(p, weights=0.5 * cnt / th ** 2 - W / th ** 3, minlength=nv)
         if red.q:
-            Wb = Wxx @ beta
-            W = Wyy - 2.0 * (Wxy @ beta) + Wb @ beta
-            R = Wxy - Wb                                   # (ns, q)
-        else:
-            W = Wyy.copy()
-        W = np.maximum(W, 0.0)
-        ll = -0.5 * float(np.sum(cnt * (LOG2PI + np.log(th)) + W / th))
-        p = self._wpar
-        nv = self.nv
-        g += np.bincount(p, weights=-0.5 * cnt / th + 0.5 * W / (th * th), minlength=nv)
-        if red.q:
-            g[self.beta] += (1.0 / th) @ R
-        if H is not None:
-            d = np.diag_indices(nv)
-            H[d] += np.bincount(p, weights=0.5 * cnt / th ** 2 - W / th ** 3, minlength=nv)
-            if red.q:
-                H[np.ix_(self.beta, self.beta)] -= np.tensordot(1.0 / th, Wxx, axes=1)
-                cross = -R / (th * th)[:, None]           # (ns, q)
-                for c, b in enumerate(self.beta):
-                    col = np.bincount(p, weights=cross[:, c], minlength=nv)
-                    H[:, b] += col
-                    H[b, :] += col
-        return ll
+            H[np.ix_(beta_idx, beta_idx)] -= np.tensordot(1.0 / th, Wxx, axes=1)
+            cross = -R / (th * th)[:, None]           # (ns, q)
+            for c, b in enumerate(beta_idx):
+                col = np.bincount(p, weights=cross[:, c], minlength=nv)
+                H[:, b] += col
+                H[b, :] += col
+    return ll
 
 
 def build_exact(red):

@@ -6,6 +6,7 @@ import polars as pl
 
 import mlsem
 from conftest import REF
+from mlsem.estimate import grouped
 from mlsem.estimate import optimize as estimate
 from mlsem.data.prepare import collect_columns, prepare
 from mlsem.spec.formula import nest_levels, parse_formula
@@ -124,10 +125,14 @@ UNST = {"effects": {"j": {"variance": "slot", "covariance": "unstructured"}}}
 
 
 def _unst_fit(monkeypatch=None, **consts):
-    if monkeypatch is not None:
-        for k, v in consts.items():
-            monkeypatch.setattr(estimate, k, v)
-    return mlsem.fit(REF / "medium.parquet", "y ~ x + (1 | k:j)", **UNST)
+    """The unstructured fit on the L-BFGS-B driver (the Newton path of mlsem.model.unst
+    switched off: these tests are about the driver's early switch to Newton)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouped, "why_not_unst", lambda model: "switched off for this test")
+        if monkeypatch is not None:
+            for k, v in consts.items():
+                monkeypatch.setattr(estimate, k, v)
+        return mlsem.fit(REF / "medium.parquet", "y ~ x + (1 | k:j)", **UNST)
 
 
 def test_newton_takes_over_where_the_hessian_is_cheap(monkeypatch):
