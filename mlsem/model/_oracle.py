@@ -143,6 +143,19 @@ def group_within_multi(row_ptr, slot, spup, sout, snode, nout, y, X, wrow):
         out[mask] = (C + wrow[r] * D.T @ D, n + wrow[r] * (len(vs) - 1))
     return out, [(r, node, mask, len(vs), np.sum(vs, axis=0)) for (r, node, mask), vs in groups.items()]
 
+def _dense_unit(S, Xu, yu, beta):
+    """One unit of the dense oracles: (Xu, e, Sigma^-1, Sigma^-1 e, its log-likelihood),
+    or None when Sigma is not positive definite."""
+    try:
+        np.linalg.cholesky(S)
+    except np.linalg.LinAlgError:
+        return None
+    e = yu - Xu @ beta
+    P = np.linalg.inv(S)
+    r = P @ e
+    return Xu, e, P, r, -0.5 * (len(e) * LOG2PI + np.linalg.slogdet(S)[1] + e @ r)
+
+
 def ri2_dense(row_ptr, slot, y, X, beta, l0, l1, tau_s, theta_s, ptau, pth, gamma, pgam,
               wrow, nv):
     """The oracle of ``_core.ri2_eval`` (grouped random intercepts, mlsem.model.ri2):
@@ -167,16 +180,12 @@ def ri2_dense(row_ptr, slot, y, X, beta, l0, l1, tau_s, theta_s, ptau, pth, gamm
         a = l0[o0:o1]
         c1 = l1[o0:o1] ** 2
         S = np.diag(c1 * tau_s[s] + theta_s[s]) + gamma * np.outer(a, a)
-        try:
-            np.linalg.cholesky(S)
-        except np.linalg.LinAlgError:
+        unit = _dense_unit(S, X[o0:o1], y[o0:o1], beta)
+        if unit is None:
             return None
-        Xu = X[o0:o1]
-        e = y[o0:o1] - Xu @ beta
-        P = np.linalg.inv(S)
-        r = P @ e
+        Xu, e, P, r, llu = unit
         w = wrow[r_]
-        ll += w * -0.5 * (m * LOG2PI + np.linalg.slogdet(S)[1] + e @ r)
+        ll += w * llu
         # dSigma / dv_k for every parameter k
         D = {}
         if pgam >= 0:
@@ -226,16 +235,12 @@ def unst_dense(row_ptr, slot, y, X, beta, load, slot_lat, Phi, theta_s, wrow,
         s = slot[o0:o1]
         L = _lambda(s, load[o0:o1], slot_lat, M)
         S = L @ Phi @ L.T + np.diag(theta_s[s])
-        try:
-            np.linalg.cholesky(S)
-        except np.linalg.LinAlgError:
+        unit = _dense_unit(S, X[o0:o1], y[o0:o1], beta)
+        if unit is None:
             return None
-        Xu = X[o0:o1]
-        e = y[o0:o1] - Xu @ beta
-        P = np.linalg.inv(S)
-        r = P @ e
+        Xu, e, P, r, llu = unit
         w = wrow[r_]
-        ll += w * -0.5 * (m * LOG2PI + np.linalg.slogdet(S)[1] + e @ r)
+        ll += w * llu
         D = {p: L @ E @ L.T for p, E in dphi.items()}
         for i in range(m):
             E = np.zeros((m, m))
