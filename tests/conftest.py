@@ -28,3 +28,17 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"documentation: {c['executed']} code blocks executed on {c['pages']} pages, "
             f"{c['compared']} outputs compared, {c['skipped']} blocks skipped (marked with a reason)")
+
+
+def lme4_name(name, factors):
+    """lme4's coefficient name -> formulaic's ("sexM" -> "sex[T.M]")."""
+    if name == "(Intercept)":
+        return "Intercept"
+    parts = []
+    for p in name.split(":"):
+        for col in factors:
+            if p.startswith(col) and p != col:
+                p = f"{col}[T.{p[len(col):]}]"
+                break
+        parts.append(p)
+    return ":".join(parts).replace("^", " ** ")

@@ -25,26 +25,12 @@ import pytest
 
 import mlsem
 from mlsem.errors import ConvergenceWarning, MlsemError
-from conftest import REF, load_case
+from conftest import REF, lme4_name, load_case
 
 FORMULA_REF = json.loads((REF / "extra" / "lme4_formula.json").read_text())
 
 
 # ---- lme4 references --------------------------------------------------------------
-def lme4_name(name, factors):
-    """lme4's coefficient name -> formulaic's ("sexM" -> "sex[T.M]")."""
-    if name == "(Intercept)":
-        return "Intercept"
-    parts = []
-    for p in name.split(":"):
-        for col in factors:
-            if p.startswith(col) and p != col:
-                p = f"{col}[T.{p[len(col):]}]"
-                break
-        parts.append(p)
-    return ":".join(parts).replace("^", " ** ")
-
-
 def check_lme4(res, block, factors, vc_names, *, reml=False):
     if reml:
         crit = -2.0 * res.loglik

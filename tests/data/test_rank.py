@@ -18,7 +18,7 @@ import pytest
 import mlsem
 from mlsem import RankDeficiencyWarning
 from mlsem.data.rank import deficient_columns
-from conftest import REF
+from conftest import REF, lme4_name
 
 RANK_REF = json.loads((REF / "extra" / "lme4_rank.json").read_text())
 FACTORS = ("sex", "schgend", "vr")
@@ -26,16 +26,7 @@ FACTORS = ("sex", "schgend", "vr")
 
 def _formulaic_name(name):
     """lme4's name -> formulaic's ("sexM:schgendgirls" -> "sex[T.M]:schgend[T.girls]")."""
-    if name == "(Intercept)":
-        return "Intercept"
-    out = []
-    for p in name.split(":"):
-        for col in FACTORS:
-            if p.startswith(col) and p != col:
-                p = f"{col}[T.{p[len(col):]}]"
-                break
-        out.append(p)
-    return ":".join(out)
+    return lme4_name(name, FACTORS)
 
 
 @pytest.fixture(scope="module")
