@@ -7,7 +7,9 @@ about the model: these are run-length passes over integer arrays.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, int32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, int32_t, uint32_t, uint64_t
+
+from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
@@ -204,3 +206,121 @@ def same_slots(const int32_t[::1] slot, const int64_t[::1] tstart, const int64_t
             if not ok:
                 break
     return bool(ok)
+
+
+# --- mprep2 --- several outcomes: the (unit, outcome) cells straight from the units --------------
+# (mlsem.data.multivariate._cells_compiled; the reference is the stacked frame through
+# prepare_fast, tests/data/test_multivariate_fast.py compares them field by field)
+
+ctypedef fused index_t:
+    uint32_t
+    uint64_t
+
+
+def cell_slots(const int32_t[::1] pslot, const uint8_t[:, ::1] okp, const int32_t[::1] cslot_of,
+               int nout):
+    """Per observed cell (units in order, each unit's outcomes in order) its slot
+    ``cslot_of[pslot[u] * nout + o]``, and per unit the position of its first cell
+    (nu + 1 values): (cslot int32, pc int64)."""
+    cdef Py_ssize_t u, nu = pslot.shape[0], m = 0
+    cdef int o
+    if okp.shape[0] != nu or okp.shape[1] != nout:
+        raise ValueError("cell_slots: okp must be (units, nout)")
+    pc_a = np.empty(nu + 1, dtype=np.int64)
+    cdef int64_t[::1] pc = pc_a
+    with nogil:
+        for u in range(nu):
+            pc[u] = m
+            for o in range(nout):
+                m += okp[u, o]
+        pc[nu] = m
+    out = np.empty(m, dtype=np.int32)
+    cdef int32_t[::1] cs = out
+    cdef Py_ssize_t c = 0
+    cdef int64_t base
+    with nogil:
+        for u in range(nu):
+            base = <int64_t>pslot[u] * nout
+            for o in range(nout):
+                if okp[u, o]:
+                    cs[c] = cslot_of[base + o]
+                    c += 1
+    return out, pc_a
+
+
+def fill_cells(const int64_t[::1] row_order, const int64_t[::1] tstart, const int64_t[::1] pc,
+               const uint8_t[:, ::1] okp, const int32_t[::1] cslot, const int64_t[::1] drow,
+               const int64_t[::1] srow, int nout, list ys, list xcols, const int64_t[::1] xo0,
+               const int64_t[::1] xst, list maps, const int64_t[::1] qoff, int32_t[::1] slot_out,
+               double[::1] y_out, index_t[::1] obs_out, double[:, ::1] Xc_out):
+    """The cells in the final order (the units of ``tstart``'s rows in ``row_order``, each
+    row's units in order, each unit's observed outcomes in order): slot, y (``ys[o]``
+    at the unit's data row ``drow``), the stacked row (``srow * nout + o``) and the compact
+    design (outcome o's columns j = ``qoff[o]`` .. ``qoff[o+1]`` first, zero after): column
+    j's value at design row r is ``xcols[j][xo0[j] + r * xst[j]]``, r = ``maps[o][drow]``
+    (``maps[o]`` empty: the data row itself)."""
+    cdef Py_ssize_t nrows = row_order.shape[0], r, u, c = 0, i, m = slot_out.shape[0]
+    cdef Py_ssize_t nu = okp.shape[0]
+    cdef int o, a, j, qm = Xc_out.shape[1], q
+    cdef int64_t src, xr
+    if nout < 1 or nout > 64 or len(ys) != nout or len(maps) != nout or qoff.shape[0] != nout + 1:
+        raise ValueError("fill_cells: one y and map per outcome (1 to 64)")
+    q = <int>qoff[nout]
+    if len(xcols) != q or xo0.shape[0] != q or xst.shape[0] != q or q > 4096:
+        raise ValueError("fill_cells: one column, offset and stride per design column")
+    if y_out.shape[0] != m or obs_out.shape[0] != m or Xc_out.shape[0] != m \
+            or cslot.shape[0] != m or tstart.shape[0] != nrows + 1 \
+            or pc.shape[0] != nu + 1 or pc[nu] != m or okp.shape[1] != nout \
+            or drow.shape[0] != nu or srow.shape[0] != nu:
+        raise ValueError("fill_cells: shapes do not agree")
+    for o in range(nout):
+        if qoff[o + 1] - qoff[o] > qm or qoff[o + 1] < qoff[o]:
+            raise ValueError("fill_cells: an outcome has more columns than the compact design")
+    for r in range(nrows):
+        if row_order[r] < 0 or row_order[r] >= nrows or tstart[r] > tstart[r + 1]:
+            raise ValueError("fill_cells: row_order or tstart out of range")
+    if tstart[0] != 0 or tstart[nrows] != nu:
+        raise ValueError("fill_cells: tstart is not a range of the units")
+    cdef const double* yp[64]
+    cdef const int64_t* mp[64]
+    cdef const double** xp = <const double**>malloc(max(q, 1) * sizeof(double*))
+    if xp == NULL:
+        raise MemoryError()
+    cdef const double[::1] yv
+    cdef const int64_t[::1] mv
+    try:
+        for o in range(nout):
+            yv = ys[o]
+            yp[o] = &yv[0]
+            mv = maps[o]
+            mp[o] = &mv[0] if mv.shape[0] > 0 else NULL
+        for j in range(q):
+            yv = xcols[j]
+            xp[j] = &yv[0]
+        with nogil:
+            for r in range(nrows):
+                for u in range(tstart[row_order[r]], tstart[row_order[r] + 1]):
+                    src = drow[u]
+                    i = pc[u]
+                    for o in range(nout):
+                        if not okp[u, o] or c >= m:
+                            continue
+                        slot_out[c] = cslot[i]
+                        i += 1
+                        y_out[c] = yp[o][src]
+                        obs_out[c] = <index_t>(srow[u] * nout + o)
+                        xr = mp[o][src] if mp[o] != NULL else src
+                        a = 0
+                        for j in range(<int>qoff[o], <int>qoff[o + 1]):
+                            Xc_out[c, a] = xp[j][xo0[j] + xr * xst[j]]
+                            a += 1
+                        while a < qm:
+                            Xc_out[c, a] = 0.0
+                            a += 1
+                        c += 1
+    finally:
+        free(xp)
+    if c != m:
+        raise ValueError(f"fill_cells: {c} cells written, {m} expected")
+    return 0
+# --- end mprep2 ---

@@ -13,11 +13,14 @@ per (node, outcome): ``k:y1``, ``j[1]:y2``.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import polars as pl
 
 from ..errors import MlsemError
 from .encode import Encoding, outcome_column
+from .layout import LazyMeta, LevelInfo, Prepared, label_mode, latents
 from .prepare import _ROW, collect_columns, prepare
 
 _VAL = "__mlsem_value"
@@ -64,17 +67,23 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None, fast=True):
     xnames = []
     qs = [len(e.names) for e in encs]
     q = sum(qs)
-    ok = np.zeros((nout, df.height), dtype=bool)
-    Xo, idxs = [], []
+    ok = np.empty((nout, df.height), dtype=bool)
+    Xo = []
     missing = []
     for o, (F, enc) in enumerate(zip(Fs, encs)):
-        rows, X, _ = enc.design(df, with_outcome=True)
-        idx = np.flatnonzero(rows)
-        missing.append(int(df.height - len(idx)))
-        ok[o, idx] = True
+        if fast and enc.plain and not enc.slopes:
+            # numeric columns as they are: read in place by the compiled pass (no frame
+            # of the encoded rows, no design matrix)
+            enc._check_finite(df)
+            ok[o] = enc._complete(df, True).to_numpy()
+            X = _Columns(df, enc.names)
+        else:
+            rows, X, _ = enc.design(df, with_outcome=True)
+            ok[o] = rows
+        missing.append(int(df.height - np.count_nonzero(ok[o])))
         Xo.append(X)
-        idxs.append(idx)
         xnames += [f"{F.outcome}:{n}" for n in enc.names]
+    idxs = _Rows(ok)
     used = ok.any(axis=0)
     dropped_units = int(df.height - used.sum())
     if not used.any():
@@ -90,6 +99,44 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None, fast=True):
             pl.arg_sort_by(level_cols + [index], maintain_order=True)).to_series().to_numpy()
         uidx = uidx[order]
     nu = len(uidx)
+    got = _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used) if fast else None
+    if got is not None:
+        prep, sout, spup = got
+    else:
+        prep, sout, spup = _cells_stacked(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, fast,
+                                          index)
+    prep.xnames = xnames
+    nout = len(Fs)
+    sl = prep.slot_lat
+    slot_lat = np.where(sl >= 0, sl * nout + sout[:, None], -1).astype(np.int32)
+    outs = [F.outcome for F in Fs]
+    names, node, term = [], [], []
+    for g in range(prep.nlatent):
+        for o in range(nout):
+            names.append(f"{prep.latent_names[g]}:{outs[o]}")
+            node.append(prep.latent_node[g])
+            term.append((prep.latent_term[g][0], outs[o]))
+    prep.slot_lat = slot_lat
+    prep.nlatent = prep.nlatent * nout
+    prep.latent_names = names
+    prep.latent_node = np.asarray(node, dtype=np.int64)
+    prep.latent_term = term
+    # a dropped unit has every cell missing: count it once, not among the missing cells
+    missing = [n - dropped_units for n in missing]
+    prep.missing_outcome = int(sum(missing))
+    prep.meta.update(sout=sout, spup=spup, outcomes=outs, units=int(used.sum()),
+                     dropped_units=dropped_units, cells_missing=dict(zip(outs, missing)))
+    return prep
+
+
+def _cells_stacked(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, fast, index):
+    """(prep, sout, spup) by the stacked frame of the cells through prepare (the first
+    implementation; the path of ids that are not integers)."""
+    nout = len(Fs)
+    level_cols = [lv[-1] for lv in levels]
+    q = sum(qs)
+    nu = len(uidx)
+    Xo = [x.matrix(idxs[o]) if isinstance(x, _Columns) else x for o, x in enumerate(Xo)]
     # values and the compact design of every (kept unit, outcome) cell, unit-major: a
     # cell's own outcome's columns (column a of outcome o in column a)
     qmax = max(qs + [1])
@@ -156,7 +203,6 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None, fast=True):
             off += qs[o]
     prep.X = X
     prep.meta["Xc"] = Xc
-    prep.xnames = xnames
     # one latent per (node, outcome): latent g of prepare -> g * nout + o
     labels = prep.slot_labels
     cell = labels["obs"].to_numpy().astype(np.int64) - 1
@@ -168,23 +214,271 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None, fast=True):
     spup = ukey.select(pl.struct(ukey.columns).rank("dense").cast(pl.Int32)).to_series().to_numpy()
     if np.any(np.diff(spup) < 0):
         raise MlsemError("internal: the slots of a unit are not consecutive")
-    sl = prep.slot_lat
-    slot_lat = np.where(sl >= 0, sl * nout + sout[:, None], -1).astype(np.int32)
-    outs = [F.outcome for F in Fs]
-    names, node, term = [], [], []
-    for g in range(prep.nlatent):
-        for o in range(nout):
-            names.append(f"{prep.latent_names[g]}:{outs[o]}")
-            node.append(prep.latent_node[g])
-            term.append((prep.latent_term[g][0], outs[o]))
-    prep.slot_lat = slot_lat
-    prep.nlatent = prep.nlatent * nout
-    prep.latent_names = names
-    prep.latent_node = np.asarray(node, dtype=np.int64)
-    prep.latent_term = term
-    # a dropped unit has every cell missing: count it once, not among the missing cells
-    missing = [n - dropped_units for n in missing]
-    prep.missing_outcome = int(sum(missing))
-    prep.meta.update(sout=sout, spup=spup, outcomes=outs, units=int(used.sum()),
-                     dropped_units=dropped_units, cells_missing=dict(zip(outs, missing)))
-    return prep
+    return prep, sout, spup
+
+
+def _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used):
+    """(prep, sout, spup) laid out from the units (pupils) with the slot arithmetic, the
+    same arrays as :func:`_cells_stacked` (its stacked frame through prepfast.prepare_fast:
+    tests/data/test_multivariate_fast.py): one pass of prepare_fast's steps on the units,
+    then the cells in compiled passes (a cell of unit u and outcome o is numbered
+    ``(u's number in its innermost group - 1) * nout + o + 1`` in the group, so the slots
+    are the present (unit slot, outcome) pairs in that order).  None where it does not apply
+    (ids that are not integers, the passes not built, a hash collision of two missing
+    patterns): the stacked path."""
+    from . import prepfast as pf
+    K = pf._K
+    level_cols = [lv[-1] for lv in levels]
+    if not hasattr(K, "fill_cells") or not pf.applies(df, level_cols, None, None, None, False):
+        return None
+    nout = len(Fs)
+    L = len(level_cols)
+    schema = df.schema
+    effects = {d: ["Intercept"] for d in range(L)
+               if any(len(rt.group) == d + 1 for rt in Fs[0].random)}
+    nu = len(uidx)
+    ident = nu == df.height and bool(np.array_equal(uidx, np.arange(nu)))
+    ids = [pf._i64(df[c].to_numpy()) for c in level_cols]
+    if not ident:
+        ids = [v[uidx] for v in ids]
+    lvl, in_order = pf._levels(ids)
+    drow = np.arange(nu, dtype=np.int64) if ident else pf._i64(uidx)   # data row of each unit
+    srow = np.arange(nu, dtype=np.int64)                             # its number among the kept
+    if not in_order:
+        order = pf._i64(pl.DataFrame(ids, schema=level_cols).with_row_index("__i").sort(
+            level_cols, maintain_order=True)["__i"].to_numpy())
+        ids = [v[order] for v in ids]
+        drow, srow = drow[order], order
+        lvl, _ = pf._levels(ids)
+    ng = [int(np.count_nonzero(lvl <= d)) for d in range(L)]
+    labs, lab_dtypes, is_value = [], [], []
+    for d in range(1, L):
+        mode = label_mode(pf._n_distinct(ids[d]), ng[d], ng[d - 1])
+        if mode == "rank":
+            labs.append(K.rank_and_obs(lvl, d))
+            lab_dtypes.append(pl.Int64)
+        elif mode == "one":
+            labs.append(np.ones(nu, dtype=np.int64))
+            lab_dtypes.append(pl.Int64)
+        else:
+            labs.append(ids[d])
+            lab_dtypes.append(schema[level_cols[d]])
+        is_value.append(mode == "value")
+    pobs = K.rank_and_obs(lvl, L)       # the unit's number within its innermost group
+    # the observed cells of each unit (in its order): okp[u, o]
+    okp = np.ascontiguousarray((ok if ident and in_order else ok[:, drow]).T).view(np.uint8)
+    # unit slots: the distinct (labels, unit number) in order; a cell's slot is the rank of
+    # (unit slot, outcome) among the present pairs
+    pslot, PP, prep_first = pf._slot_codes(labs + [pobs])
+    pres = np.zeros((PP, nout), dtype=bool)
+    for o in range(nout):
+        pres[pslot[okp[:, o].view(bool)], o] = True
+    pres = pres.ravel()
+    cslot_of = (np.cumsum(pres, dtype=np.int64) - 1).astype(np.int32)
+    P = int(np.count_nonzero(pres))
+    pair = np.flatnonzero(pres)
+    ps, po = pair // nout, (pair % nout).astype(np.int32)
+    rep = prep_first[ps]
+    cslot, pc = K.cell_slots(np.ascontiguousarray(pslot, dtype=np.int32), okp, cslot_of, nout)
+    m = int(pc[-1])
+    lab_cols = [f"__lab{d}" for d in range(1, L)]
+    slots = pl.DataFrame([pl.Series(nm, v[rep]).cast(dt) for nm, v, dt in zip(lab_cols, labs, lab_dtypes)]
+                         + [pl.Series("__obs", (pobs[rep] - 1) * nout + po + 1)]).with_row_index("__slot")
+    # top-level units (rows of the CSR layout), their patterns as in prepare_fast
+    tstart = np.flatnonzero(lvl == 0)
+    nrows = len(tstart)
+    ctstart = pc[tstart]
+    cnt = np.diff(np.append(ctstart, m))
+    R = np.random.default_rng(pf._RNG_SEED).integers(1, 2**63 - 1, size=P, dtype=np.int64).view(np.uint64)
+    h, increasing = K.unit_hash(cslot, ctstart, R)
+    if not increasing:     # pragma: no cover - cannot happen (labels are monotone)
+        return None
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    rk = np.empty(len(first), dtype=np.int64)
+    rk[np.argsort(first, kind="stable")] = np.arange(len(first))
+    pat_of_row = rk[inv]
+    if not K.same_slots(cslot, ctstart, cnt, pf._i64(first[inv])):
+        return None
+    row_order = np.argsort(pat_of_row, kind="stable")
+    counts = cnt[row_order]
+    row_ptr = np.zeros(nrows + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    change = np.flatnonzero(np.diff(pat_of_row[row_order])) + 1
+    pat_ptr = np.concatenate([[0], change, [nrows]]).astype(np.int64)
+    top_f = ids[0][tstart[row_order]]
+    # group counts per level: the cells of the units of each group
+    infos = []
+    for d in range(L):
+        gs = np.flatnonzero(lvl <= d)
+        sizes = np.diff(np.append(pc[gs], m))
+        infos.append(LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), len(gs),
+                                  int(sizes.min()), float(m / len(gs)), int(sizes.max())))
+    del lvl
+    # the cells, in the final order, in one pass
+    q, qmax = sum(qs), max(qs + [1])
+    qoff = np.zeros(nout + 1, dtype=np.int64)
+    np.cumsum(qs, out=qoff[1:])
+    ys, maps, xcols, xo0, xst = [], [], [], [], []
+    none = np.zeros(0, dtype=np.int64)
+    for o, F in enumerate(Fs):
+        ys.append(np.ascontiguousarray(df[F.outcome].cast(pl.Float64).to_numpy()))
+        if isinstance(Xo[o], _Columns):       # the data's columns, at the data row
+            for c in Xo[o].arrays():
+                xcols.append(c)
+                xo0.append(0)
+                xst.append(1)
+                if len(c) != df.height:        # the intercept: one value, read at offset 0
+                    xst[-1] = 0
+            maps.append(none)
+            continue
+        Xa = np.ascontiguousarray(Xo[o], dtype=np.float64)
+        if Xa.shape != (int(np.count_nonzero(ok[o])), qs[o]):
+            raise MlsemError("internal: a design's rows are not its outcome's cells")
+        for a in range(qs[o]):
+            xcols.append(Xa.reshape(-1))
+            xo0.append(a)
+            xst.append(qs[o])
+        if Xa.shape[0] == df.height:
+            maps.append(none)
+        else:                                  # the design's row of each data row
+            mp = np.cumsum(ok[o], dtype=np.int64)
+            mp -= 1
+            maps.append(mp)
+    idx_dt = pf._index_dtype()
+    slot = np.empty(m, dtype=np.int32)
+    y = np.empty(m)
+    obs_row = np.empty(m, dtype=np.uint64 if idx_dt == pl.UInt64 else np.uint32)
+    Xc = np.empty((m, qmax))
+    tptr = np.append(tstart, nu).astype(np.int64)
+    K.fill_cells(pf._i64(row_order), tptr, pc, okp, cslot, drow, srow, nout, ys, xcols,
+                 np.asarray(xo0, dtype=np.int64), np.asarray(xst, dtype=np.int64), maps, qoff,
+                 slot, y, obs_row, Xc)
+    del ys, xcols, maps, cslot
+    nl = len(effects)
+    lat = latents(slots, lab_cols, levels, level_cols, effects)
+    slot_labels = slots.rename({c: level_cols[i + 1] for i, c in enumerate(lab_cols)}).rename(
+        {"__obs": "obs", "__slot": "slot"})
+    top_ids = pl.Series(level_cols[0], top_f).cast(schema[level_cols[0]])
+    frame = partial(_cells_frame, df, uidx, nout, level_cols, lab_cols, lab_dtypes, is_value, slots,
+                    top_ids, row_ptr, obs_row, slot)
+    prep = CellsPrepared(
+        y=y, X=None, slot=slot, load=np.ones((m, max(nl, 1))), row_ptr=row_ptr, pat_ptr=pat_ptr,
+        slot_lat=lat[0], nlatent=lat[1], latent_names=lat[2], latent_node=lat[3],
+        latent_term=lat[4], slot_labels=slot_labels, level_labels=lat[5], top_ids=top_ids,
+        obs_row=obs_row, wrow=np.ones(nrows), levels=infos, xnames=[], nobs=m,
+        dropped_covariate=0, missing_outcome=int(nu * nout - m), max_row_obs=int(counts.max()),
+        meta=LazyMeta({"frame": frame}))
+    prep.meta["Xc"] = Xc
+    sout = np.ascontiguousarray(po, dtype=np.int32)
+    prep.defer_block_design(sout, qoff)
+    # the unit of a slot: its unit slot's rank among the present ones (every unit slot has
+    # a cell: the rank is the code)
+    spup = (ps + 1).astype(np.int32)
+    return prep, sout, spup
+
+
+def _cells_frame(df, uidx, nout, level_cols, lab_cols, lab_dtypes, is_value, slots, top_ids, row_ptr,
+                 obs_row, slot):
+    """prepfast's ``meta["frame"]`` of the stacked cells (ids gathered from the units)."""
+    from .prepfast import _meta_frame
+    cidx = pl.Series(np.repeat(uidx, nout))
+    ids_orig = {c: df[c].gather(cidx) for d, c in enumerate(level_cols)
+                if d >= 1 and not is_value[d - 1]}
+    return _meta_frame(level_cols, lab_cols, lab_dtypes, is_value, ids_orig, slots, top_ids, row_ptr,
+                       obs_row, slot)
+
+
+class CellsPrepared(Prepared):
+    """The :class:`Prepared` of several outcomes laid out by the compiled passes: its block
+    design ``X`` (a cell's row zero outside its outcome's columns) is written from the
+    compact one (``meta["Xc"]``) when first read: the grouped fit reads only the compact
+    one (74 MB not written on 2.3M cells of two outcomes with two columns each).  While
+    ``deferred`` holds (MultiModel's construction, which takes X's shape and reference
+    only) the array is handed out unwritten; it is written in place on the first read
+    after."""
+
+    @property
+    def X(self):
+        d = self.__dict__
+        fill = d.get("_Xfill")
+        if fill is not None and not d.get("_Xdefer"):
+            del d["_Xfill"]
+            fill(d["_X"])
+        return d["_X"]
+
+    @X.setter
+    def X(self, value):
+        self.__dict__["_X"] = value
+        self.__dict__.pop("_Xfill", None)
+
+    def defer_block_design(self, sout, qoff):
+        m, q = self.nobs, int(qoff[-1])
+        self.__dict__["_X"] = np.zeros((m, q))       # (pages untouched until written)
+        self.__dict__["_Xfill"] = partial(_block_design, self, np.asarray(sout), np.asarray(qoff))
+
+    @property
+    def block_design_pending(self) -> bool:
+        return self.__dict__.get("_Xfill") is not None
+
+    def deferred(self):
+        return _Defer(self)
+
+    def __getstate__(self):
+        self.X    # noqa: B018 - written before pickling
+        return dict(self.__dict__)
+
+
+class _Defer:
+    def __init__(self, prep):
+        self.prep = prep
+
+    def __enter__(self):
+        self.prep.__dict__["_Xdefer"] = True
+        return self.prep
+
+    def __exit__(self, *exc):
+        self.prep.__dict__.pop("_Xdefer", None)
+        return False
+
+
+def _block_design(prep, sout, qoff, X):
+    """X[:, qoff[o] + a] = column a of the compact design on the cells of outcome o."""
+    Xc = prep.meta["Xc"]
+    ocell = sout[prep.slot]
+    for o in range(len(qoff) - 1):
+        if qoff[o + 1] > qoff[o]:
+            mk = ocell == o
+            for a in range(int(qoff[o + 1] - qoff[o])):
+                np.multiply(Xc[:, a], mk, out=X[:, qoff[o] + a])
+
+
+class _Columns:
+    """A plain design (an outcome's covariates as they are, and the intercept), not
+    materialised: the compiled pass reads the data's columns at the data rows."""
+
+    def __init__(self, df, names):
+        self.df, self.names = df, list(names)
+
+    def arrays(self):
+        return [np.ones(1) if n == "Intercept" else
+                np.ascontiguousarray(self.df[n].cast(pl.Float64).to_numpy(), dtype=np.float64)
+                for n in self.names]
+
+    def matrix(self, idx):
+        X = np.empty((len(idx), len(self.names)))
+        for j, (n, c) in enumerate(zip(self.names, self.arrays())):
+            X[:, j] = 1.0 if n == "Intercept" else c[idx]
+        return X
+
+
+class _Rows:
+    """Per outcome the data rows of its cells (flatnonzero of its mask), when asked for."""
+
+    def __init__(self, ok):
+        self.ok, self.got = ok, {}
+
+    def __getitem__(self, o):
+        if o not in self.got:
+            self.got[o] = np.flatnonzero(self.ok[o])
+        return self.got[o]

@@ -2324,8 +2324,14 @@ def mgroup_sums(const long long[::1] row_ptr, const int[::1] slot, const int[::1
     cdef int* order = <int*>malloc(nm * sizeof(int))
     cdef double* v = <double*>malloc(nk * sizeof(double))
     cdef int* oc = <int*>malloc(nout * sizeof(int))
-    if gof == NULL or order == NULL or v == NULL or oc == NULL:
-        free(gof); free(order); free(v); free(oc)
+    cdef double* vl = <double*>malloc(nk * sizeof(double))     # (mprep2)
+    cdef int* ix = <int*>malloc(nk * sizeof(int))
+    cdef double* Cm
+    cdef double* Cr
+    cdef double* gs
+    cdef int nv
+    if gof == NULL or order == NULL or v == NULL or oc == NULL or vl == NULL or ix == NULL:
+        free(gof); free(order); free(v); free(oc); free(vl); free(ix)
         raise MemoryError()
     with nogil:
         for m in range(nm):
@@ -2347,7 +2353,7 @@ def mgroup_sums(const long long[::1] row_ptr, const int[::1] slot, const int[::1
                             if gsum[gg, a] == 0.0:
                                 continue
                             va = wr * gsum[gg, a] / n
-                            for b in range(nk):
+                            for b in range(a, nk):      # (mprep2: the upper triangle, mirrored below)
                                 C[m, a, b] -= va * gsum[gg, b]
                         ccount[m] += wr * (n - 1.0)
                         gof[m] = -1
@@ -2379,23 +2385,35 @@ def mgroup_sums(const long long[::1] row_ptr, const int[::1] slot, const int[::1
                 ob = gof[mask]
                 gn[ob] += 1
                 # the unit's centred values, then its cross products
+                # (mprep2: packed in a local vector, indices increasing, the upper triangle
+                # accumulated through a row pointer, mirrored below: half the products)
+                nv = 0
                 for a in range(na):
                     oa = o + a
-                    v[oc[a] * k] = y[oa] - mu[oc[a], 0]
+                    vl[nv] = y[oa] - mu[oc[a], 0]
+                    ix[nv] = oc[a] * k
+                    nv += 1
                     for i in range(kx):
-                        v[oc[a] * k + 1 + i] = X[oa, i] - mu[oc[a], 1 + i]
-                for a in range(na):
-                    for i in range(k):
-                        va = v[oc[a] * k + i]
-                        gsum[ob, oc[a] * k + i] += va
-                        va = wr * va
-                        for b in range(na):
-                            for j in range(k):
-                                C[mask, oc[a] * k + i, oc[b] * k + j] += va * v[oc[b] * k + j]
+                        vl[nv] = X[oa, i] - mu[oc[a], 1 + i]
+                        ix[nv] = oc[a] * k + 1 + i
+                        nv += 1
+                Cm = &C[mask, 0, 0]
+                gs = &gsum[ob, 0]
+                for a in range(nv):
+                    va = vl[a]
+                    gs[ix[a]] += va
+                    va = wr * va
+                    Cr = Cm + ix[a] * nk
+                    for b in range(a, nv):
+                        Cr[ix[b]] += va * vl[b]
                 o = o1
-    free(gof); free(order); free(v); free(oc)
+    free(gof); free(order); free(v); free(oc); free(vl); free(ix)
     if g != ng:
         raise ValueError(f"mgroup_sums: {g} groups found, {ng} expected (mgroup_count's)")
+    for m in range(nm):             # (mprep2) the lower triangle from the upper
+        for a in range(nk):
+            for b in range(a):
+                C[m, a, b] = C[m, b, a]
     return 0
 # --- end mfast ---
 
@@ -3044,3 +3062,44 @@ def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const in
     _raise_alloc(status_t, nd * sizeof(double))
     return nt
 # --- end unst ---
+
+# --- mprep2 --- several outcomes: each outcome's least-squares cross products in one pass ---------
+# (mlsem.model.multivariate.MultiModel.outcome_ols; tests/model/test_multivariate_prep.py checks
+# them against lstsq on each outcome's gathered cells)
+
+def outcome_cross(const int[::1] slot, const int[::1] sout, const double[::1] y,
+                  const double[:, ::1] Xc, const int[::1] qo, double[:, :, ::1] P, int[::1] ocell):
+    """Adds to P[o] (k x k, k >= 2 + max qo) the cross products of z = [1, Xc[c, :qo[o]], y[c]]
+    over the cells c of outcome o = sout[slot[c]] (P[o]'s leading qo[o] + 2 square); writes
+    ocell[c] = o."""
+    cdef Py_ssize_t c, m = slot.shape[0]
+    cdef int o, a, b, n, nout = qo.shape[0], k = P.shape[1], qx = Xc.shape[1]
+    cdef double z[66]
+    if y.shape[0] != m or Xc.shape[0] != m or ocell.shape[0] != m or P.shape[0] != nout \
+            or P.shape[2] != k:
+        raise ValueError("outcome_cross: shapes do not agree")
+    for o in range(nout):
+        if qo[o] < 0 or qo[o] > qx or qo[o] + 2 > k or qo[o] > 64:
+            raise ValueError("outcome_cross: an outcome's columns exceed the compact design's")
+    for c in range(m):
+        if slot[c] < 0 or slot[c] >= sout.shape[0] or sout[slot[c]] < 0 or sout[slot[c]] >= nout:
+            raise ValueError(f"outcome_cross: slot or outcome of cell {c} out of range")
+    with nogil:
+        for c in range(m):
+            o = sout[slot[c]]
+            ocell[c] = o
+            n = qo[o] + 2
+            z[0] = 1.0
+            for a in range(qo[o]):
+                z[1 + a] = Xc[c, a]
+            z[n - 1] = y[c]
+            for a in range(n):
+                for b in range(a, n):
+                    P[o, a, b] += z[a] * z[b]
+        for o in range(nout):
+            n = qo[o] + 2
+            for a in range(n):
+                for b in range(a):
+                    P[o, a, b] = P[o, b, a]
+    return 0
+# --- end mprep2 ---

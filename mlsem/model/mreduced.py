@@ -68,7 +68,7 @@ class MultiReduced(MultiModel):
         self._gth = np.zeros((self._nt, self.nout * self.nout))
         self._sout, self._spup = full._sout, full._spup
         self.pscale = full.pscale
-        self._ols_out = full._ols_out
+        self._ols_fit = full._ols_fit
         self._xorder, self._xoff = full._xorder, full._xoff
         self._Xc = Xc
         self._gbeta = np.zeros((self._nt, max(self.q, 8)))
@@ -76,6 +76,10 @@ class MultiReduced(MultiModel):
         # count of contrasts and the pooled cross products C[a, :, b, :] of [y, X_a]
         self._wmasks, self._wcount, self._wC = within
         self._kx = Xc.shape[1]
+
+    @property
+    def _ols_out(self):
+        return self.full._ols_out
 
     def start_values(self):
         """Moment estimates from the grouped data, near the ML estimates on the nested
@@ -87,7 +91,7 @@ class MultiReduced(MultiModel):
         positive definite).  The full model's rule where that does not apply."""
         t = self.table
         psi = np.zeros(t.nparams)
-        for rows, cols, b, _ in self._ols_out:
+        for cols, b, _, _ in self._ols_fit:
             psi[t.beta_param[cols]] = b
         try:
             got = self._moments(psi)
@@ -312,7 +316,7 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     cslot = np.ascontiguousarray(cslot[cidx], dtype=np.int32)
     Xg = np.ascontiguousarray(vals[:, 1:])
     # the stacked design (the base model's shape; the kernel reads the compact Xg)
-    q = prep.X.shape[1]
+    q = model.q                  # (not prep.X: the full block design may be unwritten)
     Xs = np.zeros((ncell, q))
     co = co[cidx]
     for o in range(nout):

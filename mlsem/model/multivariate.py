@@ -11,6 +11,7 @@ algebra.  The parameter table's Theta entries index R (``table.theta_row``,
 """
 from __future__ import annotations
 
+import contextlib
 from itertools import combinations
 
 import numpy as np
@@ -48,9 +49,13 @@ class MultiModel(Model):
 
     def __init__(self, prep, table, backend: str = "auto", nthreads: int | None = None):
         # the units (pscale) are the outcomes' own (_outcome_scales), not the stacked
-        # least-squares fit's: Model's are not computed
-        super().__init__(prep, table, backend=backend, nthreads=nthreads,
-                         units=((None, 1.0), None))
+        # least-squares fit's: Model's are not computed.  A block design that the data layer
+        # writes on first use (data.multivariate.CellsPrepared) stays unwritten here: Model
+        # takes its shape and a reference only
+        defer = getattr(prep, "deferred", None)
+        with (defer() if defer is not None else contextlib.nullcontext()):
+            super().__init__(prep, table, backend=backend, nthreads=nthreads,
+                             units=((None, 1.0), None))
         self.nout = int(table.nout)
         self.dense = False
         self._hess_layout(table)      # the kernel's exact d2l/dPhi2 (all the Phi parameters)
@@ -65,8 +70,6 @@ class MultiModel(Model):
         self._xoff = np.zeros(self.nout + 1, dtype=np.int32)
         self._xoff[1:] = np.cumsum([len(c) for c in cols])
         qmax = max([len(c) for c in cols] + [1])
-        ocell = self._sout[prep.slot]
-        self._orows = [np.flatnonzero(ocell == o) for o in range(self.nout)]
         # a cell's row of the stacked X is 0 outside its outcome's columns: column a of
         # the compact X is the sum over the outcomes of their a-th columns
         Xc = prep.meta.get("Xc") if isinstance(prep.meta, dict) else None
@@ -80,34 +83,64 @@ class MultiModel(Model):
                 for a, col in enumerate(c):
                     Xc[:, a] += prep.X[:, col]
         self._Xc = np.ascontiguousarray(Xc, dtype=np.float64)
-        self._ocell = ocell
         self.pscale = self._outcome_scales()
-        self.ols = (None, float(np.mean([v for (_, _, _, v) in self._ols_out])))
+        self.ols = (None, float(np.mean([v for (_, _, v, _) in self._ols_fit])))
         self._gbeta = np.zeros((self._nt, max(self.q, 8)))
+
+    # the block design (Model keeps a reference: written on first use, see above)
+    @property
+    def _X(self):
+        return self.prep.X
+
+    @_X.setter
+    def _X(self, value):
+        pass
+
+    @property
+    def _orows(self):
+        """Per outcome the positions of its cells (built when first asked for)."""
+        got = self.__dict__.get("_orows_c")
+        if got is None:
+            got = self.__dict__["_orows_c"] = [np.flatnonzero(self._ocell == o)
+                                               for o in range(self.nout)]
+        return got
+
+    @property
+    def _ols_out(self):
+        """Per outcome (rows of its cells, its design columns, OLS beta, mean squared
+        residual)."""
+        return [(r, c, b, v) for r, (c, b, v, _) in zip(self._orows, self._ols_fit)]
 
     # ---- units --------------------------------------------------------------
     def outcome_ols(self):
-        """Per outcome: (rows of its cells, OLS beta of its own design columns, mean
-        squared residual), by the normal equations on the compact design (least squares
-        where X'X is singular).  Keeps ``_zsums`` (nout, 2 + qmax): per outcome its number
-        of cells and the sums of its X columns and y (the grouping's centring, the units)."""
+        """Per outcome: (its design columns, OLS beta of them, mean squared residual, its
+        number of cells), by the normal equations from one pass over the cells
+        (``_core.outcome_cross``; least squares on the outcome's cells where X'X is
+        singular).  Keeps ``_ocell`` (each cell's outcome), ``_zsums`` (nout, 2 + qmax):
+        per outcome its number of cells and the sums of its X columns and y (the grouping's
+        centring, the units) and ``_zsq``, the sums of squares of its X columns."""
         prep = self.prep
         out = []
-        nout, Xc, y = self.nout, self._Xc, prep.y
+        nout, Xc, y = self.nout, self._Xc, np.ascontiguousarray(prep.y, dtype=np.float64)
+        qs = np.array([len(c) for c in self.table.beta_cols], dtype=np.int32)
+        k = Xc.shape[1] + 2
+        Pall = np.zeros((nout, k, k))
+        if _core is not None and hasattr(_core, "outcome_cross"):
+            self._ocell = np.empty(prep.nobs, dtype=np.int32)
+            _core.outcome_cross(self._slot, self._sout, y, Xc, qs, Pall, self._ocell)
+        else:     # pragma: no cover - the kernel not built: gathers and BLAS
+            self._ocell = self._sout[prep.slot]
+            for o in range(nout):
+                Z = self._cells_z(o, int(qs[o]))
+                Pall[o, :qs[o] + 2, :qs[o] + 2] = Z.T @ Z
         self._zsums = np.zeros((nout, Xc.shape[1] + 2))
         self._zsq = np.zeros((nout, Xc.shape[1]))
         for o in range(nout):
-            rows = self._orows[o]
             cols = np.asarray(self.table.beta_cols[o])
             qo = len(cols)
-            n = max(len(rows), 1)
-            # [1, X_o, y] of the outcome's cells gathered once: one BLAS product
-            Z = np.empty((len(rows), qo + 2))
-            Z[:, 0] = 1.0
-            Z[:, 1:1 + qo] = (np.take(Xc, rows, axis=0) if qo == Xc.shape[1]
-                              else np.take(Xc[:, :qo], rows, axis=0))
-            Z[:, qo + 1] = y[rows]
-            P = Z.T @ Z
+            P = Pall[o, :qo + 2, :qo + 2]
+            ncell = int(round(P[0, 0]))
+            n = max(ncell, 1)
             self._zsums[o, 0] = P[0, 0]
             self._zsums[o, 1:1 + qo] = P[0, 1:1 + qo]
             self._zsums[o, -1] = P[0, qo + 1]
@@ -123,27 +156,36 @@ class MultiModel(Model):
                 except np.linalg.LinAlgError:
                     b = None
                 if b is None:    # singular or nearly collinear: least squares on the cells
+                    Z = self._cells_z(o, qo)
                     X = Z[:, 1:1 + qo]
                     b = np.linalg.lstsq(X, Z[:, qo + 1], rcond=None)[0]
                     r = Z[:, qo + 1] - X @ b
                     rss = float(r @ r)
             else:
                 b = np.zeros(0)
-                yo = Z[:, 1]
+                yo = self._cells_z(o, 0)[:, 1]
                 rss = float(np.sum((yo - yo.mean()) ** 2)) if len(yo) else 0.0
-            out.append((rows, cols, b, float(rss) / n, Z))
+            out.append((cols, b, float(rss) / n, ncell))
         return out
+
+    def _cells_z(self, o, qo):
+        """[1, X_o, y] of outcome o's cells (gathered: the rare paths only)."""
+        rows = self._orows[o]
+        Z = np.empty((len(rows), qo + 2))
+        Z[:, 0] = 1.0
+        Z[:, 1:1 + qo] = np.take(self._Xc[:, :qo], rows, axis=0)
+        Z[:, qo + 1] = self.prep.y[rows]
+        return Z
 
     def _outcome_scales(self):
         """param_scales with one residual scale per outcome: a coefficient of outcome o
         s_o / sd(x), a (co)variance of outcomes o, o' s_o s_o'."""
         t = self.table
         d = np.ones(t.nparams)
-        got = self.outcome_ols()
-        self._ols_out = [g[:4] for g in got]
-        s = np.array([np.sqrt(v) if v > 0 else 1.0 for (_, _, _, v) in self._ols_out])
-        for o, (rows, cols, _, _, Z) in enumerate(got):
-            n = max(len(rows), 1)
+        self._ols_fit = self.outcome_ols()
+        s = np.array([np.sqrt(v) if v > 0 else 1.0 for (_, _, v, _) in self._ols_fit])
+        for o, (cols, _, _, ncell) in enumerate(self._ols_fit):
+            n = max(ncell, 1)
             for a, c in enumerate(cols):
                 m = self._zsums[o, 1 + a] / n
                 var = self._zsq[o, a] / n - m * m
@@ -152,7 +194,7 @@ class MultiModel(Model):
                 elif self._zsums[o, 1 + a] == n and self._zsq[o, a] == n:
                     sx = 1.0                      # a column of ones (sum(x - 1)^2 = 0)
                 else:                             # else (or constant) the two-pass one
-                    x = Z[:, 1 + a]
+                    x = self._cells_z(o, len(cols))[:, 1 + a]
                     sx = float(np.std(x)) if len(x) else 0.0
                     if not sx > 0:
                         sx = float(np.sqrt(np.mean(x ** 2))) if len(x) else 0.0
@@ -198,8 +240,7 @@ class MultiModel(Model):
         """Sum over the outcomes of each one's least-squares log-likelihood (the
         separate linear regressions)."""
         tot = 0.0
-        for rows, cols, b, v in self._ols_out:
-            n = len(rows)
+        for cols, b, v, n in self._ols_fit:
             tot += -0.5 * n * (np.log(2 * np.pi) + np.log(v) + 1.0)
         return tot
 
