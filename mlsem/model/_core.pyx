@@ -26,7 +26,7 @@ that the optimiser backs off; no NaN is produced.
 from cython.parallel cimport prange, parallel, threadid
 import numpy as np
 from libc.math cimport log, sqrt
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memset
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from scipy.linalg.cython_blas cimport dtrsv
@@ -2330,8 +2330,10 @@ def mgroup_sums(const long long[::1] row_ptr, const int[::1] slot, const int[::1
     cdef double* Cr
     cdef double* gs
     cdef int nv
-    if gof == NULL or order == NULL or v == NULL or oc == NULL or vl == NULL or ix == NULL:
-        free(gof); free(order); free(v); free(oc); free(vl); free(ix)
+    cdef double* cc = <double*>calloc(nm * nk * nk, sizeof(double))
+    if gof == NULL or order == NULL or v == NULL or oc == NULL or vl == NULL or ix == NULL \
+            or cc == NULL:
+        free(gof); free(order); free(v); free(oc); free(vl); free(ix); free(cc)
         raise MemoryError()
     with nogil:
         for m in range(nm):
@@ -2397,17 +2399,29 @@ def mgroup_sums(const long long[::1] row_ptr, const int[::1] slot, const int[::1
                         vl[nv] = X[oa, i] - mu[oc[a], 1 + i]
                         ix[nv] = oc[a] * k + 1 + i
                         nv += 1
-                Cm = &C[mask, 0, 0]
+                # (the products in the mask's compact layout, nv x nv: contiguous rows;
+                # added to C's rows and columns of the mask's outcomes at the end)
+                Cm = cc + mask * nk * nk
                 gs = &gsum[ob, 0]
                 for a in range(nv):
                     va = vl[a]
                     gs[ix[a]] += va
                     va = wr * va
-                    Cr = Cm + ix[a] * nk
+                    Cr = Cm + a * nv
                     for b in range(a, nv):
-                        Cr[ix[b]] += va * vl[b]
+                        Cr[b] += va * vl[b]
                 o = o1
-    free(gof); free(order); free(v); free(oc); free(vl); free(ix)
+    for m in range(nm):             # (mprep2) the compact products into C's upper triangle
+        nv = 0
+        for a in range(nout):
+            if (m >> a) & 1:
+                for i in range(k):
+                    ix[nv] = a * k + i
+                    nv += 1
+        for a in range(nv):
+            for b in range(a, nv):
+                C[m, ix[a], ix[b]] += cc[m * nk * nk + a * nv + b]
+    free(gof); free(order); free(v); free(oc); free(vl); free(ix); free(cc)
     if g != ng:
         raise ValueError(f"mgroup_sums: {g} groups found, {ng} expected (mgroup_count's)")
     for m in range(nm):             # (mprep2) the lower triangle from the upper

@@ -302,8 +302,14 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     cslot = slot[csrc]
     co = cout[csrc].astype(np.int64)
     sq = np.sqrt(gcount.astype(np.float64))
-    vals = gsum.reshape(ng, nout, k)[cg, co] + gcount[cg, None] * mu[co]
-    vals /= sq[cg, None]
+    # (the groups' sums uncentred and scaled in place, then one flat take: no temporaries
+    # of the cells' size, and two index arrays take numpy's slower general path)
+    G = gsum.reshape(ng, nout, k)
+    for o in range(nout):
+        for i in range(k):
+            G[:, o, i] += gcount * mu[o, i]
+    G /= sq[:, None, None]
+    vals = np.take(gsum.reshape(ng * nout, k), cg * nout + co, axis=0)
     # rows sorted by their pattern: the sequence of (slot, group size) of their cells
     crow = grow[cg]
     rcount = np.bincount(crow, minlength=nrows)            # cells per row
@@ -321,8 +327,10 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     co = co[cidx]
     for o in range(nout):
         a, b = model._xoff[o], model._xoff[o + 1]
-        r = np.flatnonzero(co == o)
-        Xs[np.ix_(r, model._xorder[a:b])] = Xg[np.ix_(r, np.arange(b - a))]
+        if b > a:
+            mk = co == o
+            for j in range(b - a):      # (column by column: 1-D selections, no 2-D gathers)
+                np.copyto(Xs[:, model._xorder[a + j]], Xg[:, j], where=mk)
     nl = sl.shape[1]
     load = np.ascontiguousarray(np.repeat(sq[cg][cidx, None], nl, axis=1))
     rprep = SimpleNamespace(
