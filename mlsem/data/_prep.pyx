@@ -217,49 +217,136 @@ ctypedef fused index_t:
     uint64_t
 
 
-def cell_slots(const int32_t[::1] pslot, const uint8_t[:, ::1] okp, const int32_t[::1] cslot_of,
-               int nout):
-    """Per observed cell (units in order, each unit's outcomes in order) its slot
-    ``cslot_of[pslot[u] * nout + o]``, and per unit the position of its first cell
-    (nu + 1 values): (cslot int32, pc int64)."""
-    cdef Py_ssize_t u, nu = pslot.shape[0], m = 0
-    cdef int o
-    if okp.shape[0] != nu or okp.shape[1] != nout:
-        raise ValueError("cell_slots: okp must be (units, nout)")
-    pc_a = np.empty(nu + 1, dtype=np.int64)
-    cdef int64_t[::1] pc = pc_a
+def slot_presence(const int32_t[::1] pslot, const uint8_t[:, ::1] okp, int64_t PP):
+    """pres[s * nout + o] = 1 if some unit of unit slot s has outcome o observed."""
+    cdef Py_ssize_t u, nu = pslot.shape[0]
+    cdef int o, nout = okp.shape[1]
+    if okp.shape[0] != nu:
+        raise ValueError("slot_presence: okp must be (units, nout)")
+    for u in range(nu):
+        if pslot[u] < 0 or pslot[u] >= PP:
+            raise ValueError("slot_presence: a unit slot out of range")
+    out = np.zeros(PP * nout, dtype=np.uint8)
+    cdef uint8_t[::1] pres = out
     with nogil:
         for u in range(nu):
-            pc[u] = m
-            for o in range(nout):
-                m += okp[u, o]
-        pc[nu] = m
-    out = np.empty(m, dtype=np.int32)
-    cdef int32_t[::1] cs = out
-    cdef Py_ssize_t c = 0
-    cdef int64_t base
-    with nogil:
-        for u in range(nu):
-            base = <int64_t>pslot[u] * nout
             for o in range(nout):
                 if okp[u, o]:
-                    cs[c] = cslot_of[base + o]
-                    c += 1
-    return out, pc_a
+                    pres[<int64_t>pslot[u] * nout + o] = 1
+    return out
 
 
-def fill_cells(const int64_t[::1] row_order, const int64_t[::1] tstart, const int64_t[::1] pc,
-               const uint8_t[:, ::1] okp, const int32_t[::1] cslot, const int64_t[::1] drow,
-               const int64_t[::1] srow, int nout, list ys, list xcols, const int64_t[::1] xo0,
+def unit_cells_hash(const int32_t[::1] pslot, const uint8_t[:, ::1] okp,
+                    const int32_t[::1] cslot_of, const int64_t[::1] tstart, const uint64_t[::1] R):
+    """Per top-level unit (units tstart[r] .. tstart[r+1]-1): the wrapping sum of R over
+    the slots of its observed cells (``cslot_of[pslot[u] * nout + o]``) mixed with their
+    count (unit_hash of the cells), and the count: (hash uint64, cells int64)."""
+    cdef Py_ssize_t r, u, nrows = tstart.shape[0] - 1
+    cdef int o, nout = okp.shape[1]
+    cdef int64_t cnt
+    cdef uint64_t h
+    if okp.shape[0] != pslot.shape[0] or tstart[0] != 0 or tstart[nrows] != pslot.shape[0]:
+        raise ValueError("unit_cells_hash: shapes do not agree")
+    out = np.empty(nrows, dtype=np.uint64)
+    cnt_a = np.empty(nrows, dtype=np.int64)
+    cdef uint64_t[::1] ho = out
+    cdef int64_t[::1] co = cnt_a
+    with nogil:
+        for r in range(nrows):
+            h = 0
+            cnt = 0
+            for u in range(tstart[r], tstart[r + 1]):
+                for o in range(nout):
+                    if okp[u, o]:
+                        h += R[cslot_of[<int64_t>pslot[u] * nout + o]]
+                        cnt += 1
+            ho[r] = h ^ (<uint64_t>cnt * <uint64_t>0x9E3779B97F4A7C15)
+            co[r] = cnt
+    return out, cnt_a
+
+
+def cell_run_stats(const uint8_t[::1] lvl, const uint8_t[:, ::1] okp, int L):
+    """run_stats with each unit weighted by its observed cells: per level d (number,
+    smallest, largest number of cells) of the groups that start where lvl <= d."""
+    cdef Py_ssize_t i, n = lvl.shape[0]
+    cdef int d, o, nout = okp.shape[1]
+    cdef int64_t w
+    if okp.shape[0] != n or L > 255:
+        raise ValueError("cell_run_stats: one row of okp per unit")
+    ng = np.zeros(L, dtype=np.int64)
+    mn = np.full(L, np.iinfo(np.int64).max, dtype=np.int64)
+    mx = np.zeros(L, dtype=np.int64)
+    cur = np.zeros(L, dtype=np.int64)
+    cdef int64_t[::1] g = ng, a = mn, b = mx, c = cur
+    with nogil:
+        for i in range(n + 1):
+            w = 0
+            if i < n:
+                for o in range(nout):
+                    w += okp[i, o]
+            for d in range(L):
+                if i == n or lvl[i] <= d:
+                    if i > 0:
+                        if c[d] < a[d]:
+                            a[d] = c[d]
+                        if c[d] > b[d]:
+                            b[d] = c[d]
+                    if i < n:
+                        g[d] += 1
+                    c[d] = 0
+                c[d] += w
+    return ng, mn, mx
+
+
+def same_unit_cells(const int32_t[::1] pslot, const uint8_t[:, ::1] okp,
+                    const int64_t[::1] tstart, const int64_t[::1] rep_row):
+    """Does every top-level unit r have exactly the cells (unit slots and observed
+    outcomes, in order) of unit rep_row[r]?"""
+    cdef Py_ssize_t r, i, nrows = tstart.shape[0] - 1
+    cdef int o, nout = okp.shape[1]
+    cdef int64_t a, b, n
+    cdef int ok = 1
+    if rep_row.shape[0] != nrows:
+        raise ValueError("same_unit_cells: one representative per unit")
+    with nogil:
+        for r in range(nrows):
+            if rep_row[r] == r:
+                continue
+            a = tstart[r]
+            b = tstart[rep_row[r]]
+            n = tstart[r + 1] - a
+            if n != tstart[rep_row[r] + 1] - b:
+                ok = 0
+                break
+            for i in range(n):
+                if pslot[a + i] != pslot[b + i]:
+                    ok = 0
+                    break
+                for o in range(nout):
+                    if okp[a + i, o] != okp[b + i, o]:
+                        ok = 0
+                        break
+                if not ok:
+                    break
+            if not ok:
+                break
+    return bool(ok)
+
+
+def fill_cells(const int64_t[::1] row_order, const int64_t[::1] tstart,
+               const uint8_t[:, ::1] okp, const int32_t[::1] pslot, const int32_t[::1] cslot_of,
+               const int64_t[::1] drow, const int64_t[::1] srow, int nout, list ys, list xcols, const int64_t[::1] xo0,
                const int64_t[::1] xst, list maps, const int64_t[::1] qoff, int32_t[::1] slot_out,
                double[::1] y_out, index_t[::1] obs_out, double[:, ::1] Xc_out):
     """The cells in the final order (the units of ``tstart``'s rows in ``row_order``, each
-    row's units in order, each unit's observed outcomes in order): slot, y (``ys[o]``
-    at the unit's data row ``drow``), the stacked row (``srow * nout + o``) and the compact
+    row's units in order, each unit's observed outcomes in order): slot
+    (``cslot_of[pslot[u] * nout + o]``), y (``ys[o]``
+    at the unit's data row ``drow``), the stacked row (``srow * nout + o``; ``drow``,
+    ``srow`` empty: the unit's own number) and the compact
     design (outcome o's columns j = ``qoff[o]`` .. ``qoff[o+1]`` first, zero after): column
     j's value at design row r is ``xcols[j][xo0[j] + r * xst[j]]``, r = ``maps[o][drow]``
     (``maps[o]`` empty: the data row itself)."""
-    cdef Py_ssize_t nrows = row_order.shape[0], r, u, c = 0, i, m = slot_out.shape[0]
+    cdef Py_ssize_t nrows = row_order.shape[0], r, u, c = 0, m = slot_out.shape[0]
     cdef Py_ssize_t nu = okp.shape[0]
     cdef int o, a, j, qm = Xc_out.shape[1], q
     cdef int64_t src, xr
@@ -269,10 +356,11 @@ def fill_cells(const int64_t[::1] row_order, const int64_t[::1] tstart, const in
     if len(xcols) != q or xo0.shape[0] != q or xst.shape[0] != q or q > 4096:
         raise ValueError("fill_cells: one column, offset and stride per design column")
     if y_out.shape[0] != m or obs_out.shape[0] != m or Xc_out.shape[0] != m \
-            or cslot.shape[0] != m or tstart.shape[0] != nrows + 1 \
-            or pc.shape[0] != nu + 1 or pc[nu] != m or okp.shape[1] != nout \
-            or drow.shape[0] != nu or srow.shape[0] != nu:
+            or tstart.shape[0] != nrows + 1 or pslot.shape[0] != nu or okp.shape[1] != nout \
+            or (drow.shape[0] != nu and drow.shape[0] != 0) \
+            or (srow.shape[0] != nu and srow.shape[0] != 0):
         raise ValueError("fill_cells: shapes do not agree")
+    cdef bint hasd = drow.shape[0] > 0, hass = srow.shape[0] > 0
     for o in range(nout):
         if qoff[o + 1] - qoff[o] > qm or qoff[o + 1] < qoff[o]:
             raise ValueError("fill_cells: an outcome has more columns than the compact design")
@@ -300,15 +388,13 @@ def fill_cells(const int64_t[::1] row_order, const int64_t[::1] tstart, const in
         with nogil:
             for r in range(nrows):
                 for u in range(tstart[row_order[r]], tstart[row_order[r] + 1]):
-                    src = drow[u]
-                    i = pc[u]
+                    src = drow[u] if hasd else u
                     for o in range(nout):
                         if not okp[u, o] or c >= m:
                             continue
-                        slot_out[c] = cslot[i]
-                        i += 1
+                        slot_out[c] = cslot_of[<int64_t>pslot[u] * nout + o]
                         y_out[c] = yp[o][src]
-                        obs_out[c] = <index_t>(srow[u] * nout + o)
+                        obs_out[c] = <index_t>((srow[u] if hass else u) * nout + o)
                         xr = mp[o][src] if mp[o] != NULL else src
                         a = 0
                         for j in range(<int>qoff[o], <int>qoff[o + 1]):

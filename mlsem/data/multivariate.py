@@ -99,7 +99,8 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None, fast=True):
             pl.arg_sort_by(level_cols + [index], maintain_order=True)).to_series().to_numpy()
         uidx = uidx[order]
     nu = len(uidx)
-    got = _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used) if fast else None
+    got = _cells_compiled(df, Fs, levels, ok, Xo, qs, uidx, everyone and index is None) \
+        if fast else None
     if got is not None:
         prep, sout, spup = got
     else:
@@ -217,7 +218,7 @@ def _cells_stacked(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, fast, index
     return prep, sout, spup
 
 
-def _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used):
+def _cells_compiled(df, Fs, levels, ok, Xo, qs, uidx, ident):
     """(prep, sout, spup) laid out from the units (pupils) with the slot arithmetic, the
     same arrays as :func:`_cells_stacked` (its stacked frame through prepfast.prepare_fast:
     tests/data/test_multivariate_fast.py): one pass of prepare_fast's steps on the units,
@@ -237,18 +238,19 @@ def _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used):
     effects = {d: ["Intercept"] for d in range(L)
                if any(len(rt.group) == d + 1 for rt in Fs[0].random)}
     nu = len(uidx)
-    ident = nu == df.height and bool(np.array_equal(uidx, np.arange(nu)))
     ids = [pf._i64(df[c].to_numpy()) for c in level_cols]
     if not ident:
         ids = [v[uidx] for v in ids]
     lvl, in_order = pf._levels(ids)
-    drow = np.arange(nu, dtype=np.int64) if ident else pf._i64(uidx)   # data row of each unit
-    srow = np.arange(nu, dtype=np.int64)                             # its number among the kept
+    # the data row of each unit and its number among the kept (empty: the unit's own)
+    none = np.zeros(0, dtype=np.int64)
+    drow = none if ident else pf._i64(uidx)
+    srow = none
     if not in_order:
         order = pf._i64(pl.DataFrame(ids, schema=level_cols).with_row_index("__i").sort(
             level_cols, maintain_order=True)["__i"].to_numpy())
         ids = [v[order] for v in ids]
-        drow, srow = drow[order], order
+        drow, srow = (order if ident else drow[order]), order
         lvl, _ = pf._levels(ids)
     ng = [int(np.count_nonzero(lvl <= d)) for d in range(L)]
     labs, lab_dtypes, is_value = [], [], []
@@ -266,39 +268,33 @@ def _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used):
         is_value.append(mode == "value")
     pobs = K.rank_and_obs(lvl, L)       # the unit's number within its innermost group
     # the observed cells of each unit (in its order): okp[u, o]
-    okp = np.ascontiguousarray((ok if ident and in_order else ok[:, drow]).T).view(np.uint8)
+    okp = np.ascontiguousarray((ok if not len(drow) else ok[:, drow]).T).view(np.uint8)
     # unit slots: the distinct (labels, unit number) in order; a cell's slot is the rank of
     # (unit slot, outcome) among the present pairs
     pslot, PP, prep_first = pf._slot_codes(labs + [pobs])
-    pres = np.zeros((PP, nout), dtype=bool)
-    for o in range(nout):
-        pres[pslot[okp[:, o].view(bool)], o] = True
-    pres = pres.ravel()
+    pslot = np.ascontiguousarray(pslot, dtype=np.int32)
+    pres = K.slot_presence(pslot, okp, PP).view(bool)
     cslot_of = (np.cumsum(pres, dtype=np.int64) - 1).astype(np.int32)
     P = int(np.count_nonzero(pres))
     pair = np.flatnonzero(pres)
     ps, po = pair // nout, (pair % nout).astype(np.int32)
     rep = prep_first[ps]
-    cslot, pc = K.cell_slots(np.ascontiguousarray(pslot, dtype=np.int32), okp, cslot_of, nout)
-    m = int(pc[-1])
     lab_cols = [f"__lab{d}" for d in range(1, L)]
     slots = pl.DataFrame([pl.Series(nm, v[rep]).cast(dt) for nm, v, dt in zip(lab_cols, labs, lab_dtypes)]
                          + [pl.Series("__obs", (pobs[rep] - 1) * nout + po + 1)]).with_row_index("__slot")
     # top-level units (rows of the CSR layout), their patterns as in prepare_fast
     tstart = np.flatnonzero(lvl == 0)
     nrows = len(tstart)
-    ctstart = pc[tstart]
-    cnt = np.diff(np.append(ctstart, m))
+    tptr = np.append(tstart, nu).astype(np.int64)
     R = np.random.default_rng(pf._RNG_SEED).integers(1, 2**63 - 1, size=P, dtype=np.int64).view(np.uint64)
-    h, increasing = K.unit_hash(cslot, ctstart, R)
-    if not increasing:     # pragma: no cover - cannot happen (labels are monotone)
-        return None
+    h, cnt = K.unit_cells_hash(pslot, okp, cslot_of, tptr, R)
+    m = int(cnt.sum())
     _, first, inv = np.unique(h, return_index=True, return_inverse=True)
     inv = inv.reshape(-1)
     rk = np.empty(len(first), dtype=np.int64)
     rk[np.argsort(first, kind="stable")] = np.arange(len(first))
     pat_of_row = rk[inv]
-    if not K.same_slots(cslot, ctstart, cnt, pf._i64(first[inv])):
+    if not K.same_unit_cells(pslot, okp, tptr, pf._i64(first[inv])):
         return None
     row_order = np.argsort(pat_of_row, kind="stable")
     counts = cnt[row_order]
@@ -308,12 +304,9 @@ def _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used):
     pat_ptr = np.concatenate([[0], change, [nrows]]).astype(np.int64)
     top_f = ids[0][tstart[row_order]]
     # group counts per level: the cells of the units of each group
-    infos = []
-    for d in range(L):
-        gs = np.flatnonzero(lvl <= d)
-        sizes = np.diff(np.append(pc[gs], m))
-        infos.append(LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), len(gs),
-                                  int(sizes.min()), float(m / len(gs)), int(sizes.max())))
+    gn, gmin, gmax = K.cell_run_stats(lvl, okp, L)
+    infos = [LevelInfo(level_cols[d], tuple(level_cols[: d + 1]), int(gn[d]), int(gmin[d]),
+                       float(m / gn[d]), int(gmax[d])) for d in range(L)]
     del lvl
     # the cells, in the final order, in one pass
     q, qmax = sum(qs), max(qs + [1])
@@ -350,11 +343,10 @@ def _cells_compiled(df, Fs, levels, ok, Xo, idxs, qs, uidx, everyone, used):
     y = np.empty(m)
     obs_row = np.empty(m, dtype=np.uint64 if idx_dt == pl.UInt64 else np.uint32)
     Xc = np.empty((m, qmax))
-    tptr = np.append(tstart, nu).astype(np.int64)
-    K.fill_cells(pf._i64(row_order), tptr, pc, okp, cslot, drow, srow, nout, ys, xcols,
+    K.fill_cells(pf._i64(row_order), tptr, okp, pslot, cslot_of, drow, srow, nout, ys, xcols,
                  np.asarray(xo0, dtype=np.int64), np.asarray(xst, dtype=np.int64), maps, qoff,
                  slot, y, obs_row, Xc)
-    del ys, xcols, maps, cslot
+    del ys, xcols, maps
     nl = len(effects)
     lat = latents(slots, lab_cols, levels, level_cols, effects)
     slot_labels = slots.rename({c: level_cols[i + 1] for i, c in enumerate(lab_cols)}).rename(
