@@ -264,7 +264,6 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     Xc = model._Xc
     k = 1 + Xc.shape[1]
     y = np.ascontiguousarray(prep.y, dtype=np.float64)
-    cout = model._ocell
     # each outcome's mean of [y, X] (from the sums of MultiModel.outcome_ols): the sums
     # are centred on it (the within-group products then do not cancel against a large
     # common mean)
@@ -300,7 +299,7 @@ def reduce_multi(model, max_share=MAX_GROUP_SHARE):
     cg = np.repeat(np.arange(ng), clen)                    # each cell's group
     csrc = np.repeat(gfirst, clen) + (np.arange(ncell) - np.repeat(cptr[:-1], clen))
     cslot = slot[csrc]
-    co = cout[csrc].astype(np.int64)
+    co = model._sout[cslot].astype(np.int64)
     sq = np.sqrt(gcount.astype(np.float64))
     # (the groups' sums uncentred and scaled in place, then one flat take: no temporaries
     # of the cells' size, and two index arrays take numpy's slower general path)

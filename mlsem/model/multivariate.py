@@ -82,6 +82,12 @@ class MultiModel(Model):
             for o, c in enumerate(cols):
                 for a, col in enumerate(c):
                     Xc[:, a] += prep.X[:, col]
+        else:
+            # the outcomes' least-squares cross products from the data layer (the same
+            # sums over the same cells, from the units' columns)
+            zc = prep.meta.get("zcross")
+            if zc is not None and zc.shape == (self.nout, qmax + 2, qmax + 2):
+                self._zcross = zc
         self._Xc = np.ascontiguousarray(Xc, dtype=np.float64)
         self.pscale = self._outcome_scales()
         self.ols = (None, float(np.mean([v for (_, _, v, _) in self._ols_fit])))
@@ -95,6 +101,18 @@ class MultiModel(Model):
     @_X.setter
     def _X(self, value):
         pass
+
+    @property
+    def _ocell(self):
+        """Each cell's outcome (built when first asked for)."""
+        got = self.__dict__.get("_ocell_c")
+        if got is None:
+            got = self.__dict__["_ocell_c"] = self._sout[self.prep.slot]
+        return got
+
+    @_ocell.setter
+    def _ocell(self, value):
+        self.__dict__["_ocell_c"] = value
 
     @property
     def _orows(self):
@@ -114,9 +132,10 @@ class MultiModel(Model):
     # ---- units --------------------------------------------------------------
     def outcome_ols(self):
         """Per outcome: (its design columns, OLS beta of them, mean squared residual, its
-        number of cells), by the normal equations from one pass over the cells
-        (``_core.outcome_cross``; least squares on the outcome's cells where X'X is
-        singular).  Keeps ``_ocell`` (each cell's outcome), ``_zsums`` (nout, 2 + qmax):
+        number of cells), by the normal equations from the cross products of [1, X_o, y]
+        (the data layer's ``meta["zcross"]``, else one pass over the cells,
+        ``_core.outcome_cross``; least squares on the outcome's cells where X'X is
+        singular).  Keeps ``_zsums`` (nout, 2 + qmax):
         per outcome its number of cells and the sums of its X columns and y (the grouping's
         centring, the units) and ``_zsq``, the sums of squares of its X columns."""
         prep = self.prep
@@ -125,9 +144,12 @@ class MultiModel(Model):
         qs = np.array([len(c) for c in self.table.beta_cols], dtype=np.int32)
         k = Xc.shape[1] + 2
         Pall = np.zeros((nout, k, k))
-        if _core is not None and hasattr(_core, "outcome_cross"):
+        if getattr(self, "_zcross", None) is not None:
+            Pall[:] = self._zcross
+        elif _core is not None and hasattr(_core, "outcome_cross"):
             self._ocell = np.empty(prep.nobs, dtype=np.int32)
             _core.outcome_cross(self._slot, self._sout, y, Xc, qs, Pall, self._ocell)
+            self._zcross_cells = Pall.copy()
         else:     # pragma: no cover - the kernel not built: gathers and BLAS
             self._ocell = self._sout[prep.slot]
             for o in range(nout):

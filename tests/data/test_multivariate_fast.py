@@ -86,3 +86,39 @@ def test_fast_layout_equals_reference(seed, nout, levels, string_ids, factor, in
 
 def X_contiguous(X):
     return X.flags.c_contiguous and X.dtype == np.float64
+
+
+@pytest.mark.parametrize("seed,dtype,levels,index,miss", [
+    (20, pl.Int32, 2, None, 0.3), (21, pl.UInt16, 3, "i", 0.2), (22, pl.Int64, 1, None, 0.5),
+    (23, pl.Int16, 2, "i", 0.0), (24, pl.UInt32, 2, None, 0.7)])
+def test_compiled_cells_equal_reference(monkeypatch, seed, dtype, levels, index, miss):
+    """mprep2: with integer ids (of any width) the cells are laid out from the units by the
+    compiled passes (data.multivariate._cells_compiled, checked to be taken), equal to the
+    reference field by field: shuffled rows, a county whose pupils all lack every outcome,
+    an index, one and three levels."""
+    import mlsem.data.multivariate as mv
+    df, fs = _data(seed, 3, levels, False, seed % 2 == 0, miss)
+    # every pupil of the first county without any outcome (dropped units, a dropped county)
+    k0 = df["k"].min()
+    df = df.with_columns([pl.when(pl.col("k") == k0).then(None).otherwise(pl.col(c)).alias(c)
+                          for c in ("y1", "y2", "y3")])
+    df = df.with_columns([pl.col(c).cast(dtype) for c in ("k", "j", "c", "i")])
+    Fs, lv = parse_formulas(fs)
+    frame, encs = load_multi(df, Fs, lv, index=index)
+    taken = []
+    orig = mv._cells_compiled
+
+    def spy(*a, **k):
+        got = orig(*a, **k)
+        taken.append(got is not None)
+        return got
+    monkeypatch.setattr(mv, "_cells_compiled", spy)
+    new = prepare_multi(frame, Fs, encs, lv, index=index)
+    assert taken == [True]
+    old = prepare_multi(frame, Fs, encs, lv, index=index, fast=False)
+    assert new.meta["dropped_units"] > 0
+    for name in old.__dataclass_fields__:
+        if name != "meta":
+            _same(getattr(new, name), getattr(old, name), name)
+    for k in set(old.meta) | set(new.meta):
+        _same(new.meta[k], old.meta[k], f"meta[{k}]")

@@ -71,3 +71,59 @@ def test_psi_to_tau_of_an_indefinite_block():
     psi[P] = S * np.outer(sq, sq)
     tau = model.psi_to_tau(psi)
     assert np.all(np.isfinite(tau))
+
+
+@pytest.mark.parametrize("seed,nout,index", [(0, 2, None), (1, 3, "i"), (3, 2, "i")])
+def test_outcome_ols_from_the_units_equals_the_cells_pass(seed, nout, index):
+    """mprep2: the least-squares cross products the data layer computes from the units'
+    columns (prep.meta["zcross"]) give the same fit as the cells' own pass
+    (_core.outcome_cross), which MultiModel takes without them."""
+    df, fs = reviewer_data(seed, nout=nout)
+    prep, tab = build(df, fs, index=index)
+    assert "zcross" in prep.meta
+    a = MultiModel(prep, tab, backend="cython")
+    assert a._zcross is prep.meta["zcross"]
+    zc = prep.meta.pop("zcross")
+    b = MultiModel(prep, tab, backend="cython")
+    assert getattr(b, "_zcross", None) is None
+    np.testing.assert_allclose(zc, b._zcross_cells, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(a._zsums, b._zsums, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(a._zsq, b._zsq, rtol=1e-12, atol=1e-9)
+    for (ca, ba, va, na), (cb, bb, vb, nb) in zip(a._ols_fit, b._ols_fit):
+        assert na == nb and list(ca) == list(cb)
+        np.testing.assert_allclose(ba, bb, rtol=1e-10, atol=1e-12)
+        assert va == pytest.approx(vb, rel=1e-10)
+    np.testing.assert_allclose(a.pscale, b.pscale, rtol=1e-10)
+    # each cell's outcome (built on demand) and the rows per outcome
+    np.testing.assert_array_equal(a._ocell, b._ocell)
+    for ra, rb in zip(a._orows, b._orows):
+        np.testing.assert_array_equal(ra, rb)
+
+
+def test_block_design_written_on_first_read():
+    """mprep2: the block design of the compiled layout stays unwritten through
+    MultiModel's construction and the grouping (they read the compact one), and is
+    the reference's when read (also by the model's own reference, and after pickling)."""
+    import pickle
+    from mlsem.data.multivariate import load_multi, prepare_multi
+    from mlsem.model.mreduced import reduce_multi
+    from mlsem.spec.multivariate import parse_formulas
+    df, fs = reviewer_data(2, nout=3)
+    Fs, lv = parse_formulas(fs)
+    frame, encs = load_multi(df, Fs, lv)
+    ref = prepare_multi(frame, Fs, encs, lv, fast=False)
+    for how in ("model", "prep", "pickle"):
+        prep, tab = build(df, fs, index=None)
+        assert prep.block_design_pending
+        model = MultiModel(prep, tab, backend="cython")
+        red, why = reduce_multi(model, max_share=1.0)
+        assert red is not None, why
+        assert prep.block_design_pending
+        if how == "model":
+            X = model._X
+        elif how == "prep":
+            X = prep.X
+        else:
+            X = pickle.loads(pickle.dumps(prep)).X
+        np.testing.assert_array_equal(X, ref.X)
+        assert X.flags.c_contiguous and X.shape == (prep.nobs, len(prep.xnames))
