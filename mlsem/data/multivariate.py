@@ -70,13 +70,14 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None, fast=True):
     ok = np.empty((nout, df.height), dtype=bool)
     Xo = []
     missing = []
+    conv = {}
     for o, (F, enc) in enumerate(zip(Fs, encs)):
         if fast and enc.plain and not enc.slopes:
             # numeric columns as they are: read in place by the compiled pass (no frame
             # of the encoded rows, no design matrix)
             enc._check_finite(df)
             ok[o] = enc._complete(df, True).to_numpy()
-            X = _Columns(df, enc.names)
+            X = _Columns(df, enc.names, conv)
         else:
             rows, X, _ = enc.design(df, with_outcome=True)
             ok[o] = rows
@@ -347,7 +348,7 @@ def _cells_compiled(df, Fs, levels, ok, Xo, qs, uidx, ident):
     K.fill_cells(pf._i64(row_order), tptr, okp, pslot, cslot_of, drow, srow, nout, ys, xcols,
                  np.asarray(xo0, dtype=np.int64), np.asarray(xst, dtype=np.int64), maps, qoff,
                  slot, y, obs_row, Xc)
-    del ys, xcols, maps
+    del xcols, maps
     nl = len(effects)
     lat = latents(slots, lab_cols, levels, level_cols, effects)
     slot_labels = slots.rename({c: level_cols[i + 1] for i, c in enumerate(lab_cols)}).rename(
@@ -363,7 +364,7 @@ def _cells_compiled(df, Fs, levels, ok, Xo, qs, uidx, ident):
         dropped_covariate=0, missing_outcome=int(nu * nout - m), max_row_obs=int(counts.max()),
         meta=LazyMeta({"frame": frame}))
     prep.meta["Xc"] = Xc
-    prep.meta["zcross"] = _zcross(ok, Xo, qs, df, Fs)
+    prep.meta["zcross"] = _zcross(ok, Xo, qs, df, Fs, ys)
     sout = np.ascontiguousarray(po, dtype=np.int32)
     prep.defer_block_design(sout, qoff)
     # the unit of a slot: its unit slot's rank among the present ones (every unit slot has
@@ -451,13 +452,18 @@ class _Columns:
     """A plain design (an outcome's covariates as they are, and the intercept), not
     materialised: the compiled pass reads the data's columns at the data rows."""
 
-    def __init__(self, df, names):
-        self.df, self.names = df, list(names)
+    def __init__(self, df, names, cache):
+        self.df, self.names, self.cache = df, list(names), cache
 
     def arrays(self):
-        return [np.ones(1) if n == "Intercept" else
-                np.ascontiguousarray(self.df[n].cast(pl.Float64).to_numpy(), dtype=np.float64)
-                for n in self.names]
+        """The columns as float arrays (the intercept: one value), each converted once
+        for all the outcomes (``cache``: a column of several chunks is copied by each
+        conversion)."""
+        for n in self.names:
+            if n != "Intercept" and n not in self.cache:
+                self.cache[n] = np.ascontiguousarray(self.df[n].cast(pl.Float64).to_numpy(),
+                                                     dtype=np.float64)
+        return [np.ones(1) if n == "Intercept" else self.cache[n] for n in self.names]
 
     def matrix(self, idx):
         X = np.empty((len(idx), len(self.names)))
@@ -478,7 +484,7 @@ class _Rows:
         return self.got[o]
 
 
-def _zcross(ok, Xo, qs, df, Fs, chunk=1 << 16):
+def _zcross(ok, Xo, qs, df, Fs, ys=None, chunk=1 << 16):
     """(nout, k, k), k = 2 + the most columns of an outcome: per outcome o the cross
     products of z = [1, its design row, its value] over its cells (its rows of the data
     with ``ok[o]``), in the leading 2 + qs[o] square: MultiModel.outcome_ols's sums,
@@ -488,7 +494,7 @@ def _zcross(ok, Xo, qs, df, Fs, chunk=1 << 16):
     out = np.zeros((nout, k, k))
     for o in range(nout):
         qo = qs[o]
-        y = df[Fs[o].outcome].cast(pl.Float64).to_numpy()
+        y = df[Fs[o].outcome].cast(pl.Float64).to_numpy() if ys is None else ys[o]
         cols = Xo[o].arrays() if isinstance(Xo[o], _Columns) else None
         X = None if cols is not None else np.asarray(Xo[o], dtype=np.float64)
         acc = np.zeros((qo + 2, qo + 2))
