@@ -31,7 +31,7 @@ def test_fit_two_formulas(data):
 
 @pytest.mark.parametrize("extra,msg", [
     (["--method", "reml"], "--method reml"),
-    (["--vce", "robust"], "--vce robust"),
+    (["--weights", "x"], "--weights"),
     (["--effects", "j:variance=slot"], "--effects"),
     (["--by", "k"], "--by"),
 ])
