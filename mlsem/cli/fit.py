@@ -102,7 +102,7 @@ def _fit_options(args):
                              f"{len(args.formula)} times)")
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
                                 ("--coefficients", args.coefficients), ("--by", args.by),
-                                ("--dask", args.dask), ("--weights", args.weights),
+                                ("--dask", args.dask),
                                 ("--df", args.df), ("--ci", args.ci),
                                 ("--bootstrap", args.bootstrap)) if v]
         if args.method != "ml":

@@ -285,7 +285,7 @@ def test_factors_in_one_formula():
 
 @pytest.mark.parametrize("kw,msg", [
     ({"method": "reml"}, "method='reml'"),
-    ({"weights": "x"}, "weights="),
+    ({"df": "satterthwaite"}, "df="),
     ({"effects": {"j": {"variance": "slot"}}}, "effects="),
     ({"outcomes": {"school": "independent"}}, "not a level"),
     ({"outcomes": {"k": "diagonal"}}, "not one of"),

@@ -31,7 +31,7 @@ def test_fit_two_formulas(data):
 
 @pytest.mark.parametrize("extra,msg", [
     (["--method", "reml"], "--method reml"),
-    (["--weights", "x"], "--weights"),
+    (["--df", "satterthwaite"], "--df"),
     (["--effects", "j:variance=slot"], "--effects"),
     (["--by", "k"], "--by"),
 ])

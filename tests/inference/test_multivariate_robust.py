@@ -81,3 +81,29 @@ def test_cluster_robust(data, full):
     assert np.all(np.isfinite(coarse.std_err))
     with pytest.raises(MlsemError, match=r"cluster column 'j' varies within top-level unit"):
         mlsem.fit(data, F, vce=("cluster", "j"))
+
+
+def test_sampling_weights_with_independent_outcomes_are_the_univariate_fits(data):
+    """Weights of the top-level units: a pseudo-likelihood on the whole data (the grouped
+    data pool the groups unweighted, and say so); with independent outcomes it is the sum
+    of the univariate weighted fits', estimates and robust errors included."""
+    rng = np.random.default_rng(1)
+    w = pl.DataFrame({"k": data["k"].unique().sort(), "w": rng.uniform(0.5, 3.0, data["k"].n_unique())})
+    d = data.join(w, on="k")
+    b = mlsem.fit(d, F, weights="w", outcomes=INDEPENDENT)
+    assert b.vce == "robust" and b.converged and b.opt.path == "full"
+    assert any("sampling weights" in n and "whole data" in n for n in b.notes)
+    assert not b.lr_ols
+    est = dict(zip(b.names, zip(b.estimate, b.std_err)))
+    ll = 0.0
+    for o, f in zip(("y1", "y2"), F):
+        u = mlsem.fit(d, f, weights="w")
+        ll += u.loglik
+        for n, e, s in zip(u.names, u.estimate, u.std_err):
+            name = (f"var(Residual:{o})" if n == "var(Residual)" else
+                    f"var({n[4:-1]}:{o})" if n.startswith("var(") else f"{o}:{n}")
+            assert est[name][0] == pytest.approx(e, rel=1e-6, abs=1e-8), name
+            assert est[name][1] == pytest.approx(s, rel=1e-5), name
+    assert b.loglik == pytest.approx(ll, rel=1e-10)
+    with pytest.raises(MlsemError, match=r"weights column 'x' varies within top-level unit"):
+        mlsem.fit(d, F, weights="x")
