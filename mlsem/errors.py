@@ -18,3 +18,9 @@ class PerformanceWarning(UserWarning):
 class RankDeficiencyWarning(UserWarning):
     """Design columns of the fixed part were dropped because they are linear
     combinations of earlier columns (as lme4 drops them)."""
+
+
+# appended to "has infinite or NaN values": in a Polars frame NaN is a value, not a
+# missing one (pandas and R treat it as missing; mlsem reads pandas' NaN as missing)
+NAN_HINT = (" (a NaN in a Polars frame is a number, not a missing value: "
+            "df.fill_nan(None) makes it missing)")

@@ -15,6 +15,7 @@ import numpy as np
 from ..data.multivariate import load_multi, prepare_multi
 from ..errors import MlsemError
 from ..estimate.mnewton import optimize_multi
+from ..inference.vce import apply_vce, unit_columns
 from ..model.multivariate import MultiModel
 from ..spec.multivariate import check_structures, multivariate_table, parse_formulas
 
@@ -33,9 +34,7 @@ def fit_multi(data, formulas, *, outcomes=None, index=None, opts=None, df=None, 
         _refuse("backend='dask'")
     if opts.method != "ml":
         _refuse(f"method={opts.method!r} (several outcomes are fitted by ML)")
-    if opts.weights is not None:
-        _refuse("weights=")
-    if opts.vce not in ("mixed", "oim"):
+    if opts.vce not in ("mixed", "oim", "robust", "cluster"):
         _refuse(f"vce={opts.vce!r}")
     if df is not None:
         _refuse(f"df={df!r}")
@@ -46,8 +45,12 @@ def fit_multi(data, formulas, *, outcomes=None, index=None, opts=None, df=None, 
     t0 = time.perf_counter()
     Fs, levels = parse_formulas(formulas)
     structures = check_structures(outcomes, [lv[-1] for lv in levels])
-    frame, encs = load_multi(data, Fs, levels, index=index)
+    frame, encs = load_multi(data, Fs, levels, index=index,
+                             extra=[c for c in (opts.cluster, opts.weights) if c])
     prep = prepare_multi(frame, Fs, encs, levels, index=index)
+    # cluster ids and sampling weights per top-level unit (the weights also set the
+    # kernel's row weights: a pseudo-likelihood fitted on the whole data, not grouped)
+    unit = unit_columns(frame, levels[0][-1], prep, opts) if (opts.cluster or opts.weights) else {}
     t1 = time.perf_counter()
     if progress is not None and hasattr(progress, "prepared"):
         progress.prepared(prep)
@@ -61,13 +64,18 @@ def fit_multi(data, formulas, *, outcomes=None, index=None, opts=None, df=None, 
     t2 = time.perf_counter()
     res = finish(model, opt, opts, _Outcomes(outs), prep,
                   {"prepare": t1 - t0, "optimize": t2 - t1}, t2)
+    res = apply_vce(res, opts, unit)
+    if getattr(opt, "path", None) == "full" and getattr(opt, "grouped_reason", None):
+        res.notes.append(f"optimised on the whole data, not on the grouped data "
+                         f"({opt.grouped_reason}): slower on large data")
     res.encoding = encs
     for o, e in zip(outs, encs):
         note = e.dropped_note()
         if note:
             res.notes.append(f"{o}: {note}")
     res.outcome = ", ".join(outs)
-    res.lr_ols = _lr_separate(model, opt, table)
+    # (no LR test of pseudo-likelihoods under sampling weights, as for one outcome)
+    res.lr_ols = _lr_separate(model, opt, table) if opts.weights is None else {}
     res.notes.append(_counts_note(prep))
     cor = correlations(res)
     if cor:

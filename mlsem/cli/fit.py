@@ -102,20 +102,19 @@ def _fit_options(args):
                              f"{len(args.formula)} times)")
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
                                 ("--coefficients", args.coefficients), ("--by", args.by),
-                                ("--dask", args.dask), ("--weights", args.weights),
+                                ("--dask", args.dask),
                                 ("--df", args.df), ("--ci", args.ci),
                                 ("--bootstrap", args.bootstrap)) if v]
         if args.method != "ml":
             given.append(f"--method {args.method}")
-        if vce is not None and vce not in ("mixed", "oim"):
-            given.append(f"--vce {args.vce}")
         if given:
             raise MlsemError(f"{given[0]}: not supported with several outcomes (--formula given "
                              f"{len(args.formula)} times) yet")
         from ..spec.multivariate import parse_formulas
         parse_formulas(args.formula)
         args.parsed = {"effects": None, "residuals": None, "coefficients": None}
-        return {"vce": vce or "mixed", "cluster": None, "effects": None, "residuals": None,
+        return {"vce": vce or "mixed", "cluster": vce[1] if isinstance(vce, tuple) else None,
+                "effects": None, "residuals": None,
                 "coefficients": None, "survey": None, "outcomes": parse_outcomes(args.outcomes)}
     refuse_outcomes_one_formula(args)
     from ..spec.formula import parse_formula

@@ -71,7 +71,7 @@ def _fit_for(args, prog):
     from ..api.fitting import fit
     from ..spec.formula import parse_formula
     _check_out(args.out, "--out", (".parquet", ".pq"))
-    if isinstance(args.formula, list):          # several outcomes (mlsem ranef only)
+    if isinstance(args.formula, list):          # several outcomes (ranef, predict)
         given = [o for o, v in (("--effects", args.effects), ("--residuals", args.residuals),
                                 ("--coefficients", args.coefficients)) if v]
         if given:
@@ -119,8 +119,8 @@ def _cmd_predict(args, argv) -> int:
         scan(args.newdata)            # a missing or unreadable file fails before the fit
     res = _fit_for(args, prog)
     where = f"the rows of {args.newdata}" if args.newdata else "the estimation rows"
-    prog.say(f"loglik {res.loglik:.6f}, {_status(res)}; predicting {args.formula.split('~')[0].strip()} "
-             f"on {where}")
+    what = res.outcome if isinstance(args.formula, list) else args.formula.split('~')[0].strip()
+    prog.say(f"loglik {res.loglik:.6f}, {_status(res)}; predicting {what} on {where}")
     table = predict(res, args.newdata, random=not args.population, se=args.se)
     return _write_table(args, prog, res, table, "predictions")
 
@@ -317,20 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(pr)
     relax_options(pr)
+    pr.set_defaults(several_formulas=True)
+    outcomes_option(pr)
     pr.add_argument("--index", metavar="COL", help="column ordering observations within the innermost group")
     pr.add_argument("--newdata", metavar="FILE", help="predict on the rows of FILE (Parquet or CSV)")
     pr.add_argument("--population", action="store_true",
                     help="population level x'beta (no random effects)")
     pr.add_argument("--se", action="store_true", help="add the standard error of x'beta")
     pr.add_argument("--out", "-o", required=True, metavar="PREDICTIONS.parquet",
-                    help="the id columns, row (without --newdata), predicted (and se)")
+                    help="the id columns, row (without --newdata), predicted (and se); with "
+                         "several --formula, one row per (row, outcome)")
     pr.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("diagram", help="path diagram of the model (DOT; SVG/PNG/PDF through Graphviz)",
                        epilog=RELAX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("data", metavar="DATA", nargs="?",
                    help="optional: fit the model on DATA and put the estimates on the paths")
-    d.add_argument("--formula", "-f", required=True, help='lme4 formula, e.g. "y ~ x + (1 | k/j)"')
+    d.add_argument("--formula", "-f", required=True, action="append", help='lme4 formula, e.g. "y ~ x + (1 | k/j)"')
     d.add_argument("--design", default="2x2",
                    help="without DATA: group sizes below the top level, e.g. 2x2 = 2 schools x 2 pupils")
     d.add_argument("--max-slots", type=int, default=8,
@@ -368,7 +371,8 @@ def _formulas(args):
             args.formula = f[0]
         elif not getattr(args, "several_formulas", False) and args.command != "fit":
             raise MlsemError(f"--formula given {len(f)} times: several outcomes are supported by "
-                             f"`mlsem fit` and `mlsem ranef` only, not by `mlsem {args.command}`")
+                             f"`mlsem fit`, `mlsem ranef` and `mlsem predict` only, not by "
+                             f"`mlsem {args.command}`")
 
 
 def _warning_printer(command: str):

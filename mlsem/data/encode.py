@@ -37,7 +37,7 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 
-from ..errors import MlsemError, RankDeficiencyWarning
+from ..errors import NAN_HINT, MlsemError, RankDeficiencyWarning
 
 _PLAIN = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
 
@@ -304,7 +304,8 @@ class Encoding:
             if suspect:
                 bad = np.flatnonzero((df[c].is_infinite() | df[c].is_nan()).fill_null(False).to_numpy())
                 if len(bad):
-                    raise MlsemError(f"data: column {c!r} has infinite or NaN values, rows {_rows_text(bad)}")
+                    raise MlsemError(f"data: column {c!r} has infinite or NaN values, rows {_rows_text(bad)}"
+                             f"{NAN_HINT}")
 
     def _complete(self, df, with_outcome: bool) -> pl.Series:
         cols = list(self.variables) + ([self.outcome] if with_outcome and self.outcome in df.columns else [])

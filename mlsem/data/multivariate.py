@@ -126,7 +126,8 @@ def prepare_multi(df: pl.DataFrame, Fs, encs, levels, index=None, fast=True):
     # a dropped unit has every cell missing: count it once, not among the missing cells
     missing = [n - dropped_units for n in missing]
     prep.missing_outcome = int(sum(missing))
-    prep.meta.update(sout=sout, spup=spup, outcomes=outs, units=int(used.sum()),
+    # unit_rows: the input row of kept unit u (cell s of the stacked frame is unit s // nout)
+    prep.meta.update(sout=sout, spup=spup, outcomes=outs, units=int(used.sum()), unit_rows=uidx,
                      dropped_units=dropped_units, cells_missing=dict(zip(outs, missing)))
     return prep
 

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import polars as pl
 
-from ..errors import MlsemError
+from ..errors import NAN_HINT, MlsemError
 from .layout import LevelInfo, Prepared, label_mode, latents  # noqa: F401  (re-exported)
 from . import prepfast
 
@@ -164,7 +164,8 @@ def collect_columns(data, columns: list, numeric: list, ids: list) -> pl.DataFra
             bad = df.with_row_index(_ROW).filter(pl.col(c).is_infinite() | pl.col(c).is_nan())[_ROW].to_list()
             if bad:
                 raise MlsemError(
-                    f"data: column {c!r} has infinite or NaN values, rows {_rows_text(bad)}")
+                    f"data: column {c!r} has infinite or NaN values, rows {_rows_text(bad)}"
+                    f"{NAN_HINT}")
     return df
 
 

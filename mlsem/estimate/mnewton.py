@@ -151,12 +151,15 @@ def newton_multi(model, psi, progress=None):
                 return "an evaluation failed"
             vC = psi[vidx].copy()
         H = _assemble(t.nparams, hp, Hphi, other, Hoth)
-        lam, Q = np.linalg.eigh(H)
+        # the eigen-decomposition in units of the parameters (H's curvatures span 1e20
+        # and more when outcomes are in units a million apart: the floor below would
+        # otherwise flatten the small ones)
+        lam, Q = np.linalg.eigh(H * np.outer(unit, unit))
         if not np.all(np.isfinite(lam)):
             return "a linear solve failed"
         big = float(np.max(np.abs(lam)))
         lam = -np.maximum(np.abs(lam), 1e-10 * big)
-        d = Q @ ((Q.T @ g) / -lam)
+        d = unit * (Q @ ((Q.T @ (g * unit)) / -lam))
         gain = 0.5 * float(g @ d)
         if gain < STOP_GAIN or np.max(np.abs(g * unit)) < 1e-9 * N ** 0.5:
             break

@@ -441,6 +441,17 @@ def _judge(model, psi, ll, g, res, N):
     tau, gt, lo_t = _tau_state(model, psi, g)
     at_t = np.isfinite(lo_t) & (tau - lo_t <= 1e-7 * np.maximum(np.abs(tau), 1.0))
     lo_side = at_t & (gt > 1e-6 * max(1.0, N ** 0.5))
+    # a (co)variance far above its unit (tau >> 1) is judged by its relative gradient
+    # tau dl/dtau (the derivative in log scale): the log-likelihood flattens as a
+    # variance grows, so a start 1e10 units off (outcomes in units a million apart)
+    # had a tiny gradient there and was once called converged
+    n0 = len(getattr(model, "free_plain", ()))
+    rel = np.zeros(len(tau), dtype=bool)
+    rel[n0:] = True
+    if n0:
+        rel[:n0] = [model.table.params[i].kind in ("var", "resid", "cov", "rcov")
+                    for i in model.free_plain]
+    gt = np.where(rel, gt * np.maximum(np.abs(tau), 1.0), gt)
     gnorm = float(np.max(np.abs(gt[~at_t]), initial=0.0))
     tol = 1e-3 * max(1.0, N ** 0.5)
     converged = bool(gnorm < tol and not lo_side.any()

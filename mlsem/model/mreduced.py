@@ -47,6 +47,8 @@ def why_not_reducible(model) -> str | None:
     prep = model.prep
     if prep.nrows == 0 or prep.nobs == 0:
         return "no data"
+    if np.any(np.asarray(prep.wrow) != 1.0):
+        return "sampling weights"
     if np.any(np.asarray(prep.slot_lat)[:, -1] < 0):
         return "a slot without an innermost-level latent"
     return None
@@ -113,10 +115,12 @@ class MultiReduced(MultiModel):
             den[np.ix_(S, S)] += n
         if np.any(den <= 2):
             return None
-        R = _psd(num / den)
+        W = num / den
+        R = _psd(W, np.sqrt(np.abs(np.diag(W))))
         nl = self.prep.slot_lat.shape[1]
         if R is None or nl > 2:
             return None
+        sd = np.sqrt(np.diag(R))          # each outcome's unit for the levels above
         # the full pseudo-units (every outcome observed): mean residual per outcome
         prep = self.prep
         e = (prep.y - prep.X @ beta if self.q else prep.y.copy()) / prep.load[:, 0]
@@ -144,17 +148,17 @@ class MultiReduced(MultiModel):
         levels = [lv.name for lv in prep.levels] if hasattr(prep, "levels") else None
         if nl == 1:
             D = E - E.mean(axis=0)
-            Phi[0] = _psd(D.T @ D / max(len(E) - 1, 1) - R * inv_n.mean())
+            Phi[0] = _psd(D.T @ D / max(len(E) - 1, 1) - R * inv_n.mean(), sd)
         else:
             D = E - mrow[row]
             df = float(np.sum(J[used] - 1))
             if df < 10 * nout or used.sum() < 10 * nout:
                 return None
-            Pj = _psd(D.T @ D / df - R * inv_n.mean())
+            Pj = _psd(D.T @ D / df - R * inv_n.mean(), sd)
             M = mrow[used] - mrow[used].mean(axis=0)
             mean_inv_n = np.bincount(row, weights=inv_n, minlength=prep.nrows)[used] / J[used]
             Pk = _psd(M.T @ M / max(used.sum() - 1, 1) - (Pj * np.mean(1.0 / J[used]) if Pj is not None else 0.0)
-                      - R * np.mean(mean_inv_n / J[used]))
+                      - R * np.mean(mean_inv_n / J[used]), sd)
             Phi[0], Phi[1] = Pk, Pj
         if any(v is None for v in Phi.values()) or levels is None:
             return None
@@ -234,15 +238,21 @@ class MultiReduced(MultiModel):
         return out[0] + wl, out[1] + g
 
 
-def _psd(S, floor=0.05):
-    """S made symmetric positive definite: eigenvalues raised to ``floor`` times
-    the mean diagonal (a variance that is not positive cannot start Newton's method)."""
+def _psd(S, scale, floor=0.05):
+    """S made symmetric positive definite on the scale of the outcomes (``scale``: one
+    positive unit per outcome, e.g. its residual sd): the eigenvalues of S / (s s')
+    raised to ``floor`` times its mean diagonal (a variance that is not positive cannot
+    start Newton's method).  Without the rescaling, outcomes in units a million apart
+    (blood pressure in Pa beside heart rate in kHz) had the small outcome's variances
+    raised to the large one's, a start so far away that L-BFGS-B stalled there."""
     S = 0.5 * (S + S.T)
-    if not np.all(np.isfinite(S)):
+    s = np.asarray(scale, dtype=float)
+    if not (np.all(np.isfinite(S)) and np.all(np.isfinite(s)) and np.all(s > 0)):
         return None
-    lam, Q = np.linalg.eigh(S)
-    lo = floor * max(float(np.mean(np.abs(np.diag(S)))), 1e-300)
-    return (Q * np.maximum(lam, lo)) @ Q.T
+    C = S / np.outer(s, s)
+    lam, Q = np.linalg.eigh(C)
+    lo = floor * max(float(np.mean(np.abs(np.diag(C)))), 1e-300)
+    return ((Q * np.maximum(lam, lo)) @ Q.T) * np.outer(s, s)
 
 
 def reduce_multi(model, max_share=MAX_GROUP_SHARE):

@@ -101,6 +101,9 @@ def row_scores(model, psi, chunk: int = 20000) -> np.ndarray:
     part is constant within a missing pattern and comes from one kernel call
     per pattern at a zero residual.  Models with a structured or
     non-diagonal Theta use one kernel call per row instead."""
+    if getattr(model, "nout", None):              # several outcomes (mlsem.model.mscores)
+        from .mscores import multi_row_scores
+        return multi_row_scores(model, psi)
     t = model.table
     prep = model.prep
     beta, Phi, Theta = model.matrices(psi)

@@ -229,8 +229,15 @@ class FitResult:
 
     def score_tests(self, **kw) -> pl.DataFrame:
         """Score tests of every equality constraint and fixed parameter
-        (lavaan's lavTestScore / modindices, Stata's estat scoretests)."""
-        self._refuse_several_outcomes("score_tests")
+        (lavaan's lavTestScore / modindices, Stata's estat scoretests).  With several
+        outcomes: the covariances across outcomes fixed at 0 by ``outcomes=``
+        (mlsem.inference.mscoretests; observed information)."""
+        if getattr(getattr(self.model, "table", None), "nout", 1) > 1:
+            if kw:
+                raise MlsemError(f"score_tests: {', '.join(kw)}= not available with several "
+                                 "outcomes (the tests use the observed information)")
+            from ..inference.mscoretests import multi_score_tests
+            return multi_score_tests(self)
         if self.survey is not None:
             raise MlsemError("score_tests: the score tests use the model-based information, not "
                              "valid for a survey fit's pseudo-likelihood; test restrictions with "

@@ -62,9 +62,6 @@ def _model_of(res, what, need_data=True):
     if getattr(res, "sem_labels", None) is not None:
         raise MlsemError(f"{what}: predictions are for multilevel fits (mlsem.fit), not for SEMs "
                          "in lavaan syntax (mlsem.sem)")
-    if getattr(model.table, "nout", 1) > 1 and what != "random_effects":
-        raise MlsemError(f"{what}: not available for a fit of several outcomes yet (random_effects() "
-                         "is); fit one outcome at a time for predictions")
     if need_data and "frame" not in getattr(model.prep, "meta", {}):
         raise MlsemError(f"{what}: the data of a backend='dask' fit stay on the workers; fit in "
                          "process (the default backend) for predictions")
@@ -204,6 +201,18 @@ def _estimation_rows(res, model, values: dict) -> pl.DataFrame:
     prep = model.prep
     frame = prep.meta["frame"]
     level_cols = [lv.name for lv in prep.levels]
+    outs = prep.meta.get("outcomes") if getattr(model.table, "nout", 1) > 1 else None
+    if outs is not None:
+        # several outcomes: one row per observed cell, its unit's input row and outcome
+        s = frame["__mlsem_row"].cast(pl.Int64).to_numpy()
+        nout = len(outs)
+        unit_rows = np.asarray(prep.meta["unit_rows"], dtype=np.int64)
+        out = frame.select(level_cols).with_columns(
+            pl.Series("row", unit_rows[s // nout]),
+            pl.Series("outcome", np.asarray(outs, dtype=object)[s % nout].tolist(), dtype=pl.String),
+            pl.Series("__o", s % nout))
+        out = out.with_columns([pl.Series(k, v) for k, v in values.items()])
+        return out.sort("row", "__o").drop("__o")
     out = frame.select(level_cols + [pl.col("__mlsem_row").cast(pl.Int64).alias("row")])
     out = out.with_columns([pl.Series(k, v) for k, v in values.items()])
     return out.sort("row")
@@ -258,6 +267,8 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
     if enc is None:
         raise MlsemError("predict(newdata=): the result carries no formula encoding (fit by "
                          "mlsem.fit in this session)")
+    if isinstance(enc, (list, tuple)):
+        return _predict_several(res, model, newdata, enc, random, se)
     names = (["Intercept"] if enc.intercept else []) + enc.fixed
     if list(prep.xnames) != names:
         raise MlsemError("predict(newdata=): the fit's fixed part has group-specific coefficients "
@@ -308,3 +319,67 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
         v[rows] = _se(X, *_fixed_cov(res, model))
         out = out.with_columns(pl.Series("se", v, nan_to_null=True))
     return out
+
+
+def _predict_several(res, model, newdata, encs, random, se):
+    """predict(newdata) of a several-outcome fit: every row of newdata once per outcome
+    (``row``: its 0-based row, ``outcome``), each outcome's own fixed part and, with
+    ``random``, the BLUPs of its effects at the groups the fit has seen."""
+    from ..data.prepare import scan
+    prep = model.prep
+    t = model.table
+    outs = list(t.outcomes)
+    psi = np.asarray(res.estimate, dtype=float)
+    beta = psi[np.asarray(t.beta_param, dtype=np.int64)]
+    level_cols = [lv.name for lv in prep.levels]
+    lf = scan(newdata)
+    try:
+        schema = lf.collect_schema()
+    except Exception as exc:
+        raise MlsemError(f"predict: cannot read newdata: {exc}") from None
+    need = list(dict.fromkeys(v for e in encs for v in e.variables))
+    missing = [c for c in need if c not in schema]
+    if missing:
+        raise MlsemError(f"predict: newdata has no column {missing[0]!r} (the model reads "
+                         f"{', '.join(map(repr, need))})")
+    ids = [c for c in level_cols if c in schema]
+    if random and prep.nlatent and len(ids) < len(level_cols):
+        absent = [c for c in level_cols if c not in schema]
+        raise MlsemError(f"predict: newdata has no id column {absent[0]!r}; give it, or "
+                         "predict at the population level with random=False")
+    df = lf.select(list(dict.fromkeys(ids + need))).collect()
+    blups = random_effects(res) if (random and prep.nlatent) else None
+    E, C = _fixed_cov(res, model) if se else (None, None)
+    parts = []
+    for o, (name, enc) in enumerate(zip(outs, encs)):
+        rows, X, _ = enc.design(df, with_outcome=False)
+        cols = np.asarray(t.beta_cols[o], dtype=np.int64)
+        pred = X @ beta[cols] if len(cols) else np.zeros(int(np.sum(rows)))
+        if blups is not None:
+            keys = df.filter(pl.Series(rows)).select(level_cols).with_row_index("__i")
+            for d, col in enumerate(level_cols):
+                ids_d = level_cols[:d + 1]
+                b = blups.filter((pl.col("level") == col) & (pl.col("effect") == name))
+                if b.height == 0:
+                    continue
+                b = b.select(ids_d + ["mean"])
+                try:
+                    k = keys.select(["__i"] + ids_d).with_columns(
+                        [pl.col(c).cast(b.schema[c]) for c in ids_d])
+                except Exception:
+                    raise MlsemError(f"predict: newdata's id column {col!r} is {keys.schema[col]}, "
+                                     f"the fit's is {b.schema[col]}") from None
+                pred = pred + k.join(b, on=ids_d, how="left").sort("__i")["mean"].fill_null(0.0).to_numpy()
+        full = np.full(df.height, np.nan)
+        full[rows] = pred
+        part = df.select(ids).with_columns(
+            pl.Series("row", np.arange(df.height, dtype=np.int64)),
+            pl.lit(name).alias("outcome"), pl.Series("predicted", full, nan_to_null=True))
+        if se:
+            Xf = np.zeros((int(np.sum(rows)), model.q))
+            Xf[:, cols] = X
+            v = np.full(df.height, np.nan)
+            v[rows] = _se(Xf, E, C)
+            part = part.with_columns(pl.Series("se", v, nan_to_null=True))
+        parts.append(part.with_columns(pl.lit(o).alias("__o")))
+    return pl.concat(parts).sort("row", "__o").drop("__o")

@@ -246,6 +246,13 @@ def parse_formula(text: str) -> Formula:
     if "~" in rhs:
         raise MlsemError(f"formula: more than one '~' in {text!r}")
     outcome, outcome_vars = _outcome(lhs, text)
+    m = re.search(r"(?<![A-Za-z0-9_.])offset\(", rhs)
+    if m:
+        raise MlsemError(
+            f"formula: offset() is not supported in {text!r}; in a linear mixed model an "
+            f"offset o is the outcome less o: write 'I(y - o) ~ ...' (o may also be a "
+            f"covariate; the log-likelihood is lme4's with offset(o); fitted values are "
+            f"then of y - o)")
     rhs = formulaic_text(rhs)
     fixed_parts, random = [], []
     variables = []
@@ -306,9 +313,12 @@ def parse_formula(text: str) -> Formula:
     plain = _plain_terms(fixed_parts)
     fixed_vars = plain[1] if plain is not None else _variables(fixed_text, text)
     variables = list(dict.fromkeys(fixed_vars + variables))
-    for o in outcome_vars or (outcome,):
-        if o in variables:
-            raise MlsemError(f"formula: the outcome {o!r} is also a covariate in {text!r}")
+    # a transformed outcome may read a covariate beside another column (I(y - x) ~ x:
+    # an offset, as R allows), not only covariates (log(y) ~ y)
+    read = list(outcome_vars or (outcome,))
+    if all(o in variables for o in read):
+        o = next(o for o in read if o in variables)
+        raise MlsemError(f"formula: the outcome {o!r} is also a covariate in {text!r}")
     # a fixed part of plain column names (the grammar before formulaic) is known
     # without the data: fill it in for callers that prepare numeric columns themselves
     intercept, names = plain if plain is not None else (True, [])

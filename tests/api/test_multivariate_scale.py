@@ -54,3 +54,48 @@ def test_wald_test_is_a_chi2(fitted):
     _, r = fitted
     w = r.wald_fixed()
     assert w["df"] == 4 and w["chi2"] > 0 and 0 <= w["p_value"] <= 1
+
+
+def _wards(seed=5, n=3000, hosp=60):
+    """Blood pressure in Pa (~1e5) beside heart rate in kHz (~0.07): variances 1e12
+    apart; covariates partly missing, heart rate 10% missing, no ward effect."""
+    import polars as pl
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, hosp, n)
+    u = rng.normal(size=(hosp, 2))
+    sex = rng.choice(["F", "M"], n)
+    age = rng.uniform(20, 90, n)
+    bp = 1000 * (120 + 0.3 * age + 5 * (sex == "M") + 8 * u[h, 0] + rng.normal(0, 10, n))
+    hr = (70 + 0.1 * age + 3 * u[h, 1] + 0.5 * u[h, 0] + rng.normal(0, 8, n)) / 1000
+    age[rng.random(n) < 0.05] = np.nan
+    hr[rng.random(n) < 0.1] = np.nan
+    return pl.DataFrame({"hosp": [f"H{x:03d}" for x in h], "ward": [f"W{x}" for x in rng.integers(0, 4, n)],
+                         "sex": sex, "age": age, "bp": bp, "hr": hr}).fill_nan(None)
+
+
+WARDS = ["bp ~ age + sex + (1 | hosp/ward)", "hr ~ age + (1 | hosp/ward)"]
+
+
+def test_outcomes_a_million_units_apart():
+    """The grouped data's moment start once raised the small outcome's variances to the
+    large one's (an eigenvalue floor in raw units): L-BFGS-B stalled 1e10 units away,
+    30,000 log-likelihood units below the optimum, and the fit was called converged.
+    Now: with no cross-outcome covariance the log-likelihood is the sum of the two
+    univariate fits, the full model's is not below it, and rescaling the outcomes moves
+    the log-likelihood by the Jacobian only."""
+    import warnings
+    d = _wards()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uni = sum(mlsem.fit(d, f).loglik for f in WARDS)
+        ind = mlsem.fit(d, WARDS, outcomes={"hosp": "independent", "ward": "independent",
+                                            "residual": "independent"})
+        full = mlsem.fit(d, WARDS)
+        d2 = d.with_columns(d["bp"] / 1000, d["hr"] * 1000)
+        full2 = mlsem.fit(d2, WARDS)
+    assert ind.converged and full.converged and full2.converged
+    assert ind.loglik == pytest.approx(uni, abs=1e-6)
+    assert full.loglik >= ind.loglik - 1e-6
+    n_bp, n_hr = (int(((~d[c].is_null()) & (~d["age"].is_null())).sum()) for c in ("bp", "hr"))
+    jac = (n_bp - n_hr) * np.log(1000.0)
+    assert full.loglik + jac == pytest.approx(full2.loglik, abs=1e-5)

@@ -1,6 +1,7 @@
 """``mlsem fit`` with --formula given once per outcome (issue 15)."""
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -31,7 +32,7 @@ def test_fit_two_formulas(data):
 
 @pytest.mark.parametrize("extra,msg", [
     (["--method", "reml"], "--method reml"),
-    (["--vce", "robust"], "--vce robust"),
+    (["--df", "satterthwaite"], "--df"),
     (["--effects", "j:variance=slot"], "--effects"),
     (["--by", "k"], "--by"),
 ])
@@ -43,10 +44,21 @@ def test_refused_options(data, extra, msg):
 
 
 def test_other_commands_refuse_two_formulas(data):
-    rc, out, err = run_here("predict", "mv.parquet", "-f", F1, "-f", F2, "--out", "r.parquet",
+    rc, out, err = run_here("diagram", "mv.parquet", "-f", F1, "-f", F2, "--out", "r.dot",
                             cwd=data)
-    assert rc == 2 and "`mlsem fit` and `mlsem ranef` only" in err
-    assert not (data / "r.parquet").exists()
+    assert rc == 2 and "`mlsem fit`, `mlsem ranef` and `mlsem predict` only" in err
+    assert not (data / "r.dot").exists()
+
+
+def test_predict_two_formulas(data):
+    rc, out, err = run_here("predict", "mv.parquet", "-f", F1, "-f", F2, "--index", "i", "--se",
+                            "--quiet", "--out", "p.parquet", cwd=data)
+    assert rc == 0, err
+    p = pl.read_parquet(data / "p.parquet")
+    assert p.columns == ["k", "j", "row", "outcome", "predicted", "se"]
+    d = pl.read_parquet(data / "mv.parquet")
+    ref = mlsem.fit(d, [F1, F2], index="i").predict(se=True)
+    np.testing.assert_allclose(p["predicted"], ref["predicted"], rtol=1e-8)
 
 
 def test_outcomes_option(data):

@@ -109,3 +109,18 @@ def test_transformed_outcome_errors():
     miss = d.with_columns(pl.when(pl.col("Days") == 3).then(None).otherwise(pl.col("Reaction")).alias("Reaction"))
     res = mlsem.fit(miss, "log(Reaction) ~ Days + (1 | Subject)")
     assert res.missing_outcome == 18
+
+
+def test_offset_is_refused_with_the_outcome_transform_it_equals():
+    """lme4's ``offset(o)`` is refused with its equivalent, ``I(y - o) ~ ...``, which
+    may read a covariate; that fit has y's log-likelihood and the slope less the
+    offset's coefficient (an identity: the design is unchanged)."""
+    d = mlsem.example_data("sleepstudy")
+    with pytest.raises(MlsemError, match=r"offset\(\) is not supported .* 'I\(y - o\)"):
+        mlsem.fit(d, "Reaction ~ Days + offset(2 * Days) + (1 | Subject)")
+    plain = mlsem.fit(d, "Reaction ~ Days + (1 | Subject)")
+    off = mlsem.fit(d, "I(Reaction - 2 * Days) ~ Days + (1 | Subject)")
+    assert off.loglik == pytest.approx(plain.loglik, rel=1e-10)
+    est, est0 = dict(zip(off.names, off.estimate)), dict(zip(plain.names, plain.estimate))
+    assert est["Days"] == pytest.approx(est0["Days"] - 2.0, abs=1e-6)
+    assert est["var(Subject)"] == pytest.approx(est0["var(Subject)"], rel=1e-6)
