@@ -47,8 +47,6 @@ def why_not_reducible(model) -> str | None:
     prep = model.prep
     if prep.nrows == 0 or prep.nobs == 0:
         return "no data"
-    if np.any(np.asarray(prep.wrow) != 1.0):
-        return "sampling weights"
     if np.any(np.asarray(prep.slot_lat)[:, -1] < 0):
         return "a slot without an innermost-level latent"
     return None
