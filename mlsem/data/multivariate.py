@@ -358,7 +358,7 @@ def _cells_compiled(df, Fs, levels, ok, Xo, qs, uidx, ident):
     frame = partial(_cells_frame, df, uidx, nout, level_cols, lab_cols, lab_dtypes, is_value, slots,
                     top_ids, row_ptr, obs_row, slot)
     prep = CellsPrepared(
-        y=y, X=None, slot=slot, load=np.ones((m, max(nl, 1))), row_ptr=row_ptr, pat_ptr=pat_ptr,
+        y=y, X=None, slot=slot, load=None, row_ptr=row_ptr, pat_ptr=pat_ptr,
         slot_lat=lat[0], nlatent=lat[1], latent_names=lat[2], latent_node=lat[3],
         latent_term=lat[4], slot_labels=slot_labels, level_labels=lat[5], top_ids=top_ids,
         obs_row=obs_row, wrow=np.ones(nrows), levels=infos, xnames=[], nobs=m,
@@ -367,7 +367,7 @@ def _cells_compiled(df, Fs, levels, ok, Xo, qs, uidx, ident):
     prep.meta["Xc"] = Xc
     prep.meta["zcross"] = _zcross(ok, Xo, qs, df, Fs, ys)
     sout = np.ascontiguousarray(po, dtype=np.int32)
-    prep.defer_block_design(sout, qoff)
+    prep.defer_arrays(sout, qoff, max(nl, 1))
     # the unit of a slot: its unit slot's rank among the present ones (every unit slot has
     # a cell: the rank is the code)
     spup = (ps + 1).astype(np.int32)
@@ -385,44 +385,72 @@ def _cells_frame(df, uidx, nout, level_cols, lab_cols, lab_dtypes, is_value, slo
                        obs_row, slot)
 
 
+class _Deferred:
+    """A field of :class:`CellsPrepared` written when first read: the array (allocated
+    unwritten, its pages untouched) is filled in place by ``fill(array)``; while the
+    object's ``deferred()`` context holds it is handed out as it is (shape and
+    reference only)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        d = obj.__dict__
+        fill = d.get("_fill_" + self.name)
+        if fill is not None and not d.get("_defer"):
+            del d["_fill_" + self.name]
+            fill(d["_" + self.name])
+        return d["_" + self.name]
+
+    def __set__(self, obj, value):
+        obj.__dict__["_" + self.name] = value
+        obj.__dict__.pop("_fill_" + self.name, None)
+
+
 class CellsPrepared(Prepared):
     """The :class:`Prepared` of several outcomes laid out by the compiled passes: its block
     design ``X`` (a cell's row zero outside its outcome's columns) is written from the
-    compact one (``meta["Xc"]``) when first read: the grouped fit reads only the compact
-    one (74 MB not written on 2.3M cells of two outcomes with two columns each).  While
-    ``deferred`` holds (MultiModel's construction, which takes X's shape and reference
-    only) the array is handed out unwritten; it is written in place on the first read
-    after."""
+    compact one (``meta["Xc"]``) when first read, and its loadings ``load`` (all 1: random
+    intercepts) likewise: the grouped fit reads neither (74 + 37 MB not written on 2.3M
+    cells of two outcomes with two columns and two levels each).  While ``deferred()``
+    holds (MultiModel's construction, which takes their shapes and references only) the
+    arrays are handed out unwritten; they are written in place on the first read after.
+    ``unit_load``: every loading is 1 (Model need not read them to know)."""
 
-    @property
-    def X(self):
-        d = self.__dict__
-        fill = d.get("_Xfill")
-        if fill is not None and not d.get("_Xdefer"):
-            del d["_Xfill"]
-            fill(d["_X"])
-        return d["_X"]
+    X = _Deferred("X")
+    load = _Deferred("load")
+    unit_load = True
 
-    @X.setter
-    def X(self, value):
-        self.__dict__["_X"] = value
-        self.__dict__.pop("_Xfill", None)
-
-    def defer_block_design(self, sout, qoff):
+    def defer_arrays(self, sout, qoff, nl):
         m, q = self.nobs, int(qoff[-1])
-        self.__dict__["_X"] = np.zeros((m, q))       # (pages untouched until written)
-        self.__dict__["_Xfill"] = partial(_block_design, self, np.asarray(sout), np.asarray(qoff))
+        d = self.__dict__
+        d["_X"] = np.zeros((m, q))       # (pages untouched until written)
+        d["_fill_X"] = partial(_block_design, self, np.asarray(sout), np.asarray(qoff))
+        d["_load"] = np.empty((m, nl))
+        d["_fill_load"] = _ones
 
     @property
     def block_design_pending(self) -> bool:
-        return self.__dict__.get("_Xfill") is not None
+        return self.__dict__.get("_fill_X") is not None
+
+    @property
+    def loadings_pending(self) -> bool:
+        return self.__dict__.get("_fill_load") is not None
 
     def deferred(self):
         return _Defer(self)
 
     def __getstate__(self):
-        self.X    # noqa: B018 - written before pickling
-        return dict(self.__dict__)
+        self.X, self.load    # noqa: B018 - written before pickling
+        d = dict(self.__dict__)
+        d.pop("_defer", None)
+        return d
+
+
+def _ones(a):
+    a.fill(1.0)
 
 
 class _Defer:
@@ -430,11 +458,11 @@ class _Defer:
         self.prep = prep
 
     def __enter__(self):
-        self.prep.__dict__["_Xdefer"] = True
+        self.prep.__dict__["_defer"] = True
         return self.prep
 
     def __exit__(self, *exc):
-        self.prep.__dict__.pop("_Xdefer", None)
+        self.prep.__dict__.pop("_defer", None)
         return False
 
 

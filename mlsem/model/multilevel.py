@@ -250,7 +250,9 @@ class Model:
         self._load = np.ascontiguousarray(prep.load, dtype=np.float64)
         # random intercepts only: the kernel's row loops need not read the loadings
         # (every loading 1 settles it without gathering slot_lat per observation)
-        self._unit_load = bool(np.all(self._load == 1.0)) or bool(
+        # (a data layout may say so itself: mlsem.data.multivariate's loadings are all 1)
+        self._unit_load = bool(getattr(prep, "unit_load", False)) or bool(
+            np.all(self._load == 1.0)) or bool(
             np.all((self._load == 1.0) | (prep.slot_lat[prep.slot] < 0)))
         if units is None:
             self.ols = ols_fit(prep)

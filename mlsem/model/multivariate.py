@@ -102,6 +102,17 @@ class MultiModel(Model):
     def _X(self, value):
         pass
 
+    # the loadings likewise (all 1 in the data layer's layout of several outcomes)
+    @property
+    def _load(self):
+        return self.__dict__.get("_load_own") if "_load_own" in self.__dict__ else \
+            np.ascontiguousarray(self.prep.load, dtype=np.float64)
+
+    @_load.setter
+    def _load(self, value):
+        if not getattr(self.prep, "unit_load", False):
+            self.__dict__["_load_own"] = value
+
     @property
     def _ocell(self):
         """Each cell's outcome (built when first asked for)."""

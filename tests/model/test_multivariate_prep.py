@@ -101,7 +101,7 @@ def test_outcome_ols_from_the_units_equals_the_cells_pass(seed, nout, index):
 
 
 def test_block_design_written_on_first_read():
-    """mprep2: the block design of the compiled layout stays unwritten through
+    """mprep2: the block design and the loadings of the compiled layout stay unwritten through
     MultiModel's construction and the grouping (they read the compact one), and is
     the reference's when read (also by the model's own reference, and after pickling)."""
     import pickle
@@ -118,8 +118,9 @@ def test_block_design_written_on_first_read():
         model = MultiModel(prep, tab, backend="cython")
         red, why = reduce_multi(model, max_share=1.0)
         assert red is not None, why
-        assert prep.block_design_pending
+        assert prep.block_design_pending and prep.loadings_pending and model._unit_load
         if how == "model":
+            np.testing.assert_array_equal(model._load, ref.load)
             X = model._X
         elif how == "prep":
             X = prep.X
@@ -127,3 +128,5 @@ def test_block_design_written_on_first_read():
             X = pickle.loads(pickle.dumps(prep)).X
         np.testing.assert_array_equal(X, ref.X)
         assert X.flags.c_contiguous and X.shape == (prep.nobs, len(prep.xnames))
+        np.testing.assert_array_equal(prep.load, ref.load)
+        assert not prep.loadings_pending
