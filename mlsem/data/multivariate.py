@@ -527,6 +527,18 @@ def _zcross(ok, Xo, qs, df, Fs, ys=None, chunk=1 << 16):
         cols = Xo[o].arrays() if isinstance(Xo[o], _Columns) else None
         X = None if cols is not None else np.asarray(Xo[o], dtype=np.float64)
         acc = np.zeros((qo + 2, qo + 2))
+        if ok[o].all():
+            # every row a cell: dot products of whole columns (no blocks copied)
+            vecs = [None] + [(None if len(cols[a]) != n else cols[a]) if cols is not None
+                             else X[:, a] for a in range(qo)] + [y]
+            for i in range(qo + 2):
+                for j in range(i, qo + 2):
+                    u, v = vecs[i], vecs[j]
+                    acc[i, j] = acc[j, i] = (float(n) if u is None and v is None else
+                                             float(np.sum(v if u is None else u)) if u is None or v is None
+                                             else float(np.dot(u, v)))
+            out[o, :qo + 2, :qo + 2] = acc
+            continue
         pos = 0
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
