@@ -79,7 +79,12 @@ class MultiReduced(MultiModel):
 
     @property
     def _ols_out(self):
-        return self.full._ols_out
+        got = self.__dict__.get("_ols_out_set")
+        return self.full._ols_out if got is None else got
+
+    @_ols_out.setter
+    def _ols_out(self, value):
+        self.__dict__["_ols_out_set"] = value
 
     def start_values(self):
         """Moment estimates from the grouped data, near the ML estimates on the nested

@@ -134,11 +134,22 @@ class MultiModel(Model):
                                                for o in range(self.nout)]
         return got
 
+    @_orows.setter
+    def _orows(self, value):
+        self.__dict__["_orows_c"] = value
+
     @property
     def _ols_out(self):
         """Per outcome (rows of its cells, its design columns, OLS beta, mean squared
         residual)."""
+        got = self.__dict__.get("_ols_out_set")
+        if got is not None:
+            return got
         return [(r, c, b, v) for r, (c, b, v, _) in zip(self._orows, self._ols_fit)]
+
+    @_ols_out.setter
+    def _ols_out(self, value):
+        self.__dict__["_ols_out_set"] = value
 
     # ---- units --------------------------------------------------------------
     def outcome_ols(self):
