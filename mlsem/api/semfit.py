@@ -47,8 +47,13 @@ def _wide_arrays(lf, observed, covariates, data):
         dt = schema[c]
         if not (dt.is_numeric() or dt == pl.Boolean):
             raise MlsemError(f"data: column {c!r} must be numeric, but it is {dt}")
+    # columns already Float64 are selected by name, without a cast node per
+    # column (72 casts cost ~1 ms of expression building on the wide
+    # ``unbalanced``); an in-memory frame is selected eagerly (no query plan)
+    sel = cols if all(schema[c] == pl.Float64 for c in cols) else [
+        pl.col(c) if schema[c] == pl.Float64 else pl.col(c).cast(pl.Float64) for c in cols]
     try:
-        df = lf.select([pl.col(c).cast(pl.Float64) for c in cols]).collect()
+        df = data.select(sel) if isinstance(data, pl.DataFrame) else lf.select(sel).collect()
     except Exception as exc:
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     if df.height == 0:
@@ -240,11 +245,12 @@ def _fit_ml(model, data, vce_, cluster, weights, method, backend, nthreads, star
 
 def _information(m, psi, opt):
     """The observed information at the estimates: the exact one of the last
-    Newton step where that was at, or within a negligible step of, psi
+    Newton step (mlsem.estimate.semscoring: ``opt.hessian_exact``) where that
+    was at, or within a negligible step of, psi
     (mlsem.estimate.optimize.REUSE_HESSIAN_STEP), else exact
     (mlsem.model.seminfo.observed_information) where Sigma and the means are
     linear in psi, else by central differences of the gradient."""
-    if opt.hessian is not None and opt.hessian_at is not None:
+    if getattr(opt, "hessian_exact", False) and opt.hessian is not None and opt.hessian_at is not None:
         scale = np.maximum(np.abs(psi), 0.1 * np.asarray(m.pscale, dtype=float))
         if np.max(np.abs(psi - opt.hessian_at) / scale, initial=0.0) <= REUSE_HESSIAN_STEP:
             return -opt.hessian

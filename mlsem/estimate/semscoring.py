@@ -45,7 +45,7 @@ SLOW_STEPS = 3
 # gain is below NEWTON_GAIN, the steps use the exact observed information
 # (Newton; quadratic convergence) where it is positive definite, computed anew
 # at every step; the one at the last point is the fit's information
-NEWTON_GAIN = 1.0
+NEWTON_GAIN = 0.1
 # scoring is not tried where the information would be large to build
 # (k parameters x rows x variables of the row means' derivatives)
 MAX_CELLS = 20_000_000
@@ -166,9 +166,13 @@ def _scoring(model, psi0, progress, log):
         return None, f"scoring and the Newton polish ended with max |gradient| {gnorm:.3g}", None
     if np.any(psi - lo <= 1e-7 * np.maximum(np.abs(psi), unit)):
         return None, "a parameter at its bound", None
-    return OptSummary(start=psi0, final=psi, loglik=ll, iterations=it, evaluations=model.nevals,
+    out = OptSummary(start=psi0, final=psi, loglik=ll, iterations=it, evaluations=model.nevals,
                       gradient_norm=gnorm, converged=True,
                       message=(f"Fisher scoring ({it - newton} steps)"
                                + (f", {newton} exact Newton step(s)" if newton else "")
                                + (f" and {steps} Newton step(s)" if steps else "")),
-                      newton_steps=steps, log=log, hessian=H, hessian_at=psi_H), None, None
+                      newton_steps=steps, log=log, hessian=H, hessian_at=psi_H)
+    # the fit's information may be this one (mlsem.api.semfit): exact, not the
+    # polish's central differences
+    out.hessian_exact = H is not None and steps == 0 and obs_at is not None
+    return out, None, None

@@ -41,6 +41,11 @@ except ImportError:  # pragma: no cover
     _core = None
 
 
+# the start's mean design is built dense up to this many cells (observations x
+# (full parameters + covariate paths)), else sparse
+DENSE_START_CELLS = 2_000_000
+
+
 # ---- the objective ---------------------------------------------------------------
 class SemModel:
     """Same interface as :class:`mlsem.model.multilevel.Model` (what :mod:`mlsem.estimate.optimize` uses)."""
@@ -361,26 +366,8 @@ class SemModel:
         r_nu, _, f_nu = self.idx["nu"]
         if self._Xobs is None and not len(f_nu):
             return
-        from scipy import sparse
         nfull = len(t.full_names)
-        parts = []
-        if len(f_nu):
-            col = np.full(self.P, -1)
-            col[r_nu] = f_nu
-            ok = col[d.slot] >= 0
-            parts.append(sparse.csr_matrix((np.ones(ok.sum()), (np.flatnonzero(ok), col[d.slot][ok])),
-                                           shape=(d.nobs, nfull)))
-        off = np.zeros(d.nobs)
-        base_nu = self.base["nu"][d.slot]
-        off += base_nu
-        if self._Xobs is not None:
-            fe = self._gy_f
-            S = sparse.csr_matrix((np.ones(len(fe)), (np.arange(len(fe)), np.where(fe >= 0, fe, 0))),
-                                  shape=(len(fe), nfull))
-            S = sparse.diags(self._gy_free.astype(float)) @ S
-            parts.append(self._Xobs @ S)
-            off += self._Xobs @ np.where(self._gy_free, 0.0, self._gy_v)
-        D = sum(parts[1:], parts[0]).tocsc()
+        ne = len(self._gy_f)
         mean_full = np.zeros(nfull, dtype=bool)
         mean_full[np.unique(np.concatenate([f_nu, self._gy_f[self._gy_free]]))] = True
         if given[mean_full].any() or self._mean_lat:
@@ -389,6 +376,42 @@ class SemModel:
         cols = np.flatnonzero(np.any(t.T[mean_full] != 0, axis=0) & ~np.any(t.T[~mean_full] != 0, axis=0))
         if not len(cols):
             return
+        # the mean design D (observations x full parameters): dense where small
+        # (scipy.sparse's constructors cost ~1 ms on the wide ``unbalanced``)
+        dense = d.nobs * (nfull + ne) <= DENSE_START_CELLS
+        parts = []
+        if len(f_nu):
+            col = np.full(self.P, -1)
+            col[r_nu] = f_nu
+            ok = col[d.slot] >= 0
+            if dense:
+                Dn = np.zeros((d.nobs, nfull))
+                Dn[np.flatnonzero(ok), col[d.slot][ok]] = 1.0
+                parts.append(Dn)
+            else:
+                from scipy import sparse
+                parts.append(sparse.csr_matrix((np.ones(ok.sum()), (np.flatnonzero(ok), col[d.slot][ok])),
+                                               shape=(d.nobs, nfull)))
+        off = np.zeros(d.nobs)
+        base_nu = self.base["nu"][d.slot]
+        off += base_nu
+        if self._Xobs is not None:
+            fe = self._gy_f
+            free = np.flatnonzero(self._gy_free)
+            if dense:
+                S = np.zeros((ne, nfull))
+                S[free, fe[free]] = 1.0
+                Xd = self._Xobs.toarray()
+                parts.append(Xd @ S)
+                off += Xd @ np.where(self._gy_free, 0.0, self._gy_v)
+            else:
+                from scipy import sparse
+                S = sparse.csr_matrix((np.ones(len(free)), (free, fe[free])), shape=(ne, nfull))
+                parts.append(self._Xobs @ S)
+                off += self._Xobs @ np.where(self._gy_free, 0.0, self._gy_v)
+        D = sum(parts[1:], parts[0])
+        if not dense:
+            D = D.tocsc()
         Dc = np.asarray((D @ t.T[:, cols]))
         rhs = d.y - off - D @ t.t0
         sol, *_ = np.linalg.lstsq(Dc, rhs, rcond=None)

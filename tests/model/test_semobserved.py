@@ -96,7 +96,8 @@ def test_fit_information_is_the_exact_one(unbalanced_model):
     assert "exact Newton step(s)" in r.opt.message
     m = r.model
     exact = seminfo.observed_information(m, r.estimate)
-    np.testing.assert_allclose(r.info, exact, rtol=1e-6)
+    # the last Newton step's (REUSE_HESSIAN_STEP: computed within 1e-6 relative of the estimates)
+    np.testing.assert_allclose(r.info, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
     np.testing.assert_allclose(r.info, -hessian(m, r.estimate), rtol=1e-5)
 
 
