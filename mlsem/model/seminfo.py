@@ -13,7 +13,8 @@ batched NumPy calls per size, not per pattern.
 
 Used by :mod:`mlsem.estimate.semscoring` (Fisher scoring from the start, the
 Newton polish then finishes); the standard errors stay the observed
-information's.
+information's, exact here (:func:`observed_information`) where Sigma and the
+means are linear in psi.
 """
 from __future__ import annotations
 
