@@ -3044,3 +3044,172 @@ def unst_eval(const long long[::1] row_ptr, long long r0, long long r1, const in
     _raise_alloc(status_t, nd * sizeof(double))
     return nt
 # --- end unst ---
+# --- semfast2 --- the exact observed information of a linear SEM's FIML (mlsem.model.seminfo) -----------
+
+
+def sem_observed_info(const long long[::1] pat_ptr, const long long[::1] row_ptr, const int[::1] slot,
+                      const double[:, ::1] Sigma, const double[:, :, ::1] dS, const double[:, :, ::1] dM,
+                      const double[::1] resid, const double[::1] wrow, double[:, ::1] Ic,
+                      double[:, ::1] Im, double[:, ::1] Icm):
+    """-d2l/dpsi2 of the FIML log-likelihood where Sigma and the row means are
+    linear in the parameters (their second derivatives vanish).  Per pattern
+    (S = Sigma_O^-1, w_p its rows' summed weights, A_k = S dS_k,OO) and per row r
+    (weight w_r, e = resid_r, s = S e, v_k = dS_k,OO s, D_j = dM_j,r,O):
+
+        Ic[k, l]  += w_r v_k' S v_l - w_p / 2 tr(A_k A_l)
+        Im[j, h]  += w_r D_j' S D_h
+        Icm[k, j] += w_r v_k' S D_j
+
+    (dS: (kc, P, P), dM: (km, nrows, P), resid: per observation, in the
+    rows' slot order).  Serial.  Returns 0, or 1 when some Sigma_O is not
+    positive definite (the outputs are then incomplete)."""
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1
+    cdef int P = Sigma.shape[0]
+    cdef int kc = dS.shape[0], km = dM.shape[0]
+    cdef int m, a, b, c, k, l, status = 0
+    cdef long long p, r, o0, orow
+    cdef double wp, acc, wr
+    cdef double one = 1.0, zero = 0.0
+    cdef char nn = b'N'
+    if (Ic.shape[0] != kc or Ic.shape[1] != kc or Im.shape[0] != km or Im.shape[1] != km
+            or Icm.shape[0] != kc or Icm.shape[1] != km):
+        raise ValueError("sem_observed_info: Ic must be (kc, kc), Im (km, km) and Icm (kc, km)")
+    if (kc and (dS.shape[1] != P or dS.shape[2] != P)) or (km and (dM.shape[1] < pat_ptr[npat] or dM.shape[2] != P)):
+        raise ValueError("sem_observed_info: dS must be (kc, P, P) and dM (km, nrows, P)")
+    if row_ptr.shape[0] < pat_ptr[npat] + 1 or wrow.shape[0] < pat_ptr[npat]:
+        raise ValueError("sem_observed_info: row_ptr and wrow must cover every row")
+    if resid.shape[0] < row_ptr[pat_ptr[npat]] or slot.shape[0] < row_ptr[pat_ptr[npat]]:
+        raise ValueError("sem_observed_info: resid and slot must cover every observation")
+    cdef double[::1] Sb = np.empty(P * P)
+    cdef double[::1] Lib = np.empty(P * P)
+    cdef double[::1] Gb = np.empty(max(kc, 1) * P * P)
+    cdef double[::1] Ab = np.empty(max(kc, 1) * P * P)
+    cdef double[::1] Db = np.empty(max(km, 1) * P)
+    cdef double[::1] SDb = np.empty(max(km, 1) * P)
+    cdef double[::1] Vb = np.empty(max(kc, 1) * P)
+    cdef double[::1] SVb = np.empty(max(kc, 1) * P)
+    cdef double[::1] sb = np.empty(max(P, 1))
+    cdef int[::1] idxb = np.empty(max(P, 1), dtype=np.int32)
+    cdef double* S = &Sb[0]
+    cdef double* Li = &Lib[0]
+    cdef double* G = &Gb[0]
+    cdef double* A = &Ab[0]
+    cdef double* D = &Db[0]
+    cdef double* SD = &SDb[0]
+    cdef double* V = &Vb[0]
+    cdef double* SV = &SVb[0]
+    cdef double* s = &sb[0]
+    cdef int* idx = &idxb[0]
+    with nogil:
+        for p in range(npat):
+            o0 = row_ptr[pat_ptr[p]]
+            m = <int>(row_ptr[pat_ptr[p] + 1] - o0)
+            if m <= 0:
+                continue
+            for a in range(m):
+                idx[a] = slot[o0 + a]
+                if idx[a] < 0 or idx[a] >= P:
+                    status = 2
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                if row_ptr[r + 1] - row_ptr[r] != m:
+                    status = 3
+                else:
+                    for a in range(m):
+                        if slot[row_ptr[r] + a] != idx[a]:
+                            status = 3
+            if status:
+                break
+            wp = 0.0
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                wp += wrow[r]
+            for a in range(m):
+                for b in range(m):
+                    S[a * m + b] = Sigma[idx[a], idx[b]]
+            if chol_lower(S, m):
+                status = 1
+                break
+            for b in range(m):               # Li = L^-1 (row-major, lower triangle)
+                for a in range(b, m):
+                    acc = 1.0 if a == b else 0.0
+                    for c in range(b, a):
+                        acc = acc - S[a * m + c] * Li[c * m + b]
+                    Li[a * m + b] = acc / S[a * m + a]
+            for a in range(m):
+                for b in range(a + 1):
+                    acc = 0.0
+                    for c in range(a, m):
+                        acc = acc + Li[c * m + a] * Li[c * m + b]
+                    S[a * m + b] = acc
+                    S[b * m + a] = acc
+            for k in range(kc):
+                for c in range(m):                       # G_k = dS_k,OO, contiguous
+                    for b in range(m):
+                        G[(k * m + c) * m + b] = dS[k, idx[c], idx[b]]
+                # A_k = S G_k (row-major); in BLAS's column-major terms A' = G' S
+                dgemm(&nn, &nn, &m, &m, &m, &one, &G[k * m * m], &m, S, &m, &zero, &A[k * m * m], &m)
+            for k in range(kc):
+                for l in range(k + 1):
+                    acc = 0.0
+                    for a in range(m):
+                        for b in range(m):
+                            acc = acc + A[(k * m + a) * m + b] * A[(l * m + b) * m + a]
+                    Ic[k, l] -= 0.5 * wp * acc
+                    if l != k:
+                        Ic[l, k] -= 0.5 * wp * acc
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                wr = wrow[r]
+                orow = row_ptr[r]
+                for a in range(m):                       # s = S e
+                    acc = 0.0
+                    for b in range(m):
+                        acc = acc + S[a * m + b] * resid[orow + b]
+                    s[a] = acc
+                for k in range(kc):                      # v_k = G_k s, S v_k = A_k s
+                    for a in range(m):
+                        acc = 0.0
+                        for b in range(m):
+                            acc = acc + G[(k * m + a) * m + b] * s[b]
+                        V[k * m + a] = acc
+                        acc = 0.0
+                        for b in range(m):
+                            acc = acc + A[(k * m + a) * m + b] * s[b]
+                        SV[k * m + a] = acc
+                for k in range(kc):
+                    for l in range(k + 1):
+                        acc = 0.0
+                        for a in range(m):
+                            acc = acc + V[k * m + a] * SV[l * m + a]
+                        Ic[k, l] += wr * acc
+                        if l != k:
+                            Ic[l, k] += wr * acc
+                if km == 0:
+                    continue
+                for k in range(km):
+                    for a in range(m):
+                        D[k * m + a] = dM[k, r, idx[a]]
+                for k in range(km):
+                    for a in range(m):
+                        acc = 0.0
+                        for b in range(m):
+                            acc = acc + S[a * m + b] * D[k * m + b]
+                        SD[k * m + a] = acc
+                for k in range(km):
+                    for l in range(k + 1):
+                        acc = 0.0
+                        for a in range(m):
+                            acc = acc + D[k * m + a] * SD[l * m + a]
+                        Im[k, l] += wr * acc
+                        if l != k:
+                            Im[l, k] += wr * acc
+                for k in range(kc):
+                    for l in range(km):
+                        acc = 0.0
+                        for a in range(m):
+                            acc = acc + V[k * m + a] * SD[l * m + a]
+                        Icm[k, l] += wr * acc
+    if status == 2:
+        raise ValueError("sem_observed_info: a slot index outside 0..P-1")
+    if status == 3:
+        raise ValueError("sem_observed_info: the rows of a pattern do not share its observed slots")
+    return status
+# --- end semfast2 ---
