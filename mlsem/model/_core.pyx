@@ -3127,11 +3127,13 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
                    const double* y, const double* Xc, int kx, const int* xoff,
                    const double* beta, int nout, int q, const int* ea, const int* eb,
                    const double* LG, const double* Tau, const double* R, int need_hess,
-                   double* ll, double* gout, double* hout, double* buf, int maxn) noexcept nogil:
+                   double* ll, double* gout, double* hout, double* buf, int* ibuf, int maxn,
+                   int maxcc) noexcept nogil:
     cdef int V = nout * (nout + 1) // 2, V2 = nout * (nout + 1), Ps = V2 + q, Z = V + Ps
     cdef int nn = nout * nout, n, i, k, c, d, a, b, x, z, e1, e2, t1, t2, oc, od, ia, ib
-    cdef long long sj, c0, ncell = 0
-    cdef double sv, sacc = 0.0, val, ldk, f, ind, fc
+    cdef int p1, p2, nz1, nz2, xa, da_, xb, db_, cap = maxn * maxn
+    cdef long long sj, c0, ncell = 0, yo, co
+    cdef double sv, sacc = 0.0, val, ldk, f, ind, fc, s1v
     # county accumulators
     cdef double* gs = buf
     cdef double* hs = gs + Ps
@@ -3155,33 +3157,44 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
     cdef double* NdMm = Cda + Ps * nout
     cdef double* NdMN = NdMm + Ps * nout     # (Ps, nn)
     cdef double* Nda = NdMN + Ps * nn
+    # the county's schools from pass 1: Y_j (consecutive n x n blocks), w, H = Y A per cell
+    cdef double* Ycb = Nda + Ps * nout       # maxcc * maxn
+    cdef double* wcb = Ycb + maxcc * maxn
+    cdef double* HAcb = wcb + maxcc          # maxcc * nout
     # school scratch
-    cdef double* Sg = Nda + Ps * nout
-    cdef double* Y = Sg + maxn * maxn
-    cdef double* T1 = Y + maxn * maxn
-    cdef double* e = T1 + maxn * maxn
-    cdef double* w = e + maxn
-    cdef double* HA = w + maxn
-    cdef double* Xd = HA + maxn * nout       # (n, q)
+    cdef double* Sg = HAcb + maxcc * nout
+    cdef double* T1 = Sg + cap
+    cdef double* e = T1 + cap
+    cdef double* Xd = e + maxn               # (n, q)
     cdef double* HX = Xd + maxn * q
     cdef double* h = HX + maxn * q
-    cdef double* Si = h + maxn               # (V2, n, n)
-    cdef double* YS = Si + V2 * maxn * maxn
-    cdef double* u = YS + V2 * maxn * maxn   # (V2, n)
+    cdef double* G = h + maxn                # H Psi H'
+    cdef double* nzv = G + cap               # (V2, cap) nonzeros of dSigma_j / dtheta_i
+    cdef double* u = nzv + V2 * cap          # (V2, n)
     cdef double* v = u + V2 * maxn
     cdef double* Sh = v + V2 * maxn
-    cdef double* hA = Sh + V2 * maxn         # (V2, n, nout)
-    cdef double* YhA = hA + V2 * maxn * nout
-    cdef double* hAp = YhA + V2 * maxn * nout
+    cdef int* nzx = ibuf
+    cdef int* nzd = nzx + V2 * cap
+    cdef int* nzc = nzd + V2 * cap
+    cdef double* Y
+    cdef double* w
+    cdef double* HA
     memset(buf, 0, (Ps + Ps * Ps + nn + nout + V2 * nn + Ps * nout) * sizeof(double))
-    # pass 1: M and a
+    # pass 1: the schools' inverses, M and a
+    yo = 0
+    co = 0
     for sj in range(s0, s1):
         c0 = sch_ptr[sj]
         n = <int>(sch_ptr[sj + 1] - c0)
         ncell += n
+        Y = Ycb + yo
+        w = wcb + co
+        HA = HAcb + co * nout
         if mri2_school(c0, n, cout, cpu, l0, l1, y, Xc, kx, xoff, beta, nout, q, Tau, R,
                        Sg, Y, T1, e, w, HA, &sv) != 0:
             return 2
+        yo += n * n
+        co += n
         sacc += sv
         for c in range(n):
             oc = cout[c0 + c]
@@ -3240,12 +3253,17 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
             for x in range(nout):
                 val += Mc[a * nout + x] * N[x * nout + b]
             Mt[a * nout + b] = val                       # M (I - C M)
-    # pass 2: the schools' derivatives
+    # pass 2: the schools' derivatives (dSigma_j/dtheta_i as lists of nonzeros)
+    yo = 0
+    co = 0
     for sj in range(s0, s1):
         c0 = sch_ptr[sj]
         n = <int>(sch_ptr[sj + 1] - c0)
-        mri2_school(c0, n, cout, cpu, l0, l1, y, Xc, kx, xoff, beta, nout, q, Tau, R,
-                    Sg, Y, T1, e, w, HA, &sv)
+        Y = Ycb + yo
+        w = wcb + co
+        HA = HAcb + co * nout
+        yo += n * n
+        co += n
         for c in range(n):
             h[c] = 0.0
             for a in range(nout):
@@ -3261,63 +3279,66 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
                 for d in range(n):
                     val += Y[c * n + d] * Xd[d * q + k]
                 HX[c * q + k] = val
+        if need_hess:
+            for c in range(n):
+                for d in range(c, n):
+                    val = 0.0
+                    for a in range(nout):
+                        f = 0.0
+                        for b in range(nout):
+                            f += psi[a * nout + b] * HA[d * nout + b]
+                        val += HA[c * nout + a] * f
+                    G[c * n + d] = val
+                    G[d * n + c] = val
         for i in range(V2):
             a = ea[i % V]
             b = eb[i % V]
+            nz1 = 0
             for c in range(n):
                 oc = cout[c0 + c]
                 for d in range(n):
                     od = cout[c0 + d]
-                    ind = 1.0 if ((oc == a and od == b) or (oc == b and od == a)) else 0.0
-                    if i < V:
-                        ind = ind * l1[c0 + c] * l1[c0 + d]
-                    elif cpu[c0 + c] != cpu[c0 + d]:
-                        ind = 0.0
-                    Si[(i * maxn + c) * n + d] = ind
-            # u = Si w, Sh = Si h, hA = Si HA, trace(Y Si)
-            val = 0.0
+                    if (oc == a and od == b) or (oc == b and od == a):
+                        if i < V:
+                            ind = l1[c0 + c] * l1[c0 + d]
+                            if ind == 0.0:
+                                continue
+                        elif cpu[c0 + c] != cpu[c0 + d]:
+                            continue
+                        else:
+                            ind = 1.0
+                        nzx[i * cap + nz1] = c
+                        nzd[i * cap + nz1] = d
+                        nzv[i * cap + nz1] = ind
+                        nz1 = nz1 + 1
+            nzc[i] = nz1
             for c in range(n):
                 u[i * maxn + c] = 0.0
                 Sh[i * maxn + c] = 0.0
-                for x in range(nout):
-                    hA[(i * maxn + c) * nout + x] = 0.0
-                for d in range(n):
-                    f = Si[(i * maxn + c) * n + d]
-                    if f != 0.0:
-                        u[i * maxn + c] += f * w[d]
-                        Sh[i * maxn + c] += f * h[d]
-                        for x in range(nout):
-                            hA[(i * maxn + c) * nout + x] += f * HA[d * nout + x]
-                        val += Y[d * n + c] * f
+            val = 0.0
+            for p1 in range(nz1):
+                x = nzx[i * cap + p1]
+                d = nzd[i * cap + p1]
+                f = nzv[i * cap + p1]
+                u[i * maxn + x] += f * w[d]
+                Sh[i * maxn + x] += f * h[d]
+                val += Y[d * n + x] * f
+                for z in range(nout):
+                    for ia in range(nout):
+                        dM[i * nn + z * nout + ia] -= f * HA[x * nout + z] * HA[d * nout + ia]
             sv = 0.0
             for c in range(n):
                 sv += w[c] * u[i * maxn + c]
-            gs[i] += -0.5 * val + 0.5 * sv
-            for c in range(n):
                 for z in range(nout):
                     da[i * nout + z] -= HA[c * nout + z] * u[i * maxn + c]
-                    for x in range(nout):
-                        dM[i * nn + z * nout + x] -= HA[c * nout + z] * hA[(i * maxn + c) * nout + x]
+            gs[i] += -0.5 * val + 0.5 * sv
             if need_hess:
                 for c in range(n):
-                    v[i * maxn + c] = 0.0
+                    val = 0.0
                     for d in range(n):
-                        v[i * maxn + c] += Y[c * n + d] * u[i * maxn + d]
-                    for x in range(nout):
-                        val = 0.0
-                        f = 0.0
-                        for d in range(n):
-                            val += Y[c * n + d] * hA[(i * maxn + d) * nout + x]
-                        YhA[(i * maxn + c) * nout + x] = val
-                        for z in range(nout):
-                            f += hA[(i * maxn + c) * nout + z] * psi[z * nout + x]
-                        hAp[(i * maxn + c) * nout + x] = f
-                    for d in range(n):
-                        val = 0.0
-                        for x in range(n):
-                            val += Y[c * n + x] * Si[(i * maxn + x) * n + d]
-                        YS[(i * maxn + c) * n + d] = val
-        # beta: ds = X'w, da = -A' HX (= -HA' X)
+                        val += Y[c * n + d] * u[i * maxn + d]
+                    v[i * maxn + c] = val
+        # beta: ds = X'w, da = -A' Y X
         for k in range(q):
             val = 0.0
             for c in range(n):
@@ -3328,17 +3349,22 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
         if not need_hess:
             continue
         for i in range(V2):
+            nz1 = nzc[i]
             for k in range(i, V2):
+                nz2 = nzc[k]
+                # 1/2 tr(Y Si Y Sk) - tr(Psi H'Si Y Sk H) over the nonzeros
                 val = 0.0
+                for p1 in range(nz1):
+                    xa = nzx[i * cap + p1]
+                    da_ = nzd[i * cap + p1]
+                    s1v = nzv[i * cap + p1]
+                    for p2 in range(nz2):
+                        xb = nzx[k * cap + p2]
+                        db_ = nzd[k * cap + p2]
+                        val += s1v * nzv[k * cap + p2] * (
+                            0.5 * Y[da_ * n + xb] * Y[db_ * n + xa] - Y[xa * n + xb] * G[da_ * n + db_])
                 for c in range(n):
-                    for d in range(n):
-                        val += YS[(i * maxn + c) * n + d] * YS[(k * maxn + d) * n + c]
-                val *= 0.5
-                for c in range(n):
-                    val += (-u[i * maxn + c] * v[k * maxn + c] + Sh[i * maxn + c] * v[k * maxn + c]
-                            + Sh[k * maxn + c] * v[i * maxn + c])
-                    for x in range(nout):
-                        val -= hAp[(i * maxn + c) * nout + x] * YhA[(k * maxn + c) * nout + x]
+                    val += (Sh[i * maxn + c] - u[i * maxn + c]) * v[k * maxn + c] + Sh[k * maxn + c] * v[i * maxn + c]
                 hs[i * Ps + k] += val
             for k in range(q):
                 val = 0.0
@@ -3518,12 +3544,18 @@ def mri2_eval(const long long[::1] row_ptr, const long long[::1] sch_ptr, const 
             raise ValueError(f"mri2_eval: cout[{c}] = {cout[c]} out of range")
     if maxn < nout:
         maxn = nout          # (the county's nout x nout inverse uses the school scratch)
+    cdef int maxcc = 1
+    for r in range(nrows):
+        if sch_ptr[row_ptr[r + 1]] - sch_ptr[row_ptr[r]] > maxcc:
+            maxcc = <int>(sch_ptr[row_ptr[r + 1]] - sch_ptr[row_ptr[r]])
     cdef Py_ssize_t ncounty = (Ps + Ps * Ps + nn + nout + V2 * nn + Ps * nout + 2 * nn + nn + nout
                                + nn + nout + nn + nn + nn + Ps * nn + 5 * Ps * nout + Ps * nn
-                               + Ps * nout)
-    cdef Py_ssize_t nschool = (3 * maxn * maxn + 2 * maxn + maxn * nout + 2 * maxn * q + maxn
-                               + 2 * V2 * maxn * maxn + 3 * V2 * maxn + 3 * V2 * maxn * nout)
+                               + Ps * nout + maxcc * maxn + maxcc + maxcc * nout)
+    cdef Py_ssize_t nschool = (4 * maxn * maxn + 2 * maxn + 2 * maxn * q + maxn
+                               + V2 * maxn * maxn + 3 * V2 * maxn)
     cdef Py_ssize_t nd = 1 + Z + Z * Z + ncounty + nschool + 16
+    cdef Py_ssize_t ni = 2 * V2 * maxn * maxn + V2 + 4
+    cdef int* ibuf
     cdef double dummy = 0.0
     cdef const int* cout_p = &cout[0] if ncell > 0 else NULL
     cdef const int* cpu_p = &cpu[0] if ncell > 0 else NULL
@@ -3542,7 +3574,8 @@ def mri2_eval(const long long[::1] row_ptr, const long long[::1] sch_ptr, const 
     with nogil, parallel(num_threads=nthreads):
         tid = threadid()
         dbuf = <double*>malloc(nd * sizeof(double))
-        if dbuf != NULL:
+        ibuf = <int*>malloc(ni * sizeof(int))
+        if dbuf != NULL and ibuf != NULL:
             memset(dbuf, 0, nd * sizeof(double))
             loc = dbuf          # ll (1), g (Z), H (Z * Z), then the unit's scratch
             for r in prange(nrows, schedule='dynamic', chunksize=64):
@@ -3550,7 +3583,7 @@ def mri2_eval(const long long[::1] row_ptr, const long long[::1] sch_ptr, const 
                     st = mri2_unit(row_ptr[r], row_ptr[r + 1], sch_p, wrow[r], cout_p, cpu_p,
                                    l0_p, l1_p, y_p, X_p, kx, xoff_p, beta_p, nout, q, ea_p, eb_p,
                                    LG_p, Tau_p, R_p, need_hess, loc, loc + 1, loc + 1 + Z,
-                                   loc + 1 + Z + Z * Z, maxn)
+                                   loc + 1 + Z + Z * Z, ibuf, maxn, maxcc)
                     if st != 0:
                         status_t[tid] = st
             ll_t[tid] = loc[0]
@@ -3562,6 +3595,7 @@ def mri2_eval(const long long[::1] row_ptr, const long long[::1] sch_ptr, const 
         else:
             status_t[tid] = ALLOC_FAIL
         free(dbuf)
+        free(ibuf)
     _raise_alloc(status_t, nd * sizeof(double))
     return 0
 # --- end mri2 ---
