@@ -231,14 +231,18 @@ class MultiReduced(MultiModel):
 
 
 def _psd(S, floor=0.05):
-    """S made symmetric positive definite: eigenvalues raised to ``floor`` times
-    the mean diagonal (a variance that is not positive cannot start Newton's method)."""
+    """S made symmetric positive definite: on the scale of its variances (outcomes in
+    very different units: a floor of the mean diagonal would swamp the small ones),
+    eigenvalues raised to ``floor``; a variance that is not positive is first raised to
+    ``floor`` times the mean diagonal (it cannot start Newton's method)."""
     S = 0.5 * (S + S.T)
     if not np.all(np.isfinite(S)):
         return None
-    lam, Q = np.linalg.eigh(S)
-    lo = floor * max(float(np.mean(np.abs(np.diag(S)))), 1e-300)
-    return (Q * np.maximum(lam, lo)) @ Q.T
+    d = np.diag(S).copy()
+    d[d <= 0] = floor * max(float(np.mean(np.abs(d))), 1e-300)
+    sd = np.sqrt(d)
+    lam, Q = np.linalg.eigh(S / np.outer(sd, sd))
+    return (Q * np.maximum(lam, floor)) @ Q.T * np.outer(sd, sd)
 
 
 def reduce_multi(model, max_share=MAX_GROUP_SHARE):
