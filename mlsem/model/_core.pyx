@@ -3131,9 +3131,9 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
                    int maxcc) noexcept nogil:
     cdef int V = nout * (nout + 1) // 2, V2 = nout * (nout + 1), Ps = V2 + q, Z = V + Ps
     cdef int nn = nout * nout, n, i, k, c, d, a, b, x, z, e1, e2, t1, t2, oc, od, ia, ib
-    cdef int p1, p2, nz1, nz2, xa, da_, xb, db_, cap = maxn * maxn
+    cdef int p1, p2, nz1, nz2, xa, da_, xb, db_, cap = maxn * maxn, i0, single
     cdef long long sj, c0, ncell = 0, yo, co
-    cdef double sv, sacc = 0.0, val, ldk, f, ind, fc, s1v
+    cdef double sv, sacc = 0.0, val, ldk, f, ind, fc, s1v, l2
     # county accumulators
     cdef double* gs = buf
     cdef double* hs = gs + Ps
@@ -3290,7 +3290,15 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
                         val += HA[c * nout + a] * f
                     G[c * n + d] = val
                     G[d * n + c] = val
-        for i in range(V2):
+        # a school of one pseudo-unit, one loading: dSigma_j/dTau_ab = l^2 dSigma_j/dR_ab, so
+        # every Tau argument's terms are the R argument's times l^2 (l^4 for two Tau's)
+        single = 1
+        for c in range(1, n):
+            if cpu[c0 + c] != cpu[c0] or l1[c0 + c] != l1[c0]:
+                single = 0
+        l2 = l1[c0] * l1[c0]
+        i0 = V if single else 0
+        for i in range(i0, V2):
             a = ea[i % V]
             b = eb[i % V]
             nz1 = 0
@@ -3325,13 +3333,21 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
                 val += Y[d * n + x] * f
                 for z in range(nout):
                     for ia in range(nout):
-                        dM[i * nn + z * nout + ia] -= f * HA[x * nout + z] * HA[d * nout + ia]
+                        s1v = f * HA[x * nout + z] * HA[d * nout + ia]
+                        dM[i * nn + z * nout + ia] -= s1v
+                        if single:
+                            dM[(i - V) * nn + z * nout + ia] -= l2 * s1v
             sv = 0.0
             for c in range(n):
                 sv += w[c] * u[i * maxn + c]
                 for z in range(nout):
-                    da[i * nout + z] -= HA[c * nout + z] * u[i * maxn + c]
+                    s1v = HA[c * nout + z] * u[i * maxn + c]
+                    da[i * nout + z] -= s1v
+                    if single:
+                        da[(i - V) * nout + z] -= l2 * s1v
             gs[i] += -0.5 * val + 0.5 * sv
+            if single:
+                gs[i - V] += l2 * (-0.5 * val + 0.5 * sv)
             if need_hess:
                 for c in range(n):
                     val = 0.0
@@ -3348,7 +3364,7 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
                 da[(V2 + k) * nout + cout[c0 + c]] -= l0[c0 + c] * HX[c * q + k]
         if not need_hess:
             continue
-        for i in range(V2):
+        for i in range(i0, V2):
             nz1 = nzc[i]
             for k in range(i, V2):
                 nz2 = nzc[k]
@@ -3366,11 +3382,18 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
                 for c in range(n):
                     val += (Sh[i * maxn + c] - u[i * maxn + c]) * v[k * maxn + c] + Sh[k * maxn + c] * v[i * maxn + c]
                 hs[i * Ps + k] += val
+                if single:
+                    hs[(i - V) * Ps + k - V] += l2 * l2 * val
+                    hs[(i - V) * Ps + k] += l2 * val
+                    if k != i:
+                        hs[(k - V) * Ps + i] += l2 * val
             for k in range(q):
                 val = 0.0
                 for c in range(n):
                     val += (Sh[i * maxn + c] - u[i * maxn + c]) * HX[c * q + k]
                 hs[i * Ps + V2 + k] += val
+                if single:
+                    hs[(i - V) * Ps + V2 + k] += l2 * val
         for i in range(q):
             for k in range(i, q):
                 val = 0.0

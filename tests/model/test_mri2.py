@@ -34,11 +34,12 @@ def _design(nout, rng, ncounty=7, kx=2):
             for _ in range(rng.integers(1, 4)):          # pseudo-units, own outcome sets
                 S = [o for o in range(nout) if rng.random() < 0.6] or [int(rng.integers(nout))]
                 ld = np.sqrt(rng.integers(1, 6))
+                f1 = rng.uniform(0.7, 1.3)
                 for o in S:
                     cout.append(o)
                     cpu.append(pu)
                     l0.append(ld)
-                    l1.append(ld * rng.uniform(0.7, 1.3))
+                    l1.append(ld * f1)
                 pu += 1
             s += 1
             sch_ptr.append(len(cout))
