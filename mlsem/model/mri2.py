@@ -108,8 +108,9 @@ def _layout(red):
         return "a cell without a latent at some level"
     if any(np.any(x % nout != cout) for x in lat):
         return "latents not laid out as (group, outcome)"
-    if len(np.unique(row * (int(lat[0].max()) // nout + 1) + lat[0] // nout)) != nrows - int(
-            np.sum(np.diff(row_ptr) == 0)):
+    node0 = lat[0] // nout
+    same = row[1:] == row[:-1]
+    if n and np.any(node0[1:][same] != node0[:-1][same]):
         return "the top level is not the grouped data's unit"
     load = np.asarray(prep.load, dtype=np.float64)
     if nl == 2:
@@ -124,11 +125,25 @@ def _layout(red):
     if nl == 1:
         school = pu
         l1 = np.zeros(n)
-    order = np.lexsort((np.arange(n), school, row))
-    row_s, school_s = row[order], school[order]
+    # cells of a school consecutive (as the grouping writes them): no sort needed
     news = np.ones(n, dtype=bool)
-    news[1:] = (row_s[1:] != row_s[:-1]) | (school_s[1:] != school_s[:-1])
+    news[1:] = (row[1:] != row[:-1]) | (school[1:] != school[:-1])
     first = np.flatnonzero(news)
+    key = row[first] * (int(school.max()) + 1) + school[first] if n else row[first]
+    if nl == 1:
+        again = False               # (school = pseudo-unit: consecutive by construction)
+    elif n and int(key.max()) <= 8 * n + 1_000_000:
+        again = np.bincount(key).max() > 1
+    else:
+        again = np.unique(key).size != key.size
+    if again:
+        order = np.lexsort((np.arange(n), school, row))
+        row_s, school_s = row[order], school[order]
+        news[1:] = (row_s[1:] != row_s[:-1]) | (school_s[1:] != school_s[:-1])
+        first = np.flatnonzero(news)
+    else:
+        order = slice(None)
+        row_s = row
     sch_ptr = np.append(first, n).astype(np.int64)
     if n and int(np.diff(sch_ptr).max()) > MAX_SCHOOL_CELLS:
         return f"a school of more than {MAX_SCHOOL_CELLS} cells"
