@@ -3472,10 +3472,13 @@ cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double 
             val = hs[i * Ps + k]
             for a in range(nout):
                 val += da[i * nout + a] * Cda[k * nout + a]
-                val -= Cda[i * nout + a] * dMm[k * nout + a] + Cda[k * nout + a] * dMm[i * nout + a]
-                val += dMm[i * nout + a] * CdMm[k * nout + a]
-                for b in range(nout):
-                    val += 0.5 * CdM[i * nn + a * nout + b] * CdM[k * nn + b * nout + a]
+                if k < V2:          # (M does not depend on beta: dM = 0 for beta)
+                    val -= Cda[i * nout + a] * dMm[k * nout + a] + Cda[k * nout + a] * dMm[i * nout + a]
+                    val += dMm[i * nout + a] * CdMm[k * nout + a]
+                    for b in range(nout):
+                        val += 0.5 * CdM[i * nn + a * nout + b] * CdM[k * nn + b * nout + a]
+                elif i < V2:
+                    val -= Cda[k * nout + a] * dMm[i * nout + a]
             hout[(V + i) * Z + V + k] += wr * val
             if k != i:
                 hout[(V + k) * Z + V + i] += wr * val
