@@ -15,13 +15,15 @@ import polars as pl
 
 from ..data.prepare import scan
 from ..errors import ConvergenceWarning, MlsemError
-from ..estimate.optimize import _serial_blas, identification, information, optimize, vcov_from_information
+from ..estimate.optimize import (REUSE_HESSIAN_STEP, _serial_blas, identification, information, optimize,
+                                vcov_from_information)
 from ..results.fitresult import FitResult
 from ..data.wide import prepare_wide
 from ..model.sem import SemModel
 from ..spec.semtable import build_table, count_moments
 from ..estimate.adf import ADF_NAMES
 from ..estimate.semscoring import fit as scoring_fit
+from ..model.seminfo import linear_in_psi, observed_information
 from ..inference.vce import check_inference_options
 from ..spec.lavaan import parse
 
@@ -45,8 +47,13 @@ def _wide_arrays(lf, observed, covariates, data):
         dt = schema[c]
         if not (dt.is_numeric() or dt == pl.Boolean):
             raise MlsemError(f"data: column {c!r} must be numeric, but it is {dt}")
+    # columns already Float64 are selected by name, without a cast node per
+    # column (72 casts cost ~1 ms of expression building on the wide
+    # ``unbalanced``); an in-memory frame is selected eagerly (no query plan)
+    sel = cols if all(schema[c] == pl.Float64 for c in cols) else [
+        pl.col(c) if schema[c] == pl.Float64 else pl.col(c).cast(pl.Float64) for c in cols]
     try:
-        df = lf.select([pl.col(c).cast(pl.Float64) for c in cols]).collect()
+        df = data.select(sel) if isinstance(data, pl.DataFrame) else lf.select(sel).collect()
     except Exception as exc:
         raise MlsemError(f"data: cannot read {data!r}: {exc}") from None
     if df.height == 0:
@@ -193,7 +200,7 @@ def _fit_ml(model, data, vce_, cluster, weights, method, backend, nthreads, star
     t2 = time.perf_counter()
     psi = opt.final
     with _one_blas_thread():
-        info = information(m, psi)
+        info = _information(m, psi, opt)
     names = table.names
     n = len(names)
     notes = list(notes_pre)
@@ -234,6 +241,21 @@ def _fit_ml(model, data, vce_, cluster, weights, method, backend, nthreads, star
         sem_labels=[_row_of(table, k) for k in table.free_full], defined=defined,
         loglik_fixed_x=llx, kernel="factor" if m.factor_path else "dense", backend=m.backend)
     return res
+
+
+def _information(m, psi, opt):
+    """The observed information at the estimates: the exact one of the last
+    Newton step (mlsem.estimate.semscoring: ``opt.hessian_exact``) where that
+    was at, or within a negligible step of, psi
+    (mlsem.estimate.optimize.REUSE_HESSIAN_STEP), else exact
+    (mlsem.model.seminfo.observed_information) where Sigma and the means are
+    linear in psi, else by central differences of the gradient."""
+    if getattr(opt, "hessian_exact", False) and opt.hessian is not None and opt.hessian_at is not None:
+        scale = np.maximum(np.abs(psi), 0.1 * np.asarray(m.pscale, dtype=float))
+        if np.max(np.abs(psi - opt.hessian_at) / scale, initial=0.0) <= REUSE_HESSIAN_STEP:
+            return -opt.hessian
+    info = observed_information(m, psi) if linear_in_psi(m) else None
+    return info if info is not None else information(m, psi)
 
 
 def _unit_values(lf, weights, cluster, data):

@@ -73,7 +73,14 @@ def prepare_wide(table, Y: np.ndarray, X: np.ndarray) -> SemData:
     dropped_rows = n - len(keep)
     obs = obs[keep]
     packed = np.packbits(obs, axis=1)
-    _, inv = np.unique(packed, axis=0, return_inverse=True)
+    if packed.shape[1] <= 8:
+        # up to 64 variables: each row's pattern as one big-endian integer (the
+        # same order as the rows' bytes; np.unique(axis=0) cost ~2 ms cold)
+        key = np.zeros((len(packed), 8), dtype=np.uint8)
+        key[:, :packed.shape[1]] = packed
+        _, inv = np.unique(key.view(">u8").ravel(), return_inverse=True)
+    else:
+        _, inv = np.unique(packed, axis=0, return_inverse=True)
     inv = inv.ravel()
     order = np.argsort(inv, kind="stable")
     rows = keep[order]

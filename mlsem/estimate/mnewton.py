@@ -15,6 +15,12 @@ block exact, the other columns by forward differences of the whole data at the e
 a last Newton step with it, and that Hessian as the observed information (a last step
 within the reuse radius is judged by its gradient alone).
 
+With random intercepts at one or two nested levels (the usual case), each iteration uses
+instead the whole exact Hessian from one kernel pass (:mod:`mlsem.model.mri2`, driven by
+:func:`mlsem.estimate.newton_exact.newton_exact`): no difference quotients, and the
+Hessian at the estimate is the observed information.  ``opt.exact_hessian_reason`` is
+None then, else why not (and the path above runs).
+
 Where Newton does not apply or stops (a variance heading for its bound of 0, a failed
 step, ``MAX_ITER`` iterations) the L-BFGS-B driver (:func:`mlsem.estimate.optimize.optimize`)
 takes over from the start, on the grouped data, and on the full data if that does not
@@ -30,7 +36,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..model.mreduced import reduce_multi, subsample
+from ..model.mri2 import build_exact
 from .newton import backtrack, fraction_to_bound
+from .newton_exact import newton_exact
 from .optimize import REUSE_HESSIAN_STEP, OptSummary, _judge, _serial_blas, optimize, param_scale
 
 MAX_ITER = 40
@@ -53,10 +61,19 @@ def optimize_multi(model, progress=None):
         opt = optimize(model, start=psi0, progress=progress)
         opt.path, opt.grouped_reason = "full", why
         opt.method, opt.newton_reason = "lbfgsb", "the grouped data do not apply"
+        opt.exact_hessian_reason = "the grouped data do not apply"
         return opt
     psi0 = red.start_values()
-    with _serial_blas():
-        opt = newton_multi(red, psi0, progress)
+    ex, why_exact = build_exact(red)
+    opt = None
+    if ex is not None:
+        # the whole exact Hessian from one pass per iteration (mlsem.model.mri2)
+        opt = newton_exact(ex, psi0, progress)
+        if isinstance(opt, str):
+            why_exact, opt = f"Newton (exact Hessian) stopped ({opt})", None
+    if opt is None:
+        with _serial_blas():
+            opt = newton_multi(red, psi0, progress)
     if isinstance(opt, OptSummary):
         opt.method, opt.newton_reason = "newton", None
     else:
@@ -79,10 +96,12 @@ def optimize_multi(model, progress=None):
                 full.path, full.grouped_reason = "full", "the run on the grouped data did not converge"
                 full.method, full.newton_reason = opt.method, opt.newton_reason
                 full.evaluations = red.nevals + model.nevals - n_full
+                full.exact_hessian_reason = why_exact
                 return full
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     opt.path, opt.grouped_reason = "grouped", None
+    opt.exact_hessian_reason = why_exact
     opt.evaluations = red.nevals + model.nevals - n_full
     return opt
 

@@ -3117,3 +3117,755 @@ def outcome_cross(const int[::1] slot, const int[::1] sout, const double[::1] y,
                     P[o, a, b] = P[o, b, a]
     return 0
 # --- end mprep2 ---
+
+# --- semfast2 --- the exact observed information of a linear SEM's FIML (mlsem.model.seminfo) -----------
+
+
+def sem_observed_info(const long long[::1] pat_ptr, const long long[::1] row_ptr, const int[::1] slot,
+                      const double[:, ::1] Sigma, const double[:, :, ::1] dS, const double[:, :, ::1] dM,
+                      const double[::1] resid, const double[::1] wrow, double[:, ::1] Ic,
+                      double[:, ::1] Im, double[:, ::1] Icm):
+    """-d2l/dpsi2 of the FIML log-likelihood where Sigma and the row means are
+    linear in the parameters (their second derivatives vanish).  Per pattern
+    (S = Sigma_O^-1, w_p its rows' summed weights, A_k = S dS_k,OO) and per row r
+    (weight w_r, e = resid_r, s = S e, v_k = dS_k,OO s, D_j = dM_j,r,O):
+
+        Ic[k, l]  += w_r v_k' S v_l - w_p / 2 tr(A_k A_l)
+        Im[j, h]  += w_r D_j' S D_h
+        Icm[k, j] += w_r v_k' S D_j
+
+    (dS: (kc, P, P), dM: (km, nrows, P), resid: per observation, in the
+    rows' slot order).  Serial.  Returns 0, or 1 when some Sigma_O is not
+    positive definite (the outputs are then incomplete)."""
+    cdef Py_ssize_t npat = pat_ptr.shape[0] - 1
+    cdef int P = Sigma.shape[0]
+    cdef int kc = dS.shape[0], km = dM.shape[0]
+    cdef int m, a, b, c, k, l, status = 0
+    cdef long long p, r, o0, orow
+    cdef double wp, acc, wr
+    cdef double one = 1.0, zero = 0.0
+    cdef char nn = b'N'
+    if (Ic.shape[0] != kc or Ic.shape[1] != kc or Im.shape[0] != km or Im.shape[1] != km
+            or Icm.shape[0] != kc or Icm.shape[1] != km):
+        raise ValueError("sem_observed_info: Ic must be (kc, kc), Im (km, km) and Icm (kc, km)")
+    if (kc and (dS.shape[1] != P or dS.shape[2] != P)) or (km and (dM.shape[1] < pat_ptr[npat] or dM.shape[2] != P)):
+        raise ValueError("sem_observed_info: dS must be (kc, P, P) and dM (km, nrows, P)")
+    if row_ptr.shape[0] < pat_ptr[npat] + 1 or wrow.shape[0] < pat_ptr[npat]:
+        raise ValueError("sem_observed_info: row_ptr and wrow must cover every row")
+    if resid.shape[0] < row_ptr[pat_ptr[npat]] or slot.shape[0] < row_ptr[pat_ptr[npat]]:
+        raise ValueError("sem_observed_info: resid and slot must cover every observation")
+    cdef double[::1] Sb = np.empty(P * P)
+    cdef double[::1] Lib = np.empty(P * P)
+    cdef double[::1] Gb = np.empty(max(kc, 1) * P * P)
+    cdef double[::1] Ab = np.empty(max(kc, 1) * P * P)
+    cdef double[::1] Db = np.empty(max(km, 1) * P)
+    cdef double[::1] SDb = np.empty(max(km, 1) * P)
+    cdef double[::1] Vb = np.empty(max(kc, 1) * P)
+    cdef double[::1] SVb = np.empty(max(kc, 1) * P)
+    cdef double[::1] sb = np.empty(max(P, 1))
+    cdef int[::1] idxb = np.empty(max(P, 1), dtype=np.int32)
+    cdef double* S = &Sb[0]
+    cdef double* Li = &Lib[0]
+    cdef double* G = &Gb[0]
+    cdef double* A = &Ab[0]
+    cdef double* D = &Db[0]
+    cdef double* SD = &SDb[0]
+    cdef double* V = &Vb[0]
+    cdef double* SV = &SVb[0]
+    cdef double* s = &sb[0]
+    cdef int* idx = &idxb[0]
+    with nogil:
+        for p in range(npat):
+            o0 = row_ptr[pat_ptr[p]]
+            m = <int>(row_ptr[pat_ptr[p] + 1] - o0)
+            if m <= 0:
+                continue
+            for a in range(m):
+                idx[a] = slot[o0 + a]
+                if idx[a] < 0 or idx[a] >= P:
+                    status = 2
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                if row_ptr[r + 1] - row_ptr[r] != m:
+                    status = 3
+                else:
+                    for a in range(m):
+                        if slot[row_ptr[r] + a] != idx[a]:
+                            status = 3
+            if status:
+                break
+            wp = 0.0
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                wp += wrow[r]
+            for a in range(m):
+                for b in range(m):
+                    S[a * m + b] = Sigma[idx[a], idx[b]]
+            if chol_lower(S, m):
+                status = 1
+                break
+            for b in range(m):               # Li = L^-1 (row-major, lower triangle)
+                for a in range(b, m):
+                    acc = 1.0 if a == b else 0.0
+                    for c in range(b, a):
+                        acc = acc - S[a * m + c] * Li[c * m + b]
+                    Li[a * m + b] = acc / S[a * m + a]
+            for a in range(m):
+                for b in range(a + 1):
+                    acc = 0.0
+                    for c in range(a, m):
+                        acc = acc + Li[c * m + a] * Li[c * m + b]
+                    S[a * m + b] = acc
+                    S[b * m + a] = acc
+            for k in range(kc):
+                for c in range(m):                       # G_k = dS_k,OO, contiguous
+                    for b in range(m):
+                        G[(k * m + c) * m + b] = dS[k, idx[c], idx[b]]
+                # A_k = S G_k (row-major); in BLAS's column-major terms A' = G' S
+                dgemm(&nn, &nn, &m, &m, &m, &one, &G[k * m * m], &m, S, &m, &zero, &A[k * m * m], &m)
+            for k in range(kc):
+                for l in range(k + 1):
+                    acc = 0.0
+                    for a in range(m):
+                        for b in range(m):
+                            acc = acc + A[(k * m + a) * m + b] * A[(l * m + b) * m + a]
+                    Ic[k, l] -= 0.5 * wp * acc
+                    if l != k:
+                        Ic[l, k] -= 0.5 * wp * acc
+            for r in range(pat_ptr[p], pat_ptr[p + 1]):
+                wr = wrow[r]
+                orow = row_ptr[r]
+                for a in range(m):                       # s = S e
+                    acc = 0.0
+                    for b in range(m):
+                        acc = acc + S[a * m + b] * resid[orow + b]
+                    s[a] = acc
+                for k in range(kc):                      # v_k = G_k s, S v_k = A_k s
+                    for a in range(m):
+                        acc = 0.0
+                        for b in range(m):
+                            acc = acc + G[(k * m + a) * m + b] * s[b]
+                        V[k * m + a] = acc
+                        acc = 0.0
+                        for b in range(m):
+                            acc = acc + A[(k * m + a) * m + b] * s[b]
+                        SV[k * m + a] = acc
+                for k in range(kc):
+                    for l in range(k + 1):
+                        acc = 0.0
+                        for a in range(m):
+                            acc = acc + V[k * m + a] * SV[l * m + a]
+                        Ic[k, l] += wr * acc
+                        if l != k:
+                            Ic[l, k] += wr * acc
+                if km == 0:
+                    continue
+                for k in range(km):
+                    for a in range(m):
+                        D[k * m + a] = dM[k, r, idx[a]]
+                for k in range(km):
+                    for a in range(m):
+                        acc = 0.0
+                        for b in range(m):
+                            acc = acc + S[a * m + b] * D[k * m + b]
+                        SD[k * m + a] = acc
+                for k in range(km):
+                    for l in range(k + 1):
+                        acc = 0.0
+                        for a in range(m):
+                            acc = acc + D[k * m + a] * SD[l * m + a]
+                        Im[k, l] += wr * acc
+                        if l != k:
+                            Im[l, k] += wr * acc
+                for k in range(kc):
+                    for l in range(km):
+                        acc = 0.0
+                        for a in range(m):
+                            acc = acc + V[k * m + a] * SD[l * m + a]
+                        Icm[k, l] += wr * acc
+    if status == 2:
+        raise ValueError("sem_observed_info: a slot index outside 0..P-1")
+    if status == 3:
+        raise ValueError("sem_observed_info: the rows of a pattern do not share its observed slots")
+    return status
+# --- end semfast2 ---
+
+# --- mri2 --------------------------------------------------------------------------------------
+# Grouped random intercepts of several outcomes at two nested levels (issue 15, mlsem.model.mri2):
+# per top unit (county), schools j of cells (pseudo-unit, outcome), Sigma = blockdiag_j Sigma_j
+# + A Gam A', Sigma_j = B_j Tau B_j' + blockdiag_u R[S_u, S_u].  Each school is dense (a few
+# cells); the county's effect is integrated out in closed form, F(Gam, M, a) with
+# M = sum_j A_j' Sigma_j^-1 A_j, a = sum_j A_j' Sigma_j^-1 e_j (nout x nout algebra).  Returns the
+# log-likelihood, the gradient and the whole Hessian in the entries of Gam, Tau, R and beta.
+
+cdef inline int mri2_inv(double* S, double* Y, double* T, int n, double* logdet) noexcept nogil:
+    """S (n x n SPD, row-major) -> its Cholesky factor in place, Y = S^-1, T scratch
+    (n x n); logdet = log|S|.  Returns 1 if S is not positive definite."""
+    cdef int i, j, k
+    cdef double s
+    if chol_lower(S, n) != 0:
+        return 1
+    logdet[0] = 0.0
+    for i in range(n):
+        logdet[0] += 2.0 * log(S[i * n + i])
+    # T = L^-1 (lower)
+    for i in range(n):
+        for j in range(n):
+            T[i * n + j] = 0.0
+    for j in range(n):
+        T[j * n + j] = 1.0 / S[j * n + j]
+        for i in range(j + 1, n):
+            s = 0.0
+            for k in range(j, i):
+                s -= S[i * n + k] * T[k * n + j]
+            T[i * n + j] = s / S[i * n + i]
+    # Y = T' T
+    for i in range(n):
+        for j in range(i, n):
+            s = 0.0
+            for k in range(j, n):
+                s += T[k * n + i] * T[k * n + j]
+            Y[i * n + j] = s
+            Y[j * n + i] = s
+    return 0
+
+
+cdef int mri2_school(long long c0, int n, const int* cout, const int* cpu, const double* l0,
+                     const double* l1, const double* y, const double* Xc, int kx,
+                     const int* xoff, const double* beta, int nout, int q,
+                     const double* Tau, const double* R,
+                     double* Sg, double* Y, double* T1, double* e, double* w, double* HA,
+                     double* s_out) noexcept nogil:
+    """Sigma_j of the school's cells c0..c0+n-1, Y = Sigma_j^-1, e, w = Y e, HA = Y A
+    (n x nout); s_out = -1/2 (log|Sigma_j| + e'w).  Returns 2 if not positive definite."""
+    cdef int c, d, oc, od, k
+    cdef double ld, t
+    for c in range(n):
+        oc = cout[c0 + c]
+        for d in range(n):
+            od = cout[c0 + d]
+            t = l1[c0 + c] * l1[c0 + d] * Tau[oc * nout + od]
+            if cpu[c0 + c] == cpu[c0 + d]:
+                t = t + R[oc * nout + od]
+            Sg[c * n + d] = t
+        t = y[c0 + c]
+        for k in range(xoff[oc + 1] - xoff[oc]):
+            t = t - Xc[(c0 + c) * kx + k] * beta[xoff[oc] + k]
+        e[c] = t
+    if mri2_inv(Sg, Y, T1, n, &ld) != 0:
+        return 2
+    t = 0.0
+    for c in range(n):
+        w[c] = 0.0
+        for d in range(n):
+            w[c] += Y[c * n + d] * e[d]
+        t += e[c] * w[c]
+        for k in range(nout):
+            HA[c * nout + k] = 0.0
+        for d in range(n):
+            HA[c * nout + cout[c0 + d]] += Y[c * n + d] * l0[c0 + d]
+    s_out[0] = -0.5 * (ld + t)
+    return 0
+
+
+cdef int mri2_unit(long long s0, long long s1, const long long* sch_ptr, double wr,
+                   const int* cout, const int* cpu, const double* l0, const double* l1,
+                   const double* y, const double* Xc, int kx, const int* xoff,
+                   const double* beta, int nout, int q, const int* ea, const int* eb,
+                   const double* LG, const double* Tau, const double* R, int need_hess,
+                   double* ll, double* gout, double* hout, double* buf, int* ibuf, int maxn,
+                   int maxcc) noexcept nogil:
+    cdef int V = nout * (nout + 1) // 2, V2 = nout * (nout + 1), Ps = V2 + q, Z = V + Ps
+    cdef int nn = nout * nout, n, i, k, c, d, a, b, x, z, e1, e2, t1, t2, oc, od, ia, ib
+    cdef int p1, p2, nz1, nz2, xa, da_, xb, db_, cap = maxn * maxn, i0, single
+    cdef long long sj, c0, ncell = 0, yo, co
+    cdef double sv, sacc = 0.0, val, ldk, f, ind, fc, s1v, l2
+    # county accumulators
+    cdef double* gs = buf
+    cdef double* hs = gs + Ps
+    cdef double* Mc = hs + Ps * Ps
+    cdef double* ac = Mc + nn
+    cdef double* dM = ac + nout              # (V2, nn)
+    cdef double* da = dM + V2 * nn           # (Ps, nout)
+    cdef double* K = da + Ps * nout          # nn
+    cdef double* Kinv = K + nn
+    cdef double* C = Kinv + nn
+    cdef double* m = C + nn
+    cdef double* N = m + nout                # I - C M
+    cdef double* bb = N + nn                 # N' a
+    cdef double* Mt = bb + nout              # M - M C M
+    cdef double* psi = Mt + nn               # C + m m'
+    cdef double* W1 = psi + nn               # nn scratch
+    cdef double* CdM = W1 + nn               # (Ps, nn)
+    cdef double* dMm = CdM + Ps * nn         # (Ps, nout)
+    cdef double* CdMm = dMm + Ps * nout
+    cdef double* Cda = CdMm + Ps * nout
+    cdef double* NdMm = Cda + Ps * nout
+    cdef double* NdMN = NdMm + Ps * nout     # (Ps, nn)
+    cdef double* Nda = NdMN + Ps * nn
+    # the county's schools from pass 1: Y_j (consecutive n x n blocks), w, H = Y A per cell
+    cdef double* Ycb = Nda + Ps * nout       # maxcc * maxn
+    cdef double* wcb = Ycb + maxcc * maxn
+    cdef double* HAcb = wcb + maxcc          # maxcc * nout
+    # school scratch
+    cdef double* Sg = HAcb + maxcc * nout
+    cdef double* T1 = Sg + cap
+    cdef double* e = T1 + cap
+    cdef double* Xd = e + maxn               # (n, q)
+    cdef double* HX = Xd + maxn * q
+    cdef double* h = HX + maxn * q
+    cdef double* G = h + maxn                # H Psi H'
+    cdef double* nzv = G + cap               # (V2, cap) nonzeros of dSigma_j / dtheta_i
+    cdef double* u = nzv + V2 * cap          # (V2, n)
+    cdef double* v = u + V2 * maxn
+    cdef double* Sh = v + V2 * maxn
+    cdef int* nzx = ibuf
+    cdef int* nzd = nzx + V2 * cap
+    cdef int* nzc = nzd + V2 * cap
+    cdef double* Y
+    cdef double* w
+    cdef double* HA
+    memset(buf, 0, (Ps + Ps * Ps + nn + nout + V2 * nn + Ps * nout) * sizeof(double))
+    # pass 1: the schools' inverses, M and a
+    yo = 0
+    co = 0
+    for sj in range(s0, s1):
+        c0 = sch_ptr[sj]
+        n = <int>(sch_ptr[sj + 1] - c0)
+        ncell += n
+        Y = Ycb + yo
+        w = wcb + co
+        HA = HAcb + co * nout
+        if mri2_school(c0, n, cout, cpu, l0, l1, y, Xc, kx, xoff, beta, nout, q, Tau, R,
+                       Sg, Y, T1, e, w, HA, &sv) != 0:
+            return 2
+        yo += n * n
+        co += n
+        sacc += sv
+        for c in range(n):
+            oc = cout[c0 + c]
+            ac[oc] += l0[c0 + c] * w[c]
+            for b in range(nout):
+                Mc[oc * nout + b] += l0[c0 + c] * HA[c * nout + b]
+    # K = I + LG' M LG, C = LG K^-1 LG', m = C a
+    for a in range(nout):
+        for b in range(nout):
+            val = 0.0
+            for x in range(nout):
+                val += Mc[a * nout + x] * LG[x * nout + b]
+            W1[a * nout + b] = val                       # M LG
+    for a in range(nout):
+        for b in range(nout):
+            val = 1.0 if a == b else 0.0
+            for x in range(nout):
+                val += LG[x * nout + a] * W1[x * nout + b]
+            K[a * nout + b] = val
+    if mri2_inv(K, Kinv, T1, nout, &ldk) != 0:
+        return 2
+    for a in range(nout):
+        for b in range(nout):
+            val = 0.0
+            for x in range(nout):
+                val += Kinv[a * nout + x] * LG[b * nout + x]
+            W1[a * nout + b] = val                       # K^-1 LG'
+    for a in range(nout):
+        for b in range(nout):
+            val = 0.0
+            for x in range(nout):
+                val += LG[a * nout + x] * W1[x * nout + b]
+            C[a * nout + b] = val
+    fc = 0.0
+    for a in range(nout):
+        val = 0.0
+        for b in range(nout):
+            val += C[a * nout + b] * ac[b]
+        m[a] = val
+        fc += 0.5 * ac[a] * val
+    fc -= 0.5 * ldk
+    for a in range(nout):
+        for b in range(nout):
+            val = 1.0 if a == b else 0.0
+            for x in range(nout):
+                val -= C[a * nout + x] * Mc[x * nout + b]
+            N[a * nout + b] = val
+            psi[a * nout + b] = C[a * nout + b] + m[a] * m[b]
+    for a in range(nout):
+        val = ac[a]
+        for x in range(nout):
+            val -= Mc[a * nout + x] * m[x]
+        bb[a] = val
+        for b in range(nout):
+            val = 0.0
+            for x in range(nout):
+                val += Mc[a * nout + x] * N[x * nout + b]
+            Mt[a * nout + b] = val                       # M (I - C M)
+    # pass 2: the schools' derivatives (dSigma_j/dtheta_i as lists of nonzeros)
+    yo = 0
+    co = 0
+    for sj in range(s0, s1):
+        c0 = sch_ptr[sj]
+        n = <int>(sch_ptr[sj + 1] - c0)
+        Y = Ycb + yo
+        w = wcb + co
+        HA = HAcb + co * nout
+        yo += n * n
+        co += n
+        for c in range(n):
+            h[c] = 0.0
+            for a in range(nout):
+                h[c] += HA[c * nout + a] * m[a]
+            for k in range(q):
+                Xd[c * q + k] = 0.0
+            oc = cout[c0 + c]
+            for k in range(xoff[oc + 1] - xoff[oc]):
+                Xd[c * q + xoff[oc] + k] = Xc[(c0 + c) * kx + k]
+        for c in range(n):
+            for k in range(q):
+                val = 0.0
+                for d in range(n):
+                    val += Y[c * n + d] * Xd[d * q + k]
+                HX[c * q + k] = val
+        if need_hess:
+            for c in range(n):
+                for d in range(c, n):
+                    val = 0.0
+                    for a in range(nout):
+                        f = 0.0
+                        for b in range(nout):
+                            f += psi[a * nout + b] * HA[d * nout + b]
+                        val += HA[c * nout + a] * f
+                    G[c * n + d] = val
+                    G[d * n + c] = val
+        # a school of one pseudo-unit, one loading: dSigma_j/dTau_ab = l^2 dSigma_j/dR_ab, so
+        # every Tau argument's terms are the R argument's times l^2 (l^4 for two Tau's)
+        single = 1
+        for c in range(1, n):
+            if cpu[c0 + c] != cpu[c0] or l1[c0 + c] != l1[c0]:
+                single = 0
+        l2 = l1[c0] * l1[c0]
+        i0 = V if single else 0
+        for i in range(i0, V2):
+            a = ea[i % V]
+            b = eb[i % V]
+            nz1 = 0
+            for c in range(n):
+                oc = cout[c0 + c]
+                for d in range(n):
+                    od = cout[c0 + d]
+                    if (oc == a and od == b) or (oc == b and od == a):
+                        if i < V:
+                            ind = l1[c0 + c] * l1[c0 + d]
+                            if ind == 0.0:
+                                continue
+                        elif cpu[c0 + c] != cpu[c0 + d]:
+                            continue
+                        else:
+                            ind = 1.0
+                        nzx[i * cap + nz1] = c
+                        nzd[i * cap + nz1] = d
+                        nzv[i * cap + nz1] = ind
+                        nz1 = nz1 + 1
+            nzc[i] = nz1
+            for c in range(n):
+                u[i * maxn + c] = 0.0
+                Sh[i * maxn + c] = 0.0
+            val = 0.0
+            for p1 in range(nz1):
+                x = nzx[i * cap + p1]
+                d = nzd[i * cap + p1]
+                f = nzv[i * cap + p1]
+                u[i * maxn + x] += f * w[d]
+                Sh[i * maxn + x] += f * h[d]
+                val += Y[d * n + x] * f
+                for z in range(nout):
+                    for ia in range(nout):
+                        s1v = f * HA[x * nout + z] * HA[d * nout + ia]
+                        dM[i * nn + z * nout + ia] -= s1v
+                        if single:
+                            dM[(i - V) * nn + z * nout + ia] -= l2 * s1v
+            sv = 0.0
+            for c in range(n):
+                sv += w[c] * u[i * maxn + c]
+                for z in range(nout):
+                    s1v = HA[c * nout + z] * u[i * maxn + c]
+                    da[i * nout + z] -= s1v
+                    if single:
+                        da[(i - V) * nout + z] -= l2 * s1v
+            gs[i] += -0.5 * val + 0.5 * sv
+            if single:
+                gs[i - V] += l2 * (-0.5 * val + 0.5 * sv)
+            if need_hess:
+                for c in range(n):
+                    val = 0.0
+                    for d in range(n):
+                        val += Y[c * n + d] * u[i * maxn + d]
+                    v[i * maxn + c] = val
+        # beta: ds = X'w, da = -A' Y X
+        for k in range(q):
+            val = 0.0
+            for c in range(n):
+                val += Xd[c * q + k] * w[c]
+            gs[V2 + k] += val
+            for c in range(n):
+                da[(V2 + k) * nout + cout[c0 + c]] -= l0[c0 + c] * HX[c * q + k]
+        if not need_hess:
+            continue
+        for i in range(i0, V2):
+            nz1 = nzc[i]
+            for k in range(i, V2):
+                nz2 = nzc[k]
+                # 1/2 tr(Y Si Y Sk) - tr(Psi H'Si Y Sk H) over the nonzeros
+                val = 0.0
+                for p1 in range(nz1):
+                    xa = nzx[i * cap + p1]
+                    da_ = nzd[i * cap + p1]
+                    s1v = nzv[i * cap + p1]
+                    for p2 in range(nz2):
+                        xb = nzx[k * cap + p2]
+                        db_ = nzd[k * cap + p2]
+                        val += s1v * nzv[k * cap + p2] * (
+                            0.5 * Y[da_ * n + xb] * Y[db_ * n + xa] - Y[xa * n + xb] * G[da_ * n + db_])
+                for c in range(n):
+                    val += (Sh[i * maxn + c] - u[i * maxn + c]) * v[k * maxn + c] + Sh[k * maxn + c] * v[i * maxn + c]
+                hs[i * Ps + k] += val
+                if single:
+                    hs[(i - V) * Ps + k - V] += l2 * l2 * val
+                    hs[(i - V) * Ps + k] += l2 * val
+                    if k != i:
+                        hs[(k - V) * Ps + i] += l2 * val
+            for k in range(q):
+                val = 0.0
+                for c in range(n):
+                    val += (Sh[i * maxn + c] - u[i * maxn + c]) * HX[c * q + k]
+                hs[i * Ps + V2 + k] += val
+                if single:
+                    hs[(i - V) * Ps + V2 + k] += l2 * val
+        for i in range(q):
+            for k in range(i, q):
+                val = 0.0
+                for c in range(n):
+                    val += Xd[c * q + i] * HX[c * q + k]
+                hs[(V2 + i) * Ps + V2 + k] -= val
+    # the county: log-likelihood and gradient
+    ll[0] += wr * (-0.5 * ncell * LOG2PI + sacc + fc)
+    for i in range(V):
+        a = ea[i]
+        b = eb[i]
+        if a == b:
+            val = 0.5 * bb[a] * bb[a] - 0.5 * Mt[a * nout + a]
+        else:
+            val = bb[a] * bb[b] - Mt[a * nout + b]
+        gout[i] += wr * val
+    for i in range(Ps):
+        val = gs[i]
+        for a in range(nout):
+            val += m[a] * da[i * nout + a]
+            if i < V2:
+                for b in range(nout):
+                    val -= 0.5 * psi[a * nout + b] * dM[i * nn + a * nout + b]
+        gout[V + i] += wr * val
+    if not need_hess:
+        return 0
+    # per argument: C dM, dM m, C dM m, C da, N' dM m, N' dM N, N' da
+    for i in range(Ps):
+        for a in range(nout):
+            val = 0.0
+            f = 0.0
+            for x in range(nout):
+                f += C[a * nout + x] * da[i * nout + x]
+            Cda[i * nout + a] = f
+            f = 0.0
+            for x in range(nout):
+                f += N[x * nout + a] * da[i * nout + x]
+            Nda[i * nout + a] = f
+            if i < V2:
+                for x in range(nout):
+                    val += dM[i * nn + a * nout + x] * m[x]
+                for b in range(nout):
+                    f = 0.0
+                    for x in range(nout):
+                        f += C[a * nout + x] * dM[i * nn + x * nout + b]
+                    CdM[i * nn + a * nout + b] = f
+                    f = 0.0
+                    for x in range(nout):
+                        f += dM[i * nn + a * nout + x] * N[x * nout + b]
+                    W1[a * nout + b] = f                  # dM N
+            dMm[i * nout + a] = val
+        if i < V2:
+            for a in range(nout):
+                f = 0.0
+                val = 0.0
+                for x in range(nout):
+                    f += C[a * nout + x] * dMm[i * nout + x]
+                    val += N[x * nout + a] * dMm[i * nout + x]
+                CdMm[i * nout + a] = f
+                NdMm[i * nout + a] = val
+                for b in range(nout):
+                    f = 0.0
+                    for x in range(nout):
+                        f += N[x * nout + a] * W1[x * nout + b]
+                    NdMN[i * nn + a * nout + b] = f
+        else:
+            for a in range(nout):
+                CdMm[i * nout + a] = 0.0
+                NdMm[i * nout + a] = 0.0
+                for b in range(nout):
+                    CdM[i * nn + a * nout + b] = 0.0
+                    NdMN[i * nn + a * nout + b] = 0.0
+    # theta x theta
+    for i in range(Ps):
+        for k in range(i, Ps):
+            val = hs[i * Ps + k]
+            for a in range(nout):
+                val += da[i * nout + a] * Cda[k * nout + a]
+                if k < V2:          # (M does not depend on beta: dM = 0 for beta)
+                    val -= Cda[i * nout + a] * dMm[k * nout + a] + Cda[k * nout + a] * dMm[i * nout + a]
+                    val += dMm[i * nout + a] * CdMm[k * nout + a]
+                    for b in range(nout):
+                        val += 0.5 * CdM[i * nn + a * nout + b] * CdM[k * nn + b * nout + a]
+                elif i < V2:
+                    val -= Cda[k * nout + a] * dMm[i * nout + a]
+            hout[(V + i) * Z + V + k] += wr * val
+            if k != i:
+                hout[(V + k) * Z + V + i] += wr * val
+    # Gam x theta and Gam x Gam (E = e_a e_b' + e_b e_a', or e_a e_a')
+    for e1 in range(V):
+        a = ea[e1]
+        b = eb[e1]
+        for i in range(Ps):
+            if a == b:
+                val = (-bb[a] * NdMm[i * nout + a] - 0.5 * NdMN[i * nn + a * nout + a]
+                       + bb[a] * Nda[i * nout + a])
+            else:
+                val = (-(bb[a] * NdMm[i * nout + b] + bb[b] * NdMm[i * nout + a])
+                       - 0.5 * (NdMN[i * nn + a * nout + b] + NdMN[i * nn + b * nout + a])
+                       + bb[a] * Nda[i * nout + b] + bb[b] * Nda[i * nout + a])
+            hout[e1 * Z + V + i] += wr * val
+            hout[(V + i) * Z + e1] += wr * val
+        for e2 in range(V):
+            # sum over the terms e_x e_y' of E1 and e_z e_w' of E2:
+            # 1/2 Mt[y, z] Mt[w, x] - b_x Mt[y, z] b_w
+            val = 0.0
+            for t1 in range(2 if a != b else 1):
+                ia = a if t1 == 0 else b
+                ib = b if t1 == 0 else a
+                for t2 in range(2 if ea[e2] != eb[e2] else 1):
+                    x = ea[e2] if t2 == 0 else eb[e2]
+                    z = eb[e2] if t2 == 0 else ea[e2]
+                    val += (0.5 * Mt[ib * nout + x] * Mt[z * nout + ia]
+                            - bb[ia] * Mt[ib * nout + x] * bb[z])
+            hout[e1 * Z + e2] += wr * val
+    return 0
+
+
+def mri2_eval(const long long[::1] row_ptr, const long long[::1] sch_ptr, const int[::1] cout,
+              const int[::1] cpu, const double[::1] l0, const double[::1] l1, const double[::1] y,
+              const double[:, ::1] Xc, const int[::1] xoff, const double[::1] beta,
+              const int[::1] ea, const int[::1] eb, const double[:, ::1] LG,
+              const double[:, ::1] Tau, const double[:, ::1] R, const double[::1] wrow,
+              double[::1] ll_t, double[:, ::1] g_t, double[:, ::1] h_t, int[::1] status_t,
+              int nthreads, int need_hess):
+    """Log-likelihood (``ll_t``), gradient (``g_t``) and, with ``need_hess``, the whole
+    Hessian (``h_t``, Z x Z row-major) of grouped random intercepts of several outcomes at
+    two nested levels (see mlsem.model.mri2 and its oracle ``_oracle.mri2_dense``), in the
+    arguments (the V = nout (nout + 1) / 2 entries ``ea``/``eb`` of Gam, of Tau, of R, then
+    beta): Z = 3 V + q; per-thread rows, summed by the caller.  Top unit r holds the
+    schools row_ptr[r]..row_ptr[r+1]-1, school s the cells sch_ptr[s]..sch_ptr[s+1]-1
+    (outcome ``cout``, pseudo-unit ``cpu``, loadings l0 on the top latents and l1 on the
+    school's; mean Xc[c, :k] beta[xoff[o]:xoff[o+1]]).  ``LG``: the Cholesky factor of
+    Gam.  status_t != 0: a Sigma is not positive definite (2) or allocation failed."""
+    cdef Py_ssize_t nrows = row_ptr.shape[0] - 1, r, nsch = sch_ptr.shape[0] - 1
+    cdef long long ncell = y.shape[0], c
+    cdef int nout = LG.shape[0], q = beta.shape[0], kx = Xc.shape[1], tid, st, i, maxn = 1
+    cdef int V = nout * (nout + 1) // 2, V2 = nout * (nout + 1), Ps = V2 + q, Z = V + Ps
+    cdef int nn = nout * nout
+    cdef double* dbuf
+    cdef double* loc
+    if nthreads < 1 or not MLSEM_HAVE_OPENMP:
+        nthreads = 1
+    if (Xc.shape[0] != ncell or cout.shape[0] != ncell or cpu.shape[0] != ncell
+            or l0.shape[0] != ncell or l1.shape[0] != ncell):
+        raise ValueError("mri2_eval: per-cell arrays differ in length")
+    if (Tau.shape[0] != nout or Tau.shape[1] != nout or R.shape[0] != nout or R.shape[1] != nout
+            or LG.shape[1] != nout or xoff.shape[0] != nout + 1 or xoff[nout] != q
+            or ea.shape[0] != V or eb.shape[0] != V):
+        raise ValueError("mri2_eval: shapes of Gam, Tau, R, xoff or the entries do not agree")
+    for i in range(nout):
+        if xoff[i + 1] < xoff[i] or xoff[i + 1] - xoff[i] > kx:
+            raise ValueError("mri2_eval: xoff does not describe the compact design")
+    for i in range(V):
+        if ea[i] < 0 or ea[i] >= nout or eb[i] < 0 or eb[i] >= nout:
+            raise ValueError("mri2_eval: an entry out of range")
+    if (ll_t.shape[0] < nthreads or g_t.shape[0] < nthreads or status_t.shape[0] < nthreads
+            or g_t.shape[1] < Z or (need_hess and (h_t.shape[0] < nthreads or h_t.shape[1] < Z * Z))):
+        raise ValueError("mri2_eval: per-thread outputs too small")
+    if wrow.shape[0] < nrows or (nrows > 0 and (row_ptr[0] != 0 or row_ptr[nrows] != nsch)):
+        raise ValueError("mri2_eval: row_ptr / wrow do not describe the schools")
+    if nsch > 0 and (sch_ptr[0] != 0 or sch_ptr[nsch] != ncell):
+        raise ValueError("mri2_eval: sch_ptr does not describe the cells")
+    for r in range(nrows):
+        if row_ptr[r + 1] < row_ptr[r]:
+            raise ValueError("mri2_eval: row_ptr is not increasing")
+    for r in range(nsch):
+        if sch_ptr[r + 1] < sch_ptr[r]:
+            raise ValueError("mri2_eval: sch_ptr is not increasing")
+        if sch_ptr[r + 1] - sch_ptr[r] > maxn:
+            maxn = <int>(sch_ptr[r + 1] - sch_ptr[r])
+    for c in range(ncell):
+        if cout[c] < 0 or cout[c] >= nout:
+            raise ValueError(f"mri2_eval: cout[{c}] = {cout[c]} out of range")
+    if maxn < nout:
+        maxn = nout          # (the county's nout x nout inverse uses the school scratch)
+    cdef int maxcc = 1
+    for r in range(nrows):
+        if sch_ptr[row_ptr[r + 1]] - sch_ptr[row_ptr[r]] > maxcc:
+            maxcc = <int>(sch_ptr[row_ptr[r + 1]] - sch_ptr[row_ptr[r]])
+    cdef Py_ssize_t ncounty = (Ps + Ps * Ps + nn + nout + V2 * nn + Ps * nout + 2 * nn + nn + nout
+                               + nn + nout + nn + nn + nn + Ps * nn + 5 * Ps * nout + Ps * nn
+                               + Ps * nout + maxcc * maxn + maxcc + maxcc * nout)
+    cdef Py_ssize_t nschool = (4 * maxn * maxn + 2 * maxn + 2 * maxn * q + maxn
+                               + V2 * maxn * maxn + 3 * V2 * maxn)
+    cdef Py_ssize_t nd = 1 + Z + Z * Z + ncounty + nschool + 16
+    cdef Py_ssize_t ni = 2 * V2 * maxn * maxn + V2 + 4
+    cdef int* ibuf
+    cdef double dummy = 0.0
+    cdef const int* cout_p = &cout[0] if ncell > 0 else NULL
+    cdef const int* cpu_p = &cpu[0] if ncell > 0 else NULL
+    cdef const double* l0_p = &l0[0] if ncell > 0 else NULL
+    cdef const double* l1_p = &l1[0] if ncell > 0 else NULL
+    cdef const double* y_p = &y[0] if ncell > 0 else NULL
+    cdef const double* X_p = &Xc[0, 0] if ncell > 0 and kx > 0 else &dummy
+    cdef const int* xoff_p = &xoff[0]
+    cdef const double* beta_p = &beta[0] if q > 0 else &dummy
+    cdef const int* ea_p = &ea[0]
+    cdef const int* eb_p = &eb[0]
+    cdef const double* LG_p = &LG[0, 0]
+    cdef const double* Tau_p = &Tau[0, 0]
+    cdef const double* R_p = &R[0, 0]
+    cdef const long long* sch_p = &sch_ptr[0]
+    with nogil, parallel(num_threads=nthreads):
+        tid = threadid()
+        dbuf = <double*>malloc(nd * sizeof(double))
+        ibuf = <int*>malloc(ni * sizeof(int))
+        if dbuf != NULL and ibuf != NULL:
+            memset(dbuf, 0, nd * sizeof(double))
+            loc = dbuf          # ll (1), g (Z), H (Z * Z), then the unit's scratch
+            for r in prange(nrows, schedule='dynamic', chunksize=64):
+                if status_t[tid] == 0:
+                    st = mri2_unit(row_ptr[r], row_ptr[r + 1], sch_p, wrow[r], cout_p, cpu_p,
+                                   l0_p, l1_p, y_p, X_p, kx, xoff_p, beta_p, nout, q, ea_p, eb_p,
+                                   LG_p, Tau_p, R_p, need_hess, loc, loc + 1, loc + 1 + Z,
+                                   loc + 1 + Z + Z * Z, ibuf, maxn, maxcc)
+                    if st != 0:
+                        status_t[tid] = st
+            ll_t[tid] = loc[0]
+            for i in range(Z):
+                g_t[tid, i] = loc[1 + i]
+            if need_hess:
+                for i in range(Z * Z):
+                    h_t[tid, i] = loc[1 + Z + i]
+        else:
+            status_t[tid] = ALLOC_FAIL
+        free(dbuf)
+        free(ibuf)
+    _raise_alloc(status_t, nd * sizeof(double))
+    return 0
+# --- end mri2 ---

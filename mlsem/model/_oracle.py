@@ -257,3 +257,77 @@ def unst_dense(row_ptr, slot, y, X, beta, load, slot_lat, Phi, theta_s, wrow,
         g[bp] += w * Xu.T @ r
         H[np.ix_(bp, bp)] += -w * Xu.T @ P @ Xu
     return ll, g, H
+
+
+def mri2_entries(nout):
+    """The (a, b) entries (a <= b) of an nout x nout covariance matrix in the order of
+    ``mri2_dense`` and ``_core.mri2_eval``, and their directions dS/dS_ab (symmetric)."""
+    ent = [(a, b) for a in range(nout) for b in range(a, nout)]
+    dirs = []
+    for a, b in ent:
+        E = np.zeros((nout, nout))
+        E[a, b] = E[b, a] = 1.0
+        dirs.append(E)
+    return ent, dirs
+
+
+def mri2_dense(row_ptr, sch, pu, cout, l0, l1, y, Xc, xoff, beta, Gam, Tau, R, wrow):
+    """The oracle of ``_core.mri2_eval`` (grouped random intercepts of several outcomes at
+    two nested levels, mlsem.model.mri2): per top unit (cells row_ptr[r]..row_ptr[r+1]-1),
+    the dense Sigma[c, c'] = l0_c l0_c' Gam[o_c, o_c'] + [same school] l1_c l1_c'
+    Tau[o_c, o_c'] + [same pseudo-unit] R[o_c, o_c'] (o_c = cout[c]); the mean of cell c
+    is Xc[c, :k] beta[xoff[o]:xoff[o] + k] (k = xoff[o + 1] - xoff[o]).  The textbook
+    derivatives (Sigma_k = dSigma/dv_k, Sigma linear in v; P = Sigma^-1, r = P e, w the
+    unit's weight): dl/dv_k = -1/2 w [tr(P Sigma_k) - r' Sigma_k r], dl/dbeta = w X'r,
+    d2l/dv_k dv_l = w [1/2 tr(P Sigma_k P Sigma_l) - r' Sigma_k P Sigma_l r],
+    d2l/dbeta dv_k = -w X' P Sigma_k r, d2l/dbeta2 = -w X'PX.  The arguments v: the
+    entries (a <= b, :func:`mri2_entries`) of Gam, then Tau, then R, then beta.
+    Returns (ll, g, H) or None where a Sigma is not positive definite."""
+    nout = Gam.shape[0]
+    ent, dirs = mri2_entries(nout)
+    V = len(ent)
+    q = int(xoff[-1])
+    Z = 3 * V + q
+    ll = 0.0
+    g = np.zeros(Z)
+    H = np.zeros((Z, Z))
+    for r_ in range(len(row_ptr) - 1):
+        c0, c1 = row_ptr[r_], row_ptr[r_ + 1]
+        m = c1 - c0
+        if m == 0:
+            continue
+        o = np.asarray(cout[c0:c1])
+        a0 = np.zeros((m, nout))
+        a0[np.arange(m), o] = l0[c0:c1]
+        a1 = np.zeros((m, nout))
+        a1[np.arange(m), o] = l1[c0:c1]
+        same_s = np.equal.outer(sch[c0:c1], sch[c0:c1])
+        same_u = np.equal.outer(pu[c0:c1], pu[c0:c1])
+        E1 = np.zeros((m, nout))
+        E1[np.arange(m), o] = 1.0
+        D = [a0 @ E @ a0.T for E in dirs] + [same_s * (a1 @ E @ a1.T) for E in dirs] + \
+            [same_u * (E1 @ E @ E1.T) for E in dirs]
+        S = sum(v * Dk for v, Dk in zip(
+            [Gam[a, b] for a, b in ent] + [Tau[a, b] for a, b in ent] + [R[a, b] for a, b in ent], D))
+        # (each off-diagonal direction holds both triangles: sum_v v D_v is Sigma)
+        Xu = np.zeros((m, q))
+        for i in range(m):
+            k0, k1 = xoff[o[i]], xoff[o[i] + 1]
+            Xu[i, k0:k1] = Xc[c0 + i, :k1 - k0]
+        unit = _dense_unit(S, Xu, np.asarray(y[c0:c1]), beta)
+        if unit is None:
+            return None
+        Xu, e, P, r, llu = unit
+        w = wrow[r_]
+        ll += w * llu
+        bi = np.arange(3 * V, Z)
+        for k, Sk in enumerate(D):
+            g[k] += -0.5 * w * (np.trace(P @ Sk) - r @ Sk @ r)
+            hb = -w * Xu.T @ P @ Sk @ r
+            H[k, bi] += hb
+            H[bi, k] += hb
+            for l_, Sl in enumerate(D):
+                H[k, l_] += w * (0.5 * np.trace(P @ Sk @ P @ Sl) - r @ Sk @ P @ Sl @ r)
+        g[bi] += w * Xu.T @ r
+        H[np.ix_(bi, bi)] += -w * Xu.T @ P @ Xu
+    return ll, g, H

@@ -41,6 +41,11 @@ except ImportError:  # pragma: no cover
     _core = None
 
 
+# the start's mean design is built dense up to this many cells (observations x
+# (full parameters + covariate paths)), else sparse
+DENSE_START_CELLS = 2_000_000
+
+
 # ---- the objective ---------------------------------------------------------------
 class SemModel:
     """Same interface as :class:`mlsem.model.multilevel.Model` (what :mod:`mlsem.estimate.optimize` uses)."""
@@ -102,8 +107,6 @@ class SemModel:
                               or nz["geta"].any())
         self._has_geta = bool(nz["geta"].any())
         self._lam_free = bool(len(self.idx["lambda"][0]) or len(self.idx["beta"][0]))
-        # Gamma_y as per-observation sparse design: mu_obs += Xobs @ gamma_entries
-        from scipy import sparse
         gy_r, gy_c, gy_f, gy_v = [], [], [], []
         for e in table.entries:
             if e.matrix == "gy" and (e.full >= 0 or e.value != 0.0):
@@ -112,22 +115,30 @@ class SemModel:
         self._gy_v = np.asarray(gy_v, dtype=float)
         self._gy_free = self._gy_f >= 0
         ne = len(gy_r)
+        # Gamma_y per observation, padded: the entries of the observation's slot
+        # (self._gy_ent, nobs x the most entries of one slot) and the covariate
+        # values they multiply (self._gy_val, 0 where padded):
+        # mu_obs += sum_e val * gamma[ent] (NumPy only: scipy.sparse's
+        # constructors and first calls cost ~3 ms of a 40 ms fit)
         if ne:
-            by_slot = {}
-            for k, r in enumerate(gy_r):
-                by_slot.setdefault(r, []).append(k)
-            rows, cols, vals = [], [], []
-            for r, ks in by_slot.items():
-                obs = np.flatnonzero(d.slot == r)
-                for k in ks:
-                    rows.append(obs)
-                    cols.append(np.full(len(obs), k))
-                    vals.append(d.X[d.obs_row[obs], gy_c[k]])
-            self._Xobs = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                                           shape=(d.nobs, ne))
+            per = np.bincount(np.asarray(gy_r, dtype=np.int64), minlength=P)
+            emax = int(per.max())
+            slot_ent = np.zeros((P, emax), dtype=np.int64)
+            slot_col = np.zeros((P, emax), dtype=np.int64)
+            slot_on = np.zeros((P, emax), dtype=bool)
+            fill = np.zeros(P, dtype=np.int64)
+            for k, (r, c) in enumerate(zip(gy_r, gy_c)):
+                slot_ent[r, fill[r]], slot_col[r, fill[r]], slot_on[r, fill[r]] = k, c, True
+                fill[r] += 1
+            self._gy_ent = np.ascontiguousarray(slot_ent[d.slot])
+            on = slot_on[d.slot]
+            self._gy_val = np.where(on, d.X[d.obs_row[:, None], slot_col[d.slot]], 0.0) if d.X.shape[1] else \
+                np.zeros(on.shape)
+            self._has_gy = True
         else:
-            self._Xobs = None
-        self._XobsT = None
+            self._gy_ent = self._gy_val = None
+            self._has_gy = False
+        self._ne = ne
         # Psi's connected blocks: the factor F of Psi is computed per block
         comp = -np.ones(M, dtype=np.int64)
         ncomp = 0
@@ -359,28 +370,10 @@ class SemModel:
     def _ols_mean_start(self, psi, given):
         t, d = self.table, self.prep
         r_nu, _, f_nu = self.idx["nu"]
-        if self._Xobs is None and not len(f_nu):
+        if not self._has_gy and not len(f_nu):
             return
-        from scipy import sparse
         nfull = len(t.full_names)
-        parts = []
-        if len(f_nu):
-            col = np.full(self.P, -1)
-            col[r_nu] = f_nu
-            ok = col[d.slot] >= 0
-            parts.append(sparse.csr_matrix((np.ones(ok.sum()), (np.flatnonzero(ok), col[d.slot][ok])),
-                                           shape=(d.nobs, nfull)))
-        off = np.zeros(d.nobs)
-        base_nu = self.base["nu"][d.slot]
-        off += base_nu
-        if self._Xobs is not None:
-            fe = self._gy_f
-            S = sparse.csr_matrix((np.ones(len(fe)), (np.arange(len(fe)), np.where(fe >= 0, fe, 0))),
-                                  shape=(len(fe), nfull))
-            S = sparse.diags(self._gy_free.astype(float)) @ S
-            parts.append(self._Xobs @ S)
-            off += self._Xobs @ np.where(self._gy_free, 0.0, self._gy_v)
-        D = sum(parts[1:], parts[0]).tocsc()
+        ne = self._ne
         mean_full = np.zeros(nfull, dtype=bool)
         mean_full[np.unique(np.concatenate([f_nu, self._gy_f[self._gy_free]]))] = True
         if given[mean_full].any() or self._mean_lat:
@@ -389,6 +382,41 @@ class SemModel:
         cols = np.flatnonzero(np.any(t.T[mean_full] != 0, axis=0) & ~np.any(t.T[~mean_full] != 0, axis=0))
         if not len(cols):
             return
+        # the mean design D (observations x full parameters): dense where small
+        # (scipy.sparse's constructors cost ~1 ms on the wide ``unbalanced``)
+        dense = d.nobs * (nfull + ne) <= DENSE_START_CELLS
+        parts = []
+        if len(f_nu):
+            col = np.full(self.P, -1)
+            col[r_nu] = f_nu
+            ok = col[d.slot] >= 0
+            if dense:
+                Dn = np.zeros((d.nobs, nfull))
+                Dn[np.flatnonzero(ok), col[d.slot][ok]] = 1.0
+                parts.append(Dn)
+            else:
+                from scipy import sparse
+                parts.append(sparse.csr_matrix((np.ones(ok.sum()), (np.flatnonzero(ok), col[d.slot][ok])),
+                                               shape=(d.nobs, nfull)))
+        off = np.zeros(d.nobs)
+        base_nu = self.base["nu"][d.slot]
+        off += base_nu
+        if self._has_gy:
+            ent, val = self._gy_ent, self._gy_val
+            off += np.einsum("oe,oe->o", val, np.where(self._gy_free, 0.0, self._gy_v)[ent])
+            fr = self._gy_free[ent]                     # (nobs, emax): a free entry
+            o_i, e_i = np.nonzero(fr)
+            cols_f = self._gy_f[ent[o_i, e_i]]
+            if dense:
+                Dg = np.zeros((d.nobs, nfull))
+                np.add.at(Dg, (o_i, cols_f), val[o_i, e_i])
+                parts.append(Dg)
+            else:
+                from scipy import sparse
+                parts.append(sparse.csr_matrix((val[o_i, e_i], (o_i, cols_f)), shape=(d.nobs, nfull)))
+        D = sum(parts[1:], parts[0])
+        if not dense:
+            D = D.tocsc()
         Dc = np.asarray((D @ t.T[:, cols]))
         rhs = d.y - off - D @ t.t0
         sol, *_ = np.linalg.lstsq(Dc, rhs, rcond=None)
@@ -449,10 +477,10 @@ class SemModel:
         Lt = m["lambda"] @ E
         full = self.table.full_values(psi)
         mu = m["nu"][d.slot]
-        if self._Xobs is not None:
+        if self._has_gy:
             gv = self._gy_v.copy()
             gv[self._gy_free] = full[self._gy_f[self._gy_free]]
-            mu = mu + self._Xobs @ gv
+            mu = mu + np.einsum("oe,oe->o", self._gy_val, gv[self._gy_ent])
         Meta = None
         if self._mean_lat:
             Meta = m["alpha"] + (d.X @ m["geta"].T if self._has_geta else 0.0)
@@ -540,10 +568,9 @@ class SemModel:
                 gfull[:] += np.bincount(f, weights=gth[r], minlength=nfull)
         else:
             put("theta", gth)
-        if self._Xobs is not None and self._gy_free.any():
-            if self._XobsT is None:     # built once: .T made a new matrix per evaluation (0.1 ms)
-                self._XobsT = self._Xobs.T.tocsr()
-            gg = self._XobsT @ w
+        if self._has_gy and self._gy_free.any():
+            gg = np.bincount(self._gy_ent.ravel(), weights=(self._gy_val * w[:, None]).ravel(),
+                             minlength=self._ne)
             gfull[:] += np.bincount(self._gy_f[self._gy_free], weights=gg[self._gy_free], minlength=nfull)
         if self._mean_lat:
             W = np.zeros((d.nrows, P))

@@ -13,7 +13,8 @@ batched NumPy calls per size, not per pattern.
 
 Used by :mod:`mlsem.estimate.semscoring` (Fisher scoring from the start, the
 Newton polish then finishes); the standard errors stay the observed
-information's.
+information's, exact here (:func:`observed_information`) where Sigma and the
+means are linear in psi.
 """
 from __future__ import annotations
 
@@ -160,3 +161,112 @@ def expected_information_numpy(model, psi) -> np.ndarray | None:
             SD = np.matmul(Sinv[local], D)                             # (R, m, km)
             Im += (D * wrow[:, None, None]).reshape(-1, km).T @ SD.reshape(-1, km)
     return _assemble(len(psi), cov, Ic, mean, Im)
+
+
+# ---- the exact observed information (models linear in psi) -----------------------------
+def _row_means(model, m):
+    """The model-implied means per data row (nrows x P) from the matrices ``m``
+    (no free loading or regression among latents: Lt = Lambda (I - B)^-1 with B fixed)."""
+    Lt = m["lambda"]
+    if np.any(m["beta"] != 0):
+        Lt = Lt @ np.linalg.inv(np.eye(model.M) - m["beta"])
+    X = model.prep.X
+    MU = m["nu"] + X @ m["gy"].T
+    if model._mean_lat:
+        MU = MU + (m["alpha"] + X @ m["geta"].T) @ Lt.T
+    return MU
+
+
+def linear_in_psi(model) -> bool:
+    """True where Sigma and the row means are linear in the parameters (no free
+    loading or regression among latents), so that the observed information is
+    exact from the first derivatives alone (:func:`observed_information`)."""
+    return not model._lam_free
+
+
+def observed_information(model, psi) -> np.ndarray | None:
+    """The observed information -d2l/dpsi2 at psi, exact (no differencing of the
+    gradient), for models linear in psi (:func:`linear_in_psi`; else None: the
+    caller differences the gradient).  Per row r with observed variables O,
+    residual e_r, s_r = Sigma_O^-1 e_r, and row mean derivatives D_k:
+
+        I_kl = sum_r w_r [ (dSigma_k s_r)' Sigma_O^-1 (dSigma_l s_r)
+                           + D_k' Sigma_O^-1 D_l
+                           + (dSigma_k s_r)' Sigma_O^-1 D_l + (k <-> l) ]
+               - sum_r w_r 1/2 tr(Sigma_O^-1 dSigma_k Sigma_O^-1 dSigma_l)
+
+    (the second derivatives of Sigma and the means vanish).  None also where a
+    pattern's Sigma_O is not positive definite.  The kernel
+    (``_core.sem_observed_info``) unless the model's backend is "numpy"
+    (:func:`observed_information_numpy`, the oracle)."""
+    if not linear_in_psi(model):
+        return None
+    if getattr(model, "backend", "numpy") == "numpy" or _core is None:
+        return observed_information_numpy(model, psi)
+    got = _derivatives(model, psi)
+    if got is None:
+        return None
+    Sigma, dS, cov, dM, mean = got
+    d = model.prep
+    resid = d.y - _row_means(model, model.matrices(psi))[d.obs_row, d.slot]
+    Ic = np.zeros((len(cov), len(cov)))
+    Im = np.zeros((len(mean), len(mean)))
+    Icm = np.zeros((len(cov), len(mean)))
+    if _core.sem_observed_info(d.pat_ptr, d.row_ptr, model._slot, np.ascontiguousarray(Sigma), dS, dM,
+                               np.ascontiguousarray(resid), d.wrow, Ic, Im, Icm):
+        return None
+    return _assemble_observed(len(psi), cov, Ic, mean, Im, Icm)
+
+
+def _assemble_observed(k, cov, Ic, mean, Im, Icm):
+    info = np.zeros((k, k))
+    info[np.ix_(cov, cov)] += Ic
+    info[np.ix_(mean, mean)] += Im
+    info[np.ix_(cov, mean)] += Icm
+    info[np.ix_(mean, cov)] += Icm.T
+    return 0.5 * (info + info.T)
+
+
+def observed_information_numpy(model, psi) -> np.ndarray | None:
+    """The NumPy version of :func:`observed_information` (patterns of one size
+    stacked; the kernel's oracle)."""
+    if not linear_in_psi(model):
+        return None
+    got = _derivatives(model, psi)
+    if got is None:
+        return None
+    Sigma, dS, cov, dM, mean = got
+    d = model.prep
+    resid = d.y - _row_means(model, model.matrices(psi))[d.obs_row, d.slot]
+    groups = getattr(model, "_pattern_groups", None)
+    if groups is None:
+        groups = model._pattern_groups = PatternGroups(d)
+    kc, km = len(cov), len(mean)
+    Ic = np.zeros((kc, kc))
+    Im = np.zeros((km, km))
+    Icm = np.zeros((kc, km))
+    for idx, wpat, rows, local, wrow in groups.groups:
+        ii, jj = idx[:, :, None], idx[:, None, :]
+        m = idx.shape[1]
+        try:
+            np.linalg.cholesky(Sigma[ii, jj])
+        except np.linalg.LinAlgError:
+            return None
+        Sinv = np.linalg.inv(Sigma[ii, jj])                        # (n_g, m, m)
+        Sr = Sinv[local]                                           # (R, m, m)
+        e = resid[d.row_ptr[rows][:, None] + np.arange(m)[None, :]]
+        s = np.einsum("rab,rb->ra", Sr, e)                         # (R, m)
+        if kc:
+            G = dS[:, ii, jj]                                      # (kc, n_g, m, m)
+            A = np.matmul(Sinv[None], G)
+            Ic -= 0.5 * np.einsum("kgab,lgba,g->kl", A, A, wpat)
+            V = np.einsum("krab,rb->kra", G[:, local], s)          # (kc, R, m)
+            SV = np.einsum("rab,krb->kra", Sr, V)
+            Ic += np.einsum("kra,lra,r->kl", V, SV, wrow)
+        if km:
+            D = dM[:, rows[:, None], idx[local]]                   # (km, R, m)
+            SD = np.einsum("rab,krb->kra", Sr, D)
+            Im += np.einsum("kra,lra,r->kl", D, SD, wrow)
+            if kc:
+                Icm += np.einsum("kra,lra,r->kl", V, SD, wrow)
+    return _assemble_observed(len(psi), cov, Ic, mean, Im, Icm)

@@ -35,6 +35,9 @@ _TOKEN = re.compile(r"""
   | (?P<string>"[^"\n]*"|'[^'\n]*')
 """, re.VERBOSE)
 
+# the same tokens without the whitespace alternative (tokenize skips it)
+_TOKEN_FAST = re.compile(_TOKEN.pattern.replace("(?P<ws>[ \\t\\r]+)\n  | ", ""), re.VERBOSE)
+
 OPERATORS = ("=~", "~", "~~", "==", ":=")
 _REFUSED = {"<": "inequality constraints ('<') are not supported",
             ">": "inequality constraints ('>') are not supported",
@@ -42,7 +45,7 @@ _REFUSED = {"<": "inequality constraints ('<') are not supported",
             "~*~": "scaling factors ('~*~') are not supported"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Token:
     kind: str      # "op" | "number" | "name" | "string" | "end"
     text: str
@@ -89,36 +92,46 @@ def _error(source: str, tok: Token, msg: str):
     raise SyntaxErrorAt(f"model syntax: {msg} at {shown}, {_where(src_line, tok.line, tok.col)}")
 
 
+# a statement continues over a newline after one of these
+_CONTINUE = frozenset(("+", "*", "=~", "~", "~~", "==", ":=", "(", ",", "-", "/", "^"))
+
+
 def tokenize(source: str) -> list:
-    """Tokens, with statements separated by an "end" token (newline or ';')."""
-    toks = []
-    pos, line, lstart = 0, 1, 0
-    n = len(source)
-    while pos < n:
-        m = _TOKEN.match(source, pos)
-        if m is None:
-            t = Token("bad", source[pos], line, pos - lstart + 1, pos)
-            _error(source, t, "unexpected character")
-        kind = m.lastgroup
-        text = m.group()
-        col = pos - lstart + 1
-        if kind == "newline":
-            toks.append(Token("end", "\n", line, col, pos))
-            line += 1
-            lstart = m.end()
-        elif kind == "op" and text == ";":
-            toks.append(Token("end", ";", line, col, pos))
-        elif kind not in ("ws", "comment"):
-            toks.append(Token(kind, text, line, col, pos))
-        pos = m.end()
-    toks.append(Token("end", "", line, pos - lstart + 1, pos))
-    # a statement continues over a newline after '+', '*' or an operator
+    """Tokens, with statements separated by an "end" token (newline or ';').
+
+    One ``finditer`` pass over the tokens themselves (whitespace and comments,
+    skipped, are not materialised; a character no token starts with is an
+    error), so that a model of hundreds of statements tokenizes in about a
+    millisecond."""
     out = []
-    for t in toks:
-        if t.kind == "end" and t.text == "\n" and out and out[-1].kind == "op" and out[-1].text in (
-                "+", "*", "=~", "~", "~~", "==", ":=", "(", ",", "-", "/", "^"):
+    append = out.append
+    line, lstart = 1, 0
+    expect = 0                       # where the next token must start (after whitespace)
+    for m in _TOKEN_FAST.finditer(source):
+        pos = m.start()
+        if pos != expect and source[expect:pos].strip(" \t\r"):
+            bad = expect + len(source[expect:pos]) - len(source[expect:pos].lstrip(" \t\r"))
+            _error(source, Token("bad", source[bad], line, bad - lstart + 1, bad), "unexpected character")
+        expect = m.end()
+        kind = m.lastgroup
+        if kind == "comment":
             continue
-        out.append(t)
+        text = m.group()
+        if kind == "newline":
+            # a statement continues over a newline after '+', '*' or an operator
+            if not (out and out[-1].kind == "op" and out[-1].text in _CONTINUE):
+                append(Token("end", "\n", line, pos - lstart + 1, pos))
+            line += 1
+            lstart = expect
+        elif kind == "op" and text == ";":
+            append(Token("end", ";", line, pos - lstart + 1, pos))
+        else:
+            append(Token(kind, text, line, pos - lstart + 1, pos))
+    n = len(source)
+    if expect != n and source[expect:].strip(" \t\r"):
+        bad = expect + len(source[expect:]) - len(source[expect:].lstrip(" \t\r"))
+        _error(source, Token("bad", source[bad], line, bad - lstart + 1, bad), "unexpected character")
+    append(Token("end", "", line, n - lstart + 1, n))
     return out
 
 

@@ -37,6 +37,7 @@ def test_falls_back_to_the_full_data_from_the_default_start(monkeypatch):
 
     monkeypatch.setattr(mnewton, "optimize", grouped_fails)
     monkeypatch.setattr(mnewton, "newton_multi", lambda *a: "made to stop (test)")
+    monkeypatch.setattr(mnewton, "newton_exact", lambda *a: "made to stop (test)")
     r = mlsem.fit(PATH, FS)
     assert r.converged
     assert r.loglik == pytest.approx(-454.3759750692, abs=1e-6)
