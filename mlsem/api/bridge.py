@@ -59,24 +59,48 @@ class MultilevelSpec:
         allc = self.y_cols + [c for v in self.x_cols.values() for c in v]
         if len(set(allc)) != len(allc):
             raise MlsemError("the wide column names collide; rename the outcome or covariates")
-        self.labels = {}
-        used = set()
+        self._name_parameters(table, prep, allc)
+
+    def _name_parameters(self, table, prep, allc):
+        """SEM labels of the parameters (``b_x``, ``var_k``) and names of the latents
+        (``L_k``), distinct from each other and from the data columns ``allc``."""
+        self.labels, used = {}, set()
         for p in table.params:
-            if p.kind == "fixed":
-                base = f"b_{p.name}"
-            else:
-                base = p.name.replace("var(", "var_").replace("cov(", "cov_")
+            base = f"b_{p.name}" if p.kind == "fixed" else \
+                p.name.replace("var(", "var_").replace("cov(", "cov_")
             lb = _ident(base)
             while lb in used:
                 lb += "_"
             used.add(lb)
             self.labels[p.name] = lb
         self.latent_names = []
-        for g, nm in enumerate(prep.latent_names):
+        for nm in prep.latent_names:
             ln = _ident(f"L_{nm}")
             while ln in self.latent_names or ln in allc:
                 ln += "_"
             self.latent_names.append(ln)
+
+    def _latent_lines(self, header):
+        """The header, the measurement lines (unit loadings) and the latents' (co)variances
+        (labels; 0 for a pair without a parameter)."""
+        prep, t = self.prep, self.multilevel_table
+        P, M = prep.nslots, prep.nlatent
+        lines = [header]
+        for g in range(M):
+            ind = [self.y_cols[s] for s in range(P) if (prep.slot_lat[s] == g).any()]
+            lines.append(f"{self.latent_names[g]} =~ " + " + ".join(f"1*{v}" for v in ind))
+        done = set()
+        for r, c, p in zip(t.phi_row, t.phi_col, t.phi_param):
+            a, b = (int(r), int(c)) if r <= c else (int(c), int(r))
+            if (a, b) not in done:
+                done.add((a, b))
+                lines.append(f"{self.latent_names[a]} ~~ {self.labels[t.params[int(p)].name]}*"
+                             f"{self.latent_names[b]}")
+        for a in range(M):
+            for b in range(a + 1, M):
+                if (a, b) not in done:
+                    lines.append(f"{self.latent_names[a]} ~~ 0*{self.latent_names[b]}")
+        return lines
 
     @property
     def top(self) -> str:
@@ -115,22 +139,8 @@ class MultilevelSpec:
             raise MlsemError("the wide SEM form of a random-slope model needs loadings equal to each row's "
                              "covariate values (definition variables), which lavaan syntax cannot write")
         P, M = prep.nslots, prep.nlatent
-        lines = [f"# {self.formula} as a wide SEM: {P} slots, {M} latent variables"]
-        for g in range(M):
-            ind = [self.y_cols[s] for s in range(P) if (prep.slot_lat[s] == g).any()]
-            lines.append(f"{self.latent_names[g]} =~ " + " + ".join(f"1*{v}" for v in ind))
+        lines = self._latent_lines(f"# {self.formula} as a wide SEM: {P} slots, {M} latent variables")
         lab = {i: self.labels[p.name] for i, p in enumerate(t.params)}
-        done = set()
-        for r, c, p in zip(t.phi_row, t.phi_col, t.phi_param):
-            a, b = (int(r), int(c)) if r <= c else (int(c), int(r))
-            if (a, b) in done:
-                continue
-            done.add((a, b))
-            lines.append(f"{self.latent_names[a]} ~~ {lab[int(p)]}*{self.latent_names[b]}")
-        for a in range(M):
-            for b in range(a + 1, M):
-                if (a, b) not in done:
-                    lines.append(f"{self.latent_names[a]} ~~ 0*{self.latent_names[b]}")
         for s in range(P):
             terms = []
             for k, nm in enumerate(prep.xnames):
@@ -253,21 +263,7 @@ class SeveralOutcomesSpec(MultilevelSpec):
         allc = self.y_cols + list(dict.fromkeys(c for v in self.x_cols.values() for c in v))
         if len(set(allc)) != len(allc):
             raise MlsemError("the wide column names collide; rename the outcomes or covariates")
-        self.labels, used = {}, set()
-        for p in table.params:
-            base = f"b_{p.name}" if p.kind == "fixed" else \
-                p.name.replace("var(", "var_").replace("cov(", "cov_")
-            lb = _ident(base)
-            while lb in used:
-                lb += "_"
-            used.add(lb)
-            self.labels[p.name] = lb
-        self.latent_names = []
-        for nm in prep.latent_names:
-            ln = _ident(f"L_{nm}")
-            while ln in self.latent_names or ln in allc:
-                ln += "_"
-            self.latent_names.append(ln)
+        self._name_parameters(table, prep, allc)
 
     def to_wide(self, data=None) -> pl.DataFrame:
         """One row per top-level unit: the top id, each slot's outcome value, then each
@@ -307,21 +303,9 @@ class SeveralOutcomesSpec(MultilevelSpec):
     def to_syntax(self) -> str:
         prep, t = self.prep, self.multilevel_table
         P, M = prep.nslots, prep.nlatent
-        lines = [f"# {' ;; '.join(self.formula)} as a wide SEM: {P} slots, {M} latent variables"]
-        for g in range(M):
-            ind = [self.y_cols[s] for s in range(P) if (prep.slot_lat[s] == g).any()]
-            lines.append(f"{self.latent_names[g]} =~ " + " + ".join(f"1*{v}" for v in ind))
+        lines = self._latent_lines(f"# {' ;; '.join(self.formula)} as a wide SEM: {P} slots, "
+                                   f"{M} latent variables")
         lab = {i: self.labels[p.name] for i, p in enumerate(t.params)}
-        done = set()
-        for r, c, p in zip(t.phi_row, t.phi_col, t.phi_param):
-            a, b = (int(r), int(c)) if r <= c else (int(c), int(r))
-            if (a, b) not in done:
-                done.add((a, b))
-                lines.append(f"{self.latent_names[a]} ~~ {lab[int(p)]}*{self.latent_names[b]}")
-        for a in range(M):
-            for b in range(a + 1, M):
-                if (a, b) not in done:
-                    lines.append(f"{self.latent_names[a]} ~~ 0*{self.latent_names[b]}")
         for s in range(P):
             o = int(self.sout[s])
             terms = []

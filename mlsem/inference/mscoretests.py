@@ -21,20 +21,11 @@ from ..errors import MlsemError
 from ..estimate.optimize import param_scale
 from ..model.multivariate import MultiModel
 from ..spec.multivariate import check_structures, multivariate_table
+from .scoretests import _score_stat as _stat
 
 _SCHEMA = {"type": pl.String, "lhs": pl.String, "op": pl.String, "rhs": pl.String,
            "param": pl.String, "chi2": pl.Float64, "df": pl.Int64, "p_value": pl.Float64,
            "epc": pl.Float64}
-
-
-def _stat(g, I, K):
-    gk = K.T @ g
-    A = K.T @ I @ K
-    try:
-        d = np.linalg.solve(A, gk)
-    except np.linalg.LinAlgError:
-        d = np.linalg.pinv(A) @ gk
-    return float(gk @ d), d
 
 
 def _observed_information(model, psi):

@@ -296,20 +296,8 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
     pred = X @ beta
     if random and prep.nlatent:
         blups = random_effects(res)
-        # the BLUP of every (level, effect) joined on the ids of that level
-        keys = df.filter(pl.Series(rows)).select(level_cols).with_row_index("__i")
-        for d, col in enumerate(level_cols):
-            ids_d = level_cols[:d + 1]
-            for e in blups.filter(pl.col("level") == col)["effect"].unique(maintain_order=True):
-                b = blups.filter((pl.col("level") == col) & (pl.col("effect") == e)).select(ids_d + ["mean"])
-                k = keys.select(["__i"] + ids_d)
-                try:
-                    k = k.with_columns([pl.col(c).cast(b.schema[c]) for c in ids_d])
-                except Exception:
-                    raise MlsemError(f"predict: newdata's id column {col!r} is {keys.schema[col]}, the "
-                                     f"fit's is {b.schema[col]}") from None
-                m = k.join(b, on=ids_d, how="left").sort("__i")["mean"].fill_null(0.0).to_numpy()
-                pred = pred + (m if e == "Intercept" else m * S[e])
+        for col, e, m in _blups_of_rows(df, rows, level_cols, blups):
+            pred = pred + (m if e == "Intercept" else m * S[e])
     full = np.full(df.height, np.nan)
     full[rows] = pred
     pred_col = pl.Series("predicted", full, nan_to_null=True)
@@ -319,6 +307,27 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
         v[rows] = _se(X, *_fixed_cov(res, model))
         out = out.with_columns(pl.Series("se", v, nan_to_null=True))
     return out
+
+
+def _blups_of_rows(df, rows, level_cols, blups, effect=None):
+    """(level, effect, BLUP of each kept row of df) for every (level, effect) of the
+    fit's BLUPs (only ``effect`` if given), joined on the ids of that level; 0 for a
+    group the fit has not seen."""
+    keys = df.filter(pl.Series(rows)).select(level_cols).with_row_index("__i")
+    for d, col in enumerate(level_cols):
+        ids_d = level_cols[:d + 1]
+        at = blups.filter(pl.col("level") == col)
+        effects = [effect] if effect is not None else at["effect"].unique(maintain_order=True).to_list()
+        for e in effects:
+            b = at.filter(pl.col("effect") == e).select(ids_d + ["mean"])
+            if b.height == 0:
+                continue
+            try:
+                k = keys.select(["__i"] + ids_d).with_columns([pl.col(c).cast(b.schema[c]) for c in ids_d])
+            except Exception:
+                raise MlsemError(f"predict: newdata's id column {col!r} is {keys.schema[col]}, the "
+                                 f"fit's is {b.schema[col]}") from None
+            yield col, e, k.join(b, on=ids_d, how="left").sort("__i")["mean"].fill_null(0.0).to_numpy()
 
 
 def _predict_several(res, model, newdata, encs, random, se):
@@ -356,20 +365,8 @@ def _predict_several(res, model, newdata, encs, random, se):
         cols = np.asarray(t.beta_cols[o], dtype=np.int64)
         pred = X @ beta[cols] if len(cols) else np.zeros(int(np.sum(rows)))
         if blups is not None:
-            keys = df.filter(pl.Series(rows)).select(level_cols).with_row_index("__i")
-            for d, col in enumerate(level_cols):
-                ids_d = level_cols[:d + 1]
-                b = blups.filter((pl.col("level") == col) & (pl.col("effect") == name))
-                if b.height == 0:
-                    continue
-                b = b.select(ids_d + ["mean"])
-                try:
-                    k = keys.select(["__i"] + ids_d).with_columns(
-                        [pl.col(c).cast(b.schema[c]) for c in ids_d])
-                except Exception:
-                    raise MlsemError(f"predict: newdata's id column {col!r} is {keys.schema[col]}, "
-                                     f"the fit's is {b.schema[col]}") from None
-                pred = pred + k.join(b, on=ids_d, how="left").sort("__i")["mean"].fill_null(0.0).to_numpy()
+            for _, e, m in _blups_of_rows(df, rows, level_cols, blups, effect=name):
+                pred = pred + m
         full = np.full(df.height, np.nan)
         full[rows] = pred
         part = df.select(ids).with_columns(
