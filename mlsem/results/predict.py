@@ -274,24 +274,8 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
         raise MlsemError("predict(newdata=): the fit's fixed part has group-specific coefficients "
                          f"(columns {', '.join(prep.xnames)}); predict on the estimation rows "
                          "(newdata=None) instead")
-    from ..data.prepare import scan
     level_cols = [lv.name for lv in prep.levels]
-    lf = scan(newdata)
-    try:
-        schema = lf.collect_schema()
-    except Exception as exc:
-        raise MlsemError(f"predict: cannot read newdata: {exc}") from None
-    need = list(enc.variables)
-    missing = [c for c in need if c not in schema]
-    if missing:
-        raise MlsemError(f"predict: newdata has no column {missing[0]!r} (the model reads "
-                         f"{', '.join(map(repr, need))})")
-    ids = [c for c in level_cols if c in schema]
-    if random and prep.nlatent and len(ids) < len(level_cols):
-        absent = [c for c in level_cols if c not in schema]
-        raise MlsemError(f"predict: newdata has no id column {absent[0]!r}; give it, or "
-                         "predict at the population level with random=False")
-    df = lf.select(list(dict.fromkeys(ids + need))).collect()
+    df, ids = _read_newdata(newdata, list(enc.variables), level_cols, random and prep.nlatent)
     rows, X, S = enc.design(df, with_outcome=False)
     pred = X @ beta
     if random and prep.nlatent:
@@ -307,6 +291,27 @@ def predict(res, newdata=None, random: bool = True, se: bool = False) -> pl.Data
         v[rows] = _se(X, *_fixed_cov(res, model))
         out = out.with_columns(pl.Series("se", v, nan_to_null=True))
     return out
+
+
+def _read_newdata(newdata, need, level_cols, with_ids):
+    """(the columns of newdata the prediction reads, the id columns it has); errors
+    name a missing covariate, or a missing id column when BLUPs are wanted."""
+    from ..data.prepare import scan
+    lf = scan(newdata)
+    try:
+        schema = lf.collect_schema()
+    except Exception as exc:
+        raise MlsemError(f"predict: cannot read newdata: {exc}") from None
+    missing = [c for c in need if c not in schema]
+    if missing:
+        raise MlsemError(f"predict: newdata has no column {missing[0]!r} (the model reads "
+                         f"{', '.join(map(repr, need))})")
+    ids = [c for c in level_cols if c in schema]
+    if with_ids and len(ids) < len(level_cols):
+        absent = [c for c in level_cols if c not in schema]
+        raise MlsemError(f"predict: newdata has no id column {absent[0]!r}; give it, or "
+                         "predict at the population level with random=False")
+    return lf.select(list(dict.fromkeys(ids + need))).collect(), ids
 
 
 def _blups_of_rows(df, rows, level_cols, blups, effect=None):
@@ -334,29 +339,14 @@ def _predict_several(res, model, newdata, encs, random, se):
     """predict(newdata) of a several-outcome fit: every row of newdata once per outcome
     (``row``: its 0-based row, ``outcome``), each outcome's own fixed part and, with
     ``random``, the BLUPs of its effects at the groups the fit has seen."""
-    from ..data.prepare import scan
     prep = model.prep
     t = model.table
     outs = list(t.outcomes)
     psi = np.asarray(res.estimate, dtype=float)
     beta = psi[np.asarray(t.beta_param, dtype=np.int64)]
     level_cols = [lv.name for lv in prep.levels]
-    lf = scan(newdata)
-    try:
-        schema = lf.collect_schema()
-    except Exception as exc:
-        raise MlsemError(f"predict: cannot read newdata: {exc}") from None
     need = list(dict.fromkeys(v for e in encs for v in e.variables))
-    missing = [c for c in need if c not in schema]
-    if missing:
-        raise MlsemError(f"predict: newdata has no column {missing[0]!r} (the model reads "
-                         f"{', '.join(map(repr, need))})")
-    ids = [c for c in level_cols if c in schema]
-    if random and prep.nlatent and len(ids) < len(level_cols):
-        absent = [c for c in level_cols if c not in schema]
-        raise MlsemError(f"predict: newdata has no id column {absent[0]!r}; give it, or "
-                         "predict at the population level with random=False")
-    df = lf.select(list(dict.fromkeys(ids + need))).collect()
+    df, ids = _read_newdata(newdata, need, level_cols, random and prep.nlatent)
     blups = random_effects(res) if (random and prep.nlatent) else None
     E, C = _fixed_cov(res, model) if se else (None, None)
     parts = []
