@@ -58,6 +58,8 @@ import numpy as np
 from ._oracle import mri2_entries
 from .multilevel import _core
 from .multivariate import subset_inverses
+from .ri2 import parameter_layout
+from .unst import psd_step_limit
 
 LOG2PI = math.log(2.0 * math.pi)
 MAX_SCHOOL_CELLS = 64        # a school's cells (dense per school): above this, not this path
@@ -78,15 +80,7 @@ def why_not_exact(red) -> str | None:
     sl = np.asarray(red.prep.slot_lat)
     if sl.shape[1] > 2:
         return "more than two nested levels"
-    beta = np.asarray(t.beta_param)
-    if len(beta) != red.q or len(np.unique(beta)) != len(beta):
-        return "coefficients shared between design columns"
-    cov = np.unique(np.concatenate([np.asarray(t.phi_param), np.asarray(t.theta_param)]))
-    if np.intersect1d(cov, beta).size:
-        return "a parameter both a coefficient and a (co)variance"
-    if len(beta) + len(cov) != t.nparams:
-        return "parameters outside the coefficients and the (co)variances"
-    return None
+    return parameter_layout(t, red.q)
 
 
 def _layout(red):
@@ -362,17 +356,7 @@ class ExactMulti:
         for k, (S, S1) in enumerate(zip(now, new)):
             if k == 1 and self._nl == 1:
                 continue
-            dS = S1 - S
-            lam, Q = np.linalg.eigh(S)
-            if lam[0] <= 1e-12 * max(lam[-1], 1e-300):
-                null = Q[:, lam <= 1e-12 * max(lam[-1], 1e-300)]
-                if np.linalg.eigvalsh(null.T @ dS @ null)[0] < 0:
-                    return 0.0
-                continue
-            Wm = Q / np.sqrt(lam)
-            mu = np.linalg.eigvalsh(Wm.T @ dS @ Wm)[0]
-            if mu < 0:
-                t = min(t, -1.0 / mu)
+            t = min(t, psd_step_limit(S, S1 - S))
         return min(1.0, 0.9 * t)
 
 

@@ -34,6 +34,20 @@ from .multilevel import _core
 LOG2PI = math.log(2.0 * math.pi)
 
 
+def parameter_layout(t, q) -> str | None:
+    """None if every parameter of table ``t`` is either one design column's coefficient
+    or a (co)variance of Phi or Theta (what the closed-form Hessians index), else why not."""
+    beta = np.asarray(t.beta_param)
+    if len(beta) != q or len(np.unique(beta)) != len(beta):
+        return "coefficients shared between design columns"
+    cov = np.unique(np.concatenate([np.asarray(t.phi_param), np.asarray(t.theta_param)]))
+    if np.intersect1d(cov, beta).size:
+        return "a parameter both a coefficient and a (co)variance"
+    if len(beta) + len(cov) != t.nparams:
+        return "parameters outside the coefficients and the (co)variances"
+    return None
+
+
 def why_not_exact(red) -> str | None:
     """None if :func:`build_exact` applies to the grouped model ``red``."""
     t = red.table
@@ -46,14 +60,9 @@ def why_not_exact(red) -> str | None:
     lat = np.asarray(red.prep.slot_lat)
     if lat.shape[1] > 2:
         return "more than two nested levels"
-    beta = np.asarray(t.beta_param)
-    if len(beta) != red.q or len(np.unique(beta)) != len(beta):
-        return "coefficients shared between design columns"
-    var = np.unique(np.concatenate([np.asarray(t.phi_param), np.asarray(t.theta_param)]))
-    if np.intersect1d(var, beta).size:
-        return "a parameter both a coefficient and a variance"
-    if len(beta) + len(var) != t.nparams:
-        return "parameters outside beta, Phi and theta"
+    why = parameter_layout(t, red.q)
+    if why:
+        return why
     if len(np.unique(np.asarray(t.theta_row))) != len(t.theta_row) or len(t.theta_row) != red.P:
         return "a slot without one residual variance"
     return None

@@ -263,19 +263,7 @@ class ExactCov:
         for blk in self.blocks:
             if len(blk) < 2:
                 continue          # a variance: the bound of 0 (fraction_to_bound)
-            S = Phi0[np.ix_(blk, blk)]
-            dS = dPhi[np.ix_(blk, blk)]
-            lam, Q = np.linalg.eigh(S)
-            if lam[0] <= 1e-12 * max(lam[-1], 1e-300):
-                # on the boundary: no step into the indefinite directions
-                null = Q[:, lam <= 1e-12 * max(lam[-1], 1e-300)]
-                if np.linalg.eigvalsh(null.T @ dS @ null)[0] < 0:
-                    return 0.0
-                continue
-            W = Q / np.sqrt(lam)
-            mu = np.linalg.eigvalsh(W.T @ dS @ W)[0]
-            if mu < 0:
-                t = min(t, -1.0 / mu)
+            t = min(t, psd_step_limit(Phi0[np.ix_(blk, blk)], dPhi[np.ix_(blk, blk)]))
         return min(1.0, 0.9 * t)
 
     def moment_start(self, psi0):
@@ -465,3 +453,16 @@ def build_unst(red):
     if int(np.diff(rp).max()) > MAX_UNIT_GROUPS:
         return None, f"a unit with more than {MAX_UNIT_GROUPS} groups"
     return ExactCov(red), None
+
+
+def psd_step_limit(S, dS):
+    """The largest t with S + t dS positive semi-definite (inf if every t >= 0 keeps
+    it), S positive semi-definite; 0 on the boundary when dS points out of it (no step
+    into the indefinite directions)."""
+    lam, Q = np.linalg.eigh(S)
+    if lam[0] <= 1e-12 * max(lam[-1], 1e-300):
+        null = Q[:, lam <= 1e-12 * max(lam[-1], 1e-300)]
+        return 0.0 if np.linalg.eigvalsh(null.T @ dS @ null)[0] < 0 else np.inf
+    W = Q / np.sqrt(lam)
+    mu = np.linalg.eigvalsh(W.T @ dS @ W)[0]
+    return -1.0 / mu if mu < 0 else np.inf
