@@ -102,6 +102,17 @@ class MultilevelSpec:
                     lines.append(f"{self.latent_names[a]} ~~ 0*{self.latent_names[b]}")
         return lines
 
+    def _outcome_columns(self, prep):
+        """({top id, then each slot's outcome column}, the CSR row of each observation)."""
+        nr, P = prep.nrows, prep.nslots
+        row_of_obs = np.repeat(np.arange(nr), np.diff(prep.row_ptr))
+        Y = np.full((nr, P), np.nan)
+        Y[row_of_obs, prep.slot] = prep.y
+        cols = {self.top: prep.top_ids}
+        for s in range(P):
+            cols[self.y_cols[s]] = Y[:, s]
+        return cols, row_of_obs
+
     @property
     def top(self) -> str:
         return self.prep.levels[0].name
@@ -116,12 +127,7 @@ class MultilevelSpec:
         if data is not None and prep.nslots != self.prep.nslots:
             raise MlsemError("data: its slots differ from the spec's; build the spec from this data")
         nr, P = prep.nrows, prep.nslots
-        row_of_obs = np.repeat(np.arange(nr), np.diff(prep.row_ptr))
-        Y = np.full((nr, P), np.nan)
-        Y[row_of_obs, prep.slot] = prep.y
-        cols = {self.top: prep.top_ids}
-        for s in range(P):
-            cols[self.y_cols[s]] = Y[:, s]
+        cols, row_of_obs = self._outcome_columns(prep)
         for c in self.covariates:
             k = prep.xnames.index(c)
             Xc = np.full((nr, P), np.nan)
@@ -276,12 +282,7 @@ class SeveralOutcomesSpec(MultilevelSpec):
                 raise MlsemError("data: its slots or design columns differ from the spec's; "
                                  "build the spec from this data")
         nr, P = prep.nrows, prep.nslots
-        row_of_obs = np.repeat(np.arange(nr), np.diff(prep.row_ptr))
-        Y = np.full((nr, P), np.nan)
-        Y[row_of_obs, prep.slot] = prep.y
-        cols = {self.top: prep.top_ids}
-        for s in range(P):
-            cols[self.y_cols[s]] = Y[:, s]
+        cols, row_of_obs = self._outcome_columns(prep)
         X = np.asarray(prep.X)
         ocell = self.sout[prep.slot]
         for c in self.covariates:
